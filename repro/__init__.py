@@ -1,0 +1,15 @@
+"""repro: the 2012 AlexNet (Krizhevsky, Sutskever, Hinton), faithful down to its two-GPU split."""
+
+from repro.config import LRNConfig, ModelConfig, OptimConfig, TowerWidths
+from repro.model import AlexNet, DistributedTowerAlexNet, Tower, TwoTowerAlexNet, pair_loss
+
+__all__ = ["AlexNet", "TwoTowerAlexNet", "Tower", "DistributedTowerAlexNet", "pair_loss",
+           "ModelConfig", "LRNConfig", "TowerWidths", "OptimConfig", "load_checkpoint"]
+__version__ = "0.1.0"
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """The trained network of a checkpoint (either form's) as a grouped `repro.AlexNet`."""
+    from repro.checkpoint import load_model
+
+    return load_model(path, map_location=map_location)

@@ -1,0 +1,149 @@
+"""The paper's layers that torch does not have as such: per-group LRN and dropout whose mask does not
+depend on how the layer is split across towers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repro.config import LRNConfig
+
+
+def channel_window_sum(t: Tensor, size: int, groups: int) -> Tensor:
+    """Sum of `t` over a centred window of `size` channels that never leaves its channel group.
+
+    Channel i of group g sums channels max(lo, i - size//2) .. min(hi, i + size//2) of the same group,
+    which is SPEC section 2's clipped window applied to each tower's channels on their own.
+    Written as shifted adds over a padded copy so that torch.compile fuses it into one pass.
+    """
+    b, c, h, w = t.shape
+    r = size // 2
+    cg = c // groups
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        u = F.pad(t.permute(0, 2, 3, 1).reshape(b, h, w, groups, cg), (r, r))
+        s = u[..., 0:cg]
+        for d in range(1, size):
+            s = s + u[..., d:d + cg]
+        return s.reshape(b, h, w, c).permute(0, 3, 1, 2)
+    u = F.pad(t.reshape(b, groups, cg, h * w), (0, 0, r, r))
+    s = u[:, :, 0:cg]
+    for d in range(1, size):
+        s = s + u[:, :, d:d + cg]
+    return s.reshape(b, c, h, w)
+
+
+class _LRNFunction(torch.autograd.Function):
+    """b = a * D^-beta with D = k + scale * window_sum(a^2); one saved denominator, explicit backward.
+
+    Backward, for a window that is symmetric (odd size) and clipped the same way at both ends:
+      dL/da_j = g_j D_j^-beta - 2 scale beta a_j * window_sum(g b / D)_j
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, size: int, scale: float, beta: float, k: float, groups: int) -> Tensor:
+        denom = channel_window_sum(x * x, size, groups) * scale + k
+        ctx.save_for_backward(x, denom)  # b is recomputed in backward: two saved tensors, not three
+        ctx.params = (size, scale, beta, groups)
+        return x * denom.pow(-beta)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, denom = ctx.saved_tensors
+        size, scale, beta, groups = ctx.params
+        inv = denom.pow(-beta)
+        window = channel_window_sum(grad_y * x * inv / denom, size, groups)
+        grad_x = grad_y * inv - (2.0 * scale * beta) * x * window
+        return grad_x, None, None, None, None, None
+
+
+def local_response_norm(x: Tensor, cfg: LRNConfig, groups: int = 1) -> Tensor:
+    """SPEC section 2's formula, with the window restricted to each of `groups` channel blocks."""
+    if x.shape[1] % groups:
+        raise ValueError(f"LRN over {groups} groups needs channels divisible by it, got {x.shape[1]}")
+    return _LRNFunction.apply(x, cfg.size, cfg.sum_scale, cfg.beta, cfg.k, groups)
+
+
+class LocalResponseNorm(nn.Module):
+    """Across-channel LRN (paper section 3.3); `groups` = 2 in the grouped form keeps each window
+    inside one tower's channels, so the grouped network is the two-tower network."""
+
+    def __init__(self, cfg: LRNConfig, groups: int = 1):
+        super().__init__()
+        self.cfg = cfg
+        self.groups = groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        return local_response_norm(x, self.cfg, self.groups) if self.cfg.enabled else x
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"size={c.size}, alpha={c.alpha} ({c.alpha_convention}), beta={c.beta}, k={c.k}, "
+                f"groups={self.groups}, enabled={c.enabled}")
+
+
+_MASK32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # < 2^27: products of 32-bit values stay below 2^59, so int64 never overflows
+
+
+def _mix32(h: Tensor) -> Tensor:
+    """A 32-bit integer hash (xor-shift-multiply rounds) on int64 tensors holding values < 2^32."""
+    h = (((h >> 16) ^ h) * _MIX) & _MASK32
+    h = (((h >> 16) ^ h) * _MIX) & _MASK32
+    return (h >> 16) ^ h
+
+
+def keep_mask(counter: Tensor, stream: int, layer: int, rows: int, total_cols: int, col_offset: int,
+              cols: int, p: float) -> Tensor:
+    """Dropout keep-mask for columns [col_offset, col_offset + cols) of a (rows, total_cols) layer.
+
+    Element (i, j) is a pure function of (counter, stream, layer, i, j), so a tower computing its
+    columns and the grouped form computing all of them draw the same mask, on any device, and the
+    mask never needs to cross between towers.
+    """
+    dev = counter.device
+    seed = _mix32((counter & _MASK32) ^ ((stream * 0x3C6EF372 + layer * 0x1B873593) & _MASK32))
+    seed = _mix32(seed ^ 0x5BD1E995)
+    row = torch.arange(rows, device=dev, dtype=torch.int64).unsqueeze(1) * total_cols
+    col = torch.arange(col_offset, col_offset + cols, device=dev, dtype=torch.int64).unsqueeze(0)
+    h = _mix32(((row + col) & _MASK32) ^ seed)
+    return h >= int(round(p * 2 ** 32))
+
+
+class SharedMaskDropout(nn.Module):
+    """Dropout on the outputs of fc6 and fc7 (paper section 4.2).
+
+    Each tower holds a slice [col_offset, col_offset + cols) of a `total_cols`-wide layer. The mask
+    comes from `keep_mask`, keyed by a per-layer step counter (a buffer, so a checkpoint resumes the
+    same masks) that advances once per training forward. `stream` separates data-parallel replicas.
+    """
+
+    def __init__(self, p: float, layer: int, total_cols: int, col_offset: int, cols: int,
+                 scaling: str = "paper"):
+        super().__init__()
+        self.p, self.layer, self.scaling = p, layer, scaling
+        self.total_cols, self.col_offset, self.cols = total_cols, col_offset, cols
+        self.stream = 0
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0:
+            return x
+        if not self.training:
+            return x * (1.0 - self.p) if self.scaling == "paper" else x
+        mask = keep_mask(self.step, self.stream, self.layer, x.shape[0], self.total_cols,
+                         self.col_offset, self.cols, self.p)
+        self.step.add_(1)
+        scale = 1.0 if self.scaling == "paper" else 1.0 / (1.0 - self.p)
+        return x * (mask.to(x.dtype) * scale)
+
+    def extra_repr(self) -> str:
+        return (f"p={self.p}, columns [{self.col_offset}, {self.col_offset + self.cols}) of "
+                f"{self.total_cols}, scaling={self.scaling}")
+
+
+def set_dropout_stream(model: nn.Module, stream: int) -> None:
+    """Give a data-parallel replica its own dropout masks (replicas see different images anyway)."""
+    for m in model.modules():
+        if isinstance(m, SharedMaskDropout):
+            m.stream = stream

@@ -1,0 +1,56 @@
+"""One GPU's half of the network: the unit that the in-process and distributed forms place."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repro.config import ModelConfig
+from repro.model.layers import LocalResponseNorm, SharedMaskDropout
+from repro.model.spec import classifier_inputs, make_layer, tower_layers
+
+
+class Tower(nn.Module):
+    """Tower `index` of the paper's Figure 2: its own block of every layer and nothing else.
+
+    The forward pass is cut at the four exchanges (SPEC section 1); the model that owns the towers
+    calls these stages and the exchanges between them. fc8 exists on tower 0 only.
+    """
+
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        if not 0 <= index < config.towers:
+            raise ValueError(f"tower index {index} out of range for {config.towers} towers")
+        self.config, self.index = config, index
+        for spec in tower_layers(config):
+            self.add_module(spec.name, make_layer(spec, towers=1))
+        self.fc8 = nn.Linear(classifier_inputs(config), config.num_classes) if index == 0 else None
+        self.lrn1 = LocalResponseNorm(config.lrn)
+        self.lrn2 = LocalResponseNorm(config.lrn)
+        self.pool = nn.MaxPool2d(config.pool_kernel, config.pool_stride)
+        w, t, p, scaling = config.widths, config.towers, config.dropout, config.dropout_scaling
+        self.drop6 = SharedMaskDropout(p, 6, t * w.fc6, index * w.fc6, w.fc6, scaling)
+        self.drop7 = SharedMaskDropout(p, 7, t * w.fc7, index * w.fc7, w.fc7, scaling)
+
+    def conv1_to_pool2(self, image: Tensor) -> Tensor:
+        x = self.pool(self.lrn1(F.relu(self.conv1(image))))  # (B, 48, 27, 27)
+        return self.pool(self.lrn2(F.relu(self.conv2(x))))  # (B, 128, 13, 13) = pool2_local
+
+    def conv3_to_pool5(self, pool2_full: Tensor) -> Tensor:
+        x = F.relu(self.conv3(pool2_full))  # (B, 192, 13, 13)
+        x = F.relu(self.conv4(x))  # (B, 192, 13, 13)
+        return self.pool(F.relu(self.conv5(x))).flatten(1)  # (B, 128*6*6) = pool5_local
+
+    def fc6_local(self, pool5_full: Tensor) -> Tensor:
+        return self.drop6(F.relu(self.fc6(pool5_full)))  # (B, 2048)
+
+    def fc7_activations(self, fc6_full: Tensor) -> Tensor:
+        return F.relu(self.fc7(fc6_full))  # (B, 2048), before dropout (Figure 4's code)
+
+    def fc7_local(self, fc6_full: Tensor) -> Tensor:
+        return self.drop7(self.fc7_activations(fc6_full))  # (B, 2048)
+
+    def classify(self, fc7_full: Tensor) -> Tensor:
+        if self.fc8 is None:
+            raise RuntimeError("fc8 lives on tower 0 only (SPEC section 1)")
+        return self.fc8(fc7_full)  # (B, num_classes)

@@ -1,0 +1,75 @@
+"""One procedure run on each form of the network, so the tests can compare what comes out."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repro.config import ModelConfig, OptimConfig
+from repro.model.distributed import pair_loss
+from repro.optim import paper_optimizer
+
+STEPS = 3  # optimiser steps; the learning rate drops by 10 before the last one
+BATCH = 2
+
+
+def batches(cfg: ModelConfig, dtype: torch.dtype, seed: int = 123):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(STEPS):
+        x = ((torch.rand(BATCH, 3, cfg.image_size, cfg.image_size, generator=g) - 0.5) * 255).to(dtype)
+        y = torch.randint(0, cfg.num_classes, (BATCH,), generator=g)
+        yield x, y
+
+
+# The paper's rate in float64. In float32 its first step moves conv1 by ~1.5% on random pixels, and
+# rounding differences (~1e-6, from summation order) then flip ReLU and max-pool decisions and grow
+# to ~1e-4 within three steps; at a tenth of the rate they stay at the rounding level.
+LEARNING_RATE = {torch.float64: 0.01, torch.float32: 0.001}
+
+
+def exercise(model: nn.Module, cfg: ModelConfig, dtype: torch.dtype, prefix: str = "") -> dict:
+    """Eval logits, train logits and gradients of the first batch, then weights and velocities after
+    STEPS steps of the paper's optimiser. Keys are stripped of `prefix` (e.g. "tower.")."""
+
+    def named(d):
+        return {k[len(prefix):]: v.detach().clone() for k, v in d if k.startswith(prefix)}
+
+    data = list(batches(cfg, dtype))
+    x0, y0 = data[0]
+    out = {}
+    with torch.no_grad():
+        out["eval_logits"] = model.eval()(x0).clone()
+    model.train()
+    opt = paper_optimizer(model, OptimConfig(lr=LEARNING_RATE[dtype]))
+    for step, (x, y) in enumerate(data):
+        if step == STEPS - 1:
+            opt.set_lr(opt.base_lr / 10)
+        opt.zero_grad()
+        logits = model(x)
+        pair_loss(logits, y, F.cross_entropy).backward()
+        if step == 0:
+            out["train_logits"] = logits.detach().clone()
+            out["grads"] = named((n, p.grad) for n, p in model.named_parameters())
+        opt.step()
+    out["state"] = named(model.state_dict().items())
+    out["velocity"] = named(opt.velocities(model.named_parameters()).items())
+    return out
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def assert_same(got: dict, expected: dict, dtype: torch.dtype, what: str) -> None:
+    assert got.keys() == expected.keys(), f"{what}: different entries"
+    for k in expected:
+        if expected[k].is_floating_point():
+            err = relative_error(got[k], expected[k])
+            assert err <= TOLERANCE[dtype], f"{what} {k}: relative error {err:.3g} > {TOLERANCE[dtype]}"
+        else:
+            assert torch.equal(got[k], expected[k]), f"{what} {k} differs"

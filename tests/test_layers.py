@@ -1,0 +1,121 @@
+"""LRN against an independent NumPy implementation of SPEC section 2, and the shared dropout masks."""
+
+import numpy as np
+import pytest
+import torch
+
+from repro.config import LRNConfig
+from repro.model.layers import SharedMaskDropout, keep_mask, local_response_norm
+
+
+def lrn_reference(a: np.ndarray, n: int, alpha: float, beta: float, k: float, groups: int) -> np.ndarray:
+    """b_i = a_i / (k + alpha * sum_{j = max(0, i-n/2)}^{min(N-1, i+n/2)} a_j^2)^beta, per channel group."""
+    out = np.empty_like(a)
+    cg = a.shape[1] // groups
+    for g in range(groups):
+        for i in range(cg):
+            lo, hi = max(0, i - n // 2), min(cg - 1, i + n // 2)
+            s = (a[:, g * cg + lo: g * cg + hi + 1] ** 2).sum(axis=1)
+            out[:, g * cg + i] = a[:, g * cg + i] / (k + alpha * s) ** beta
+    return out
+
+
+@pytest.mark.parametrize("groups,channels", [(1, 7), (1, 48), (2, 96), (2, 12), (3, 9)])
+@pytest.mark.parametrize("convention", ["paper", "divided"])
+def test_lrn_matches_numpy_formula(groups, channels, convention):
+    cfg = LRNConfig(alpha_convention=convention, alpha=1e-2)  # a larger alpha makes the sum matter
+    a = torch.rand(3, channels, 4, 5, dtype=torch.float64) * 20
+    expected = lrn_reference(a.numpy(), 5, cfg.sum_scale, 0.75, 2.0, groups)
+    got = local_response_norm(a, cfg, groups).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)
+
+
+def test_paper_alpha_is_not_divided_by_n():
+    a = torch.full((1, 5, 1, 1), 10.0, dtype=torch.float64)
+    centre = local_response_norm(a, LRNConfig(), 1)[0, 2, 0, 0].item()
+    assert centre == pytest.approx(10.0 / (2 + 1e-4 * 5 * 100) ** 0.75, rel=1e-14)
+    divided = local_response_norm(a, LRNConfig(alpha_convention="divided"), 1)[0, 2, 0, 0].item()
+    assert divided == pytest.approx(10.0 / (2 + 1e-4 * 100) ** 0.75, rel=1e-14)
+
+
+def test_lrn_channel_edges_use_clipped_windows():
+    # Only channel 0 is non-zero: channels 0..2 see it in their windows, channels 3+ do not.
+    a = torch.zeros(1, 6, 1, 1, dtype=torch.float64)
+    a[0, 0] = 100.0
+    cfg = LRNConfig(alpha=1e-2)
+    out = local_response_norm(a, cfg, 1)
+    assert out[0, 0, 0, 0].item() == pytest.approx(100.0 / (2 + 1e-2 * 1e4) ** 0.75, rel=1e-14)
+    assert torch.equal(out[0, 1:], torch.zeros(5, 1, 1, dtype=torch.float64))
+    # With two groups of three, channel 3 starts a new window: channel 2's energy must not reach it.
+    a = torch.zeros(1, 6, 1, 1, dtype=torch.float64)
+    a[0, 2], a[0, 3] = 100.0, 1.0
+    out = local_response_norm(a, cfg, 2)
+    assert out[0, 3, 0, 0].item() == pytest.approx(1.0 / (2 + 1e-2 * 1.0) ** 0.75, rel=1e-14)
+
+
+def test_lrn_divided_matches_torch_module():
+    a = torch.rand(2, 96, 5, 5, dtype=torch.float64) * 30
+    ours = local_response_norm(a, LRNConfig(alpha_convention="divided"), 1)
+    theirs = torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)(a)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lrn_gradient(groups):
+    a = (torch.rand(2, 8, 3, 3, dtype=torch.float64) * 30).requires_grad_()
+    cfg = LRNConfig(alpha=1e-2)
+    assert torch.autograd.gradcheck(lambda x: local_response_norm(x, cfg, groups), (a,))
+
+
+def test_lrn_channels_last_equals_contiguous():
+    a = torch.rand(2, 96, 7, 7, dtype=torch.float64) * 30
+    cl = a.to(memory_format=torch.channels_last).requires_grad_()
+    nc = a.clone().requires_grad_()
+    cfg = LRNConfig(alpha=1e-3)
+    y_cl, y_nc = local_response_norm(cl, cfg, 2), local_response_norm(nc, cfg, 2)
+    torch.testing.assert_close(y_cl, y_nc, rtol=1e-14, atol=0)
+    g = torch.rand_like(a)
+    (y_cl * g).sum().backward()
+    (y_nc * g).sum().backward()
+    torch.testing.assert_close(cl.grad, nc.grad, rtol=1e-13, atol=1e-15)
+
+
+def test_lrn_rejects_even_window():
+    with pytest.raises(ValueError, match="odd"):
+        LRNConfig(size=4)
+
+
+def test_tower_slices_of_mask_equal_full_mask():
+    counter = torch.tensor(7)
+    full = keep_mask(counter, 0, 6, 16, 4096, 0, 4096, 0.5)
+    left = keep_mask(counter, 0, 6, 16, 4096, 0, 2048, 0.5)
+    right = keep_mask(counter, 0, 6, 16, 4096, 2048, 2048, 0.5)
+    assert torch.equal(torch.cat([left, right], 1), full)
+
+
+def test_mask_statistics_and_independence():
+    masks = [keep_mask(torch.tensor(s), 0, 6, 256, 4096, 0, 4096, 0.5) for s in range(4)]
+    m = torch.stack(masks).double()
+    assert abs(m.mean().item() - 0.5) < 0.005  # 4M draws: std of the mean is 0.00025
+    assert abs((m[0] * m[1]).mean().item() - 0.25) < 0.005  # steps are independent
+    assert abs(m[0, :, 0::2].mean() - m[0, :, 1::2].mean()) < 0.01  # no column pattern
+    other_stream = keep_mask(torch.tensor(0), 1, 6, 256, 4096, 0, 4096, 0.5)
+    other_layer = keep_mask(torch.tensor(0), 0, 7, 256, 4096, 0, 4096, 0.5)
+    assert (other_stream != masks[0]).double().mean() > 0.45
+    assert (other_layer != masks[0]).double().mean() > 0.45
+    assert abs(keep_mask(torch.tensor(3), 0, 6, 256, 4096, 0, 4096, 0.25).double().mean() - 0.75) < 0.005
+
+
+def test_dropout_scaling_conventions():
+    x = torch.ones(4, 8)
+    paper = SharedMaskDropout(0.5, 6, 8, 0, 8, "paper")
+    inverted = SharedMaskDropout(0.5, 6, 8, 0, 8, "inverted")
+    y = paper(x)
+    assert set(y.unique().tolist()) <= {0.0, 1.0}
+    assert set(inverted(x).unique().tolist()) <= {0.0, 2.0}
+    assert torch.equal(inverted(x) > 0, paper(x) > 0)  # same counter -> same mask
+    assert paper.step.item() == 2 and inverted.step.item() == 2  # advances once per training forward
+    paper.eval()
+    inverted.eval()
+    assert torch.equal(paper(x), x * 0.5) and torch.equal(inverted(x), x)
+    assert paper.step.item() == 2  # evaluation draws nothing

@@ -1,0 +1,100 @@
+"""Towers in one process against the grouped form (SPEC section 1): same function, same training."""
+
+import pytest
+import torch
+
+from repro import AlexNet, ModelConfig, TwoTowerAlexNet
+from repro.exchange import EXCHANGES, record
+from repro.model.convert import grouped_to_towers, towers_to_grouped
+from tests.equivalence import assert_same, exercise, relative_error, TOLERANCE
+
+CFG = ModelConfig()  # full size: 227 input, 1000 classes
+
+
+def towers_result(result_by_tower: dict, cfg: ModelConfig) -> dict:
+    """Map an `exercise` result of TwoTowerAlexNet (keys "0.conv1.weight", ...) to the grouped form."""
+    out = {k: v for k, v in result_by_tower.items() if k.endswith("logits")}
+    for key in ("grads", "state", "velocity"):
+        per_tower = [{k[2:]: v for k, v in result_by_tower[key].items() if k.startswith(f"{t}.")} for t in (0, 1)]
+        out[key] = towers_to_grouped(per_tower, cfg)
+    return out
+
+
+@pytest.fixture(scope="module", params=[torch.float64, torch.float32], ids=["float64", "float32"])
+def both_forms(request):
+    dtype = request.param
+    torch.manual_seed(0)
+    grouped = AlexNet(config=CFG).to(dtype)
+    torch.manual_seed(0)
+    towers = TwoTowerAlexNet(devices=("cpu", "cpu"), config=CFG).to(dtype)
+    return dtype, exercise(grouped, CFG, dtype), towers_result(exercise(towers, CFG, dtype, "towers."), CFG)
+
+
+def test_logits_equal_in_eval_and_train_mode(both_forms):
+    dtype, g, t = both_forms
+    for key in ("eval_logits", "train_logits"):
+        assert relative_error(t[key], g[key]) <= TOLERANCE[dtype], key
+    assert relative_error(g["eval_logits"], g["train_logits"]) > 0.01  # dropout really acted
+
+
+def test_gradients_equal(both_forms):
+    dtype, g, t = both_forms
+    assert_same(t["grads"], g["grads"], dtype, "gradient")
+
+
+def test_weights_and_velocities_equal_after_steps_across_lr_drop(both_forms):
+    dtype, g, t = both_forms
+    assert_same(t["state"], g["state"], dtype, "weights")
+    assert_same(t["velocity"], g["velocity"], dtype, "velocity")
+
+
+def test_same_seed_same_network():
+    torch.manual_seed(5)
+    grouped = AlexNet(10)
+    torch.manual_seed(5)
+    towers = TwoTowerAlexNet(10, devices=("cpu", "cpu"))
+    for k, v in grouped.state_dict().items():
+        assert torch.equal(towers.grouped_state()[k], v), k
+
+
+def test_weight_mapping_round_trips_bit_for_bit():
+    grouped = AlexNet(config=CFG)
+    grouped.drop6.step.fill_(41)
+    state = grouped.state_dict()
+    back = towers_to_grouped(grouped_to_towers(state, CFG), CFG)
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    towers = TwoTowerAlexNet.from_grouped(grouped, devices=("cpu", "cpu"))
+    again = TwoTowerAlexNet.from_grouped(towers.to_grouped(), devices=("cpu", "cpu"))
+    for a, b in zip(towers.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    assert towers.towers[1].conv3.weight.data_ptr() != grouped.conv3.weight.data_ptr()  # copies
+
+
+def test_mapping_rejects_foreign_state():
+    with pytest.raises(KeyError, match="unexpected entry 'features.0.weight'"):
+        grouped_to_towers({"features.0.weight": torch.zeros(1)}, CFG)
+
+
+def expected_bytes(batch: int, itemsize: int) -> dict:
+    """SPEC section 1: per image forward, tower 1 sends 21,632 + 4,608 + 2,048 + 2,048 values and
+    tower 0 sends 21,632 + 4,608 + 2,048; backward mirrors this with gradients."""
+    t1 = (21_632 + 4_608 + 2_048 + 2_048) * batch * itemsize
+    t0 = (21_632 + 4_608 + 2_048) * batch * itemsize
+    return {("forward", 0): t0, ("forward", 1): t1, ("backward", 0): t1, ("backward", 1): t0}
+
+
+def test_exactly_four_exchanges_each_way_with_predicted_bytes():
+    net = TwoTowerAlexNet(devices=("cpu", "cpu"), config=CFG).train()
+    x, batch = torch.randn(3, 3, 227, 227), 3
+    with record() as log:
+        net(x).logsumexp(1).sum().backward()
+    assert log.calls("forward") == list(EXCHANGES)
+    assert log.calls("backward") == list(reversed(EXCHANGES))
+    for (phase, src), nbytes in expected_bytes(batch, 4).items():
+        assert log.bytes(phase, src=src) == nbytes, (phase, src)
+    assert log.bytes("forward", exchange="fc7->fc8") == 2_048 * batch * 4  # one way only
+    with record() as log:
+        with torch.no_grad():
+            net.eval()(x)
+    assert log.calls("forward") == list(EXCHANGES) and log.calls("backward") == []
