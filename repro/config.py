@@ -178,3 +178,86 @@ class OptimConfig:
             raise ValueError(f"schedule must be 'plateau' or 'milestones', got {self.schedule!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The data pipeline, paper section 2 and 4.1 (SPEC section 5)."""
+
+    dataset: str = "fashion-mnist"  # "fashion-mnist", "imagenet" or "folder" (root/train/<class>/, root/val/<class>/)
+    root: str | None = None  # --data DIR
+    base_size: int = 256  # shorter side rescaled to 256, central 256x256 patch kept
+    crop_size: int = 227  # random crops of the 256x256 image (paper: 224; SPEC section 1)
+    flip: bool = True  # horizontal reflections
+    mean: str = "image"  # subtract the per-pixel mean image of the training set; "none" to skip
+    # PCA colour noise, section 4.1: "dataset" (eigen-decomposition of this training set's RGB
+    # covariance), "imagenet" (the published constants, SPEC section 5) or "none".
+    pca: str = "dataset"
+    pca_std: float = 0.1  # alpha_i ~ N(0, 0.1)
+    pca_scale: str = "eigenvalue"  # "eigenvalue" as printed; "sqrt" as the 2012 code (SPEC section 5)
+    stats_images: int | None = None  # images used for the mean and covariance (None: all)
+    val_images: int | None = None  # evaluate on an evenly spaced subset (None: all); for smoke runs
+    workers: int = 4  # decoding processes per rank, for image files
+    devkit: str | None = None  # ImageNet devkit directory or tarball (flat val/ layout)
+    val_solution: str | None = None  # Kaggle's LOC_val_solution.csv (flat val/ layout)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in ("fashion-mnist", "imagenet", "folder"):
+            raise ValueError(f"dataset must be fashion-mnist, imagenet or folder, got {self.dataset!r}")
+        if self.mean not in ("image", "none") or self.pca not in ("dataset", "imagenet", "none"):
+            raise ValueError(f"mean must be image|none and pca dataset|imagenet|none, got {self.mean!r}, {self.pca!r}")
+        if self.pca_scale not in ("eigenvalue", "sqrt"):
+            raise ValueError(f"pca_scale must be 'eigenvalue' or 'sqrt', got {self.pca_scale!r}")
+        if not 0 < self.crop_size <= self.base_size:
+            raise ValueError(f"crop_size {self.crop_size} must be in (0, base_size={self.base_size}]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: the network, the optimiser, the data, and how the run is carried out.
+    Saved into every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    epochs: int = 90  # "roughly 90 cycles through the training set", section 5
+    batch_size: int = 128  # images per step per model replica (tower pair), section 5
+    seed: int = 0  # initialisation, data order, augmentation and dropout all derive from it
+    max_steps: int | None = None  # stop after this many steps in all (smoke runs); checkpointed
+    out: str = "runs/default"  # run directory: checkpoints, metrics.jsonl, results
+    log_every: int = 10  # steps between progress lines
+    eval_batch_size: int = 128  # images per evaluation forward
+    final_crops: tuple[int, ...] = (1, 10)  # protocols of the closing error table (empty: skip)
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    backend: str = "auto"  # process-group backend: "auto" (NCCL with a GPU per rank, else gloo)
+    amp: str = "none"  # "bf16": autocast on CUDA (a speed choice; the paper trained in float32)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile each tower stage (or the grouped network)
+    stop_check_every: int = 0  # steps between checks for SIGTERM (0: 1 on CPU, 20 on GPU)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.amp not in ("none", "bf16"):
+            raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+        if any(c not in (1, 10) for c in self.final_crops):
+            raise ValueError(f"final_crops must hold 1 and/or 10, got {self.final_crops}")
+        if self.model.image_size != self.data.crop_size:
+            raise ValueError(f"the model's input ({self.model.image_size}) must equal the crop size "
+                             f"({self.data.crop_size})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        d["model"] = ModelConfig.from_dict(d["model"])
+        optim = dict(d["optim"])
+        optim["milestones"] = tuple(optim.get("milestones", ()))
+        d["optim"] = OptimConfig(**optim)
+        d["data"] = DataConfig(**d["data"])
+        d["final_crops"] = tuple(d.get("final_crops", ()))
+        return cls(**d)

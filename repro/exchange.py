@@ -210,9 +210,15 @@ class PairExchange:
         return dist.get_global_rank(self.group, tower) if self.group is not None else tower
 
     def send(self, x: Tensor, tower: int) -> None:
+        if x.is_cuda and not self._nccl:
+            x = x.cpu()  # gloo's point-to-point takes CPU tensors only (two ranks sharing one GPU)
         dist.send(x, self._global(tower), group=self.group)
 
     def recv(self, buf: Tensor, tower: int) -> Tensor:
+        if buf.is_cuda and not self._nccl:
+            staged = torch.empty(buf.shape, dtype=buf.dtype)
+            dist.recv(staged, self._global(tower), group=self.group)
+            return buf.copy_(staged)
         dist.recv(buf, self._global(tower), group=self.group)
         return buf
 

@@ -1,0 +1,89 @@
+"""Checkpoints: always the grouped form's weights and velocities, so either form resumes from them,
+written atomically so that a crash mid-write never damages the last good file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from repro.config import ModelConfig
+from repro.model.convert import towers_to_grouped
+from repro.model.grouped import AlexNet
+
+FORMAT = "repro-checkpoint/1"
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new, never half
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename is still atomic
+    return path
+
+
+def read(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint file, with a clear error if it is missing or not one of ours."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "latest.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: pass a checkpoint file or a run directory "
+                                f"that holds latest.pt")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"{path} could not be read as a checkpoint ({type(exc).__name__}: {exc}); "
+                         f"it may be truncated or not a torch file") from exc
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+        return ckpt
+    if isinstance(ckpt, dict) and all(isinstance(v, Tensor) for v in ckpt.values()):
+        return {"format": FORMAT, "model": ckpt, "model_config": None}  # a bare state dict
+    raise ValueError(f"{path} is not a repro checkpoint (expected a dict with format {FORMAT!r})")
+
+
+def grouped_state(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Accept a grouped state, a TwoTowerAlexNet state ("towers.0.…") or per-tower "tower.…" keys."""
+    if any(k.startswith("towers.") for k in state):
+        per = [{k[len(f"towers.{t}."):]: v for k, v in state.items() if k.startswith(f"towers.{t}.")}
+               for t in range(cfg.towers)]
+        return towers_to_grouped(per, cfg)
+    return state
+
+
+def _infer_config(state: dict[str, Tensor]) -> ModelConfig:
+    fc8 = state.get("fc8.weight", state.get("towers.0.fc8.weight"))
+    if fc8 is None:
+        raise ValueError("cannot tell the network's size: the state has no fc8 weight and no config")
+    return ModelConfig(num_classes=fc8.shape[0])
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> AlexNet:
+    """The network stored in a checkpoint (either form's), as a grouped AlexNet in eval mode."""
+    ckpt = read(path, map_location)
+    state = ckpt["model"]
+    cfg = ModelConfig.from_dict(ckpt["model_config"]) if ckpt.get("model_config") else _infer_config(state)
+    model = AlexNet(config=cfg)
+    try:
+        model.load_state_dict(grouped_state(state, cfg))
+    except (RuntimeError, KeyError) as exc:
+        raise ValueError(f"{path}: the weights do not fit the network its config describes: {exc}") from exc
+    return model.eval()

@@ -1,0 +1,76 @@
+"""Which images each step reads, and reading them: per-epoch shuffles shared by the two towers of a
+pair, disjoint shards across pairs, and evaluation that scores every image exactly once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """The epoch's permutation of the training set, the same in every process."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def steps_per_epoch(n: int, batch: int, replicas: int) -> int:
+    steps = n // (batch * replicas)  # the last partial global batch is dropped, as usual
+    if steps == 0:
+        raise ValueError(f"the training set has {n} images, fewer than one global batch of "
+                         f"{batch} x {replicas} replicas; lower --batch-size")
+    return steps
+
+
+def train_batches(n: int, batch: int, replicas: int, replica: int, seed: int, epoch: int,
+                  start_step: int = 0) -> list[Tensor]:
+    """Index lists of this replica's steps in `epoch`, from `start_step` on (for resuming)."""
+    order = epoch_order(n, seed, epoch)
+    steps = steps_per_epoch(n, batch, replicas)
+    return [order[(s * replicas + replica) * batch:(s * replicas + replica + 1) * batch]
+            for s in range(start_step, steps)]
+
+
+def eval_indices(n: int, replicas: int, replica: int, limit: int | None = None) -> Tensor:
+    """A contiguous shard per replica, sizes differing by at most one: every image once, no padding.
+    `limit` keeps an evenly spaced subset of the split first (smoke runs)."""
+    idx = torch.arange(n) if limit is None or limit >= n else torch.linspace(0, n - 1, limit).round().long()
+    bounds = [len(idx) * r // replicas for r in range(replicas + 1)]
+    return idx[bounds[replica]:bounds[replica + 1]]
+
+
+@dataclass
+class Batch:
+    images: Tensor  # uint8 (B, H, W, C), pinned when going to a GPU
+    labels: Tensor  # int64 (B,)
+    skipped: int  # unreadable images dropped from this batch
+
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped)
+
+
+def _collate(items: list) -> Batch:
+    good = [(img, lbl) for img, lbl in items if img is not None]
+    if not good:
+        return Batch(torch.empty(0, 0, 0, 3, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), len(items))
+    return Batch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), len(items) - len(good))
+
+
+def iterate(source, index_lists: Sequence[Tensor], workers: int = 0, pin: bool = False) -> Iterator[Batch]:
+    """Batches for the given index lists, in order. In-memory sources index one tensor; file sources
+    decode in `workers` processes, dropping (and counting) images that cannot be decoded."""
+    if getattr(source, "in_memory", False):
+        for idx in index_lists:
+            images, labels = source.batch(idx)
+            yield Batch(images.pin_memory() if pin else images, labels, 0)
+        return
+    loader = DataLoader(source, batch_sampler=[idx.tolist() for idx in index_lists], num_workers=workers,
+                        collate_fn=_collate, pin_memory=pin, persistent_workers=False,
+                        prefetch_factor=4 if workers else None)
+    yield from loader
+
+
+def chunks(indices: Tensor, size: int) -> list[Tensor]:
+    return list(indices.split(size)) if len(indices) else []

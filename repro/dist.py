@@ -1,0 +1,103 @@
+"""Process groups for model-parallel tower pairs, replicated data-parallel across pairs.
+
+torchrun starts 2k processes. Ranks 2p and 2p+1 form pair p (tower 0 and tower 1 of one model
+replica; with --nproc_per_node=2 a pair never spans nodes, so the exchanges stay on NVLink/PCIe).
+Tower t of every pair forms replica group t, over which DistributedDataParallel averages gradients.
+One process (world size 1) runs the grouped form alone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Topology:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: a single process, no process group
+    towers: int  # 1: the grouped form in one process; 2: one tower per process
+    tower: int
+    replica: int  # which pair (data-parallel replica)
+    replicas: int
+    pair_group: dist.ProcessGroup | None = None
+    replica_group: dist.ProcessGroup | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone prints, logs and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def holds_logits(self) -> bool:
+        return self.tower == 0
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where small control tensors go for collectives (NCCL needs the GPU, gloo takes the CPU)."""
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+
+def _pick_device(local_rank: int, local_world: int, device: str) -> tuple[torch.device, bool]:
+    """The device for this rank, and whether every local rank has a GPU of its own (NCCL's need)."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu"), False
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} asked for CUDA but torch sees no GPU; use --device cpu")
+    count = torch.cuda.device_count()
+    dev = torch.device("cuda", local_rank % count)
+    torch.cuda.set_device(dev)
+    return dev, count >= local_world
+
+
+def init_topology(device: str = "auto", backend: str = "auto") -> Topology:
+    """Read torchrun's environment, start the process group and make the pair and replica groups."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if world > 1 and world % 2:
+        raise ValueError(f"world size {world} is odd: each model replica is a pair of processes (one "
+                         f"tower each). Launch with --nproc_per_node=2 (k pairs: 2k processes in all), "
+                         f"or --nproc_per_node=1 on one node for the grouped single-device form.")
+    dev, own_gpus = _pick_device(local_rank, local_world, device)
+    if world == 1:
+        return Topology(0, 1, 0, dev, None, 1, 0, 0, 1)
+    if backend == "auto":
+        # NCCL needs one GPU per rank; two ranks on one GPU (or CPUs) use gloo.
+        backend = "nccl" if dev.type == "cuda" and own_gpus else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
+        raise ValueError("--backend nccl needs GPUs; use gloo on CPU")
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    pairs = world // 2
+    topo = Topology(rank, world, local_rank, dev, backend, 2, rank % 2, rank // 2, pairs)
+    for p in range(pairs):  # every rank creates every group, in the same order
+        group = dist.new_group([2 * p, 2 * p + 1])
+        if p == topo.replica:
+            topo.pair_group = group
+    if pairs > 1:
+        for t in range(2):
+            group = dist.new_group([2 * p + t for p in range(pairs)])
+            if t == topo.tower:
+                topo.replica_group = group
+    return topo
+
+
+def all_reduce_sum(values: list[float], topo: Topology) -> list[float]:
+    """Sum a few numbers over every process (epoch metrics, stop flags); identity in one process."""
+    if topo.backend is None:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=topo.comm_device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,107 @@
+"""Top-1 and top-5 error with the paper's test protocol (paper section 4.1 and 6): the softmax
+outputs of the centre patch, or averaged over ten patches, and over several networks (an ensemble)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from repro.data.augment import Augment
+from repro.data.loader import chunks, iterate
+
+
+@dataclass
+class Counts:
+    """Sums over scored images; errors in percent."""
+
+    images: int = 0
+    top1_correct: int = 0
+    top5_correct: int = 0
+    loss_sum: float = 0.0  # -log of the (averaged) probability of the true class
+    skipped: int = 0  # unreadable images left out
+
+    def add(self, probs: Tensor, labels: Tensor) -> None:
+        k = min(5, probs.shape[1])
+        top = probs.topk(k, dim=1).indices
+        hit = top == labels[:, None]
+        self.images += len(labels)
+        self.top1_correct += int(hit[:, 0].sum())
+        self.top5_correct += int(hit.any(1).sum())
+        true = probs.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12)
+        self.loss_sum += float(-true.log().sum())
+
+    def as_list(self) -> list[float]:
+        return [self.images, self.top1_correct, self.top5_correct, self.loss_sum, self.skipped]
+
+    @classmethod
+    def from_list(cls, v: Sequence[float]) -> "Counts":
+        return cls(int(round(v[0])), int(round(v[1])), int(round(v[2])), float(v[3]), int(round(v[4])))
+
+    @property
+    def top1_error(self) -> float:
+        return 100.0 * (1 - self.top1_correct / self.images) if self.images else float("nan")
+
+    @property
+    def top5_error(self) -> float:
+        return 100.0 * (1 - self.top5_correct / self.images) if self.images else float("nan")
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.images if self.images else float("nan")
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def average_softmax(forwards: Sequence[Callable[[Tensor], Tensor]], x: Tensor, crops: int,
+                    amp: str = "none") -> Tensor | None:
+    """Mean over models and over each image's `crops` rows of the softmax outputs: (B, classes).
+    None where this process holds no logits (tower 1 of a pair)."""
+    total = None
+    for forward in forwards:
+        with autocast(x.device, amp):
+            logits = forward(x)
+        if logits.shape[-1] == 0:
+            return None
+        probs = logits.float().softmax(dim=1)
+        probs = probs.view(-1, crops, probs.shape[1]).mean(dim=1)
+        total = probs if total is None else total + probs
+    return total / len(forwards)
+
+
+@dataclass
+class EvalSpec:
+    crops: int = 1  # 1: centre patch; 10: the paper's ten patches
+    batch_size: int = 128  # images per forward (each gives `crops` rows)
+    amp: str = "none"
+    workers: int = 4
+    pin: bool = False
+    progress: Callable[[int, int], None] | None = field(default=None, repr=False)
+
+
+@torch.no_grad()
+def evaluate(forwards: Sequence[Callable[[Tensor], Tensor]], source, indices: Tensor, augment: Augment,
+             spec: EvalSpec) -> Counts:
+    """Score the images `indices` of `source` once each. Every process of a pair must call this with
+    the same indices (both towers run every forward); only tower 0's counts are non-zero."""
+    counts = Counts()
+    batches = chunks(indices, spec.batch_size)
+    for i, batch in enumerate(iterate(source, batches, spec.workers, spec.pin)):
+        counts.skipped += batch.skipped
+        if len(batch.labels) == 0:
+            continue
+        x = augment.eval_batch(batch.images.to(augment.device, non_blocking=True), spec.crops)
+        probs = average_softmax(forwards, x, spec.crops, spec.amp)
+        if probs is not None:
+            counts.add(probs, batch.labels.to(probs.device))
+        if spec.progress:
+            spec.progress(i + 1, len(batches))
+    return counts

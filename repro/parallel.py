@@ -1,0 +1,86 @@
+"""The model replica a training process holds: the grouped network alone, or its tower of a pair
+(wrapped in DistributedDataParallel across pairs), with the grouped view of its state."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from repro.config import ModelConfig
+from repro.dist import Topology
+from repro.model.convert import grouped_to_towers, towers_to_grouped
+from repro.model.distributed import DistributedTowerAlexNet, pair_loss
+from repro.model.grouped import AlexNet
+from repro.model.layers import set_dropout_stream
+
+
+def _compile_stages(net: nn.Module) -> None:
+    """Compile each tower stage between exchanges (the exchanges stay eager), or the whole
+    grouped network."""
+    if isinstance(net, DistributedTowerAlexNet):
+        tower = net.tower
+        for stage in ("conv1_to_pool2", "conv3_to_pool5", "fc6_local", "fc7_local", "classify"):
+            setattr(tower, stage, torch.compile(getattr(tower, stage)))
+    else:
+        net.forward = torch.compile(net.forward)
+
+
+class Replica:
+    def __init__(self, topo: Topology, cfg: ModelConfig, grouped_state: dict[str, Tensor] | None = None,
+                 channels_last: bool = False, compile: bool = False):
+        self.topo, self.config = topo, cfg
+        if topo.towers == 1:
+            net: nn.Module = AlexNet(config=cfg)
+            if grouped_state is not None:
+                net.load_state_dict(grouped_state)
+            self.prefix = ""
+        else:
+            if cfg.towers != 2:
+                raise ValueError(f"a pair of processes runs the two-tower network; this config has "
+                                 f"{cfg.towers} tower(s): launch it with --nproc_per_node=1")
+            net = DistributedTowerAlexNet(cfg, topo.pair_group, topo.device, grouped_state)
+            self.prefix = "tower."
+        net.to(topo.device)
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+        set_dropout_stream(net, topo.replica)  # replicas draw their own masks
+        self.net = net
+        self.train_module = net
+        if topo.replicas > 1:  # tower t of every pair averages its gradients with the others
+            self.train_module = DistributedDataParallel(
+                net, device_ids=[topo.device] if topo.device.type == "cuda" else None,
+                process_group=topo.replica_group, broadcast_buffers=False)
+        if compile:
+            _compile_stages(net)
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return pair_loss(output, target)
+
+    def _local(self, named: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k[len(self.prefix):]: v for k, v in named.items() if k.startswith(self.prefix)}
+
+    def grouped(self, named: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """Per-parameter state of this replica (weights, velocities) in the grouped form, on the CPU.
+        Collective within the pair; the result is on tower 0, None on tower 1."""
+        local = {k: v.detach() for k, v in self._local(named).items()}
+        if self.topo.towers == 1:
+            return {k: v.cpu().clone() for k, v in local.items()}
+        ex = self.net.exchange
+        keys = sorted(k for k in local if not k.startswith("fc8."))  # what tower 1 has
+        if ex.tower == 1:
+            for k in keys:
+                ex.send(local[k].contiguous(), 0)
+            return None
+        other = {k: ex.recv(torch.empty_like(local[k], memory_format=torch.contiguous_format), 1) for k in keys}
+        return {k: v.cpu() for k, v in towers_to_grouped([local, other], self.config).items()}
+
+    def local_from_grouped(self, grouped: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This process's block of a grouped per-parameter state, keyed like its own parameters."""
+        if self.topo.towers == 1:
+            return dict(grouped)
+        mine = grouped_to_towers(grouped, self.config)[self.topo.tower]
+        return {self.prefix + k: v for k, v in mine.items()}
+
+    def model_state(self) -> dict[str, Tensor] | None:
+        return self.grouped(self.net.state_dict())

@@ -1,0 +1,382 @@
+"""The paper's result tables, this project's result files, learning curves and Figures 3 and 4.
+
+Usage (from an evaluation script):
+    rows = [EvalRow("this run, 10 patches", "imagenet", "val", 50000, 10, 1, "run-01/ckpt-90", 40.9, 18.5)]
+    write_results(rows, "docs/results", imagenet_year="2012")
+
+Our numbers share a table with the paper's only when they were measured on the same ILSVRC year; on any
+other data set (e.g. Fashion-MNIST) they are kept in a table of their own and marked as not comparable.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, IO
+
+import numpy as np
+import torch
+from PIL import Image
+
+# ---------------------------------------------------------------------------------------------------
+# The paper's numbers (SPEC section 6). A column is (metric, split); None is the paper's "-".
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    name: str
+    title: str
+    dataset: str
+    columns: tuple[tuple[str, str], ...]  # e.g. ("top-1", "val"); every value is an error in %
+    rows: tuple[tuple[str, tuple[float | None, ...]], ...]  # (model, one value per column)
+    footnote: str
+
+    def to_dict(self) -> dict:
+        heads = [f"{m} {s}" for m, s in self.columns]
+        rows = [{"model": model, **dict(zip(heads, values))} for model, values in self.rows]
+        return {"name": self.name, "title": self.title, "dataset": self.dataset, "columns": heads,
+                "rows": rows, "footnote": self.footnote}
+
+
+TABLE1 = PaperTable(
+    "Table 1", "ILSVRC-2010 test set", "ILSVRC-2010",
+    (("top-1", "test"), ("top-5", "test")),
+    (("Sparse coding", (47.1, 28.2)),
+     ("SIFT + FVs", (45.7, 25.7)),
+     ("CNN", (37.5, 17.0)),
+     ("CNN, one patch (no ten-patch averaging)", (39.0, 18.3))),
+    "The one-patch CNN row is the paper's footnote to Table 1, not a row of the table itself.",
+)
+
+TABLE2 = PaperTable(
+    "Table 2", "ILSVRC-2012 validation and test sets", "ILSVRC-2012",
+    (("top-1", "val"), ("top-5", "val"), ("top-5", "test")),
+    (("SIFT + FVs", (None, None, 26.2)),
+     ("1 CNN", (40.7, 18.2, None)),
+     ("5 CNNs", (38.1, 16.4, 16.4)),
+     ("1 CNN*", (39.0, 16.6, None)),
+     ("7 CNNs*", (36.7, 15.4, 15.3))),
+    "Models marked * have one more (sixth) convolutional layer and were pretrained on ImageNet Fall "
+    "2011, then fine-tuned on ILSVRC-2012. \"5 CNNs\" averages the predictions of five similar networks.",
+)
+
+PAPER_TABLES = {"2010": TABLE1, "2012": TABLE2}
+
+NOT_COMPARABLE = ("These numbers were measured on {datasets}, not ImageNet: they are NOT comparable "
+                  "with the paper's ImageNet error rates, which are shown separately below for reference "
+                  "only.")
+
+
+@dataclass
+class EvalRow:
+    label: str  # e.g. "this run, 10 patches"
+    dataset: str  # e.g. "fashion-mnist", "imagenet"
+    split: str  # "val" or "test"
+    images: int  # images scored, each exactly once
+    crops: int  # views averaged per image: 1 (centre) or 10 (paper section 4.1)
+    models: int  # ensemble size
+    run: str  # training run(s) / checkpoint(s) the predictions came from
+    top1_error: float  # %
+    top5_error: float  # %
+    loss: float | None = None
+
+    def __post_init__(self):
+        if self.images < 0 or self.crops < 1 or self.models < 1:
+            raise ValueError(f"bad counts in {self.label!r}: images={self.images}, crops={self.crops}, "
+                             f"models={self.models}")
+        for name in ("top1_error", "top5_error"):
+            if not 0.0 <= getattr(self, name) <= 100.0:
+                raise ValueError(f"{name}={getattr(self, name)} in {self.label!r} is not a percentage")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Markdown, JSON, CSV
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value).replace("|", "\\|")  # a '|' in a run name would split the cell
+
+
+def _table(header: list[str], lines: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(_fmt(v) for v in line) + " |" for line in lines]
+
+
+_OURS = ["dataset", "split", "images", "crops", "models", "run"]
+
+
+def _merged_table(table: PaperTable, rows: list[EvalRow]) -> list[str]:
+    """Paper rows then ours, in the paper's columns plus any (metric, split) only our rows have."""
+    cols = list(table.columns)
+    for r in rows:
+        cols += [c for c in (("top-1", r.split), ("top-5", r.split)) if c not in cols]
+    lines = []
+    for model, values in table.rows:
+        by_col = dict(zip(table.columns, values))
+        lines.append([model, "paper", *(by_col.get(c) for c in cols), table.dataset] + [None] * 5)
+    for r in rows:
+        ours = {("top-1", r.split): r.top1_error, ("top-5", r.split): r.top5_error}
+        lines.append([r.label, "this evaluation", *(ours.get(c) for c in cols),
+                      *(getattr(r, f) for f in _OURS)])
+    header = ["model", "source", *(f"{m} {s}" for m, s in cols), *_OURS]
+    return _table(header, lines)
+
+
+def _paper_only(table: PaperTable) -> list[str]:
+    header = ["model", "source", *(f"{m} {s}" for m, s in table.columns)]
+    return _table(header, [[model, "paper", *values] for model, values in table.rows])
+
+
+def _check_year(rows: list[EvalRow], imagenet_year) -> str | None:
+    if imagenet_year is None:
+        return None
+    year = str(imagenet_year)
+    if year not in PAPER_TABLES:
+        raise ValueError(f"imagenet_year must be None, '2010' or '2012', got {imagenet_year!r}")
+    # A non-ImageNet row in the paper's table would claim a comparison that does not exist.
+    bad = [r.dataset for r in rows if not any(s in r.dataset.lower() for s in ("imagenet", "ilsvrc"))]
+    if bad:
+        raise ValueError(f"imagenet_year={year} but rows are on {sorted(set(bad))}; pass imagenet_year=None")
+    return year
+
+
+def results_markdown(rows: list[EvalRow], imagenet_year: str | None) -> str:
+    """Our rows beside the paper's table of the same ILSVRC year, or apart from both paper tables."""
+    year = _check_year(rows, imagenet_year)
+    out = ["# Results", "", "Errors in %. Paper: Krizhevsky, Sutskever, Hinton, NIPS 2012.", ""]
+    if year is not None:
+        t = PAPER_TABLES[year]
+        out += [f"## {t.name} ({t.title}) with this evaluation", "", *_merged_table(t, rows), "",
+                t.footnote, ""]
+        return "\n".join(out)
+    datasets = ", ".join(sorted({r.dataset for r in rows})) or "no data set"
+    header = ["model", "source", *_OURS, "top-1 error", "top-5 error", "loss"]
+    lines = [[r.label, "this evaluation", *(getattr(r, f) for f in _OURS), r.top1_error, r.top5_error,
+              r.loss] for r in rows]
+    out += ["## This evaluation", "", *_table(header, lines), "", NOT_COMPARABLE.format(datasets=datasets),
+            "", "## The paper's results (ImageNet, not comparable with the table above)", ""]
+    for t in (TABLE1, TABLE2):
+        out += [f"### {t.name}: {t.title}", "", *_paper_only(t), "", t.footnote, ""]
+    return "\n".join(out)
+
+
+def _atomic_write(path: Path, write: Callable[[IO], None], binary: bool = False) -> Path:
+    """Readers see the old file or the complete new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": "",
+                                                                           "encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_results(rows: list[EvalRow], out_dir, imagenet_year: str | None = None,
+                  stem: str = "results") -> dict[str, Path]:
+    """Write <stem>.md, <stem>.json and <stem>.csv into out_dir; returns {"md"|"json"|"csv": path}."""
+    out_dir = Path(out_dir)
+    md = results_markdown(rows, imagenet_year)  # validates before anything is written
+    doc = {"imagenet_year": None if imagenet_year is None else str(imagenet_year),
+           "comparable_with_paper": imagenet_year is not None,
+           "rows": [r.to_dict() for r in rows],
+           "paper": {"table1": TABLE1.to_dict(), "table2": TABLE2.to_dict()}}
+    names = [f.name for f in fields(EvalRow)]
+
+    def write_csv(f):
+        w = csv.DictWriter(f, fieldnames=names, lineterminator="\n")
+        w.writeheader()
+        w.writerows(r.to_dict() for r in rows)
+
+    return {"md": _atomic_write(out_dir / f"{stem}.md", lambda f: f.write(md + "\n")),
+            "json": _atomic_write(out_dir / f"{stem}.json", lambda f: f.write(json.dumps(doc, indent=2))),
+            "csv": _atomic_write(out_dir / f"{stem}.csv", write_csv)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics log and learning curves
+
+
+def read_metrics(path) -> list[dict]:
+    """Records of a JSONL log. A broken last line (a crash mid-write) is dropped; one elsewhere raises."""
+    lines = [(n, raw) for n, raw in enumerate(Path(path).read_bytes().split(b"\n"), 1) if raw.strip()]
+    records = []
+    for i, (n, raw) in enumerate(lines):
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from e
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {n} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def _series(records: list[dict], x: str, y: str) -> tuple[list, list]:
+    pairs = [(r[x], r[y]) for r in records if r.get(x) is not None and r.get(y) is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _panel(ax, records, x, curves, title, **style) -> None:
+    for key, label in curves:
+        xs, ys = _series(records, x, key)
+        if xs:
+            ax.plot(xs, ys, label=label, **({"marker": "o"} | style))  # a marker shows a single epoch
+    ax.set_title(title)
+    ax.set_xlabel(x)
+    if ax.get_lines():
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+
+
+def plot_learning_curves(metrics: list[dict], out_png) -> Path:
+    """Top-1, top-5, loss and learning-rate panels from read_metrics() records."""
+    epochs = [m for m in metrics if m.get("kind") == "epoch"]
+    steps = [m for m in metrics if m.get("kind") == "step"]
+    if not epochs and not steps:
+        raise ValueError("no 'epoch' or 'step' records to plot")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ((a1, a5), (al, ar)) = plt.subplots(2, 2, figsize=(11, 8))
+    try:
+        _panel(a1, epochs, "epoch", [("train_top1_error", "train"), ("val_top1_error", "val")], "top-1 error %")
+        _panel(a5, epochs, "epoch", [("train_top5_error", "train"), ("val_top5_error", "val")], "top-5 error %")
+        xs, ys = _series(steps, "step", "loss")
+        if xs:
+            al.plot(xs, ys, color="0.7", linewidth=0.5, label="train (step)")
+        _panel(al, epochs, "step", [("train_loss", "train (epoch)"), ("val_loss", "val (epoch)")], "loss")
+        _panel(ar, epochs, "epoch", [("lr", "lr")], "learning rate")
+        if any(y > 0 for y in _series(epochs, "epoch", "lr")[1]):
+            ar.set_yscale("log")  # the paper divides by 10 at each plateau (section 5)
+        fig.tight_layout()
+        return _atomic_write(Path(out_png), lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+    finally:
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figure 3: conv1 kernels, one block per tower
+
+BORDER = 1  # px between kernels and around each tower block
+TOWER_GAP = 8  # px between the tower blocks
+GRID_COLS = 8  # kernels per row; 48 per tower -> 6 x 8 as in the paper's figure
+BACKGROUND = 255
+
+
+def conv1_grid_layout(out_channels: int, kernel: int, towers: int = 2, scale: int = 4) -> dict:
+    """Geometry of conv1_kernel_array: cell size, rows/cols per tower, block height, image shape."""
+    per_tower = out_channels // towers
+    cols = min(GRID_COLS, per_tower)
+    rows = -(-per_tower // cols)
+    cell = kernel * scale
+    block_h, width = rows * (cell + BORDER) + BORDER, cols * (cell + BORDER) + BORDER
+    return {"cell": cell, "rows": rows, "cols": cols, "block_h": block_h,
+            "shape": (towers * block_h + (towers - 1) * TOWER_GAP, width, 3)}
+
+
+def conv1_kernel_array(weight: torch.Tensor, towers: int = 2, scale: int = 4) -> np.ndarray:
+    """(H, W, 3) uint8 grid; kernel t*C/towers + j sits in tower t's block, row j // cols, column j % cols."""
+    if weight.ndim != 4 or weight.shape[1] != 3 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"conv1 weight must be (out, 3, k, k), e.g. (96, 3, 11, 11); got {tuple(weight.shape)}")
+    if towers < 1 or weight.shape[0] % towers or scale < 1:
+        raise ValueError(f"{weight.shape[0]} kernels cannot be split into {towers} towers (scale={scale})")
+    w = weight.detach().to("cpu", torch.float64).numpy()
+    lo = w.min(axis=(1, 2, 3), keepdims=True)
+    span = w.max(axis=(1, 2, 3), keepdims=True) - lo
+    # Each kernel on its own scale, as in the paper's figure; a constant kernel shows as mid-grey.
+    norm = np.where(span > 0, (w - lo) / np.where(span > 0, span, 1.0), 0.5)
+    pix = np.rint(norm * 255).astype(np.uint8).transpose(0, 2, 3, 1)  # (C, k, k, 3)
+    pix = pix.repeat(scale, axis=1).repeat(scale, axis=2)  # nearest-neighbour upscaling
+    g = conv1_grid_layout(w.shape[0], w.shape[2], towers, scale)
+    out = np.full(g["shape"], BACKGROUND, np.uint8)
+    per_tower, cell = w.shape[0] // towers, g["cell"]
+    for i in range(w.shape[0]):
+        t, j = divmod(i, per_tower)
+        y = t * (g["block_h"] + TOWER_GAP) + BORDER + (j // g["cols"]) * (cell + BORDER)
+        x = BORDER + (j % g["cols"]) * (cell + BORDER)
+        out[y:y + cell, x:x + cell] = pix[i]
+    return out
+
+
+def conv1_kernel_grid(weight: torch.Tensor, out_png, towers: int = 2, scale: int = 4) -> Path:
+    """The paper's Figure 3 as a PNG: tower 0's kernels above tower 1's."""
+    img = Image.fromarray(conv1_kernel_array(weight, towers, scale), "RGB")
+    return _atomic_write(Path(out_png), lambda f: img.save(f, format="PNG"), binary=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figure 4: nearest neighbours by Euclidean distance of fc7 codes
+
+
+def nearest_neighbours(query_features: torch.Tensor, bank_features: torch.Tensor, k: int,
+                       exclude_self: bool = False, chunk: int = 1024) -> torch.Tensor:
+    """(Q, k) bank indices, nearest first; ties go to the lower index."""
+    q, b = torch.as_tensor(query_features), torch.as_tensor(bank_features)
+    if q.ndim != 2 or b.ndim != 2 or q.shape[1] != b.shape[1]:
+        raise ValueError(f"features must be (Q, D) and (N, D); got {tuple(q.shape)} and {tuple(b.shape)}")
+    if exclude_self and q.shape[0] != b.shape[0]:
+        raise ValueError("exclude_self needs the bank to be the query set (same length)")
+    available = b.shape[0] - int(exclude_self)
+    if not 1 <= k <= available:
+        raise ValueError(f"k={k} but the bank offers {available} neighbours per query")
+    q, b = q.to(torch.float64), b.to(device=q.device, dtype=torch.float64)
+    out = []
+    for s in range(0, q.shape[0], chunk):  # bounds the (chunk, N) distance matrix
+        # Exact pairwise differences, not the |a|^2 + |b|^2 - 2ab shortcut whose rounding reorders ties.
+        d = torch.cdist(q[s:s + chunk], b, compute_mode="donot_use_mm_for_euclid_dist")
+        if exclude_self:
+            rows = torch.arange(d.shape[0], device=d.device)
+            d[rows, rows + s] = math.inf
+        out.append(torch.sort(d, dim=1, stable=True).indices[:, :k])
+    return torch.cat(out).cpu()
+
+
+def _as_rgb(images, what: str) -> np.ndarray:
+    a = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[3] not in (1, 3):
+        raise ValueError(f"{what} must be uint8 (N, H, W, 3) or (N, H, W, 1); got {a.dtype} {a.shape}")
+    return a.repeat(3, axis=3) if a.shape[3] == 1 else a
+
+
+def nearest_neighbours_figure(query_images, query_features, bank_images, bank_features, out_png,
+                              k: int = 6, exclude_self: bool = False, gap: int = 8,
+                              border: int = 2) -> tuple[Path, torch.Tensor]:
+    """The paper's Figure 4: one row per query, the query then its k nearest bank images."""
+    qi, bi = _as_rgb(query_images, "query_images"), _as_rgb(bank_images, "bank_images")
+    if len(qi) != len(query_features) or len(bi) != len(bank_features):
+        raise ValueError(f"{len(qi)} query images for {len(query_features)} features, "
+                         f"{len(bi)} bank images for {len(bank_features)} features")
+    idx = nearest_neighbours(query_features, bank_features, k, exclude_self)
+    ch, cw = max(qi.shape[1], bi.shape[1]), max(qi.shape[2], bi.shape[2])
+    width = (k + 1) * (cw + border) + border + gap
+    canvas = np.full((len(qi) * (ch + border) + border, width, 3), BACKGROUND, np.uint8)
+    for r in range(len(qi)):
+        y = border + r * (ch + border)
+        for c, img in enumerate([qi[r], *(bi[j] for j in idx[r].tolist())]):
+            x = border + c * (cw + border) + (gap if c else 0)  # the gap sets the query apart
+            canvas[y:y + img.shape[0], x:x + img.shape[1]] = img
+    image = Image.fromarray(canvas, "RGB")
+    return _atomic_write(Path(out_png), lambda f: image.save(f, format="PNG"), binary=True), idx

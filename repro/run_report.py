@@ -1,0 +1,33 @@
+"""The end of a training run: the error table (paper protocol) beside the paper's, and the curves."""
+
+from __future__ import annotations
+
+from repro.evaluate import Counts
+from repro.report import EvalRow, plot_learning_curves, read_metrics, results_markdown, write_results
+
+
+def imagenet_year(dataset: str) -> str | None:
+    """Only ImageNet's ILSVRC-2012 validation set sits in the paper's Table 2; nothing else is
+    comparable with the paper."""
+    return "2012" if dataset == "imagenet" else None
+
+
+def final_report(trainer) -> dict[int, Counts]:
+    cfg, topo = trainer.cfg, trainer.topo
+    results = {crops: trainer.validate(crops) for crops in cfg.final_crops}
+    if not topo.is_main or not results:
+        return results
+    split = "test" if cfg.data.dataset == "fashion-mnist" else "val"
+    run = f"{cfg.out} (step {trainer.progress.global_step})"
+    rows = [EvalRow(label=f"1 CNN, {'centre patch' if c == 1 else '10 patches'}", dataset=cfg.data.dataset,
+                    split=split, images=n.images, crops=c, models=1, run=run, top1_error=n.top1_error,
+                    top5_error=n.top5_error, loss=n.loss) for c, n in results.items()]
+    year = imagenet_year(cfg.data.dataset)
+    write_results(rows, trainer.out, imagenet_year=year)
+    metrics = read_metrics(trainer.out / "metrics.jsonl") if (trainer.out / "metrics.jsonl").exists() else []
+    if metrics:
+        plot_learning_curves(metrics, trainer.out / "learning_curves.png")
+    print(results_markdown(rows, year), flush=True)
+    print(f"written: {trainer.out}/results.md, results.json, results.csv"
+          + (", learning_curves.png" if metrics else ""), flush=True)
+    return results

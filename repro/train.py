@@ -1,0 +1,247 @@
+"""The paper's training (section 5): the loop, validation, checkpoints and exact resume.
+
+Launched by scripts/train_two_gpu.py. Everything a step does is a pure function of (seed, epoch,
+step, replica) and the checkpointed state, so an interrupted run resumes to the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from repro.checkpoint import atomic_save, read
+from repro.config import TrainConfig
+from repro.data.augment import Augment, Stats, draw_params, step_generator
+from repro.data.datasets import open_splits
+from repro.data.loader import eval_indices, iterate, steps_per_epoch, train_batches
+from repro.data.stats import cached_stats, default_cache_dirs
+from repro.dist import Topology, all_reduce_sum, init_topology, shutdown
+from repro.evaluate import Counts, EvalSpec, autocast, evaluate
+from repro.metrics import MetricsLog, Progress, format_eta
+from repro.optim import LRSchedule, paper_optimizer
+from repro.parallel import Replica
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, topo: Topology, resume: str | None = None):
+        self.topo, self.out = topo, Path(cfg.out)
+        ckpt = read(resume, "cpu") if resume else None
+        self.train_set, self.val_set = open_splits(cfg.data)
+        self.cfg = cfg = self._fit_classes(cfg, ckpt)
+        self.stats = self._stats(ckpt)
+        self.augment = Augment(cfg.data, self.stats, topo.device)
+        torch.manual_seed(cfg.seed)  # the initial weights
+        self.replica = Replica(topo, cfg.model, ckpt["model"] if ckpt else None, cfg.channels_last, cfg.compile)
+        self.optimizer = paper_optimizer(self.replica.net, cfg.optim)
+        self.schedule = LRSchedule(cfg.optim)
+        self.progress = Progress()
+        self.best_top1 = math.inf
+        self.log = MetricsLog(self.out / "metrics.jsonl", enabled=topo.is_main)
+        if ckpt:
+            self._restore(ckpt)
+        self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.batch_size, topo.replicas)
+        self.stop_requested = False
+        self.pin = topo.device.type == "cuda"
+
+    def say(self, msg: str) -> None:
+        if self.topo.is_main:
+            print(msg, flush=True)
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def _fit_classes(self, cfg: TrainConfig, ckpt: dict | None) -> TrainConfig:
+        n = self.train_set.num_classes
+        if ckpt and ckpt.get("classes") and list(ckpt["classes"]) != list(self.train_set.classes):
+            raise ValueError(f"the checkpoint was trained on other classes than {self.train_set.name} "
+                             f"({len(ckpt['classes'])} vs {n}); resume with the same --data")
+        if cfg.model.num_classes != n:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=n))
+        return cfg
+
+    def _stats(self, ckpt: dict | None) -> Stats | None:
+        if ckpt and ckpt.get("stats"):
+            return Stats(**ckpt["stats"])
+        d = self.cfg.data
+        if d.mean == "none" and d.pca != "dataset":
+            return None
+        idx = torch.arange(len(self.train_set))
+        if d.stats_images and d.stats_images < len(idx):
+            idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(self.cfg.seed))[:d.stats_images]]
+
+        def batches():
+            return (b.images for b in iterate(self.train_set, idx.split(100), d.workers) if len(b.labels))
+
+        dirs = default_cache_dirs(d.root, self.out)
+        say = self.say if self.topo.is_main else (lambda _msg: None)
+        if not self.topo.is_main and self.topo.backend:
+            torch.distributed.barrier()  # rank 0 computes and caches first; the others then load
+        stats = cached_stats(self.train_set, d.base_size, batches, dirs, d.stats_images, say, self.topo.device)
+        if self.topo.is_main and self.topo.backend:
+            torch.distributed.barrier()
+        return stats
+
+    def _restore(self, ckpt: dict) -> None:
+        r = self.replica
+        self.optimizer.load_velocities(r.net.named_parameters(), r.local_from_grouped(ckpt["velocity"]))
+        self.schedule.load_state_dict(ckpt["schedule"])
+        self.progress = Progress(**ckpt["progress"])
+        self.best_top1 = ckpt.get("best_val_top1", math.inf)
+        self.log.truncate_after(self.progress.global_step)
+        self.say(f"resumed at epoch {self.progress.epoch}, step {self.progress.step_in_epoch} "
+                 f"(global step {self.progress.global_step})")
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def save(self, name: str, also_best: bool = False) -> None:
+        """Collective over pair 0 (tower 1 sends its block); rank 0 writes."""
+        if self.topo.replica != 0:
+            return
+        r = self.replica
+        model = r.model_state()
+        velocity = r.grouped(self.optimizer.velocities(r.net.named_parameters()))
+        if not self.topo.is_main:
+            return
+        ckpt = dict(format="repro-checkpoint/1", model=model, velocity=velocity,
+                    model_config=self.cfg.model.to_dict(), train_config=self.cfg.to_dict(),
+                    schedule=self.schedule.state_dict(), progress=dataclasses.asdict(self.progress),
+                    best_val_top1=self.best_top1, classes=list(self.train_set.classes),
+                    stats=dataclasses.asdict(self.stats) if self.stats else None,
+                    topology=dict(towers=self.topo.towers, replicas=self.topo.replicas),
+                    torch_version=torch.__version__)
+        atomic_save(ckpt, self.out / name)
+        if also_best:
+            atomic_save(ckpt, self.out / "best.pt")
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def _on_sigterm(self, *_args) -> None:
+        self.stop_requested = True
+
+    def _should_stop(self) -> bool:
+        every = self.cfg.stop_check_every or (20 if self.topo.device.type == "cuda" else 1)
+        if self.progress.global_step % every:
+            return False
+        return all_reduce_sum([float(self.stop_requested)], self.topo)[0] > 0  # all ranks agree
+
+    def _budget_left(self) -> bool:
+        return self.cfg.max_steps is None or self.progress.global_step < self.cfg.max_steps
+
+    def fit(self) -> None:
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            while self.progress.epoch < self.cfg.epochs and self._budget_left():
+                if not self._train_epoch():
+                    return
+                self._end_epoch()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _train_epoch(self) -> bool:
+        """One epoch from the saved position; False if the run stopped inside it."""
+        cfg, topo, p = self.cfg, self.topo, self.progress
+        self.optimizer.set_lr(self.schedule.start_epoch(p.epoch))
+        self.replica.train_module.train()
+        index_lists = train_batches(len(self.train_set), cfg.batch_size, topo.replicas, topo.replica,
+                                    cfg.seed, p.epoch, p.step_in_epoch)
+        self.meter = Counts()
+        tick, losses = time.perf_counter(), []
+        for batch in iterate(self.train_set, index_lists, cfg.data.workers, self.pin):
+            params = draw_params(cfg.batch_size, cfg.data, step_generator(cfg.seed, p.epoch, p.step_in_epoch, topo.replica))
+            if len(batch.labels):
+                losses.append(self._step(batch, params))
+            p.step_in_epoch += 1
+            p.global_step += 1
+            if p.global_step % cfg.log_every == 0 or p.step_in_epoch == self.steps_per_epoch:
+                tick = self._log_steps(losses, tick)
+                losses = []
+            if self._should_stop():
+                self.say("SIGTERM: saving latest.pt and stopping")
+                self.save("latest.pt")
+                return False
+            if not self._budget_left():
+                self._log_steps(losses, tick)
+                self.say(f"reached --max-steps {cfg.max_steps}: saving latest.pt")
+                self.save("latest.pt")
+                return False
+        return True
+
+    def _step(self, batch, params) -> torch.Tensor:
+        dev = self.topo.device
+        x = self.augment.train_batch(batch.images.to(dev, non_blocking=True), params.subset(len(batch.labels)))
+        y = batch.labels.to(dev, non_blocking=True)
+        with autocast(dev, self.cfg.amp):
+            out = self.replica.train_module(x)
+            loss = self.replica.loss(out, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if out.shape[-1]:
+            self.meter.add(out.detach().float().softmax(1), y)
+        return loss.detach()
+
+    def _log_steps(self, losses: list[torch.Tensor], tick: float) -> float:
+        now, p = time.perf_counter(), self.progress
+        if not losses or not self.topo.is_main:
+            return now
+        values = torch.stack(losses).float().tolist()  # one device sync per log line
+        first = p.global_step - len(values) + 1
+        for i, loss in enumerate(values):
+            self.log.write(kind="step", step=first + i, epoch=p.epoch, loss=loss, lr=self.optimizer.base_lr)
+        rate = len(values) * self.cfg.batch_size * self.topo.replicas / max(now - tick, 1e-9)
+        total = self.steps_per_epoch * self.cfg.epochs
+        if self.cfg.max_steps is not None:
+            total = min(total, self.cfg.max_steps)
+        eta = (total - p.global_step) * self.cfg.batch_size * self.topo.replicas / rate
+        self.log.write(kind="speed", step=p.global_step, img_per_s=rate)
+        self.say(f"epoch {p.epoch + 1}/{self.cfg.epochs} step {p.step_in_epoch}/{self.steps_per_epoch} "
+                 f"loss {values[-1]:.4f} lr {self.optimizer.base_lr:.2e} {rate:.1f} img/s ETA {format_eta(eta)}")
+        return now
+
+    def _end_epoch(self) -> None:
+        p = self.progress
+        train = Counts.from_list(all_reduce_sum(self.meter.as_list(), self.topo))
+        val = self.validate(1)
+        self.schedule.end_epoch(p.epoch, val.top1_error)
+        improved = val.top1_error < self.best_top1
+        self.best_top1 = min(self.best_top1, val.top1_error)
+        self.log.write(kind="epoch", epoch=p.epoch, step=p.global_step, train_loss=train.loss,
+                       train_top1_error=train.top1_error, train_top5_error=train.top5_error,
+                       val_loss=val.loss, val_top1_error=val.top1_error, val_top5_error=val.top5_error,
+                       lr=self.optimizer.base_lr, val_images=val.images)
+        self.say(f"epoch {p.epoch + 1} done: train top-1 {train.top1_error:.2f}% | val top-1 "
+                 f"{val.top1_error:.2f}% top-5 {val.top5_error:.2f}% loss {val.loss:.4f} ({val.images} images)")
+        p.epoch, p.step_in_epoch = p.epoch + 1, 0
+        self.save("latest.pt", also_best=improved)
+
+    # --- evaluation ----------------------------------------------------------------------------
+
+    def validate(self, crops: int) -> Counts:
+        """Every validation image scored once across all pairs (both towers of a pair run it)."""
+        idx = eval_indices(len(self.val_set), self.topo.replicas, self.topo.replica, self.cfg.data.val_images)
+        spec = EvalSpec(crops=crops, batch_size=self.cfg.eval_batch_size, amp=self.cfg.amp,
+                        workers=self.cfg.data.workers, pin=self.pin)
+        net = self.replica.net.eval()
+        counts = evaluate([net], self.val_set, idx, self.augment, spec)
+        net.train()
+        return Counts.from_list(all_reduce_sum(counts.as_list(), self.topo))
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> dict[int, Counts]:
+    """Run (or resume) training, then the closing evaluation; returns its counts by crops."""
+    topo = init_topology(cfg.device, cfg.backend)
+    try:
+        trainer = Trainer(cfg, topo, resume)
+        trainer.say(f"{trainer.cfg.data.dataset}: {len(trainer.train_set)} training images, "
+                    f"{trainer.steps_per_epoch} steps per epoch; {topo.replicas} replica(s) of "
+                    f"{topo.towers} tower(s) on {topo.device} ({topo.backend or 'one process'})")
+        trainer.fit()
+        from repro.run_report import final_report
+
+        return final_report(trainer)
+    finally:
+        shutdown()

@@ -1,0 +1,111 @@
+"""Train the 2012 AlexNet the paper's way, one tower per process (or grouped in one process).
+
+    torchrun --nproc_per_node=2 scripts/train_two_gpu.py                 # Fashion-MNIST, two towers
+    torchrun --nproc_per_node=2 scripts/train_two_gpu.py --dataset imagenet --data /data/imagenet
+    torchrun --nproc_per_node=1 scripts/train_two_gpu.py                 # the grouped form
+    torchrun --nnodes=4 --nproc_per_node=2 ... scripts/train_two_gpu.py  # 4 pairs, data-parallel
+
+Without a GPU and without --epochs/--max-steps, a short CPU budget runs instead of the paper's
+90 epochs (the flags below say how long), and the run ends with the error table either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import torch  # noqa: E402
+
+from repro.config import MODEL_VARIANTS, DataConfig, OptimConfig, TrainConfig  # noqa: E402
+
+CPU_BUDGET = dict(max_steps=40, batch_size=64, val_images=1000, stats_images=10000)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", default=None, help="dataset folder (Fashion-MNIST: optional; imagenet/folder: holds train/ and val/)")
+    a("--dataset", default="fashion-mnist", choices=["fashion-mnist", "imagenet", "folder"])
+    a("--devkit", default=None, help="ImageNet devkit dir or tarball, for a flat val/ folder")
+    a("--val-solution", default=None, help="Kaggle LOC_val_solution.csv, for a flat val/ folder")
+    a("--epochs", type=int, default=None, help="epochs (paper: 90)")
+    a("--batch-size", type=int, default=None, help="images per step per tower pair (paper: 128)")
+    a("--lr", type=float, default=0.01, help="initial learning rate (paper: 0.01)")
+    a("--momentum", type=float, default=0.9)
+    a("--weight-decay", type=float, default=5e-4)
+    a("--schedule", default="plateau", choices=["plateau", "milestones"],
+      help="plateau: /10 when val error stalls (paper); milestones: /10 at --milestones (2012 code)")
+    a("--milestones", type=int, nargs="*", default=[25, 51, 79])
+    a("--patience", type=int, default=3, help="plateau: epochs without improvement before a drop")
+    a("--bias-lr-mult", type=float, default=1.0, help="2012 code: 2")
+    a("--variant", default="paper", choices=sorted(MODEL_VARIANTS), help="network variant or ablation")
+    a("--lrn-alpha", default=None, choices=["paper", "divided"], help="LRN alpha convention (SPEC section 2)")
+    a("--dropout-scaling", default="paper", choices=["paper", "inverted"])
+    a("--pca", default="dataset", choices=["dataset", "imagenet", "none"], help="PCA colour noise source")
+    a("--no-flip", action="store_true", help="no horizontal reflections")
+    a("--seed", type=int, default=0)
+    a("--out", default=None, help="run directory (default runs/<dataset>-<time>)")
+    a("--resume", default=None, help="checkpoint file or run directory (its latest.pt)")
+    a("--max-steps", type=int, default=None, help="stop after N steps in all (smoke runs)")
+    a("--val-images", type=int, default=None, help="validate on an evenly spaced subset")
+    a("--stats-images", type=int, default=None, help="images for the mean image and PCA (default all)")
+    a("--workers", type=int, default=4, help="decoding processes per rank (image files)")
+    a("--log-every", type=int, default=10)
+    a("--eval-batch-size", type=int, default=128)
+    a("--final-crops", type=int, nargs="*", default=[1, 10], help="closing table protocols: 1 and/or 10")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--backend", default="auto", choices=["auto", "nccl", "gloo"])
+    a("--amp", default="none", choices=["none", "bf16"])
+    a("--channels-last", action="store_true")
+    a("--compile", action="store_true")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    cpu_budget = (args.epochs is None and args.max_steps is None and args.resume is None
+                  and (args.device == "cpu" or not torch.cuda.is_available()))
+    pick = lambda value, budget_key, default: (value if value is not None  # noqa: E731
+                                               else CPU_BUDGET[budget_key] if cpu_budget else default)
+    model = MODEL_VARIANTS[args.variant](1000)  # num_classes is set from the data
+    if args.lrn_alpha:
+        model = dataclasses.replace(model, lrn=dataclasses.replace(model.lrn, alpha_convention=args.lrn_alpha))
+    model = dataclasses.replace(model, dropout_scaling=args.dropout_scaling)
+    optim = OptimConfig(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                        milestones=tuple(args.milestones), plateau_patience=args.patience,
+                        bias_lr_mult=args.bias_lr_mult)
+    data = DataConfig(dataset=args.dataset, root=args.data, pca=args.pca, flip=not args.no_flip,
+                      val_images=pick(args.val_images, "val_images", None),
+                      stats_images=pick(args.stats_images, "stats_images", None),
+                      workers=args.workers, devkit=args.devkit, val_solution=args.val_solution)
+    out = args.out or os.path.join("runs", f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if cpu_budget and int(os.environ.get("RANK", "0")) == 0:
+        print(f"No GPU: a short CPU budget instead of the paper's schedule ({CPU_BUDGET['max_steps']} steps "
+              f"of {CPU_BUDGET['batch_size']} images, validation on {CPU_BUDGET['val_images']} images). "
+              f"Pass --epochs or --max-steps to choose.", flush=True)
+    return TrainConfig(model=model, optim=optim, data=data, epochs=args.epochs or 90,
+                       batch_size=pick(args.batch_size, "batch_size", 128), seed=args.seed,
+                       max_steps=pick(args.max_steps, "max_steps", None), out=out, log_every=args.log_every,
+                       eval_batch_size=args.eval_batch_size, final_crops=tuple(args.final_crops),
+                       device=args.device, backend=args.backend, amp=args.amp,
+                       channels_last=args.channels_last, compile=args.compile)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from repro.train import train
+
+    try:
+        train(build_config(args), resume=args.resume)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

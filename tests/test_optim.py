@@ -1,0 +1,93 @@
+"""The paper's update rule (SPEC section 4), checked by hand, and the learning-rate schedules."""
+
+import pytest
+import torch
+
+from repro.config import OptimConfig
+from repro.optim import LRSchedule, PaperSGD, paper_optimizer
+
+
+def test_update_rule_by_hand_across_lr_drop():
+    w0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    grads = [torch.tensor([0.5, 0.25], dtype=torch.float64), torch.tensor([-1.0, 2.0], dtype=torch.float64),
+             torch.tensor([0.3, -0.7], dtype=torch.float64)]
+    lrs = [0.01, 0.01, 0.001]  # a drop by 10 before the third step
+    mu, wd = 0.9, 0.0005
+    p = w0.clone().requires_grad_()
+    opt = PaperSGD([p], lr=0.01, momentum=mu, weight_decay=wd)
+    ref = torch.optim.SGD([q := w0.clone().requires_grad_()], lr=0.01, momentum=mu, weight_decay=wd)
+    w, v = w0.clone(), torch.zeros(2, dtype=torch.float64)
+    for g, lr in zip(grads, lrs):
+        v = mu * v - wd * lr * w - lr * g  # the paper: v <- 0.9 v - 0.0005 eps w - eps g
+        w = w + v  # w <- w + v
+        opt.set_lr(lr)
+        p.grad = g.clone()
+        opt.step()
+        for group in ref.param_groups:
+            group["lr"] = lr
+        q.grad = g.clone()
+        ref.step()
+        torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-15)
+    # torch.optim.SGD agrees while the rate is constant and departs after the drop.
+    assert (q.detach() - w).abs().max() > 1e-4
+
+
+def test_sgd_agrees_before_the_drop():
+    p = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    ours, ref = PaperSGD([p], lr=0.01), torch.optim.SGD([q], lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for g in ([0.5, 0.25], [-1.0, 2.0]):
+        p.grad, q.grad = torch.tensor(g, dtype=torch.float64), torch.tensor(g, dtype=torch.float64)
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(p, q, rtol=0, atol=1e-15)
+
+
+def test_bias_rules():
+    model = torch.nn.Linear(3, 2)
+    opt = paper_optimizer(model, OptimConfig(bias_lr_mult=2.0))
+    weights, biases = opt.param_groups
+    assert weights["weight_decay"] == 5e-4 and biases["weight_decay"] == 0.0
+    assert weights["lr"] == 0.01 and biases["lr"] == 0.02
+    opt.set_lr(0.001)
+    assert biases["lr"] == pytest.approx(0.002)
+    with_decay = paper_optimizer(model, OptimConfig(bias_weight_decay=True)).param_groups[1]
+    assert with_decay["weight_decay"] == 5e-4
+
+
+def test_velocities_round_trip_by_name():
+    model = torch.nn.Linear(3, 2)
+    opt = paper_optimizer(model, OptimConfig())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    saved = {k: v.clone() for k, v in opt.velocities(model.named_parameters()).items()}
+    fresh = paper_optimizer(model, OptimConfig())
+    fresh.load_velocities(model.named_parameters(), saved)
+    assert all(torch.equal(fresh.velocities(model.named_parameters())[k], v) for k, v in saved.items())
+    with pytest.raises(KeyError, match="velocity for parameter 'bias'"):
+        fresh.load_velocities(model.named_parameters(), {"weight": saved["weight"]})
+
+
+def test_milestones_match_2012_code():
+    sched = LRSchedule(OptimConfig(schedule="milestones"))
+    lrs = [sched.start_epoch(e) for e in range(91)]
+    assert lrs[24] == 0.01 and lrs[25] == pytest.approx(0.001)
+    assert lrs[50] == pytest.approx(0.001) and lrs[51] == pytest.approx(1e-4)
+    assert lrs[79] == pytest.approx(1e-5) and lrs[90] == pytest.approx(1e-5)
+
+
+def test_plateau_drops_at_most_three_times():
+    sched = LRSchedule(OptimConfig(plateau_patience=2, plateau_threshold=0.5))
+    errors = [50, 40, 39.8, 39.9, 30, 29.9, 29.8, 29.9, 29.9, 29.9, 29.9, 29.9, 29.9, 29.9]
+    lrs = []
+    for epoch, err in enumerate(errors):
+        lrs.append(sched.start_epoch(epoch))
+        sched.end_epoch(epoch, err)
+    # 39.8 and 39.9 do not beat 40 by 0.5 -> drop before epoch 4; 29.9, 29.8 -> drop before epoch 7
+    assert lrs[3] == 0.01 and lrs[4] == pytest.approx(0.001)
+    assert lrs[6] == pytest.approx(0.001) and lrs[7] == pytest.approx(1e-4)
+    assert sched.drops == 3 and lrs[-1] == pytest.approx(1e-5)
+    state = sched.state_dict()
+    again = LRSchedule(OptimConfig(plateau_patience=2, plateau_threshold=0.5))
+    again.load_state_dict(state)
+    assert again.lr == sched.lr and again.history == sched.history
