@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -24,6 +26,13 @@ def _compile_stages(net: nn.Module) -> None:
             setattr(tower, stage, torch.compile(getattr(tower, stage)))
     else:
         net.forward = torch.compile(net.forward)
+
+
+def _no_buffer_sync() -> dict:
+    """The only buffers are the dropout step counters, equal in every replica: no per-forward sync.
+    (The keyword was renamed in torch 2.14; 2.11 knows only the old one.)"""
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 class Replica:
@@ -50,7 +59,7 @@ class Replica:
         if topo.replicas > 1:  # tower t of every pair averages its gradients with the others
             self.train_module = DistributedDataParallel(
                 net, device_ids=[topo.device] if topo.device.type == "cuda" else None,
-                process_group=topo.replica_group, broadcast_buffers=False)
+                process_group=topo.replica_group, **_no_buffer_sync())
         if compile:
             _compile_stages(net)
 

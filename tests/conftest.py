@@ -43,6 +43,7 @@ def _entry(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
 
 def run_distributed(fn, world: int, tmp_path, *args) -> list:
     """Run fn(rank, world, *args) in `world` gloo processes on CPU; return each rank's result."""
+    os.makedirs(tmp_path, exist_ok=True)
     out_dir = str(tmp_path)
     try:
         mp.start_processes(_entry, args=(world, free_port(), fn, args, out_dir), nprocs=world,

@@ -1,0 +1,57 @@
+"""The IDX reader and where Fashion-MNIST is looked for."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import repro.data.fashion_mnist as fm
+
+
+def write_idx(path, array: np.ndarray, gz: bool) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(str(path) + ".gz", "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def make_tree(root, n_train=12, n_test=5, gz=True):
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10, gz)
+    return raw
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_reads_torchvision_layout(tmp_path, gz):
+    make_tree(tmp_path, gz=gz)
+    train, test = fm.fashion_mnist(tmp_path, "train", download=False), fm.fashion_mnist(tmp_path, "test", download=False)
+    assert train.images.shape == (12, 28, 28, 1) and train.images.dtype == torch.uint8
+    assert test.labels.tolist() == [0, 1, 2, 3, 4] and train.classes[9] == "Ankle boot"
+    assert train.name == "fashion-mnist/train"
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    raw = make_tree(tmp_path, gz=False)
+    (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + struct.pack(">III", 12, 28, 28) + b"\x00" * 10)
+    with pytest.raises(ValueError, match="truncated"):
+        fm.fashion_mnist(tmp_path, "train", download=False)
+    (raw / "train-images-idx3-ubyte").write_bytes(b"PK\x03\x04junk")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        fm.fashion_mnist(tmp_path, "train", download=False)
+
+
+def test_missing_data_names_every_option(tmp_path, monkeypatch):
+    monkeypatch.setattr(fm, "DEBIAN_DIR", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError) as err:
+        fm.fashion_mnist(tmp_path / "empty", "train", download=False)
+    msg = str(err.value)
+    assert "--data DIR" in msg and "apt-get install dataset-fashion-mnist" in msg and "download" in msg

@@ -1,0 +1,57 @@
+"""Which images each step and each evaluation reads."""
+
+import pytest
+import torch
+from PIL import Image
+
+from repro.data.folder import image_folder
+from repro.data.loader import eval_indices, iterate, steps_per_epoch, train_batches
+
+
+def test_pairs_read_disjoint_shards_of_one_shuffle():
+    n, batch = 100, 8
+    shards = [train_batches(n, batch, 3, r, seed=1, epoch=2) for r in range(3)]
+    steps = steps_per_epoch(n, batch, 3)
+    assert steps == 4 and all(len(s) == steps for s in shards)
+    seen = torch.cat([torch.cat(s) for s in shards])
+    assert len(seen) == len(set(seen.tolist())) == steps * 3 * batch  # no image twice in an epoch
+    again = train_batches(n, batch, 3, 1, seed=1, epoch=2)
+    assert all(torch.equal(a, b) for a, b in zip(again, shards[1]))  # both towers of a pair agree
+    other_epoch = train_batches(n, batch, 3, 1, seed=1, epoch=3)
+    assert not torch.equal(other_epoch[0], shards[1][0])
+
+
+def test_resuming_inside_an_epoch_continues_the_same_order():
+    full = train_batches(50, 5, 2, 0, seed=0, epoch=0)
+    rest = train_batches(50, 5, 2, 0, seed=0, epoch=0, start_step=3)
+    assert len(rest) == len(full) - 3 and all(torch.equal(a, b) for a, b in zip(rest, full[3:]))
+
+
+def test_too_small_a_dataset_is_a_clear_error():
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        steps_per_epoch(10, 8, 2)
+
+
+@pytest.mark.parametrize("n,replicas,limit", [(10, 1, None), (10, 3, None), (7, 4, None), (1000, 3, 100), (5, 2, 50)])
+def test_evaluation_scores_every_image_exactly_once(n, replicas, limit):
+    shards = [eval_indices(n, replicas, r, limit) for r in range(replicas)]
+    allidx = torch.cat(shards).tolist()
+    expected = min(n, limit) if limit else n
+    assert len(allidx) == len(set(allidx)) == expected
+    assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (30, 20), (i * 50, 0, 0)).save(tmp_path / cls / f"{i}.jpg")
+    (tmp_path / "b" / "3.jpg").write_bytes(b"")  # empty
+    good = (tmp_path / "a" / "0.jpg").read_bytes()
+    (tmp_path / "a" / "9.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    src = image_folder(tmp_path, size=32)
+    batches = list(iterate(src, [torch.arange(len(src))], workers=0))
+    assert batches[0].skipped == 2 and batches[0].images.shape == (6, 32, 32, 3)
+    assert batches[0].labels.tolist() == [0, 0, 0, 1, 1, 1]
+    with_workers = list(iterate(src, [torch.arange(4), torch.arange(4, len(src))], workers=2))
+    assert sum(b.skipped for b in with_workers) == 2 and sum(len(b.labels) for b in with_workers) == 6

@@ -1,0 +1,38 @@
+"""The command-line entry points, run as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.test_fashion_mnist import make_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(args, **kw):
+    return subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_torchrun_two_towers_end_to_end(tmp_path):
+    make_tree(tmp_path / "data", n_train=16, n_test=6)
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    r = run([str(torchrun), "--nproc_per_node=2", "scripts/train_two_gpu.py", "--data", str(tmp_path / "data"),
+             "--max-steps", "2", "--batch-size", "4", "--out", str(out), "--workers", "0", "--log-every", "1",
+             "--device", "cpu"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 tower(s)" in r.stdout and "NOT comparable" in r.stdout
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [row["crops"] for row in rows] == [1, 10] and all(row["images"] == 6 for row in rows)
+    assert (out / "latest.pt").exists() and (out / "metrics.jsonl").exists()
+
+
+def test_bad_flags_give_a_clear_error(tmp_path):
+    r = run([sys.executable, "scripts/train_two_gpu.py", "--dataset", "imagenet", "--out", str(tmp_path)])
+    assert r.returncode == 2 and "--dataset imagenet needs --data DIR" in r.stderr
+    r = run([sys.executable, "scripts/train_two_gpu.py", "--dataset", "folder", "--data", str(tmp_path / "none"),
+             "--out", str(tmp_path)])
+    assert r.returncode == 2 and "does not exist" in r.stderr

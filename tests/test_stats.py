@@ -1,0 +1,49 @@
+"""Mean image and RGB covariance against NumPy, and their cache."""
+
+import numpy as np
+import torch
+
+from repro.data.stats import accumulate, cached_stats
+from repro.data.tensor_source import TensorSource
+
+
+def test_mean_and_covariance_match_numpy():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (7, 16, 16, 3), dtype=torch.uint8, generator=g)
+    images[..., 1] = (images[..., 0] // 2 + images[..., 1] // 2)  # correlated channels
+    stats = accumulate([images[:3], images[3:]], base_size=16)
+    x = images.numpy().astype(np.float64)
+    np.testing.assert_allclose(stats.mean_image.numpy(), x.mean(0), rtol=1e-6)
+    cov = np.cov((x / 255).reshape(-1, 3).T, bias=True)
+    vals, vecs = np.linalg.eigh(cov)
+    np.testing.assert_allclose(stats.eigvals.numpy(), vals[::-1], rtol=1e-9)
+    for i in range(3):  # eigenvectors up to sign
+        assert abs(abs(np.dot(stats.eigvecs[:, i].numpy(), vecs[:, 2 - i])) - 1) < 1e-9
+    assert stats.images == 7
+
+
+def test_grey_images_give_a_single_grey_axis():
+    images = torch.randint(0, 256, (4, 8, 8, 1), dtype=torch.uint8)
+    stats = accumulate([images], base_size=8)
+    v = images.double().numpy() / 255
+    assert abs(stats.eigvals[0].item() - 3 * v.var()) < 1e-9 and stats.eigvals[1:].abs().max() < 1e-12
+    assert torch.allclose(stats.eigvecs[:, 0].abs(), torch.full((3,), 3 ** -0.5, dtype=torch.float64))
+    assert torch.allclose(stats.mean_image[..., 0], stats.mean_image[..., 2])
+
+
+def test_cache_is_reused_and_keyed(tmp_path):
+    src = TensorSource(torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8), torch.zeros(6, dtype=torch.long),
+                       ["a"], "toy/train")
+    calls = []
+
+    def batches():
+        calls.append(1)
+        return [src.images]
+
+    quiet = lambda _msg: None  # noqa: E731
+    first = cached_stats(src, 8, batches, [tmp_path / "ro", tmp_path], log=quiet)
+    again = cached_stats(src, 8, batches, [tmp_path / "ro", tmp_path], log=quiet)
+    assert len(calls) == 1 and torch.equal(first.mean_image, again.mean_image)
+    other = TensorSource(src.images, torch.zeros(6, dtype=torch.long), ["a"], "toy/other")
+    cached_stats(other, 8, batches, [tmp_path], log=quiet)
+    assert len(calls) == 2  # another split: another key

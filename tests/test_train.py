@@ -1,0 +1,118 @@
+"""Training end to end on a tiny Fashion-MNIST-format set: two towers in two gloo processes,
+exact resume, identical batches on both towers, stopping on SIGTERM, and the grouped form."""
+
+import dataclasses
+import os
+import signal
+
+import pytest
+import torch
+
+from repro.checkpoint import read
+from repro.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from repro.dist import init_topology
+from tests.conftest import run_distributed
+from tests.test_fashion_mnist import make_tree
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fmnist")
+    make_tree(root, n_train=96, n_test=30)
+    return root
+
+
+def tiny_config(root, out, **kw) -> TrainConfig:
+    # 67-pixel crops of 76-pixel images keep every layer and exchange at ~1% of the cost.
+    return TrainConfig(model=ModelConfig(num_classes=10, image_size=67),
+                       optim=OptimConfig(schedule="milestones", milestones=(1,)),  # a drop after epoch 0
+                       data=DataConfig(root=str(root), base_size=76, crop_size=67, workers=0),
+                       epochs=3, batch_size=24, out=str(out), log_every=2, eval_batch_size=16,
+                       final_crops=(), device="cpu", **kw)
+
+
+def _train(rank, world, cfg_dict, resume, hooks):
+    from repro import train as train_module
+
+    cfg = TrainConfig.from_dict(cfg_dict)
+    seen = []
+    if hooks:
+        original_init = train_module.Trainer.__init__
+
+        def patched_init(self, *a, **k):
+            original_init(self, *a, **k)
+            real_batch, real_step = self.augment.train_batch, self._step
+
+            def record(images, params):
+                x = real_batch(images, params)
+                seen.append(float(x.double().sum()))
+                return x
+
+            def step(batch, params):
+                loss = real_step(batch, params)
+                if "sigterm_rank" in hooks and rank == hooks["sigterm_rank"] and self.progress.global_step == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)  # arrives during global step 2
+                return loss
+
+            self.augment.train_batch, self._step = record, step
+
+        train_module.Trainer.__init__ = patched_init
+    train_module.train(cfg, resume)
+    return seen
+
+
+def run(tmp_path, cfg, resume=None, hooks=None, world=2):
+    return run_distributed(_train, world, tmp_path, cfg.to_dict(), resume, hooks or {})
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_root):
+    whole = tiny_config(data_root, tmp_path / "whole", max_steps=7)  # 4 steps per epoch: crosses one
+    run(tmp_path / "w", whole)
+    part = tiny_config(data_root, tmp_path / "part", max_steps=3)
+    run(tmp_path / "p1", part)
+    assert read(tmp_path / "part" / "latest.pt")["progress"]["global_step"] == 3
+    run(tmp_path / "p2", dataclasses.replace(part, max_steps=7), resume=str(tmp_path / "part"))
+    a, b = read(tmp_path / "whole" / "latest.pt"), read(tmp_path / "part" / "latest.pt")
+    assert a["progress"] == b["progress"] == {"epoch": 1, "step_in_epoch": 3, "global_step": 7}
+    assert a["schedule"] == b["schedule"] and a["schedule"]["drops"] == 1  # a drop happened in between
+    for key in ("model", "velocity"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key} {name} differs after resume"
+    assert a["model"]["drop6.step"].item() == 7  # dropout masks advanced once per step
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in
+             (tmp_path / "part" / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in line]
+    assert steps == list(range(1, 8))  # the log continues without gaps or repeats
+
+
+def test_both_towers_see_identical_batches(tmp_path, data_root):
+    seen = run(tmp_path / "r", tiny_config(data_root, tmp_path / "run", max_steps=3), hooks={"record": True})
+    assert len(seen[0]) == 3 and seen[0] == seen[1]
+    assert len(set(seen[0])) == 3  # and they change from step to step
+
+
+def test_sigterm_on_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_path, data_root):
+    cfg = tiny_config(data_root, tmp_path / "run", max_steps=6)
+    seen = run(tmp_path / "r", cfg, hooks={"record": True, "sigterm_rank": 1})
+    assert len(seen[0]) == len(seen[1]) == 2
+    assert read(tmp_path / "run" / "latest.pt")["progress"]["global_step"] == 2
+
+
+def test_grouped_form_in_one_process_and_final_table(tmp_path, data_root, capsys):
+    from repro.train import train
+
+    cfg = dataclasses.replace(tiny_config(data_root, tmp_path / "g", max_steps=5), final_crops=(1, 10))
+    results = train(cfg)
+    ckpt = read(tmp_path / "g" / "latest.pt")
+    assert ckpt["topology"] == {"towers": 1, "replicas": 1} and ckpt["progress"]["global_step"] == 5
+    assert results[1].images == results[10].images == 30
+    out = capsys.readouterr().out
+    assert "NOT comparable" in out and "10 patches" in out
+    for name in ("results.md", "results.json", "results.csv", "learning_curves.png", "best.pt"):
+        assert (tmp_path / "g" / name).exists(), name
+
+
+def test_odd_world_size_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="world size 3 is odd.*--nproc_per_node=2"):
+        init_topology("cpu")
