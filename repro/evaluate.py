@@ -61,19 +61,19 @@ def autocast(device: torch.device, amp: str):
 
 
 @torch.no_grad()
-def average_softmax(forwards: Sequence[Callable[[Tensor], Tensor]], x: Tensor, crops: int,
+def average_softmax(forwards: Sequence[Callable[[Tensor], Tensor]], inputs: Sequence[Tensor], crops: int,
                     amp: str = "none") -> Tensor | None:
-    """Mean over models and over each image's `crops` rows of the softmax outputs: (B, classes).
-    None where this process holds no logits (tower 1 of a pair)."""
+    """Mean over models (model i reads inputs[i]) and over each image's `crops` rows of the softmax
+    outputs: (B, classes). None where this process holds no logits (tower 1 of a pair)."""
     total = None
-    for forward in forwards:
+    for forward, x in zip(forwards, inputs, strict=True):
         with autocast(x.device, amp):
             logits = forward(x)
         if logits.shape[-1] == 0:
             return None
         probs = logits.float().softmax(dim=1)
         probs = probs.view(-1, crops, probs.shape[1]).mean(dim=1)
-        total = probs if total is None else total + probs
+        total = probs if total is None else total + probs.to(total.device)
     return total / len(forwards)
 
 
@@ -88,18 +88,24 @@ class EvalSpec:
 
 
 @torch.no_grad()
-def evaluate(forwards: Sequence[Callable[[Tensor], Tensor]], source, indices: Tensor, augment: Augment,
-             spec: EvalSpec) -> Counts:
-    """Score the images `indices` of `source` once each. Every process of a pair must call this with
-    the same indices (both towers run every forward); only tower 0's counts are non-zero."""
+def evaluate(forwards: Sequence[Callable[[Tensor], Tensor]], source, indices: Tensor,
+             augments: Augment | Sequence[Augment], spec: EvalSpec) -> Counts:
+    """Score the images `indices` of `source` once each with the (ensemble of) `forwards`; model i
+    sees the images preprocessed by augments[i] (its own training set's mean image). Every process
+    of a pair must call this with the same indices; only tower 0's counts are non-zero."""
+    if isinstance(augments, Augment):
+        augments = [augments] * len(forwards)
     counts = Counts()
     batches = chunks(indices, spec.batch_size)
     for i, batch in enumerate(iterate(source, batches, spec.workers, spec.pin)):
         counts.skipped += batch.skipped
         if len(batch.labels) == 0:
             continue
-        x = augment.eval_batch(batch.images.to(augment.device, non_blocking=True), spec.crops)
-        probs = average_softmax(forwards, x, spec.crops, spec.amp)
+        prepared: dict[int, Tensor] = {}  # models that share preprocessing share the input
+        for aug in augments:
+            if id(aug) not in prepared:
+                prepared[id(aug)] = aug.eval_batch(batch.images.to(aug.device, non_blocking=True), spec.crops)
+        probs = average_softmax(forwards, [prepared[id(a)] for a in augments], spec.crops, spec.amp)
         if probs is not None:
             counts.add(probs, batch.labels.to(probs.device))
         if spec.progress:

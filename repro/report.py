@@ -332,14 +332,21 @@ def conv1_kernel_grid(weight: torch.Tensor, out_png, towers: int = 2, scale: int
 
 
 def nearest_neighbours(query_features: torch.Tensor, bank_features: torch.Tensor, k: int,
-                       exclude_self: bool = False, chunk: int = 1024) -> torch.Tensor:
-    """(Q, k) bank indices, nearest first; ties go to the lower index."""
+                       exclude_self: bool = False, chunk: int = 1024,
+                       self_index: torch.Tensor | None = None) -> torch.Tensor:
+    """(Q, k) bank indices, nearest first; ties go to the lower index. `exclude_self` skips bank
+    entry i for query i (the bank is the query set); `self_index[i]` names query i's own bank entry
+    when the queries are some of the bank's images."""
     q, b = torch.as_tensor(query_features), torch.as_tensor(bank_features)
     if q.ndim != 2 or b.ndim != 2 or q.shape[1] != b.shape[1]:
         raise ValueError(f"features must be (Q, D) and (N, D); got {tuple(q.shape)} and {tuple(b.shape)}")
     if exclude_self and q.shape[0] != b.shape[0]:
         raise ValueError("exclude_self needs the bank to be the query set (same length)")
-    available = b.shape[0] - int(exclude_self)
+    if exclude_self:
+        self_index = torch.arange(q.shape[0])
+    if self_index is not None and (len(self_index) != q.shape[0] or int(self_index.max()) >= b.shape[0]):
+        raise ValueError(f"self_index must give one bank index (< {b.shape[0]}) per query ({q.shape[0]})")
+    available = b.shape[0] - int(self_index is not None)
     if not 1 <= k <= available:
         raise ValueError(f"k={k} but the bank offers {available} neighbours per query")
     q, b = q.to(torch.float64), b.to(device=q.device, dtype=torch.float64)
@@ -347,9 +354,9 @@ def nearest_neighbours(query_features: torch.Tensor, bank_features: torch.Tensor
     for s in range(0, q.shape[0], chunk):  # bounds the (chunk, N) distance matrix
         # Exact pairwise differences, not the |a|^2 + |b|^2 - 2ab shortcut whose rounding reorders ties.
         d = torch.cdist(q[s:s + chunk], b, compute_mode="donot_use_mm_for_euclid_dist")
-        if exclude_self:
+        if self_index is not None:
             rows = torch.arange(d.shape[0], device=d.device)
-            d[rows, rows + s] = math.inf
+            d[rows, self_index[s:s + chunk].to(d.device)] = math.inf
         out.append(torch.sort(d, dim=1, stable=True).indices[:, :k])
     return torch.cat(out).cpu()
 
@@ -363,13 +370,13 @@ def _as_rgb(images, what: str) -> np.ndarray:
 
 def nearest_neighbours_figure(query_images, query_features, bank_images, bank_features, out_png,
                               k: int = 6, exclude_self: bool = False, gap: int = 8,
-                              border: int = 2) -> tuple[Path, torch.Tensor]:
+                              border: int = 2, self_index: torch.Tensor | None = None) -> tuple[Path, torch.Tensor]:
     """The paper's Figure 4: one row per query, the query then its k nearest bank images."""
     qi, bi = _as_rgb(query_images, "query_images"), _as_rgb(bank_images, "bank_images")
     if len(qi) != len(query_features) or len(bi) != len(bank_features):
         raise ValueError(f"{len(qi)} query images for {len(query_features)} features, "
                          f"{len(bi)} bank images for {len(bank_features)} features")
-    idx = nearest_neighbours(query_features, bank_features, k, exclude_self)
+    idx = nearest_neighbours(query_features, bank_features, k, exclude_self, self_index=self_index)
     ch, cw = max(qi.shape[1], bi.shape[1]), max(qi.shape[2], bi.shape[2])
     width = (k + 1) * (cw + border) + border + gap
     canvas = np.full((len(qi) * (ch + border) + border, width, 3), BACKGROUND, np.uint8)

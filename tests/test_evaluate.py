@@ -46,11 +46,11 @@ def test_ten_patch_and_ensemble_average_softmax_outputs():
     def model_b(inp):
         return torch.ones(inp.shape[0], 3)
 
-    got = average_softmax([model_a, model_b], x, crops=10)
+    got = average_softmax([model_a, model_b], [x, x], crops=10)
     logits = model_a(x).softmax(1).view(4, 10, 3).mean(1)
     expected = (logits + torch.full((4, 3), 1 / 3)) / 2
     torch.testing.assert_close(got, expected)
-    assert average_softmax([lambda inp: inp.new_empty(inp.shape[0], 0)], x, 10) is None  # tower 1
+    assert average_softmax([lambda inp: inp.new_empty(inp.shape[0], 0)], [x], 10) is None  # tower 1
 
 
 def test_evaluate_scores_a_known_model_on_known_data():

@@ -244,3 +244,10 @@ def test_nearest_neighbours_errors(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         nearest_neighbours_figure(imgs.float(), f, imgs, f, tmp_path / "x.png", k=2)
     assert not list(tmp_path.iterdir())
+
+
+def test_neighbours_of_some_bank_images_skip_themselves():
+    bank = torch.tensor([[0.0], [1.0], [1.1], [5.0], [5.2]])
+    q = torch.tensor([1, 3])
+    idx = nearest_neighbours(bank[q], bank, 2, self_index=q)
+    assert idx.tolist() == [[2, 0], [4, 2]]

@@ -29,3 +29,32 @@ def open_splits(cfg: DataConfig):
                                     f"{root / split} does not exist")
     train = image_folder(root / "train", name="folder/train", size=cfg.base_size)
     return train, image_folder(root / "val", name="folder/val", size=cfg.base_size, classes=train.classes)
+
+
+def open_eval_split(cfg: DataConfig, classes: list[str]):
+    """Only the held-out split, labelled with the class index the network was trained with.
+
+    A class-count mismatch or a label the network does not know is an error here, never a
+    silently wrong number.
+    """
+    if cfg.dataset == "fashion-mnist":
+        from repro.data.fashion_mnist import fashion_mnist
+
+        split = fashion_mnist(cfg.root, "test")
+    elif cfg.root is None:
+        raise ValueError(f"--dataset {cfg.dataset} needs --data DIR (the folder holding val/)")
+    elif cfg.dataset == "imagenet":
+        from repro.data.imagenet import imagenet_val
+
+        split = imagenet_val(cfg.root, classes, cfg.base_size, devkit=cfg.devkit, solution_csv=cfg.val_solution)
+    else:
+        from repro.data.folder import image_folder
+
+        val = Path(cfg.root) / "val"
+        if not val.is_dir():
+            raise FileNotFoundError(f"--dataset folder expects {val}/<class>/<images>; {val} does not exist")
+        split = image_folder(val, name="folder/val", size=cfg.base_size, classes=classes)
+    if list(split.classes) != list(classes):
+        raise ValueError(f"{split.name} has {len(split.classes)} classes {split.classes[:3]}... but the network "
+                         f"was trained on {len(classes)} classes {list(classes)[:3]}...: wrong --data or checkpoint")
+    return split

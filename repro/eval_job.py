@@ -1,0 +1,159 @@
+"""scripts/evaluate.py's work: checkpoints in, the paper's error table and figures out."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from repro.checkpoint import grouped_state, read
+from repro.config import ModelConfig, TrainConfig
+from repro.data.augment import Augment, Stats
+from repro.data.datasets import open_eval_split
+from repro.data.loader import eval_indices, iterate
+from repro.evaluate import EvalSpec, evaluate
+from repro.model.grouped import AlexNet
+from repro.model.two_tower import TwoTowerAlexNet
+from repro.report import (EvalRow, conv1_kernel_grid, nearest_neighbours_figure, plot_learning_curves,
+                          read_metrics, results_markdown, write_results)
+from repro.run_report import imagenet_year
+
+
+@dataclass
+class EvalOptions:
+    checkpoints: list[str]
+    dataset: str | None = None  # default: what the first checkpoint was trained on
+    data: str | None = None
+    devkit: str | None = None
+    val_solution: str | None = None
+    crops: tuple[int, ...] = (1, 10)
+    batch_size: int = 128
+    max_images: int | None = None  # an evenly spaced subset (quick looks); None: every image
+    form: str = "grouped"  # "grouped" or "towers" (TwoTowerAlexNet on cuda:0/cuda:1, or one device)
+    device: str = "auto"
+    amp: str = "none"
+    workers: int = 4
+    out: str | None = None
+    figures: bool = True
+    neighbours: int = 5  # Figure 4 queries (0: none)
+    neighbour_bank: int = 2000  # evaluated images searched for neighbours
+
+
+@dataclass
+class Member:
+    """One network of the (ensemble) evaluation, with its training run's preprocessing."""
+
+    path: str
+    train: TrainConfig
+    model: torch.nn.Module
+    grouped: AlexNet
+    classes: list[str]
+    augment: Augment = field(repr=False)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_member(path: str, opts: EvalOptions, device: torch.device) -> Member:
+    ckpt = read(path)
+    if not ckpt.get("train_config"):
+        raise ValueError(f"{path} holds weights only; evaluation needs a training checkpoint (its classes "
+                         f"and mean image). Use repro.load_checkpoint for the weights alone.")
+    train = TrainConfig.from_dict(ckpt["train_config"])
+    cfg = ModelConfig.from_dict(ckpt["model_config"])
+    grouped = AlexNet(config=cfg)
+    grouped.load_state_dict(grouped_state(ckpt["model"], cfg))
+    grouped.eval()
+    if opts.form == "towers":
+        second = torch.device("cuda", 1) if device.type == "cuda" and torch.cuda.device_count() > 1 else device
+        model = TwoTowerAlexNet.from_grouped(grouped, devices=(device, second)).eval()
+    else:
+        model = grouped.to(device)
+    stats = Stats(**ckpt["stats"]) if ckpt.get("stats") else None
+    data = dataclasses.replace(train.data, workers=opts.workers)
+    return Member(path, train, model, grouped, list(ckpt["classes"]), Augment(data, stats, device))
+
+
+def _check_ensemble(members: list[Member]) -> None:
+    first = members[0]
+    for m in members[1:]:
+        if m.classes != first.classes:
+            raise ValueError(f"{m.path} was trained on other classes than {first.path}: they cannot be averaged")
+        if (m.train.data.base_size, m.train.data.crop_size) != (first.train.data.base_size, first.train.data.crop_size):
+            raise ValueError(f"{m.path} uses other image sizes than {first.path}")
+
+
+def _split(opts: EvalOptions, first: Member):
+    data = first.train.data
+    over = {k: v for k, v in dict(dataset=opts.dataset, root=opts.data, devkit=opts.devkit,
+                                  val_solution=opts.val_solution).items() if v is not None}
+    if opts.dataset and opts.dataset != data.dataset and "root" not in over:
+        over["root"] = None  # another dataset: the training run's folder does not apply
+    return open_eval_split(dataclasses.replace(data, **over), first.classes), over.get("dataset", data.dataset)
+
+
+def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
+    device = _device(opts.device)
+    members = [load_member(p, opts, device) for p in opts.checkpoints]
+    _check_ensemble(members)
+    split, dataset = _split(opts, members[0])
+    out = Path(opts.out) if opts.out else Path(opts.checkpoints[0]).resolve().parent / "evaluation"
+    if Path(opts.checkpoints[0]).is_dir():
+        out = Path(opts.out) if opts.out else Path(opts.checkpoints[0]) / "evaluation"
+    idx = eval_indices(len(split), 1, 0, opts.max_images)
+    rows = []
+    for crops in opts.crops:
+        spec = EvalSpec(crops=crops, batch_size=opts.batch_size, amp=opts.amp, workers=opts.workers,
+                        pin=device.type == "cuda")
+        start = time.perf_counter()
+        counts = evaluate([m.model for m in members], split, idx, [m.augment for m in members], spec)
+        seconds = time.perf_counter() - start
+        n = len(members)
+        rows.append(EvalRow(label=f"{n} CNN{'s' if n > 1 else ''}, {'centre patch' if crops == 1 else '10 patches'}",
+                            dataset=dataset, split=split.name.split("/")[-1], images=counts.images, crops=crops,
+                            models=n, run=", ".join(opts.checkpoints), top1_error=counts.top1_error,
+                            top5_error=counts.top5_error, loss=counts.loss))
+        print(f"{rows[-1].label}: top-1 {counts.top1_error:.2f}% top-5 {counts.top5_error:.2f}% on "
+              f"{counts.images} images ({counts.skipped} unreadable skipped), "
+              f"{counts.images / seconds:.1f} img/s ({counts.images * crops * n / seconds:.1f} forwards/s)", flush=True)
+    year = imagenet_year(dataset)
+    paths = write_results(rows, out, imagenet_year=year, stem="evaluation")
+    print(results_markdown(rows, year), flush=True)
+    if opts.figures:
+        paths.update(figures(members[0], split, idx, opts, out))
+    print("written: " + ", ".join(str(p) for p in paths.values()), flush=True)
+    return rows
+
+
+def figures(member: Member, split, idx: torch.Tensor, opts: EvalOptions, out: Path) -> dict[str, Path]:
+    """The paper's Figure 3 (conv1 kernels by tower), Figure 4 (fc7 neighbours) and the run's curves."""
+    paths = {"conv1": conv1_kernel_grid(member.grouped.conv1.weight.detach().cpu(), out / "conv1_kernels.png",
+                                        towers=member.grouped.config.towers)}
+    log = Path(member.path) / "metrics.jsonl" if Path(member.path).is_dir() else Path(member.path).parent / "metrics.jsonl"
+    if log.exists():
+        paths["curves"] = plot_learning_curves(read_metrics(log), out / "learning_curves.png")
+    if opts.neighbours > 0:
+        bank = idx[torch.linspace(0, len(idx) - 1, min(opts.neighbour_bank, len(idx))).round().long()]
+        images, feats = [], []
+        with torch.no_grad():
+            for batch in iterate(split, bank.split(opts.batch_size), opts.workers):
+                x = member.augment.eval_batch(batch.images.to(member.augment.device), 1)
+                feats.append(member.model.fc7_activations(x).float().cpu())
+                images.append(batch.images)
+        images, feats = torch.cat(images), torch.cat(feats)
+        q = torch.linspace(0, len(feats) - 1, min(opts.neighbours, len(feats))).round().long()
+        k = min(6, len(feats) - 1)
+        if k >= 1:
+            path, nn_idx = nearest_neighbours_figure(images[q], feats[q], images, feats, out / "fc7_neighbours.png",
+                                                     k=k, self_index=q)
+            paths["neighbours"] = path
+            (out / "fc7_neighbours.json").write_text(json.dumps(
+                {"queries": bank[q].tolist(), "neighbours": bank[nn_idx].tolist()}))
+    return paths

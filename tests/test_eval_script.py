@@ -1,0 +1,129 @@
+"""scripts/evaluate.py on tiny ImageNet-layout trees: every val layout gives the same numbers, either
+form of the network gives the same numbers, ensembles average softmaxes, bad inputs fail clearly."""
+
+import shutil
+
+import pytest
+import torch
+
+from repro.config import DataConfig, ModelConfig, TrainConfig
+from repro.eval_job import EvalOptions, load_member, run_evaluation
+from scripts.evaluate import main as evaluate_main
+from tests.test_data_folder_imagenet import (VAL_LABELS, VAL_WNIDS, csv_rows, make_flat_val, make_train, val_name,
+                                             write_csv, write_devkit_dir)
+
+
+def class_folder_val(root):
+    make_flat_val(root)
+    for k, w in enumerate(VAL_WNIDS, start=1):
+        (root / "val" / w).mkdir(exist_ok=True)
+        shutil.move(root / "val" / val_name(k), root / "val" / w / val_name(k))
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    base = tmp_path_factory.mktemp("imagenet")
+    roots = {name: base / name for name in ("folders", "devkit", "csv")}
+    for root in roots.values():
+        make_train(root)
+    class_folder_val(roots["folders"])
+    make_flat_val(roots["devkit"])
+    write_devkit_dir(roots["devkit"])
+    make_flat_val(roots["csv"])
+    write_csv(roots["csv"] / "LOC_val_solution.csv", csv_rows())
+    return roots
+
+
+@pytest.fixture(scope="module")
+def checkpoints(trees, tmp_path_factory):
+    from repro.train import train
+
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path_factory.mktemp(f"run{seed}")
+        train(TrainConfig(model=ModelConfig(num_classes=3, image_size=67),
+                          data=DataConfig(dataset="imagenet", root=str(trees["folders"]), base_size=76, crop_size=67,
+                                          workers=0),
+                          batch_size=2, max_steps=2, seed=seed, out=str(out), final_crops=(), device="cpu"))
+        runs.append(str(out / "latest.pt"))
+    return runs
+
+
+def options(ckpts, root, tmp_path, **kw):
+    return EvalOptions(checkpoints=list(ckpts), dataset="imagenet", data=str(root), crops=(1, 10), workers=0,
+                       batch_size=4, out=str(tmp_path / "eval"), figures=False, device="cpu", **kw)
+
+
+def test_every_val_layout_gives_the_same_numbers(trees, checkpoints, tmp_path):
+    results = {name: run_evaluation(options(checkpoints[:1], root, tmp_path / name)) for name, root in trees.items()}
+    reference = results["folders"]
+    assert [r.images for r in reference] == [6, 6] and [r.crops for r in reference] == [1, 10]
+    for name, rows in results.items():
+        assert [(r.top1_error, r.top5_error) for r in rows] == [(r.top1_error, r.top5_error) for r in reference], name
+        assert [r.loss for r in rows] == pytest.approx([r.loss for r in reference], rel=1e-6)
+    md = (tmp_path / "folders" / "eval" / "evaluation.md").read_text()
+    assert "Table 2" in md and "this evaluation" in md and "40.70" in md  # ImageNet: beside the paper
+
+
+def manual_errors(members, split):
+    """Softmax of each network on its own preprocessing, averaged, then top-1 by hand."""
+    correct = 0
+    for i in range(len(split)):
+        image, label = split[i]
+        probs = sum(m.model(m.augment.eval_batch(image[None], 10)).softmax(1).mean(0) for m in members) / len(members)
+        correct += int(probs.argmax()) == label
+    return 100.0 * (1 - correct / len(split))
+
+
+def test_ensemble_and_tower_form(trees, checkpoints, tmp_path):
+    from repro.data.imagenet import imagenet_val
+
+    opts = options(checkpoints, trees["folders"], tmp_path)
+    ensemble = run_evaluation(opts)
+    assert ensemble[1].models == 2 and ensemble[1].label == "2 CNNs, 10 patches"
+    members = [load_member(p, opts, torch.device("cpu")) for p in checkpoints]
+    split = imagenet_val(trees["folders"], members[0].classes, 76)
+    assert sorted(split[i][1] for i in range(6)) == sorted(VAL_LABELS)
+    with torch.no_grad():
+        assert ensemble[1].top1_error == pytest.approx(manual_errors(members, split))
+    towers = run_evaluation(options(checkpoints, trees["folders"], tmp_path / "t", form="towers"))
+    assert [(r.top1_error, r.top5_error) for r in towers] == [(r.top1_error, r.top5_error) for r in ensemble]
+
+
+def test_figures_are_written(trees, checkpoints, tmp_path):
+    run_evaluation(EvalOptions(checkpoints=checkpoints[:1], crops=(1,), workers=0, out=str(tmp_path / "f"),
+                               device="cpu", neighbours=2))
+    for name in ("conv1_kernels.png", "fc7_neighbours.png", "learning_curves.png", "evaluation.csv"):
+        assert (tmp_path / "f" / name).exists(), name
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("unknown_wnid", "n00000099"),
+    ("missing_labels", "ground truth"),
+    ("empty_val", "neither"),
+])
+def test_bad_val_folders_are_clear_errors(trees, checkpoints, tmp_path, capsys, breakage, message):
+    root = tmp_path / "broken"
+    make_train(root)
+    if breakage == "unknown_wnid":
+        class_folder_val(root)
+        shutil.copytree(root / "val" / VAL_WNIDS[0], root / "val" / "n00000099")
+    elif breakage == "missing_labels":
+        make_flat_val(root)
+    else:
+        (root / "val").mkdir()
+    code = evaluate_main(["--checkpoint", checkpoints[0], "--dataset", "imagenet", "--data", str(root),
+                          "--out", str(tmp_path / "o"), "--workers", "0", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+
+
+def test_wrong_dataset_for_the_network_is_a_clear_error(checkpoints, tmp_path, capsys):
+    from tests.test_fashion_mnist import make_tree
+
+    make_tree(tmp_path / "fm")
+    code = evaluate_main(["--checkpoint", checkpoints[0], "--dataset", "fashion-mnist", "--data",
+                          str(tmp_path / "fm"), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert code == 2 and "trained on 3 classes" in capsys.readouterr().err
+    code = evaluate_main(["--checkpoint", str(tmp_path / "nothing.pt"), "--device", "cpu"])
+    assert code == 2 and "no checkpoint" in capsys.readouterr().err
