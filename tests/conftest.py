@@ -54,9 +54,21 @@ def run_distributed(fn, world: int, tmp_path, *args) -> list:
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
-@pytest.fixture
-def small_config() -> ModelConfig:
-    return SMALL
+@pytest.fixture(scope="session")
+def grouped_reference():
+    """exercise() on the full-size grouped network, once per dtype for every test module."""
+    from repro import AlexNet
+    from tests.equivalence import exercise
+
+    cache = {}
+
+    def get(dtype):
+        if dtype not in cache:
+            torch.manual_seed(0)
+            cache[dtype] = exercise(AlexNet(config=ModelConfig()).to(dtype), ModelConfig(), dtype)
+        return cache[dtype]
+
+    return get
 
 
 @pytest.fixture(autouse=True)

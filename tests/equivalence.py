@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repro.config import ModelConfig, OptimConfig
+from repro.exchange import record
 from repro.model.distributed import pair_loss
 from repro.optim import paper_optimizer
 
@@ -29,8 +30,8 @@ LEARNING_RATE = {torch.float64: 0.01, torch.float32: 0.001}
 
 
 def exercise(model: nn.Module, cfg: ModelConfig, dtype: torch.dtype, prefix: str = "") -> dict:
-    """Eval logits, train logits and gradients of the first batch, then weights and velocities after
-    STEPS steps of the paper's optimiser. Keys are stripped of `prefix` (e.g. "tower.")."""
+    """Eval logits, train logits, gradients and the exchange log of the first batch, then weights and
+    velocities after STEPS steps of the paper's optimiser. Keys are stripped of `prefix`."""
 
     def named(d):
         return {k[len(prefix):]: v.detach().clone() for k, v in d if k.startswith(prefix)}
@@ -46,9 +47,11 @@ def exercise(model: nn.Module, cfg: ModelConfig, dtype: torch.dtype, prefix: str
         if step == STEPS - 1:
             opt.set_lr(opt.base_lr / 10)
         opt.zero_grad()
-        logits = model(x)
-        pair_loss(logits, y, F.cross_entropy).backward()
+        with record() as log:  # what crossed between towers in this step, forward and backward
+            logits = model(x)
+            pair_loss(logits, y, F.cross_entropy).backward()
         if step == 0:
+            out["log"] = log.transfers
             out["train_logits"] = logits.detach().clone()
             out["grads"] = named((n, p.grad) for n, p in model.named_parameters())
         opt.step()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from repro import AlexNet, ModelConfig, TwoTowerAlexNet
-from repro.exchange import EXCHANGES, record
+from repro.exchange import EXCHANGES, ExchangeLog, record
 from repro.model.convert import grouped_to_towers, towers_to_grouped
 from tests.equivalence import assert_same, exercise, relative_error, TOLERANCE
 
@@ -13,7 +13,7 @@ CFG = ModelConfig()  # full size: 227 input, 1000 classes
 
 def towers_result(result_by_tower: dict, cfg: ModelConfig) -> dict:
     """Map an `exercise` result of TwoTowerAlexNet (keys "0.conv1.weight", ...) to the grouped form."""
-    out = {k: v for k, v in result_by_tower.items() if k.endswith("logits")}
+    out = {k: v for k, v in result_by_tower.items() if k.endswith("logits") or k == "log"}
     for key in ("grads", "state", "velocity"):
         per_tower = [{k[2:]: v for k, v in result_by_tower[key].items() if k.startswith(f"{t}.")} for t in (0, 1)]
         out[key] = towers_to_grouped(per_tower, cfg)
@@ -21,13 +21,11 @@ def towers_result(result_by_tower: dict, cfg: ModelConfig) -> dict:
 
 
 @pytest.fixture(scope="module", params=[torch.float64, torch.float32], ids=["float64", "float32"])
-def both_forms(request):
+def both_forms(request, grouped_reference):
     dtype = request.param
     torch.manual_seed(0)
-    grouped = AlexNet(config=CFG).to(dtype)
-    torch.manual_seed(0)
     towers = TwoTowerAlexNet(devices=("cpu", "cpu"), config=CFG).to(dtype)
-    return dtype, exercise(grouped, CFG, dtype), towers_result(exercise(towers, CFG, dtype, "towers."), CFG)
+    return dtype, grouped_reference(dtype), towers_result(exercise(towers, CFG, dtype, "towers."), CFG)
 
 
 def test_logits_equal_in_eval_and_train_mode(both_forms):
@@ -49,10 +47,11 @@ def test_weights_and_velocities_equal_after_steps_across_lr_drop(both_forms):
 
 
 def test_same_seed_same_network():
+    small = ModelConfig(num_classes=10, image_size=67)
     torch.manual_seed(5)
-    grouped = AlexNet(10)
+    grouped = AlexNet(config=small)
     torch.manual_seed(5)
-    towers = TwoTowerAlexNet(10, devices=("cpu", "cpu"))
+    towers = TwoTowerAlexNet(devices=("cpu", "cpu"), config=small)
     for k, v in grouped.state_dict().items():
         assert torch.equal(towers.grouped_state()[k], v), k
 
@@ -84,17 +83,21 @@ def expected_bytes(batch: int, itemsize: int) -> dict:
     return {("forward", 0): t0, ("forward", 1): t1, ("backward", 0): t1, ("backward", 1): t0}
 
 
-def test_exactly_four_exchanges_each_way_with_predicted_bytes():
-    net = TwoTowerAlexNet(devices=("cpu", "cpu"), config=CFG).train()
-    x, batch = torch.randn(3, 3, 227, 227), 3
-    with record() as log:
-        net(x).logsumexp(1).sum().backward()
+def test_exactly_four_exchanges_each_way_with_predicted_bytes(both_forms):
+    dtype, _, towers = both_forms
+    log = ExchangeLog()
+    log.transfers = towers["log"]  # one training step, batch of 2
     assert log.calls("forward") == list(EXCHANGES)
     assert log.calls("backward") == list(reversed(EXCHANGES))
-    for (phase, src), nbytes in expected_bytes(batch, 4).items():
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    for (phase, src), nbytes in expected_bytes(2, itemsize).items():
         assert log.bytes(phase, src=src) == nbytes, (phase, src)
-    assert log.bytes("forward", exchange="fc7->fc8") == 2_048 * batch * 4  # one way only
+    assert log.bytes("forward", exchange="fc7->fc8") == 2_048 * 2 * itemsize  # one way only
+
+
+def test_evaluation_exchanges_forward_only():
+    net = TwoTowerAlexNet(devices=("cpu", "cpu"), config=ModelConfig(num_classes=10, image_size=67)).eval()
     with record() as log:
         with torch.no_grad():
-            net.eval()(x)
+            net(torch.randn(2, 3, 67, 67))
     assert log.calls("forward") == list(EXCHANGES) and log.calls("backward") == []
