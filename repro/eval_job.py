@@ -111,7 +111,7 @@ def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
     rows = []
     for crops in opts.crops:
         spec = EvalSpec(crops=crops, batch_size=opts.batch_size, amp=opts.amp, workers=opts.workers,
-                        pin=device.type == "cuda")
+                        pin=device.type == "cuda", decode_device=device)
         start = time.perf_counter()
         counts = evaluate([m.model for m in members], split, idx, [m.augment for m in members], spec)
         seconds = time.perf_counter() - start

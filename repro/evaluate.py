@@ -84,6 +84,7 @@ class EvalSpec:
     amp: str = "none"
     workers: int = 4
     pin: bool = False
+    decode_device: torch.device | None = None  # decode stored JPEGs on this GPU
     progress: Callable[[int, int], None] | None = field(default=None, repr=False)
 
 
@@ -97,7 +98,7 @@ def evaluate(forwards: Sequence[Callable[[Tensor], Tensor]], source, indices: Te
         augments = [augments] * len(forwards)
     counts = Counts()
     batches = chunks(indices, spec.batch_size)
-    for i, batch in enumerate(iterate(source, batches, spec.workers, spec.pin)):
+    for i, batch in enumerate(iterate(source, batches, spec.workers, spec.pin, spec.decode_device)):
         counts.skipped += batch.skipped
         if len(batch.labels) == 0:
             continue

@@ -74,7 +74,8 @@ class Trainer:
             idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(self.cfg.seed))[:d.stats_images]]
 
         def batches():
-            return (b.images for b in iterate(self.train_set, idx.split(100), d.workers) if len(b.labels))
+            return (b.images for b in iterate(self.train_set, idx.split(100), d.workers, decode_device=self.topo.device)
+                    if len(b.labels))
 
         dirs = default_cache_dirs(d.root, self.out)
         say = self.say if self.topo.is_main else (lambda _msg: None)
@@ -150,7 +151,7 @@ class Trainer:
                                     cfg.seed, p.epoch, p.step_in_epoch)
         self.meter = Counts()
         tick, losses = time.perf_counter(), []
-        for batch in iterate(self.train_set, index_lists, cfg.data.workers, self.pin):
+        for batch in iterate(self.train_set, index_lists, cfg.data.workers, self.pin, self.topo.device):
             params = draw_params(cfg.batch_size, cfg.data, step_generator(cfg.seed, p.epoch, p.step_in_epoch, topo.replica))
             if len(batch.labels):
                 losses.append(self._step(batch, params))
@@ -224,7 +225,7 @@ class Trainer:
         """Every validation image scored once across all pairs (both towers of a pair run it)."""
         idx = eval_indices(len(self.val_set), self.topo.replicas, self.topo.replica, self.cfg.data.val_images)
         spec = EvalSpec(crops=crops, batch_size=self.cfg.eval_batch_size, amp=self.cfg.amp,
-                        workers=self.cfg.data.workers, pin=self.pin)
+                        workers=self.cfg.data.workers, pin=self.pin, decode_device=self.topo.device)
         net = self.replica.net.eval()
         counts = evaluate([net], self.val_set, idx, self.augment, spec)
         net.train()

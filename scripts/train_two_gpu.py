@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from repro.config import MODEL_VARIANTS, DataConfig, OptimConfig, TrainConfig  # noqa: E402
 
-CPU_BUDGET = dict(max_steps=40, batch_size=64, val_images=1000, stats_images=10000)
+CPU_BUDGET = dict(max_steps=60, batch_size=64, val_images=300, stats_images=10000)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -17,6 +17,11 @@ def open_splits(cfg: DataConfig):
     if cfg.root is None:
         raise ValueError(f"--dataset {cfg.dataset} needs --data DIR (the folder holding train/ and val/)")
     if cfg.dataset == "imagenet":
+        from repro.data.store import StoreSource, is_store
+
+        if is_store(cfg.root):  # the stored 256x256 form (scripts/prepare_imagenet.py)
+            train = StoreSource(cfg.root, "train")
+            return train, StoreSource(cfg.root, "val", classes=train.classes)
         from repro.data.imagenet import imagenet_splits
 
         return imagenet_splits(cfg.root, cfg.base_size, devkit=cfg.devkit, solution_csv=cfg.val_solution)
@@ -45,8 +50,10 @@ def open_eval_split(cfg: DataConfig, classes: list[str]):
         raise ValueError(f"--dataset {cfg.dataset} needs --data DIR (the folder holding val/)")
     elif cfg.dataset == "imagenet":
         from repro.data.imagenet import imagenet_val
+        from repro.data.store import StoreSource, is_store
 
-        split = imagenet_val(cfg.root, classes, cfg.base_size, devkit=cfg.devkit, solution_csv=cfg.val_solution)
+        split = (StoreSource(cfg.root, "val", classes=classes) if is_store(cfg.root) else
+                 imagenet_val(cfg.root, classes, cfg.base_size, devkit=cfg.devkit, solution_csv=cfg.val_solution))
     else:
         from repro.data.folder import image_folder
 

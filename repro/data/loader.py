@@ -58,13 +58,27 @@ def _collate(items: list) -> Batch:
     return Batch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), len(items) - len(good))
 
 
-def iterate(source, index_lists: Sequence[Tensor], workers: int = 0, pin: bool = False) -> Iterator[Batch]:
-    """Batches for the given index lists, in order. In-memory sources index one tensor; file sources
-    decode in `workers` processes, dropping (and counting) images that cannot be decoded."""
+def decode_on_device(encoded: list[Tensor], device: torch.device) -> Tensor:
+    """JPEG bytes -> uint8 (B, H, W, 3) on `device`, decoded there in one batched call (nvJPEG)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    return torch.stack(images).permute(0, 2, 3, 1)
+
+
+def iterate(source, index_lists: Sequence[Tensor], workers: int = 0, pin: bool = False,
+            decode_device: torch.device | None = None) -> Iterator[Batch]:
+    """Batches for the given index lists, in order. In-memory sources index one tensor; stored JPEG
+    sources decode on `decode_device` when it is a GPU; file sources decode in `workers` processes,
+    dropping (and counting) images that cannot be decoded."""
     if getattr(source, "in_memory", False):
         for idx in index_lists:
             images, labels = source.batch(idx)
             yield Batch(images.pin_memory() if pin else images, labels, 0)
+        return
+    if getattr(source, "encoded", False) and decode_device is not None and decode_device.type == "cuda":
+        for idx in index_lists:  # reading the bytes is cheap; decoding is the work, on the GPU
+            yield Batch(decode_on_device(source.encoded_batch(idx), decode_device), source.labels[idx], 0)
         return
     loader = DataLoader(source, batch_sampler=[idx.tolist() for idx in index_lists], num_workers=workers,
                         collate_fn=_collate, pin_memory=pin, persistent_workers=False,

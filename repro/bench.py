@@ -1,0 +1,228 @@
+"""Training-step speed of each form of the network, with torchvision's AlexNet as the yardstick.
+
+Used by scripts/benchmark.py. A case is timed on a synthetic batch already on the device: forward,
+loss, backward and the paper's optimiser step, `steps` times after `warmup`, synchronised, median of
+`repeats` timings. Peak memory is the device's peak allocation during the timed steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repro.config import ModelConfig, OptimConfig
+from repro.model.grouped import AlexNet
+from repro.model.two_tower import TwoTowerAlexNet
+from repro.optim import paper_optimizer
+
+MODELS = ("grouped", "towers", "towers-2proc", "torchvision")
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str  # one of MODELS
+    batch: int
+    dtype: str = "fp32"  # "fp32" or "bf16" (autocast)
+    channels_last: bool = False
+    compile: str = "none"  # "none", "default", "max-autotune" (the latter with CUDA graphs)
+
+    @property
+    def label(self) -> str:
+        return (f"{self.model} b{self.batch} {self.dtype}{' CL' if self.channels_last else ''}"
+                f"{'' if self.compile == 'none' else ' compile:' + self.compile}")
+
+
+@dataclass
+class Result:
+    case: Case
+    img_per_s: float
+    step_ms: float
+    peak_mib: float | None
+    note: str = ""
+
+    def row(self) -> dict:
+        return {**asdict(self.case), "img_per_s": self.img_per_s, "step_ms": self.step_ms,
+                "peak_mib": self.peak_mib, "note": self.note}
+
+
+def build(case: Case, device: torch.device, num_classes: int = 1000) -> tuple[nn.Module, int]:
+    """The model of a case on `device` and its input size."""
+    if case.model == "torchvision":
+        import torchvision
+
+        return torchvision.models.alexnet(num_classes=num_classes).to(device), 224
+    cfg = ModelConfig(num_classes=num_classes)
+    if case.model == "grouped":
+        return AlexNet(config=cfg).to(device), 227
+    if case.model == "towers":  # both towers in this process; on two GPUs when there are two
+        second = torch.device("cuda", 1) if device.type == "cuda" and torch.cuda.device_count() > 1 else device
+        return TwoTowerAlexNet(devices=(device, second), config=cfg), 227
+    raise ValueError(f"unknown model {case.model!r}; one of {MODELS}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
+def make_step(model: nn.Module, case: Case, device: torch.device, loss_fn=F.cross_entropy):
+    """A closure running one training step on a fixed synthetic batch."""
+    opt = paper_optimizer(model, OptimConfig())
+    size = 224 if case.model == "torchvision" else 227
+    fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+    if case.channels_last:
+        model.to(memory_format=torch.channels_last)
+    x = (torch.randn(case.batch, 3, size, size, device=device) * 60).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (case.batch,), device=device)
+    forward = model if case.compile == "none" else torch.compile(model, mode=case.compile)
+
+    def step():
+        with _autocast(device, case.dtype):
+            loss = loss_fn(forward(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def time_steps(step, device: torch.device, steps: int, warmup: int, repeats: int = 3) -> float:
+    """Median seconds per step."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        timings.append((time.perf_counter() - start) / steps)
+    return statistics.median(timings)
+
+
+def run_case(case: Case, device: torch.device, steps: int, warmup: int, repeats: int = 3) -> Result:
+    if case.model == "towers-2proc":
+        return run_two_process_case(case, device, steps, warmup, repeats)
+    torch.manual_seed(0)
+    model, _ = build(case, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = time_steps(make_step(model, case, device), device, steps, warmup, repeats)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return Result(case, case.batch / seconds, seconds * 1e3, peak)
+
+
+# --- towers in two processes ---------------------------------------------------------------------
+
+def _two_process_worker(rank: int, port: int, case: Case, device_type: str, steps: int, warmup: int,
+                        repeats: int, out: str):
+    import torch.distributed as dist
+
+    from repro.model.distributed import DistributedTowerAlexNet, pair_loss
+
+    two_gpus = device_type == "cuda" and torch.cuda.device_count() > 1
+    device = torch.device("cuda", rank if two_gpus else 0) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    backend = "nccl" if two_gpus else "gloo"  # NCCL refuses two ranks on one GPU (SPEC section 10)
+    dist.init_process_group(backend, rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = DistributedTowerAlexNet(ModelConfig(), None, device)
+    step = make_step(model, replace(case, model="grouped"), device, loss_fn=pair_loss)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = time_steps(step, device, steps, warmup, repeats)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    torch.save({"seconds": seconds, "peak": peak, "backend": backend}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def run_two_process_case(case: Case, device: torch.device, steps: int, warmup: int, repeats: int = 3) -> Result:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_two_process_worker, args=(port, case, device.type, steps, warmup, repeats, out), nprocs=2,
+                           start_method="spawn")
+        ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
+    seconds = max(r["seconds"] for r in ranks)
+    peaks = [r["peak"] for r in ranks]
+    peak = max(peaks) if peaks[0] is not None else None
+    return Result(case, case.batch / seconds, seconds * 1e3, peak, f"{ranks[0]['backend']}, peak per rank")
+
+
+# --- numerics ------------------------------------------------------------------------------------
+
+def numerics(device: torch.device, model: str = "grouped", batch: int = 32, compile_mode: str = "default") -> dict[str, float]:
+    """Relative error of bf16 (autocast, channels_last, compiled) logits and weight gradients against
+    the eager float32 network with the same weights and dropout masks. Run for torchvision's AlexNet
+    too: bf16's error on early-layer gradients at initialisation is large for any such network, so
+    the yardstick is the reference network's error, not zero."""
+    torch.manual_seed(0)
+    ref, size = build(Case(model, batch), device)
+    fast, _ = build(Case(model, batch), device)
+    fast.load_state_dict(ref.state_dict())
+    fast.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device=device) * 60
+    y = torch.randint(0, 1000, (batch,), device=device)
+    out_ref = ref(x)
+    F.cross_entropy(out_ref, y).backward()
+    forward = torch.compile(fast, mode=compile_mode) if compile_mode != "none" else fast
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out_fast = forward(x.contiguous(memory_format=torch.channels_last))
+    F.cross_entropy(out_fast.float(), y).backward()
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    weights = [m for m in ref.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    fast_weights = [m for m in fast.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    result = {"logits": rel(out_fast, out_ref)}
+    for i in (0, 2, 5, 7):  # conv1, conv3, fc6, fc8 (the same positions in torchvision's AlexNet)
+        result[f"grad layer {i + 1}"] = rel(fast_weights[i].weight.grad, weights[i].weight.grad)
+    return result
+
+
+# --- the input pipeline --------------------------------------------------------------------------
+
+def pipeline_rate(dataset: str, data: str | None, device: str, batch: int, steps: int, warmup: int,
+                  amp: str = "none", channels_last: bool = False, compile: bool = False,
+                  workers: int = 8) -> float:
+    """End-to-end training img/s (loading, device-side augmentation, step) of the grouped network on
+    real data, measured by the training loop itself over `steps` steps after `warmup`."""
+    import json
+
+    from repro.config import DataConfig, TrainConfig
+    from repro.dist import init_topology
+    from repro.train import Trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(data=DataConfig(dataset=dataset, root=data, workers=workers, stats_images=2000),
+                          batch_size=batch, max_steps=warmup + steps, log_every=warmup if warmup else steps,
+                          out=out, final_crops=(), device=device, amp=amp, channels_last=channels_last,
+                          compile=compile)
+        trainer = Trainer(cfg, init_topology(device))
+        trainer.fit()
+        speeds = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"speed"' in line]
+    return speeds[-1]["img_per_s"]

@@ -1,0 +1,118 @@
+"""Training-step throughput and memory of the faithful network against torchvision's AlexNet.
+
+    python scripts/benchmark.py                       # the standard matrix on the GPU, table last
+    python scripts/benchmark.py --models grouped torchvision --batch-sizes 256 --dtypes bf16
+    python scripts/benchmark.py --pipeline fashion-mnist   # end to end vs synthetic batches
+
+Forms: the grouped network, both towers in one process (on two GPUs when there are two), towers
+in two processes (NCCL on two GPUs, gloo on one), and torchvision.models.alexnet as the reference.
+Every step is forward, cross-entropy, backward and the paper's SGD step on a batch already on the
+device. Results go to --json; --markdown appends a dated section to a file (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import torch  # noqa: E402
+
+from repro.bench import MODELS, Case, Result, numerics, pipeline_rate, run_case  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--device", default="auto")
+    a("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    a("--batch-sizes", type=int, nargs="+", default=[128, 256])
+    a("--variants", nargs="+", default=["fp32", "bf16-cl", "bf16-cl-compile"],
+      choices=["fp32", "fp32-cl", "bf16-cl", "bf16-cl-compile", "bf16-cl-max-autotune"],
+      help="precision / memory format / compilation combinations")
+    a("--steps", type=int, default=20)
+    a("--warmup", type=int, default=5)
+    a("--repeats", type=int, default=3, help="timings per case; the median is reported")
+    a("--no-numerics", action="store_true", help="skip the bf16-vs-fp32 check")
+    a("--numerics-batch", type=int, default=32)
+    a("--pipeline", default=None, choices=["fashion-mnist", "imagenet", "folder"],
+      help="also time end-to-end training on this dataset against the synthetic batch")
+    a("--data", default=None)
+    a("--workers", type=int, default=8)
+    a("--json", default=None)
+    a("--markdown", default=None, help="append a section with the table to this file")
+    return p.parse_args(argv)
+
+
+VARIANTS = {"fp32": ("fp32", False, "none"), "fp32-cl": ("fp32", True, "none"), "bf16-cl": ("bf16", True, "none"),
+            "bf16-cl-compile": ("bf16", True, "default"), "bf16-cl-max-autotune": ("bf16", True, "max-autotune")}
+
+
+def environment(device: torch.device) -> str:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    return (f"{gpu}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
+            f"{time.strftime('%Y-%m-%d')}; python {platform.python_version()}")
+
+
+def table(results: list[Result], reference: dict[int, float]) -> list[str]:
+    lines = ["| case | img/s | ms/step | peak MiB | x best torchvision | note |", "|---|---|---|---|---|---|"]
+    for r in results:
+        ref = reference.get(r.case.batch)
+        ratio = f"{r.img_per_s / ref:.2f}" if ref else "-"
+        peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-"
+        lines.append(f"| {r.case.label} | {r.img_per_s:,.0f} | {r.step_ms:.2f} | {peak} | {ratio} | {r.note} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    results: list[Result] = []
+    for batch in args.batch_sizes:
+        for model in args.models:
+            for v in args.variants:
+                dtype, cl, comp = VARIANTS[v]
+                case = Case(model, batch, dtype, cl, comp)
+                try:
+                    results.append(run_case(case, device, args.steps, args.warmup, args.repeats))
+                except Exception as exc:  # one failing case must not lose the others
+                    results.append(Result(case, float("nan"), float("nan"), None, f"failed: {type(exc).__name__}: {exc}"[:120]))
+                print(f"{case.label}: {results[-1].img_per_s:,.0f} img/s {results[-1].note}", flush=True)
+    best_tv = {}
+    for r in results:
+        if r.case.model == "torchvision" and r.img_per_s == r.img_per_s:
+            best_tv[r.case.batch] = max(best_tv.get(r.case.batch, 0.0), r.img_per_s)
+    extra = []
+    if not args.no_numerics:
+        mode = "default" if device.type == "cuda" else "none"
+        for model in ("grouped", "torchvision"):
+            errs = numerics(device, model, batch=args.numerics_batch, compile_mode=mode)
+            extra.append(f"{model}: bf16 + channels_last{' + compile' if mode != 'none' else ''} vs eager fp32, "
+                         "relative error: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+    if args.pipeline:
+        batch = max(args.batch_sizes)
+        synthetic = run_case(Case("grouped", batch, "fp32", False, "none"), device, args.steps, args.warmup, args.repeats)
+        real = pipeline_rate(args.pipeline, args.data, device.type, batch, args.steps, args.warmup, workers=args.workers)
+        extra.append(f"pipeline {args.pipeline}, grouped fp32 b{batch}: end to end {real:,.0f} img/s vs synthetic "
+                     f"{synthetic.img_per_s:,.0f} img/s = {real / synthetic.img_per_s:.0%}")
+    env = environment(device)
+    lines = table(results, best_tv)
+    print("\n" + env + "\n" + "\n".join(lines + [""] + extra), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "results": [r.row() for r in results], "notes": extra}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            cmd = "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            f.write(f"\n### {env}\n\n`{cmd}` (steps {args.steps}, warm-up {args.warmup}, median of {args.repeats})\n\n"
+                    + "\n".join(lines) + "\n\n" + "\n".join(f"- {e}" for e in extra) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Convert ImageNet once to the stored 256x256 form that training reads (SPEC sections 5, 9, 10).
+
+    python scripts/prepare_imagenet.py --data /data/imagenet --out /data/imagenet-256
+    python scripts/prepare_imagenet.py --data /data/imagenet --out /data/imagenet-256 --splits val \\
+        --devkit /data/ILSVRC2012_devkit_t12.tar.gz
+
+Each image is rescaled to shorter side 256, its central 256x256 patch cut out (the paper's only fixed
+preprocessing), re-encoded as JPEG and packed into shards (repro/data/store.py). Resumable: after an
+interruption run the same command again; complete shards are kept and the result is the same as one
+uninterrupted run. The store is usable once repro-store.json appears in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from repro.data.imagenet import imagenet_splits, imagenet_train  # noqa: E402
+from repro.data.store import write_store  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", required=True, help="ImageNet root, holding train/<wnid>/*.JPEG and val/")
+    a("--out", required=True, help="store folder to write (or to finish, after an interruption)")
+    a("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
+    a("--quality", type=int, default=90, help="JPEG quality of the stored images (90: about 21 KB each)")
+    a("--shard-size", type=int, default=5000, help="images per shard file")
+    a("--workers", type=int, default=None, help="encoding processes (default: all CPU cores; 0: none)")
+    a("--devkit", default=None, help="ILSVRC2012_devkit_t12 folder or tarball, for a flat val/")
+    a("--val-solution", default=None, help="Kaggle LOC_val_solution.csv, for a flat val/")
+    a("--max-shards", type=int, default=None, help="stop after writing this many new shards")
+    return p.parse_args(argv)
+
+
+def open_sources(args: argparse.Namespace) -> dict:
+    """The requested splits; val is always labelled with train's class index (sorted wnids)."""
+    if not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data} is not a folder; pass the ImageNet root that "
+                                f"holds train/ and val/")
+    if "val" not in args.splits:
+        return {"train": imagenet_train(args.data)}
+    train, val = imagenet_splits(args.data, devkit=args.devkit, solution_csv=args.val_solution)
+    return {name: split for name, split in (("train", train), ("val", val)) if name in args.splits}
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    sources = open_sources(args)
+    for name, source in sources.items():
+        print(f"{name}: {len(source)} source images, {source.num_classes} classes", flush=True)
+    start = time.monotonic()
+    result = write_store(sources, args.out, quality=args.quality, shard_size=args.shard_size,
+                         workers=args.workers, progress=lambda line: print(line, flush=True),
+                         max_shards=args.max_shards)
+    for name, entry in result["splits"].items():
+        print(f"{name}: {entry['images']} images in {entry['shards']} shards, {entry['skipped']} "
+              f"unreadable (listed in {os.path.join(args.out, name, 'skipped.txt')})")
+    if result["complete"]:
+        print(f"store complete in {time.monotonic() - start:.0f} s: {args.out}")
+    else:
+        print(f"store not complete yet ({result['shards_written']} shards written); run again to continue")
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        prepare(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Tests for repro.data.store and scripts/prepare_imagenet.py: the stored 256x256 form (SPEC 5, 10).
+
+One small fake ImageNet (three wnids, textured training images of several sizes, a truncated and an
+empty file among them, flat val/ with a devkit) is written once with a pool of two workers; the other
+tests read it or write their own copies in-process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from repro.data.folder import decode_image
+from repro.data.imagenet import imagenet_splits
+from repro.data.store import STORE_MARKER, StoreSource, is_store, write_store
+from scripts import prepare_imagenet
+from tests.test_data_folder_imagenet import VAL_LABELS, WNIDS, make_flat_val, write_devkit_dir
+
+SIZES = [(300, 200), (180, 400), (256, 256)]  # (width, height): wide, tall, already square
+BAD = ["n00000001/n00000001_bad_cut.JPEG", "n00000002/n00000002_bad_empty.JPEG"]
+
+
+def textured(path: Path, seed: int, size) -> None:
+    """Smooth gradients and stripes: texture that JPEG keeps well, unlike noise."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    phase = np.random.default_rng(seed).uniform(0, 6, 3)
+    rgb = [127 + 100 * np.sin(x / (17 + 5 * c) + y / (29 - 4 * c) + phase[c]) for c in range(3)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.stack(rgb, -1).clip(0, 255).astype(np.uint8)).save(path, quality=95)
+
+
+def make_tree(root: Path) -> None:
+    """8 good training images (3, 3, 2 per class), 2 bad ones, and flat val/ with a devkit."""
+    for c, w in enumerate(WNIDS):
+        for j in range(3 if c < 2 else 2):
+            textured(root / "train" / w / f"{w}_{j}.JPEG", 10 * c + j, SIZES[(c + j) % 3])
+    whole = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(whole, "JPEG")
+    (root / "train" / BAD[0]).write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    (root / "train" / BAD[1]).write_bytes(b"")
+    make_flat_val(root)
+    write_devkit_dir(root)
+
+
+def splits_of(root: Path) -> dict:
+    train, val = imagenet_splits(root)
+    return {"train": train, "val": val}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imagenet")
+    make_tree(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(tree, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("store")
+    lines = []
+    result = write_store(splits_of(tree), out, shard_size=3, workers=2, progress=lines.append)
+    assert result["complete"] and result["shards_written"] == 4 + 2
+    assert len(lines) == 6 and "train: shard 4/4  10/10 images" in lines[3] and "img/s" in lines[3]
+    return out
+
+
+def test_layout_and_marker(store):
+    assert is_store(store) and not is_store(store / "train")
+    marker = json.loads((store / STORE_MARKER).read_text())
+    assert marker["format"] == "repro-store/1" and marker["classes"] == WNIDS
+    assert marker["size"] == 256 and marker["quality"] == 90
+    entry = dict(shards=4, shard_size=3)
+    assert marker["splits"]["train"] == dict(entry, name="imagenet/train", images=8, skipped=2)
+    assert marker["splits"]["val"] == dict(entry, name="imagenet/val", images=6, shards=2, skipped=0)
+    assert sorted(p.name for p in (store / "val").iterdir()) == [
+        "shard-00000.bin", "shard-00000.idx.npz", "shard-00001.bin", "shard-00001.idx.npz", "skipped.txt"]
+    skipped = [line.split("\t") for line in (store / "train" / "skipped.txt").read_text().splitlines()]
+    assert [name for name, _ in skipped] == BAD
+    assert "truncated" in skipped[0][1] and skipped[1][1]
+    assert (store / "val" / "skipped.txt").read_text() == ""
+
+
+def test_items_match_source(store, tree):
+    source = splits_of(tree)["train"]
+    good = [i for i, f in enumerate(source.files) if "_bad_" not in f]
+    train = StoreSource(store, "train", classes=WNIDS)
+    assert (train.name, train.classes, train.num_classes, train.size, len(train)) == (
+        "imagenet/train", WNIDS, 3, 256, 8)
+    assert train.encoded and not train.in_memory
+    assert train.labels.dtype == torch.int64 and train.labels.tolist() == source.labels[good].tolist()
+    assert train.files == [f"{w}/{w}_{j}.JPEG" for c, w in enumerate(WNIDS) for j in range(3 if c < 2 else 2)]
+    for i, s in enumerate(good):
+        image, label = train[i]
+        assert image.shape == (256, 256, 3) and image.dtype == torch.uint8 and image.is_contiguous()
+        diff = (image.float() - decode_image(source.files[s]).float()).abs().mean()
+        assert diff < 3 and label == int(source.labels[s])  # JPEG quality 90 re-encoding
+
+
+def test_val_labels(store, tree):
+    val = StoreSource(store, "val")
+    assert val.labels.tolist() == VAL_LABELS == splits_of(tree)["val"].labels.tolist()
+    assert val.files[0] == "ILSVRC2012_val_00000001.JPEG" and val.name == "imagenet/val"
+
+
+def test_encoded_batch_round_trip(store):
+    train = StoreSource(store, "train")
+    data = train.encoded_batch(torch.tensor([7, 0, 3]))
+    assert all(d.dtype == torch.uint8 and d.dim() == 1 and d[:2].tolist() == [0xFF, 0xD8] for d in data)
+    assert torch.equal(data[1], train.encoded_item(0))
+    for d, i in zip(decode_jpeg(data, mode=ImageReadMode.RGB), [7, 0, 3]):
+        assert torch.equal(d.permute(1, 2, 0), train[i][0])
+
+
+def index_arrays(path: Path) -> dict:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        if f.suffix == ".npz":  # zip members carry timestamps: compare the arrays
+            x, y = index_arrays(a / f), index_arrays(b / f)
+            assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x), f
+        else:
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_resume_gives_the_same_store(store, tree, tmp_path):
+    out, lines = tmp_path / "resumed", []
+    first = write_store(splits_of(tree), out, shard_size=3, workers=0, max_shards=1, progress=lines.append)
+    assert not first["complete"] and first["shards_written"] == 1 and "run again" in lines[-1]
+    assert not is_store(out)
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["shard-00000.bin", "shard-00000.idx.npz"]
+    with pytest.raises(FileNotFoundError, match="interrupted; run scripts/prepare_imagenet.py again"):
+        StoreSource(out, "train")
+    kept = [(out / "train" / n).stat() for n in ("shard-00000.bin", "shard-00000.idx.npz")]
+    (out / "train" / "shard-00001.bin.tmp").write_bytes(b"half a shard from a crash")
+    (out / "train" / "shard-00001.idx.npz.tmp").write_bytes(b"")
+    second = write_store(splits_of(tree), out, shard_size=3, workers=0, progress=lines.append)
+    assert second["complete"] and second["shards_written"] == 5
+    after = [(out / "train" / n).stat() for n in ("shard-00000.bin", "shard-00000.idx.npz")]
+    assert [(s.st_ino, s.st_mtime_ns) for s in after] == [(s.st_ino, s.st_mtime_ns) for s in kept]
+    assert_same_store(out, store)  # also: no .tmp files left behind
+    third = write_store(splits_of(tree), out, shard_size=3, workers=0, progress=lines.append)
+    assert third["complete"] and third["shards_written"] == 0
+
+
+def test_write_errors(store, tree, tmp_path):
+    splits = splits_of(tree)
+    for source in splits.values():
+        source.classes = ["n00000009"] + WNIDS[1:]
+    with pytest.raises(ValueError, match="already a store of 3 other classes"):
+        write_store(splits, store, workers=0)
+    copy = shutil.copytree(store, tmp_path / "copy")
+    (copy / STORE_MARKER).unlink()
+    with pytest.raises(ValueError, match="other images than shard 0"):  # shard_size changed mid-way
+        write_store(splits_of(tree), copy, shard_size=4, workers=0)
+    with pytest.raises(ValueError, match="quality 90, not 80"):
+        write_store(splits_of(tree), store, quality=80, workers=0)
+
+
+def test_read_errors(store, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an image store .*prepare_imagenet.py"):
+        StoreSource(tmp_path, "train")
+    with pytest.raises(ValueError, match="no split 'test' .*train, val"):
+        StoreSource(store, "test")
+    with pytest.raises(ValueError, match="has 3 classes .* not the 2 given"):
+        StoreSource(store, "train", classes=WNIDS[:2])
+    copy = shutil.copytree(store, tmp_path / "copy")
+    (copy / "val" / "shard-00001.idx.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete store: .*shard-00001.idx.npz is missing"):
+        StoreSource(copy, "val")
+
+
+def test_dataloader_workers(store):
+    train = StoreSource(store, "train")
+    expected = torch.stack([train[i][0] for i in range(len(train))])  # maps shards in this process
+    assert pickle.loads(pickle.dumps(train))._maps == {}
+    loader = DataLoader(train, batch_size=3, num_workers=2)
+    batches = list(loader)
+    assert torch.equal(torch.cat([b[0] for b in batches]), expected)
+    assert torch.cat([b[1] for b in batches]).tolist() == train.labels.tolist()
+
+
+def test_script(tree, tmp_path, capsys):
+    assert prepare_imagenet.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --data ") and "nowhere is not a folder" in err
+    out = tmp_path / "s"
+    args = ["--data", str(tree), "--out", str(out), "--shard-size", "5", "--workers", "0", "--splits", "val"]
+    assert prepare_imagenet.main(args) == 0
+    assert "val: 6 images in 2 shards, 0 unreadable" in capsys.readouterr().out
+    assert json.loads((out / STORE_MARKER).read_text())["splits"].keys() == {"val"}
+    assert len(StoreSource(out, "val")) == 6
+
+
+def test_training_and_evaluation_read_the_store(store, tmp_path):
+    """--dataset imagenet --data STORE trains and evaluates from the stored 256x256 form."""
+    from repro.config import DataConfig, ModelConfig, TrainConfig
+    from repro.eval_job import EvalOptions, run_evaluation
+    from repro.train import train
+
+    cfg = TrainConfig(model=ModelConfig(num_classes=3, image_size=227),
+                      data=DataConfig(dataset="imagenet", root=str(store), workers=0),
+                      batch_size=2, max_steps=1, out=str(tmp_path / "run"), final_crops=(), device="cpu")
+    train(cfg)
+    rows = run_evaluation(EvalOptions(checkpoints=[str(tmp_path / "run" / "latest.pt")], crops=(1,), workers=0,
+                                      figures=False, device="cpu", out=str(tmp_path / "eval")))
+    assert rows[0].images == len(StoreSource(store, "val")) and rows[0].dataset == "imagenet"
