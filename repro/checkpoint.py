@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from repro.atomic import atomic_write
 from repro.config import ModelConfig
 from repro.model.convert import towers_to_grouped
 from repro.model.grouped import AlexNet
@@ -18,26 +19,8 @@ FORMAT = "repro-checkpoint/1"
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new, never half
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename is still atomic
-    return path
+    """torch.save through a temporary file, fsynced and renamed over `path` (repro.atomic)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def read(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

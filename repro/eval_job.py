@@ -18,8 +18,15 @@ from repro.data.loader import eval_indices, iterate
 from repro.evaluate import EvalSpec, evaluate
 from repro.model.grouped import AlexNet
 from repro.model.two_tower import TwoTowerAlexNet
-from repro.report import (EvalRow, conv1_kernel_grid, nearest_neighbours_figure, plot_learning_curves,
-                          read_metrics, results_markdown, write_results)
+from repro.report import (
+    EvalRow,
+    conv1_kernel_grid,
+    nearest_neighbours_figure,
+    plot_learning_curves,
+    read_metrics,
+    results_markdown,
+    write_results,
+)
 from repro.run_report import imagenet_year
 
 
@@ -53,6 +60,12 @@ class Member:
     grouped: AlexNet
     classes: list[str]
     augment: Augment = field(repr=False)
+
+
+def run_dir(checkpoint: str) -> Path:
+    """The training run a checkpoint belongs to: the folder itself, or the file's folder."""
+    path = Path(checkpoint)
+    return path if path.is_dir() else path.parent
 
 
 def _device(name: str) -> torch.device:
@@ -104,9 +117,7 @@ def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
     members = [load_member(p, opts, device) for p in opts.checkpoints]
     _check_ensemble(members)
     split, dataset = _split(opts, members[0])
-    out = Path(opts.out) if opts.out else Path(opts.checkpoints[0]).resolve().parent / "evaluation"
-    if Path(opts.checkpoints[0]).is_dir():
-        out = Path(opts.out) if opts.out else Path(opts.checkpoints[0]) / "evaluation"
+    out = Path(opts.out) if opts.out else run_dir(opts.checkpoints[0]) / "evaluation"
     idx = eval_indices(len(split), 1, 0, opts.max_images)
     rows = []
     for crops in opts.crops:
@@ -136,7 +147,7 @@ def figures(member: Member, split, idx: torch.Tensor, opts: EvalOptions, out: Pa
     """The paper's Figure 3 (conv1 kernels by tower), Figure 4 (fc7 neighbours) and the run's curves."""
     paths = {"conv1": conv1_kernel_grid(member.grouped.conv1.weight.detach().cpu(), out / "conv1_kernels.png",
                                         towers=member.grouped.config.towers)}
-    log = Path(member.path) / "metrics.jsonl" if Path(member.path).is_dir() else Path(member.path).parent / "metrics.jsonl"
+    log = run_dir(member.path) / "metrics.jsonl"
     if log.exists():
         paths["curves"] = plot_learning_curves(read_metrics(log), out / "learning_curves.png")
     if opts.neighbours > 0:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from repro.atomic import atomic_write
 
 
 @dataclass
@@ -49,6 +50,4 @@ class MetricsLog:
                 continue  # a line cut by the crash
             if rec.get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda f: f.write("".join(k + "\n" for k in kept)), binary=False)

@@ -13,15 +13,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, IO
 
 import numpy as np
 import torch
 from PIL import Image
+
+from repro.atomic import atomic_write
 
 # ---------------------------------------------------------------------------------------------------
 # The paper's numbers (SPEC section 6). A column is (metric, split); None is the paper's "-".
@@ -172,24 +171,6 @@ def results_markdown(rows: list[EvalRow], imagenet_year: str | None) -> str:
     return "\n".join(out)
 
 
-def _atomic_write(path: Path, write: Callable[[IO], None], binary: bool = False) -> Path:
-    """Readers see the old file or the complete new one, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": "",
-                                                                           "encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_results(rows: list[EvalRow], out_dir, imagenet_year: str | None = None,
                   stem: str = "results") -> dict[str, Path]:
     """Write <stem>.md, <stem>.json and <stem>.csv into out_dir; returns {"md"|"json"|"csv": path}."""
@@ -206,9 +187,9 @@ def write_results(rows: list[EvalRow], out_dir, imagenet_year: str | None = None
         w.writeheader()
         w.writerows(r.to_dict() for r in rows)
 
-    return {"md": _atomic_write(out_dir / f"{stem}.md", lambda f: f.write(md + "\n")),
-            "json": _atomic_write(out_dir / f"{stem}.json", lambda f: f.write(json.dumps(doc, indent=2))),
-            "csv": _atomic_write(out_dir / f"{stem}.csv", write_csv)}
+    return {"md": atomic_write(out_dir / f"{stem}.md", lambda f: f.write(md + "\n"), binary=False),
+            "json": atomic_write(out_dir / f"{stem}.json", lambda f: f.write(json.dumps(doc, indent=2)), binary=False),
+            "csv": atomic_write(out_dir / f"{stem}.csv", write_csv, binary=False)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,7 +253,7 @@ def plot_learning_curves(metrics: list[dict], out_png) -> Path:
         if any(y > 0 for y in _series(epochs, "epoch", "lr")[1]):
             ar.set_yscale("log")  # the paper divides by 10 at each plateau (section 5)
         fig.tight_layout()
-        return _atomic_write(Path(out_png), lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+        return atomic_write(Path(out_png), lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
     finally:
         plt.close(fig)
 
@@ -324,7 +305,7 @@ def conv1_kernel_array(weight: torch.Tensor, towers: int = 2, scale: int = 4) ->
 def conv1_kernel_grid(weight: torch.Tensor, out_png, towers: int = 2, scale: int = 4) -> Path:
     """The paper's Figure 3 as a PNG: tower 0's kernels above tower 1's."""
     img = Image.fromarray(conv1_kernel_array(weight, towers, scale), "RGB")
-    return _atomic_write(Path(out_png), lambda f: img.save(f, format="PNG"), binary=True)
+    return atomic_write(Path(out_png), lambda f: img.save(f, format="PNG"), binary=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -386,4 +367,4 @@ def nearest_neighbours_figure(query_images, query_features, bank_images, bank_fe
             x = border + c * (cw + border) + (gap if c else 0)  # the gap sets the query apart
             canvas[y:y + img.shape[0], x:x + img.shape[1]] = img
     image = Image.fromarray(canvas, "RGB")
-    return _atomic_write(Path(out_png), lambda f: image.save(f, format="PNG"), binary=True), idx
+    return atomic_write(Path(out_png), lambda f: image.save(f, format="PNG"), binary=True), idx

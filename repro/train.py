@@ -25,12 +25,28 @@ from repro.evaluate import Counts, EvalSpec, autocast, evaluate
 from repro.metrics import MetricsLog, Progress, format_eta
 from repro.optim import LRSchedule, paper_optimizer
 from repro.parallel import Replica
+from repro.run_report import final_report
+
+
+# How and how long to run: taken from the command line when resuming. Everything else (the network,
+# optimiser, data pipeline, batch size, seed) is the run's recipe and comes from its checkpoint.
+RUNTIME_FIELDS = ("epochs", "max_steps", "out", "log_every", "eval_batch_size", "final_crops", "device",
+                  "backend", "amp", "channels_last", "compile", "stop_check_every")
+
+
+def resumed_config(requested: TrainConfig, saved: dict) -> TrainConfig:
+    base = TrainConfig.from_dict(saved)
+    where = {k: getattr(requested.data, k) or getattr(base.data, k) for k in ("root", "devkit", "val_solution")}
+    data = dataclasses.replace(base.data, workers=requested.data.workers, **where)
+    return dataclasses.replace(base, data=data, **{f: getattr(requested, f) for f in RUNTIME_FIELDS})
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, topo: Topology, resume: str | None = None):
-        self.topo, self.out = topo, Path(cfg.out)
         ckpt = read(resume, "cpu") if resume else None
+        if ckpt and ckpt.get("train_config"):
+            cfg = resumed_config(cfg, ckpt["train_config"])
+        self.topo, self.out = topo, Path(cfg.out)
         self.train_set, self.val_set = open_splits(cfg.data)
         self.cfg = cfg = self._fit_classes(cfg, ckpt)
         self.stats = self._stats(ckpt)
@@ -241,8 +257,6 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[int, Counts]:
                     f"{trainer.steps_per_epoch} steps per epoch; {topo.replicas} replica(s) of "
                     f"{topo.towers} tower(s) on {topo.device} ({topo.backend or 'one process'})")
         trainer.fit()
-        from repro.run_report import final_report
-
         return final_report(trainer)
     finally:
         shutdown()

@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from repro.cli import run  # noqa: E402
 from repro.eval_job import EvalOptions, run_evaluation  # noqa: E402
 
 
@@ -47,12 +48,7 @@ def parse_args(argv=None) -> EvalOptions:
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
-    try:
-        run_evaluation(opts)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run(lambda: run_evaluation(opts))
 
 
 if __name__ == "__main__":

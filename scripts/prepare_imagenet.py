@@ -19,6 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from repro.cli import run  # noqa: E402
 from repro.data.imagenet import imagenet_splits, imagenet_train  # noqa: E402
 from repro.data.store import write_store  # noqa: E402
 
@@ -69,12 +70,7 @@ def prepare(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        prepare(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run(lambda: prepare(args))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
+from repro.cli import run  # noqa: E402
 from repro.config import MODEL_VARIANTS, DataConfig, OptimConfig, TrainConfig  # noqa: E402
 
 CPU_BUDGET = dict(max_steps=60, batch_size=64, val_images=300, stats_images=10000)
@@ -43,14 +44,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--milestones", type=int, nargs="*", default=[25, 51, 79])
     a("--patience", type=int, default=3, help="plateau: epochs without improvement before a drop")
     a("--bias-lr-mult", type=float, default=1.0, help="2012 code: 2")
+    a("--bias-decay", action="store_true", help="also decay biases (the paper states the rule for weights)")
     a("--variant", default="paper", choices=sorted(MODEL_VARIANTS), help="network variant or ablation")
     a("--lrn-alpha", default=None, choices=["paper", "divided"], help="LRN alpha convention (SPEC section 2)")
     a("--dropout-scaling", default="paper", choices=["paper", "inverted"])
     a("--pca", default="dataset", choices=["dataset", "imagenet", "none"], help="PCA colour noise source")
+    a("--pca-scale", default="eigenvalue", choices=["eigenvalue", "sqrt"], help="2012 code: sqrt")
     a("--no-flip", action="store_true", help="no horizontal reflections")
     a("--seed", type=int, default=0)
     a("--out", default=None, help="run directory (default runs/<dataset>-<time>)")
-    a("--resume", default=None, help="checkpoint file or run directory (its latest.pt)")
+    a("--resume", default=None, help="checkpoint file or run directory (its latest.pt); the run's recipe "
+      "comes from the checkpoint, how long to run (--epochs, --max-steps) and where from the flags")
     a("--max-steps", type=int, default=None, help="stop after N steps in all (smoke runs)")
     a("--val-images", type=int, default=None, help="validate on an evenly spaced subset")
     a("--stats-images", type=int, default=None, help="images for the mean image and PCA (default all)")
@@ -66,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def resume_dir(path: str) -> str:
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
     cpu_budget = (args.epochs is None and args.max_steps is None and args.resume is None
                   and (args.device == "cpu" or not torch.cuda.is_available()))
@@ -77,12 +85,14 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     model = dataclasses.replace(model, dropout_scaling=args.dropout_scaling)
     optim = OptimConfig(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                         milestones=tuple(args.milestones), plateau_patience=args.patience,
-                        bias_lr_mult=args.bias_lr_mult)
-    data = DataConfig(dataset=args.dataset, root=args.data, pca=args.pca, flip=not args.no_flip,
+                        bias_lr_mult=args.bias_lr_mult, bias_weight_decay=args.bias_decay)
+    data = DataConfig(dataset=args.dataset, root=args.data, pca=args.pca, pca_scale=args.pca_scale,
+                      flip=not args.no_flip,
                       val_images=pick(args.val_images, "val_images", None),
                       stats_images=pick(args.stats_images, "stats_images", None),
                       workers=args.workers, devkit=args.devkit, val_solution=args.val_solution)
-    out = args.out or os.path.join("runs", f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = args.out or (resume_dir(args.resume) if args.resume else
+                       os.path.join("runs", f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"))
     if cpu_budget and int(os.environ.get("RANK", "0")) == 0:
         print(f"No GPU: a short CPU budget instead of the paper's schedule ({CPU_BUDGET['max_steps']} steps "
               f"of {CPU_BUDGET['batch_size']} images, validation on {CPU_BUDGET['val_images']} images). "
@@ -99,12 +109,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from repro.train import train
 
-    try:
-        train(build_config(args), resume=args.resume)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run(lambda: train(build_config(args), resume=args.resume))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,17 @@ import torch
 import torch.nn.functional as F
 
 from repro.config import DataConfig
-from repro.data.augment import (IMAGENET_EIGVALS, IMAGENET_EIGVECS, Augment, CropParams, Stats, draw_params,
-                                step_generator, ten_crop_params, to_base)
+from repro.data.augment import (
+    IMAGENET_EIGVALS,
+    IMAGENET_EIGVECS,
+    Augment,
+    CropParams,
+    Stats,
+    draw_params,
+    step_generator,
+    ten_crop_params,
+    to_base,
+)
 
 PLAIN = DataConfig(mean="none", pca="none")
 

@@ -9,8 +9,16 @@ import torch
 from repro.config import DataConfig, ModelConfig, TrainConfig
 from repro.eval_job import EvalOptions, load_member, run_evaluation
 from scripts.evaluate import main as evaluate_main
-from tests.test_data_folder_imagenet import (VAL_LABELS, VAL_WNIDS, csv_rows, make_flat_val, make_train, val_name,
-                                             write_csv, write_devkit_dir)
+from tests.test_data_folder_imagenet import (
+    VAL_LABELS,
+    VAL_WNIDS,
+    csv_rows,
+    make_flat_val,
+    make_train,
+    val_name,
+    write_csv,
+    write_devkit_dir,
+)
 
 
 def class_folder_val(root):

@@ -9,9 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
-from repro.report import (BORDER, TOWER_GAP, EvalRow, conv1_kernel_array, conv1_kernel_grid,
-                          nearest_neighbours, nearest_neighbours_figure, plot_learning_curves,
-                          read_metrics, results_markdown, write_results)
+from repro.report import (
+    BORDER,
+    TOWER_GAP,
+    EvalRow,
+    conv1_kernel_array,
+    conv1_kernel_grid,
+    nearest_neighbours,
+    nearest_neighbours_figure,
+    plot_learning_curves,
+    read_metrics,
+    results_markdown,
+    write_results,
+)
 
 IMAGENET = [EvalRow("this run, 10 patches", "imagenet", "val", 50000, 10, 1, "run-01/epoch-90", 41.23, 18.76, 1.9),
             EvalRow("this run, centre crop", "imagenet", "val", 50000, 1, 1, "run-01/epoch-90", 43.5, 20.125)]

@@ -112,3 +112,14 @@ def test_odd_world_size_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="world size 3 is odd.*--nproc_per_node=2"):
         init_topology("cpu")
+
+
+def test_resume_keeps_the_checkpoints_recipe(tmp_path):
+    from repro.train import resumed_config
+
+    saved = dataclasses.replace(tiny_config("data", tmp_path / "a", max_steps=3),
+                                optim=OptimConfig(lr=0.02), batch_size=16, seed=7)
+    requested = tiny_config("", tmp_path / "b", max_steps=9)  # default lr, batch and seed; no --data
+    cfg = resumed_config(requested, saved.to_dict())
+    assert (cfg.optim.lr, cfg.batch_size, cfg.seed, cfg.data.root) == (0.02, 16, 7, "data")  # the recipe
+    assert (cfg.max_steps, cfg.out) == (9, str(tmp_path / "b"))  # how long and where

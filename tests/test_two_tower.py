@@ -6,7 +6,7 @@ import torch
 from repro import AlexNet, ModelConfig, TwoTowerAlexNet
 from repro.exchange import EXCHANGES, ExchangeLog, record
 from repro.model.convert import grouped_to_towers, towers_to_grouped
-from tests.equivalence import assert_same, exercise, relative_error, TOLERANCE
+from tests.equivalence import TOLERANCE, assert_same, exercise, relative_error
 
 CFG = ModelConfig()  # full size: 227 input, 1000 classes
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from repro.atomic import atomic_write
 from repro.data.augment import Stats, to_base
 
 
@@ -46,11 +47,8 @@ def accumulate(batches: Iterable[Tensor], base_size: int, device: torch.device |
 
 
 def save_stats(stats: Stats, path: Path, key: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, mean_image=stats.mean_image.numpy(), eigvals=stats.eigvals.numpy(),
-                 eigvecs=stats.eigvecs.numpy(), images=stats.images, key=key)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, mean_image=stats.mean_image.numpy(), eigvals=stats.eigvals.numpy(),
+                                          eigvecs=stats.eigvecs.numpy(), images=stats.images, key=key))
 
 
 def load_stats(path: Path, key: str) -> Stats | None:
