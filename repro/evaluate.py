@@ -14,6 +14,31 @@ from repro.data.augment import Augment
 from repro.data.loader import chunks, iterate
 
 
+def batch_sums(probs: Tensor, labels: Tensor) -> Tensor:
+    """(images, top-1 hits, top-5 hits, -log p(true) summed) of a batch, as a tensor on its device."""
+    k = min(5, probs.shape[1])
+    hit = probs.topk(k, dim=1).indices == labels[:, None]
+    true = probs.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12)
+    return torch.stack([torch.tensor(float(len(labels)), device=probs.device, dtype=torch.float64),
+                        hit[:, 0].sum().double(), hit.any(1).sum().double(), -true.double().log().sum()])
+
+
+class RunningCounts:
+    """Counts summed on the device: adding a batch never makes the host wait for the GPU."""
+
+    def __init__(self) -> None:
+        self.sums: Tensor | None = None
+        self.skipped = 0
+
+    def add(self, probs: Tensor, labels: Tensor) -> None:
+        s = batch_sums(probs, labels)
+        self.sums = s if self.sums is None else self.sums + s
+
+    def counts(self) -> "Counts":
+        values = self.sums.tolist() if self.sums is not None else [0, 0, 0, 0.0]
+        return Counts.from_list(values + [self.skipped])
+
+
 @dataclass
 class Counts:
     """Sums over scored images; errors in percent."""
@@ -25,14 +50,11 @@ class Counts:
     skipped: int = 0  # unreadable images left out
 
     def add(self, probs: Tensor, labels: Tensor) -> None:
-        k = min(5, probs.shape[1])
-        top = probs.topk(k, dim=1).indices
-        hit = top == labels[:, None]
-        self.images += len(labels)
-        self.top1_correct += int(hit[:, 0].sum())
-        self.top5_correct += int(hit.any(1).sum())
-        true = probs.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12)
-        self.loss_sum += float(-true.log().sum())
+        images, top1, top5, loss = batch_sums(probs, labels).tolist()
+        self.images += int(images)
+        self.top1_correct += int(top1)
+        self.top5_correct += int(top5)
+        self.loss_sum += loss
 
     def as_list(self) -> list[float]:
         return [self.images, self.top1_correct, self.top5_correct, self.loss_sum, self.skipped]
@@ -96,7 +118,7 @@ def evaluate(forwards: Sequence[Callable[[Tensor], Tensor]], source, indices: Te
     of a pair must call this with the same indices; only tower 0's counts are non-zero."""
     if isinstance(augments, Augment):
         augments = [augments] * len(forwards)
-    counts = Counts()
+    counts = RunningCounts()
     batches = chunks(indices, spec.batch_size)
     for i, batch in enumerate(iterate(source, batches, spec.workers, spec.pin, spec.decode_device)):
         counts.skipped += batch.skipped
@@ -111,4 +133,4 @@ def evaluate(forwards: Sequence[Callable[[Tensor], Tensor]], source, indices: Te
             counts.add(probs, batch.labels.to(probs.device))
         if spec.progress:
             spec.progress(i + 1, len(batches))
-    return counts
+    return counts.counts()

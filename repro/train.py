@@ -21,7 +21,7 @@ from repro.data.datasets import open_splits
 from repro.data.loader import eval_indices, iterate, steps_per_epoch, train_batches
 from repro.data.stats import cached_stats, default_cache_dirs
 from repro.dist import Topology, all_reduce_sum, init_topology, shutdown
-from repro.evaluate import Counts, EvalSpec, autocast, evaluate
+from repro.evaluate import Counts, EvalSpec, RunningCounts, autocast, evaluate
 from repro.metrics import MetricsLog, Progress, format_eta
 from repro.optim import LRSchedule, paper_optimizer
 from repro.parallel import Replica
@@ -165,10 +165,12 @@ class Trainer:
         self.replica.train_module.train()
         index_lists = train_batches(len(self.train_set), cfg.batch_size, topo.replicas, topo.replica,
                                     cfg.seed, p.epoch, p.step_in_epoch)
-        self.meter = Counts()
+        self.meter = RunningCounts()  # train errors, summed on the device
         tick, losses = time.perf_counter(), []
         for batch in iterate(self.train_set, index_lists, cfg.data.workers, self.pin, self.topo.device):
             params = draw_params(cfg.batch_size, cfg.data, step_generator(cfg.seed, p.epoch, p.step_in_epoch, topo.replica))
+            if topo.holds_logits:  # one tower per pair counts what both dropped
+                self.meter.skipped += batch.skipped  # unreadable images, dropped from the batch
             if len(batch.labels):
                 losses.append(self._step(batch, params))
             p.step_in_epoch += 1
@@ -221,7 +223,7 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         p = self.progress
-        train = Counts.from_list(all_reduce_sum(self.meter.as_list(), self.topo))
+        train = Counts.from_list(all_reduce_sum(self.meter.counts().as_list(), self.topo))
         val = self.validate(1)
         self.schedule.end_epoch(p.epoch, val.top1_error)
         improved = val.top1_error < self.best_top1
@@ -229,9 +231,11 @@ class Trainer:
         self.log.write(kind="epoch", epoch=p.epoch, step=p.global_step, train_loss=train.loss,
                        train_top1_error=train.top1_error, train_top5_error=train.top5_error,
                        val_loss=val.loss, val_top1_error=val.top1_error, val_top5_error=val.top5_error,
-                       lr=self.optimizer.base_lr, val_images=val.images)
+                       lr=self.optimizer.base_lr, val_images=val.images,
+                       unreadable_skipped=train.skipped + val.skipped)
         self.say(f"epoch {p.epoch + 1} done: train top-1 {train.top1_error:.2f}% | val top-1 "
-                 f"{val.top1_error:.2f}% top-5 {val.top5_error:.2f}% loss {val.loss:.4f} ({val.images} images)")
+                 f"{val.top1_error:.2f}% top-5 {val.top5_error:.2f}% loss {val.loss:.4f} ({val.images} images)"
+                 + (f"; skipped {train.skipped + val.skipped} unreadable images" if train.skipped + val.skipped else ""))
         p.epoch, p.step_in_epoch = p.epoch + 1, 0
         self.save("latest.pt", also_best=improved)
 
@@ -245,6 +249,8 @@ class Trainer:
         net = self.replica.net.eval()
         counts = evaluate([net], self.val_set, idx, self.augment, spec)
         net.train()
+        if not self.topo.holds_logits:
+            counts.skipped = 0  # tower 0 of the pair counts them
         return Counts.from_list(all_reduce_sum(counts.as_list(), self.topo))
 
 

@@ -119,3 +119,25 @@ def test_dropout_scaling_conventions():
     inverted.eval()
     assert torch.equal(paper(x), x * 0.5) and torch.equal(inverted(x), x)
     assert paper.step.item() == 2  # evaluation draws nothing
+
+
+def test_lrn_compiles_to_one_fused_kernel_each_way():
+    """The speed design of issue 5: torch.compile fuses the window sum, the power and the product
+    into a single pass forward and a single pass backward (inductor's CPU backend here; the same
+    scheduler fuses for Triton on a GPU)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    cfg = LRNConfig()
+    x = (torch.rand(2, 8, 5, 5) * 30).to(memory_format=torch.channels_last).requires_grad_()
+    compiled = torch.compile(lambda t: local_response_norm(t, cfg, 2))
+
+    def step():
+        y = compiled(x)
+        y.backward(torch.ones_like(y))
+        return y
+
+    y, codes = run_and_get_code(step)
+    assert [len(set(re.findall(r"cpp_fused_\w+", c))) for c in codes] == [1, 1]
+    torch.testing.assert_close(y, local_response_norm(x.detach(), cfg, 2), rtol=1e-5, atol=1e-6)

@@ -123,3 +123,27 @@ def test_resume_keeps_the_checkpoints_recipe(tmp_path):
     cfg = resumed_config(requested, saved.to_dict())
     assert (cfg.optim.lr, cfg.batch_size, cfg.seed, cfg.data.root) == (0.02, 16, 7, "data")  # the recipe
     assert (cfg.max_steps, cfg.out) == (9, str(tmp_path / "b"))  # how long and where
+
+
+def test_unreadable_training_images_are_skipped_and_counted(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from repro.train import train
+
+    for split, n in (("train", 4), ("val", 2)):
+        for cls in ("a", "b"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (90, 80), (40 * i, 100 if cls == "a" else 200, 0)).save(
+                    tmp_path / "data" / split / cls / f"{i}.jpg")
+    (tmp_path / "data" / "train" / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    cfg = TrainConfig(model=ModelConfig(num_classes=2, image_size=67),
+                      data=DataConfig(dataset="folder", root=str(tmp_path / "data"), base_size=76, crop_size=67,
+                                      workers=0),
+                      epochs=1, batch_size=3, out=str(tmp_path / "run"), final_crops=(), device="cpu")
+    train(cfg)  # 9 files, 3 steps of 3: one batch loses the bad image and trains on 2
+    epochs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x
+              and '"kind": "epoch"' in x]
+    assert epochs[0]["unreadable_skipped"] == 1 and epochs[0]["val_images"] == 4
