@@ -101,6 +101,9 @@ def _check_ensemble(members: list[Member]) -> None:
             raise ValueError(f"{m.path} was trained on other classes than {first.path}: they cannot be averaged")
         if (m.train.data.base_size, m.train.data.crop_size) != (first.train.data.base_size, first.train.data.crop_size):
             raise ValueError(f"{m.path} uses other image sizes than {first.path}")
+        a, b = m.augment, first.augment
+        if torch.equal(a.mean, b.mean) and torch.equal(a.pca_basis, b.pca_basis):
+            m.augment = b  # same training set: preprocess each batch once for both networks
 
 
 def _split(opts: EvalOptions, first: Member):
