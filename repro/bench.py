@@ -2,7 +2,9 @@
 
 Used by scripts/benchmark.py. A case is timed on a synthetic batch already on the device: forward,
 loss, backward and the paper's optimiser step, `steps` times after `warmup`, synchronised, median of
-`repeats` timings. Peak memory is the device's peak allocation during the timed steps.
+`repeats` timings. Peak memory is the device's peak allocation during the timed steps. On a GPU every
+case runs with cuDNN's autotuner on (`cudnn.benchmark`), as training does: the input shape is fixed.
+A `graph` case captures the whole step (forward, backward, optimiser) in one CUDA graph and replays it.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ class Case:
     batch: int
     dtype: str = "fp32"  # "fp32" or "bf16" (autocast)
     channels_last: bool = False
-    compile: str = "none"  # "none", "default", "max-autotune" (the latter with CUDA graphs)
+    compile: str = "none"  # "none", "default", "max-autotune" (the latter with inductor's CUDA graphs)
+    graph: bool = False  # the whole training step captured in one CUDA graph (torch.cuda.graph)
 
     @property
     def label(self) -> str:
         return (f"{self.model} b{self.batch} {self.dtype}{' CL' if self.channels_last else ''}"
-                f"{'' if self.compile == 'none' else ' compile:' + self.compile}")
+                f"{'' if self.compile == 'none' else ' compile:' + self.compile}{' graph' if self.graph else ''}")
 
 
 @dataclass
@@ -73,12 +76,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, dtype: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+def _autocast(device: torch.device, dtype: str, cache: bool = True):
+    # Autocast's cache of cast weights must be off under CUDA-graph capture (PyTorch's CUDA-graph notes).
+    return (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache) if dtype == "bf16"
+            else contextlib.nullcontext())
+
+
+def check_case(case: Case, device: torch.device) -> None:
+    """Combinations that cannot run, as a clear error before any work."""
+    if case.model not in MODELS:
+        raise ValueError(f"unknown model {case.model!r}; one of {MODELS}")
+    if case.graph and device.type != "cuda":
+        raise ValueError(f"{case.label}: a CUDA graph needs a CUDA device, not {device}")
+    if case.graph and case.compile == "max-autotune":
+        raise ValueError(f"{case.label}: max-autotune captures its own CUDA graphs; a whole-step graph "
+                         "goes with compile 'none' or 'default'")
+    if case.graph and case.model == "towers-2proc":
+        raise ValueError(f"{case.label}: the two-process towers exchange through a process group, "
+                         "which is not captured in the graph")
+
+
+def capture_step(step, warmup: int = 3):
+    """The replay of a CUDA graph holding one call of `step` (PyTorch's whole-network capture recipe):
+    warm-up calls on a side stream first (cuDNN autotuning, lazily created optimiser state, compiled
+    code), then one captured call. Each replay reruns it on the same input and parameter tensors."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def make_step(model: nn.Module, case: Case, device: torch.device, loss_fn=F.cross_entropy):
     """A closure running one training step on a fixed synthetic batch."""
+    check_case(case, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest algorithms
     opt = paper_optimizer(model, OptimConfig())
     size = 224 if case.model == "torchvision" else 227
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
@@ -89,13 +127,13 @@ def make_step(model: nn.Module, case: Case, device: torch.device, loss_fn=F.cros
     forward = model if case.compile == "none" else torch.compile(model, mode=case.compile)
 
     def step():
-        with _autocast(device, case.dtype):
+        with _autocast(device, case.dtype, cache=not case.graph):
             loss = loss_fn(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    return step
+    return capture_step(step) if case.graph else step
 
 
 def time_steps(step, device: torch.device, steps: int, warmup: int, repeats: int = 3) -> float:
@@ -114,6 +152,7 @@ def time_steps(step, device: torch.device, steps: int, warmup: int, repeats: int
 
 
 def run_case(case: Case, device: torch.device, steps: int, warmup: int, repeats: int = 3) -> Result:
+    check_case(case, device)
     if case.model == "towers-2proc":
         return run_two_process_case(case, device, steps, warmup, repeats)
     torch.manual_seed(0)

@@ -47,6 +47,10 @@ class Trainer:
         if ckpt and ckpt.get("train_config"):
             cfg = resumed_config(cfg, ckpt["train_config"])
         self.topo, self.out = topo, Path(cfg.out)
+        if topo.device.type == "cuda":
+            # Every training batch has one shape, so cuDNN's autotuner pays off after the first step.
+            # (GPU runs are not bit-repeatable anyway: some CUDA backward kernels sum with atomics.)
+            torch.backends.cudnn.benchmark = True
         self.train_set, self.val_set = open_splits(cfg.data)
         self.cfg = cfg = self._fit_classes(cfg, ckpt)
         self.stats = self._stats(ckpt)
