@@ -34,13 +34,14 @@ def exercise(model: nn.Module, cfg: ModelConfig, dtype: torch.dtype, prefix: str
     velocities after STEPS steps of the paper's optimiser. Keys are stripped of `prefix`."""
 
     def named(d):
-        return {k[len(prefix):]: v.detach().clone() for k, v in d if k.startswith(prefix)}
+        return {k[len(prefix):]: v.detach().cpu().clone() for k, v in d if k.startswith(prefix)}
 
-    data = list(batches(cfg, dtype))
-    x0, y0 = data[0]
+    device = next(model.parameters()).device  # where the input goes (tower 0's device); results come back to the CPU
+    data = [(x.to(device), y) for x, y in batches(cfg, dtype)]
+    x0 = data[0][0]
     out = {}
     with torch.no_grad():
-        out["eval_logits"] = model.eval()(x0).clone()
+        out["eval_logits"] = model.eval()(x0).cpu().clone()
     model.train()
     opt = paper_optimizer(model, OptimConfig(lr=LEARNING_RATE[dtype]))
     for step, (x, y) in enumerate(data):
@@ -49,10 +50,10 @@ def exercise(model: nn.Module, cfg: ModelConfig, dtype: torch.dtype, prefix: str
         opt.zero_grad()
         with record() as log:  # what crossed between towers in this step, forward and backward
             logits = model(x)
-            pair_loss(logits, y, F.cross_entropy).backward()
+            pair_loss(logits, y.to(logits.device), F.cross_entropy).backward()
         if step == 0:
             out["log"] = log.transfers
-            out["train_logits"] = logits.detach().clone()
+            out["train_logits"] = logits.detach().cpu().clone()
             out["grads"] = named((n, p.grad) for n, p in model.named_parameters())
         opt.step()
     out["state"] = named(model.state_dict().items())
