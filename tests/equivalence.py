@@ -69,11 +69,12 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-def assert_same(got: dict, expected: dict, dtype: torch.dtype, what: str) -> None:
+def assert_same(got: dict, expected: dict, dtype: torch.dtype, what: str, tolerance: float | None = None) -> None:
+    tol = TOLERANCE[dtype] if tolerance is None else tolerance
     assert got.keys() == expected.keys(), f"{what}: different entries"
     for k in expected:
         if expected[k].is_floating_point():
             err = relative_error(got[k], expected[k])
-            assert err <= TOLERANCE[dtype], f"{what} {k}: relative error {err:.3g} > {TOLERANCE[dtype]}"
+            assert err <= tol, f"{what} {k}: relative error {err:.3g} > {tol}"
         else:
             assert torch.equal(got[k], expected[k]), f"{what} {k} differs"
