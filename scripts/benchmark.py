@@ -3,6 +3,11 @@
     python scripts/benchmark.py                       # the standard matrix on the GPU, table last
     python scripts/benchmark.py --models grouped torchvision --batch-sizes 256 --dtypes bf16
     python scripts/benchmark.py --pipeline fashion-mnist   # end to end vs synthetic batches
+    python scripts/benchmark.py --models grouped --variants fp32 --pipeline fashion-mnist jpeg-folder jpeg-store
+
+Pipelines: fashion-mnist (in memory), imagenet and folder (--data, or NAME=DIR), and jpeg-folder /
+jpeg-store: Fashion-MNIST written once as 256x256 JPEG files under --jpeg-dir (decoded on the CPU by
+the loader's workers) and as the stored form (decoded in batches on the GPU).
 
 Forms: the grouped network, both towers in one process (on two GPUs when there are two), towers
 in two processes (NCCL on two GPUs, gloo on one), and torchvision.models.alexnet as the reference.
@@ -33,6 +38,28 @@ VARIANTS = {"fp32": ("fp32", False, "none", False), "fp32-cl": ("fp32", True, "n
             "bf16-cl-graph": ("bf16", True, "none", True), "bf16-cl-compile-graph": ("bf16", True, "default", True)}
 
 
+PIPELINES = ("fashion-mnist", "imagenet", "folder", "jpeg-folder", "jpeg-store")
+
+
+def pipeline_data(spec: str, args) -> tuple[str, str, str | None]:
+    """(label, dataset, data dir) of a --pipeline entry; builds the JPEG tree or store when asked."""
+    name, _, path = spec.partition("=")
+    if name not in PIPELINES:
+        raise SystemExit(f"--pipeline {spec}: unknown pipeline {name!r}; one of {', '.join(PIPELINES)}")
+    path = path or None
+    if name in ("jpeg-folder", "jpeg-store"):
+        from repro.data.fashion_mnist import fashion_mnist
+        from repro.data.jpeg_tree import store_of_tree, write_jpeg_tree
+
+        splits = {"train": fashion_mnist(args.data, "train"), "val": fashion_mnist(args.data, "test")}
+        workers = max(args.workers, 1)  # encoding processes too (0: in this one)
+        tree = write_jpeg_tree(splits, os.path.join(args.jpeg_dir, "tree"), {"train": args.jpeg_images, "val": 1000},
+                               workers)
+        path = str(tree if name == "jpeg-folder" else store_of_tree(tree, os.path.join(args.jpeg_dir, "store"), workers))
+        return name, "folder", path
+    return name, name, path or args.data
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -47,13 +74,20 @@ def parse_args(argv=None):
     a("--repeats", type=int, default=3, help="timings per case; the median is reported")
     a("--no-numerics", action="store_true", help="skip the bf16-vs-fp32 check")
     a("--numerics-batch", type=int, default=32)
-    a("--pipeline", default=None, choices=["fashion-mnist", "imagenet", "folder"],
-      help="also time end-to-end training on this dataset against the synthetic batch")
-    a("--data", default=None)
-    a("--workers", type=int, default=8)
+    a("--pipeline", nargs="+", default=[], metavar="NAME[=DIR]",
+      help=f"also time end-to-end training on these data against the synthetic batch; NAME one of {PIPELINES}")
+    a("--data", default=None, help="the data of a pipeline given without =DIR (Fashion-MNIST's for jpeg-*)")
+    a("--workers", type=int, default=8, help="loader processes decoding image files, and processes writing the "
+      "JPEG tree (0: in this process)")
+    a("--jpeg-dir", default="runs/bench-jpeg", help="where jpeg-folder and jpeg-store are built (once)")
+    a("--jpeg-images", type=int, default=20000, help="training images in the JPEG tree (validation: 1000)")
     a("--json", default=None)
     a("--markdown", default=None, help="append a section with the table to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for spec in args.pipeline:
+        if spec.partition("=")[0] not in PIPELINES:
+            p.error(f"--pipeline {spec}: unknown pipeline; one of {', '.join(PIPELINES)} (optionally NAME=DIR)")
+    return args
 
 
 def environment(device: torch.device) -> str:
@@ -102,8 +136,10 @@ def main(argv=None) -> int:
     if args.pipeline:
         batch = max(args.batch_sizes)
         synthetic = run_case(Case("grouped", batch, "fp32", False, "none"), device, args.steps, args.warmup, args.repeats)
-        real = pipeline_rate(args.pipeline, args.data, device.type, batch, args.steps, args.warmup, workers=args.workers)
-        extra.append(f"pipeline {args.pipeline}, grouped fp32 b{batch}: end to end {real:,.0f} img/s vs synthetic "
+    for spec in args.pipeline:
+        label, dataset, data = pipeline_data(spec, args)
+        real = pipeline_rate(dataset, data, device.type, batch, args.steps, args.warmup, workers=args.workers)
+        extra.append(f"pipeline {label}, grouped fp32 b{batch}: end to end {real:,.0f} img/s vs synthetic "
                      f"{synthetic.img_per_s:,.0f} img/s = {real / synthetic.img_per_s:.0%}")
     env = environment(device)
     lines = table(results, best_tv)

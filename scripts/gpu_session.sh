@@ -4,7 +4,7 @@
 # OUT_DIR and ends with a short summary; copy the figures into docs/results.md and docs/benchmarks.md.
 #
 #   bash scripts/gpu_session.sh check OUT_DIR FMNIST_DIR   # CUDA tests + torchrun smoke, both ranks on one GPU
-#   bash scripts/gpu_session.sh bench OUT_DIR FMNIST_DIR   # batch 256: every form and variant, pipeline rate
+#   bash scripts/gpu_session.sh bench OUT_DIR FMNIST_DIR   # batch 256: every form and variant, pipeline rates
 #   bash scripts/gpu_session.sh bench128 OUT_DIR           # batch 128, and the bf16 numerics check
 #   bash scripts/gpu_session.sh train OUT_DIR FMNIST_DIR   # issue 3's result: 10 epochs of Fashion-MNIST
 #
@@ -58,7 +58,10 @@ case "$stage" in
     ;;
   bench)
     need_data
-    "$py" scripts/benchmark.py --batch-sizes 256 --no-numerics --pipeline fashion-mnist --data "$data" \
+    # Pipelines: Fashion-MNIST in memory; the same images as 256x256 JPEG files (CPU decoding in 14 of
+    # the 16 cores) and as the stored form (nvJPEG batches), against the synthetic-batch rate.
+    "$py" scripts/benchmark.py --batch-sizes 256 --no-numerics --data "$data" --workers 14 \
+      --pipeline fashion-mnist jpeg-folder jpeg-store --jpeg-dir "$runs/jpeg" \
       --json "$out/bench256.json" --markdown "$out/bench.md" 2>&1 | tee "$out/bench256.log"
     ;;
   bench128)

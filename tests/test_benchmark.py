@@ -45,3 +45,46 @@ def test_graph_variants_are_skipped_without_a_gpu(tmp_path, capsys):
     assert code == 0
     assert json.loads(out.read_text())["results"] == []
     assert "grouped b2 bf16 CL graph: skipped" in capsys.readouterr().out
+
+
+def test_pipelines_from_memory_jpeg_files_and_the_store(tmp_path, capsys):
+    """--pipeline times the training loop on Fashion-MNIST's images as JPEG files and on their stored
+    form; the tree and store are built once and hold what the source holds."""
+    import numpy as np
+    from PIL import Image
+
+    from repro.data.fashion_mnist import fashion_mnist
+    from repro.data.jpeg_tree import write_jpeg_tree
+    from repro.data.store import StoreSource
+    from tests.test_fashion_mnist import make_tree
+
+    make_tree(tmp_path / "fm", n_train=40, n_test=12)
+    out, jpeg = tmp_path / "bench.json", tmp_path / "jpeg"
+    args = ["--device", "cpu", "--models", "grouped", "--variants", "fp32", "--batch-sizes", "2", "--steps", "1",
+            "--warmup", "1", "--repeats", "1", "--no-numerics", "--data", str(tmp_path / "fm"), "--workers", "0",
+            "--pipeline", "jpeg-folder", "jpeg-store", "--jpeg-dir", str(jpeg),
+            "--jpeg-images", "20", "--json", str(out)]
+    assert main(args) == 0
+    notes = [n for n in json.loads(out.read_text())["notes"] if n.startswith("pipeline")]
+    assert [n.split(",")[0] for n in notes] == ["pipeline jpeg-folder", "pipeline jpeg-store"]
+    train_files = sorted((jpeg / "tree" / "train").glob("*/*.jpg"))
+    assert len(train_files) == 20 and len(list((jpeg / "tree" / "val").glob("*/*.jpg"))) == 12
+    assert len(StoreSource(jpeg / "store", "train")) == 20 and len(StoreSource(jpeg / "store", "val")) == 12
+    # A file is its source image, grey to RGB, at 256x256: its mean brightness follows the source's.
+    source = fashion_mnist(tmp_path / "fm", "train", download=False)
+    first = np.asarray(Image.open(train_files[0]))
+    index = int(train_files[0].stem)
+    assert first.shape == (256, 256, 3) and train_files[0].parent.name.startswith(f"{int(source.labels[index]):d}-")
+    assert abs(first.mean() - source.images[index].float().mean().item()) < 3
+    stamp = (jpeg / "tree" / "tree.json").stat().st_mtime_ns
+    splits = {"train": source, "val": fashion_mnist(tmp_path / "fm", "test", download=False)}
+    write_jpeg_tree(splits, jpeg / "tree", {"train": 20, "val": 1000})  # built once: a second call keeps it
+    assert (jpeg / "tree" / "tree.json").stat().st_mtime_ns == stamp
+
+
+def test_unknown_pipeline_is_a_clear_error(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--pipeline", "cifar"])
+    assert "unknown pipeline" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from repro.config import DataConfig
+from repro.data.store import StoreSource, is_store
 
 
 def open_splits(cfg: DataConfig):
@@ -16,12 +17,10 @@ def open_splits(cfg: DataConfig):
         return fashion_mnist(cfg.root, "train"), fashion_mnist(cfg.root, "test")
     if cfg.root is None:
         raise ValueError(f"--dataset {cfg.dataset} needs --data DIR (the folder holding train/ and val/)")
+    if is_store(cfg.root):  # the stored 256x256 form (scripts/prepare_imagenet.py, repro.data.jpeg_tree)
+        train = StoreSource(cfg.root, "train")
+        return train, StoreSource(cfg.root, "val", classes=train.classes)
     if cfg.dataset == "imagenet":
-        from repro.data.store import StoreSource, is_store
-
-        if is_store(cfg.root):  # the stored 256x256 form (scripts/prepare_imagenet.py)
-            train = StoreSource(cfg.root, "train")
-            return train, StoreSource(cfg.root, "val", classes=train.classes)
         from repro.data.imagenet import imagenet_splits
 
         return imagenet_splits(cfg.root, cfg.base_size, devkit=cfg.devkit, solution_csv=cfg.val_solution)
@@ -48,12 +47,12 @@ def open_eval_split(cfg: DataConfig, classes: list[str]):
         split = fashion_mnist(cfg.root, "test")
     elif cfg.root is None:
         raise ValueError(f"--dataset {cfg.dataset} needs --data DIR (the folder holding val/)")
+    elif is_store(cfg.root):
+        split = StoreSource(cfg.root, "val", classes=classes)
     elif cfg.dataset == "imagenet":
         from repro.data.imagenet import imagenet_val
-        from repro.data.store import StoreSource, is_store
 
-        split = (StoreSource(cfg.root, "val", classes=classes) if is_store(cfg.root) else
-                 imagenet_val(cfg.root, classes, cfg.base_size, devkit=cfg.devkit, solution_csv=cfg.val_solution))
+        split = imagenet_val(cfg.root, classes, cfg.base_size, devkit=cfg.devkit, solution_csv=cfg.val_solution)
     else:
         from repro.data.folder import image_folder
 
