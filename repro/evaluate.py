@@ -26,8 +26,9 @@ def batch_sums(probs: Tensor, labels: Tensor) -> Tensor:
 class RunningCounts:
     """Counts summed on the device: adding a batch never makes the host wait for the GPU."""
 
-    def __init__(self) -> None:
+    def __init__(self, start: "Counts | None" = None) -> None:
         self.sums: Tensor | None = None
+        self.start = start or Counts()  # what an interrupted run had counted before it stopped
         self.skipped = 0
 
     def add(self, probs: Tensor, labels: Tensor) -> None:
@@ -36,7 +37,7 @@ class RunningCounts:
 
     def counts(self) -> "Counts":
         values = self.sums.tolist() if self.sums is not None else [0, 0, 0, 0.0]
-        return Counts.from_list(values + [self.skipped])
+        return Counts.from_list([a + b for a, b in zip(values + [self.skipped], self.start.as_list())])
 
 
 @dataclass

@@ -41,9 +41,27 @@ def resumed_config(requested: TrainConfig, saved: dict) -> TrainConfig:
     return dataclasses.replace(base, data=data, **{f: getattr(requested, f) for f in RUNTIME_FIELDS})
 
 
+def read_on_main_rank(path: str, topo: Topology) -> dict:
+    """The checkpoint, read by rank 0 and sent to every rank, so that a multi-node run resumes
+    without its run directory on a shared filesystem (rank 0 alone writes it). A bad path or file
+    is the same clear error on every rank."""
+    if topo.backend is None:
+        return read(path, "cpu")
+    box: list = [None]
+    if topo.is_main:
+        try:
+            box[0] = read(path, "cpu")
+        except (FileNotFoundError, ValueError) as exc:
+            box[0] = exc
+    torch.distributed.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, topo: Topology, resume: str | None = None):
-        ckpt = read(resume, "cpu") if resume else None
+        ckpt = read_on_main_rank(resume, topo) if resume else None
         if ckpt and ckpt.get("train_config"):
             cfg = resumed_config(cfg, ckpt["train_config"])
         self.topo, self.out = topo, Path(cfg.out)
@@ -67,6 +85,7 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.batch_size, topo.replicas)
         self.stop_requested = False
         self.pin = topo.device.type == "cuda"
+        self.carried_counts = self._carried_counts(ckpt)
 
     def say(self, msg: str) -> None:
         if self.topo.is_main:
@@ -106,6 +125,13 @@ class Trainer:
             torch.distributed.barrier()
         return stats
 
+    def _carried_counts(self, ckpt: dict | None) -> Counts | None:
+        """Training errors counted in the interrupted epoch before the checkpoint, kept on rank 0 (the
+        epoch's counts are summed over all ranks), so a resumed epoch reports the whole epoch."""
+        if ckpt and ckpt.get("epoch_train_counts") and self.topo.is_main:
+            return Counts.from_list(ckpt["epoch_train_counts"])
+        return None
+
     def _restore(self, ckpt: dict) -> None:
         r = self.replica
         self.optimizer.load_velocities(r.net.named_parameters(), r.local_from_grouped(ckpt["velocity"]))
@@ -119,7 +145,10 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------------
 
     def save(self, name: str, also_best: bool = False) -> None:
-        """Collective over pair 0 (tower 1 sends its block); rank 0 writes."""
+        """Collective over all ranks (the epoch's partial counts) and pair 0 (tower 1 sends its
+        block); rank 0 writes."""
+        inside_epoch = self.progress.step_in_epoch > 0  # the same on every rank
+        partial = all_reduce_sum(self.meter.counts().as_list(), self.topo) if inside_epoch else None
         if self.topo.replica != 0:
             return
         r = self.replica
@@ -130,7 +159,7 @@ class Trainer:
         ckpt = dict(format="repro-checkpoint/1", model=model, velocity=velocity,
                     model_config=self.cfg.model.to_dict(), train_config=self.cfg.to_dict(),
                     schedule=self.schedule.state_dict(), progress=dataclasses.asdict(self.progress),
-                    best_val_top1=self.best_top1, classes=list(self.train_set.classes),
+                    best_val_top1=self.best_top1, classes=list(self.train_set.classes), epoch_train_counts=partial,
                     stats=dataclasses.asdict(self.stats) if self.stats else None,
                     topology=dict(towers=self.topo.towers, replicas=self.topo.replicas),
                     torch_version=torch.__version__)
@@ -169,7 +198,8 @@ class Trainer:
         self.replica.train_module.train()
         index_lists = train_batches(len(self.train_set), cfg.batch_size, topo.replicas, topo.replica,
                                     cfg.seed, p.epoch, p.step_in_epoch)
-        self.meter = RunningCounts()  # train errors, summed on the device
+        self.meter = RunningCounts(self.carried_counts)  # train errors, summed on the device
+        self.carried_counts = None
         tick, losses = time.perf_counter(), []
         for batch in iterate(self.train_set, index_lists, cfg.data.workers, self.pin, self.topo.device):
             params = draw_params(cfg.batch_size, cfg.data, step_generator(cfg.seed, p.epoch, p.step_in_epoch, topo.replica))

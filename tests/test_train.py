@@ -2,6 +2,7 @@
 exact resume, identical batches on both towers, stopping on SIGTERM, and the grouped form."""
 
 import dataclasses
+import json
 import os
 import signal
 
@@ -36,7 +37,12 @@ def _train(rank, world, cfg_dict, resume, hooks):
 
     cfg = TrainConfig.from_dict(cfg_dict)
     seen = []
-    if hooks:
+    if hooks.get("hide_checkpoints_from") == rank:  # as on a node without the run directory
+        def no_file(path, *_args):
+            raise FileNotFoundError(f"rank {rank} cannot see {path}")
+
+        train_module.read = no_file
+    if hooks.get("record") or "sigterm_rank" in hooks:
         original_init = train_module.Trainer.__init__
 
         def patched_init(self, *a, **k):
@@ -73,7 +79,9 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_root):
     part = tiny_config(data_root, tmp_path / "part", max_steps=3)
     run(tmp_path / "p1", part)
     assert read(tmp_path / "part" / "latest.pt")["progress"]["global_step"] == 3
-    run(tmp_path / "p2", dataclasses.replace(part, max_steps=7), resume=str(tmp_path / "part"))
+    # Rank 1 cannot read the run directory (a second node without a shared filesystem): rank 0 sends it.
+    run(tmp_path / "p2", dataclasses.replace(part, max_steps=7), resume=str(tmp_path / "part"),
+        hooks={"hide_checkpoints_from": 1})
     a, b = read(tmp_path / "whole" / "latest.pt"), read(tmp_path / "part" / "latest.pt")
     assert a["progress"] == b["progress"] == {"epoch": 1, "step_in_epoch": 3, "global_step": 7}
     assert a["schedule"] == b["schedule"] and a["schedule"]["drops"] == 1  # a drop happened in between
@@ -85,6 +93,13 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_root):
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in
              (tmp_path / "part" / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in line]
     assert steps == list(range(1, 8))  # the log continues without gaps or repeats
+    # The epoch the resume fell into reports all its steps' training errors, not only those after it.
+    epochs = [[json.loads(line) for line in (tmp_path / run_dir / "metrics.jsonl").read_text().splitlines()
+               if '"kind": "epoch"' in line] for run_dir in ("whole", "part")]
+    assert len(epochs[0]) == len(epochs[1]) == 1
+    for key in ("train_top1_error", "train_top5_error", "val_top1_error", "val_top5_error"):
+        assert epochs[0][0][key] == epochs[1][0][key], key
+    assert epochs[1][0]["train_loss"] == pytest.approx(epochs[0][0]["train_loss"], rel=1e-6)
 
 
 def test_sigterm_on_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_path, data_root):
@@ -126,8 +141,6 @@ def test_resume_keeps_the_checkpoints_recipe(tmp_path):
 
 
 def test_unreadable_training_images_are_skipped_and_counted(tmp_path):
-    import json
-
     from PIL import Image
 
     from repro.train import train
