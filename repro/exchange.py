@@ -193,6 +193,11 @@ class _GatherToFirst(torch.autograd.Function):
         return parts[0], None, None, None
 
 
+# torch 2.14 renamed the flat collectives (the old names warn); 2.11 has only the old ones.
+_ALL_GATHER_FLAT = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER_FLAT = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class PairExchange:
     """Exchanges between the towers of one model replica, one tower per process of `group`.
 
@@ -205,6 +210,10 @@ class PairExchange:
         self.towers = dist.get_world_size(group)
         self.tower = dist.get_rank(group)
         self._nccl = dist.get_backend(group) == "nccl"
+        # One flat all-gather / reduce-scatter per exchange (NCCL's fast path), or list collectives
+        # and an all-reduce (gloo: its reduce-scatter is missing in some releases). Tests switch the
+        # former on over gloo, where this torch has it, to cover NCCL's code path on the CPU.
+        self.tensor_collectives = self._nccl
 
     def _global(self, tower: int) -> int:
         return dist.get_global_rank(self.group, tower) if self.group is not None else tower
@@ -223,9 +232,9 @@ class PairExchange:
         return buf
 
     def all_gather_parts(self, x: Tensor) -> list[Tensor]:
-        if self._nccl:
+        if self.tensor_collectives:
             out = x.new_empty((self.towers * x.shape[0],) + tuple(x.shape[1:]))
-            dist.all_gather_into_tensor(out, x, group=self.group)
+            _ALL_GATHER_FLAT(out, x, group=self.group)
             return list(out.chunk(self.towers, dim=0))
         parts = [torch.empty_like(x) for _ in range(self.towers)]
         dist.all_gather(parts, x, group=self.group)
@@ -233,9 +242,9 @@ class PairExchange:
 
     def reduce_scatter_parts(self, parts: Sequence[Tensor]) -> Tensor:
         stacked = torch.cat([p.contiguous() for p in parts], dim=0)
-        if self._nccl:
+        if self.tensor_collectives:
             out = parts[0].new_empty(parts[0].shape)
-            dist.reduce_scatter_tensor(out, stacked, group=self.group)
+            _REDUCE_SCATTER_FLAT(out, stacked, group=self.group)
             return out
         # gloo: reduce-scatter is missing in some releases; an all-reduce gives the same sums.
         dist.all_reduce(stacked, group=self.group)

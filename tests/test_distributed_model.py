@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from repro import DistributedTowerAlexNet, ModelConfig
+from repro import AlexNet, DistributedTowerAlexNet, ModelConfig
 from repro.exchange import EXCHANGES
 from repro.model.convert import towers_to_grouped
-from tests.conftest import run_distributed
+from tests.conftest import SMALL, run_distributed
 from tests.equivalence import TOLERANCE, assert_same, exercise, relative_error
 from tests.test_two_tower import expected_bytes
 
@@ -16,7 +16,13 @@ CFG = ModelConfig()
 def _tower_worker(rank, world, dtype):
     torch.manual_seed(0)  # every rank draws the same grouped network and keeps its block
     model = DistributedTowerAlexNet(CFG, None, "cpu").to(dtype)
-    return exercise(model, CFG, dtype, "tower.")
+    result = exercise(model, CFG, dtype, "tower.")
+    # NCCL's path (one flat all-gather / reduce-scatter per exchange), over gloo, on the small network
+    torch.manual_seed(0)
+    small = DistributedTowerAlexNet(SMALL, None, "cpu").to(dtype)
+    small.exchange.tensor_collectives = True
+    result["flat_collectives"] = exercise(small, SMALL, dtype, "tower.")
+    return result
 
 
 @pytest.fixture(scope="module", params=[torch.float64, torch.float32], ids=["float64", "float32"])
@@ -59,3 +65,15 @@ def test_four_exchanges_each_way_with_predicted_bytes(forms):
                 expected.remove("fc7->fc8")  # exchange 4 runs from tower 1 to tower 0 only
             assert names == expected, (rank, phase)
             assert sum(t.nbytes for t in sent if t.phase == phase) == expected_bytes(2, itemsize)[(phase, rank)]
+
+
+
+def test_nccl_code_path_over_gloo_equals_grouped(forms):
+    """The flat all-gather / reduce-scatter that NCCL runs, checked on the CPU (this torch's gloo has both)."""
+    dtype, _, ranks, _ = forms
+    flat = [r["flat_collectives"] for r in ranks]
+    torch.manual_seed(0)
+    grouped = exercise(AlexNet(config=SMALL).to(dtype), SMALL, dtype)
+    assert relative_error(flat[0]["train_logits"], grouped["train_logits"]) <= TOLERANCE[dtype]
+    for key in ("grads", "state", "velocity"):
+        assert_same(towers_to_grouped([r[key] for r in flat], SMALL), grouped[key], dtype, key)
