@@ -212,6 +212,9 @@ class DataConfig:
             raise ValueError(f"crop_size {self.crop_size} must be in (0, base_size={self.base_size}]")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run: the network, the optimiser, the data, and how the run is carried out.
@@ -233,6 +236,7 @@ class TrainConfig:
     amp: str = "none"  # "bf16": autocast on CUDA (a speed choice; the paper trained in float32)
     channels_last: bool = False
     compile: bool = False  # torch.compile each tower stage (or the grouped network)
+    compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead"/"max-autotune" add CUDA graphs
     stop_check_every: int = 0  # steps between checks for SIGTERM (0: 1 on CPU, 20 on GPU)
 
     def __post_init__(self) -> None:
@@ -240,6 +244,8 @@ class TrainConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
         if any(c not in (1, 10) for c in self.final_crops):

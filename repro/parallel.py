@@ -17,15 +17,15 @@ from repro.model.grouped import AlexNet
 from repro.model.layers import set_dropout_stream
 
 
-def _compile_stages(net: nn.Module) -> None:
+def _compile_stages(net: nn.Module, mode: str = "default") -> None:
     """Compile each tower stage between exchanges (the exchanges stay eager), or the whole
     grouped network."""
     if isinstance(net, DistributedTowerAlexNet):
         tower = net.tower
         for stage in ("conv1_to_pool2", "conv3_to_pool5", "fc6_local", "fc7_local", "classify"):
-            setattr(tower, stage, torch.compile(getattr(tower, stage)))
+            setattr(tower, stage, torch.compile(getattr(tower, stage), mode=mode))
     else:
-        net.forward = torch.compile(net.forward)
+        net.forward = torch.compile(net.forward, mode=mode)
 
 
 def _no_buffer_sync() -> dict:
@@ -37,7 +37,7 @@ def _no_buffer_sync() -> dict:
 
 class Replica:
     def __init__(self, topo: Topology, cfg: ModelConfig, grouped_state: dict[str, Tensor] | None = None,
-                 channels_last: bool = False, compile: bool = False):
+                 channels_last: bool = False, compile_mode: str | None = None):
         self.topo, self.config = topo, cfg
         if topo.towers == 1:
             net: nn.Module = AlexNet(config=cfg)
@@ -60,8 +60,8 @@ class Replica:
             self.train_module = DistributedDataParallel(
                 net, device_ids=[topo.device] if topo.device.type == "cuda" else None,
                 process_group=topo.replica_group, **_no_buffer_sync())
-        if compile:
-            _compile_stages(net)
+        if compile_mode:  # None: eager
+            _compile_stages(net, compile_mode)
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return pair_loss(output, target)

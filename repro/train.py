@@ -31,7 +31,7 @@ from repro.run_report import final_report
 # How and how long to run: taken from the command line when resuming. Everything else (the network,
 # optimiser, data pipeline, batch size, seed) is the run's recipe and comes from its checkpoint.
 RUNTIME_FIELDS = ("epochs", "max_steps", "out", "log_every", "eval_batch_size", "final_crops", "device",
-                  "backend", "amp", "channels_last", "compile", "stop_check_every")
+                  "backend", "amp", "channels_last", "compile", "compile_mode", "stop_check_every")
 
 
 def resumed_config(requested: TrainConfig, saved: dict) -> TrainConfig:
@@ -74,7 +74,8 @@ class Trainer:
         self.stats = self._stats(ckpt)
         self.augment = Augment(cfg.data, self.stats, topo.device)
         torch.manual_seed(cfg.seed)  # the initial weights
-        self.replica = Replica(topo, cfg.model, ckpt["model"] if ckpt else None, cfg.channels_last, cfg.compile)
+        self.replica = Replica(topo, cfg.model, ckpt["model"] if ckpt else None, cfg.channels_last,
+                               cfg.compile_mode if cfg.compile else None)
         self.optimizer = paper_optimizer(self.replica.net, cfg.optim)
         self.schedule = LRSchedule(cfg.optim)
         self.progress = Progress()

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from repro.cli import run  # noqa: E402
-from repro.config import MODEL_VARIANTS, DataConfig, OptimConfig, TrainConfig  # noqa: E402
+from repro.config import COMPILE_MODES, MODEL_VARIANTS, DataConfig, OptimConfig, TrainConfig  # noqa: E402
 
 CPU_BUDGET = dict(max_steps=60, batch_size=64, val_images=300, stats_images=10000)
 
@@ -66,7 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--backend", default="auto", choices=["auto", "nccl", "gloo"])
     a("--amp", default="none", choices=["none", "bf16"])
     a("--channels-last", action="store_true")
-    a("--compile", action="store_true")
+    a("--compile", action="store_true", help="torch.compile each tower stage (or the grouped network)")
+    a("--compile-mode", default=None, choices=COMPILE_MODES,
+      help="torch.compile's mode (implies --compile); reduce-overhead and max-autotune use CUDA graphs")
     return p.parse_args(argv)
 
 
@@ -102,7 +104,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                        max_steps=pick(args.max_steps, "max_steps", None), out=out, log_every=args.log_every,
                        eval_batch_size=args.eval_batch_size, final_crops=tuple(args.final_crops),
                        device=args.device, backend=args.backend, amp=args.amp,
-                       channels_last=args.channels_last, compile=args.compile)
+                       channels_last=args.channels_last, compile=args.compile or args.compile_mode is not None,
+                       compile_mode=args.compile_mode or "default")
 
 
 def main(argv=None) -> int:

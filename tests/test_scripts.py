@@ -36,3 +36,19 @@ def test_bad_flags_give_a_clear_error(tmp_path):
     r = run([sys.executable, "scripts/train_two_gpu.py", "--dataset", "folder", "--data", str(tmp_path / "none"),
              "--out", str(tmp_path)])
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_speed_flags_reach_the_config():
+    import pytest
+
+    from repro.config import TrainConfig
+    from scripts.train_two_gpu import build_config, parse_args
+
+    cfg = build_config(parse_args(["--compile-mode", "max-autotune", "--amp", "bf16", "--channels-last",
+                                   "--max-steps", "1", "--out", "unused"]))
+    assert (cfg.compile, cfg.compile_mode, cfg.amp, cfg.channels_last) == (True, "max-autotune", "bf16", True)
+    cfg = build_config(parse_args(["--compile", "--max-steps", "1", "--out", "unused"]))
+    assert (cfg.compile, cfg.compile_mode) == (True, "default")
+    assert not build_config(parse_args(["--max-steps", "1", "--out", "unused"])).compile
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        TrainConfig(compile_mode="fastest")
