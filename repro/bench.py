@@ -264,6 +264,7 @@ def pipeline_rate(dataset: str, data: str | None, device: str, batch: int, steps
                           out=out, final_crops=(), device=device, amp=amp, channels_last=channels_last,
                           compile=compile)
         trainer = Trainer(cfg, init_topology(device))
+        trainer.save = lambda *_args, **_kw: None  # timing only: no checkpoint to write at the end
         trainer.fit()
         speeds = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"speed"' in line]
     return speeds[-1]["img_per_s"]

@@ -48,8 +48,8 @@ def test_mean_image_is_subtracted_at_the_crop_position():
     params = CropParams(torch.tensor([3, 29]), torch.tensor([0, 17]), torch.tensor([True, False]), torch.zeros(2, 3))
     out = Augment(cfg, stats).train_batch(images, params)
     for i in range(2):
-        t, l, f = int(params.top[i]), int(params.left[i]), bool(params.flip[i])
-        expected = reference_crop(images[i], t, l, f) - reference_crop(mean, t, l, f)
+        t, left, f = int(params.top[i]), int(params.left[i]), bool(params.flip[i])
+        expected = reference_crop(images[i], t, left, f) - reference_crop(mean, t, left, f)
         torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-4)
 
 
@@ -58,7 +58,8 @@ def test_pca_noise_adds_eigvec_times_alpha_times_eigenvalue(scale):
     images = torch.full((2, 256, 256, 3), 100, dtype=torch.uint8)
     cfg = DataConfig(mean="none", pca="imagenet", pca_scale=scale)
     alpha = torch.tensor([[0.1, -0.2, 0.05], [0.0, 0.3, -0.1]])
-    params = CropParams(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.bool), alpha)
+    zero = torch.zeros(2, dtype=torch.long)
+    params = CropParams(zero, zero, torch.zeros(2, dtype=torch.bool), alpha)
     out = Augment(cfg, None).train_batch(images, params)
     vals = torch.tensor(IMAGENET_EIGVALS)
     vals = vals.sqrt() if scale == "sqrt" else vals
@@ -73,13 +74,13 @@ def test_ten_patches_are_corners_centre_and_reflections():
     p = ten_crop_params(2, PLAIN)
     coords = list(zip(p.top[:10].tolist(), p.left[:10].tolist(), p.flip[:10].tolist()))
     corners = [(0, 0), (0, 29), (29, 0), (29, 29), (14, 14)]
-    assert coords == [(t, l, False) for t, l in corners] + [(t, l, True) for t, l in corners]
+    assert coords == [(t, left, False) for t, left in corners] + [(t, left, True) for t, left in corners]
     assert torch.equal(p.top[10:], p.top[:10]) and p.alpha.abs().sum() == 0
     images = torch.randint(0, 256, (2, 256, 256, 3), dtype=torch.uint8)
     out = Augment(PLAIN, None).eval_batch(images, crops=10)
     assert out.shape == (20, 3, 227, 227)
-    for row, (t, l, f) in enumerate(coords * 2):  # image-major
-        assert torch.equal(out[row], reference_crop(images[row // 10], t, l, f))
+    for row, (t, left, f) in enumerate(coords * 2):  # image-major
+        assert torch.equal(out[row], reference_crop(images[row // 10], t, left, f))
     centre = Augment(PLAIN, None).eval_batch(images, crops=1)
     assert torch.equal(centre, out[4::10])
     with pytest.raises(ValueError, match="1 or 10"):

@@ -13,22 +13,33 @@ from tests.test_two_tower import expected_bytes
 CFG = ModelConfig()
 
 
-def _tower_worker(rank, world, dtype):
-    torch.manual_seed(0)  # every rank draws the same grouped network and keeps its block
-    model = DistributedTowerAlexNet(CFG, None, "cpu").to(dtype)
-    result = exercise(model, CFG, dtype, "tower.")
-    # NCCL's path (one flat all-gather / reduce-scatter per exchange), over gloo, on the small network
-    torch.manual_seed(0)
-    small = DistributedTowerAlexNet(SMALL, None, "cpu").to(dtype)
-    small.exchange.tensor_collectives = True
-    result["flat_collectives"] = exercise(small, SMALL, dtype, "tower.")
-    return result
+DTYPES = (torch.float64, torch.float32)
 
 
-@pytest.fixture(scope="module", params=[torch.float64, torch.float32], ids=["float64", "float32"])
-def forms(request, tmp_path_factory, grouped_reference):
+def _tower_worker(rank, world):
+    """Both dtypes in one pair of processes (starting processes costs more than the work)."""
+    results = {}
+    for dtype in DTYPES:
+        torch.manual_seed(0)  # every rank draws the same grouped network and keeps its block
+        model = DistributedTowerAlexNet(CFG, None, "cpu").to(dtype)
+        results[dtype] = exercise(model, CFG, dtype, "tower.")
+        # NCCL's path (one flat all-gather / reduce-scatter per exchange), over gloo, on the small network
+        torch.manual_seed(0)
+        small = DistributedTowerAlexNet(SMALL, None, "cpu").to(dtype)
+        small.exchange.tensor_collectives = True
+        results[dtype]["flat_collectives"] = exercise(small, SMALL, dtype, "tower.")
+    return results
+
+
+@pytest.fixture(scope="module")
+def tower_runs(tmp_path_factory):
+    return run_distributed(_tower_worker, 2, tmp_path_factory.mktemp("towers"))
+
+
+@pytest.fixture(scope="module", params=DTYPES, ids=["float64", "float32"])
+def forms(request, tower_runs, grouped_reference):
     dtype = request.param
-    ranks = run_distributed(_tower_worker, 2, tmp_path_factory.mktemp("towers"), dtype)
+    ranks = [r[dtype] for r in tower_runs]
     grouped = grouped_reference(dtype)
     mapped = {k: towers_to_grouped([r[k] for r in ranks], CFG) for k in ("grads", "state", "velocity")}
     return dtype, grouped, ranks, mapped

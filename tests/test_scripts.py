@@ -30,12 +30,13 @@ def test_torchrun_two_towers_end_to_end(tmp_path):
     assert (out / "latest.pt").exists() and (out / "metrics.jsonl").exists()
 
 
-def test_bad_flags_give_a_clear_error(tmp_path):
-    r = run([sys.executable, "scripts/train_two_gpu.py", "--dataset", "imagenet", "--out", str(tmp_path)])
-    assert r.returncode == 2 and "--dataset imagenet needs --data DIR" in r.stderr
-    r = run([sys.executable, "scripts/train_two_gpu.py", "--dataset", "folder", "--data", str(tmp_path / "none"),
-             "--out", str(tmp_path)])
-    assert r.returncode == 2 and "does not exist" in r.stderr
+def test_bad_flags_give_a_clear_error(tmp_path, capsys):
+    from scripts.train_two_gpu import main  # in this process: the exit code and stderr are main()'s
+
+    assert main(["--dataset", "imagenet", "--out", str(tmp_path)]) == 2
+    assert "error: --dataset imagenet needs --data DIR" in capsys.readouterr().err
+    assert main(["--dataset", "folder", "--data", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_speed_flags_reach_the_config():
