@@ -50,6 +50,7 @@ class Result:
     step_ms: float
     peak_mib: float | None
     note: str = ""
+    spread: float = float("nan")  # (slowest - fastest) / median over the repeats: the noise to beat
 
     def row(self) -> dict:
         return {**asdict(self.case), "img_per_s": self.img_per_s, "step_ms": self.step_ms,
@@ -136,8 +137,8 @@ def make_step(model: nn.Module, case: Case, device: torch.device, loss_fn=F.cros
     return capture_step(step) if case.graph else step
 
 
-def time_steps(step, device: torch.device, steps: int, warmup: int, repeats: int = 3) -> float:
-    """Median seconds per step."""
+def time_steps(step, device: torch.device, steps: int, warmup: int, repeats: int = 3) -> tuple[float, float]:
+    """Median seconds per step, and the spread of the repeats' timings relative to it."""
     for _ in range(warmup):
         step()
     _sync(device)
@@ -148,7 +149,8 @@ def time_steps(step, device: torch.device, steps: int, warmup: int, repeats: int
             step()
         _sync(device)
         timings.append((time.perf_counter() - start) / steps)
-    return statistics.median(timings)
+    median = statistics.median(timings)
+    return median, (max(timings) - min(timings)) / median
 
 
 def run_case(case: Case, device: torch.device, steps: int, warmup: int, repeats: int = 3) -> Result:
@@ -159,12 +161,12 @@ def run_case(case: Case, device: torch.device, steps: int, warmup: int, repeats:
     model, _ = build(case, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = time_steps(make_step(model, case, device), device, steps, warmup, repeats)
+    seconds, spread = time_steps(make_step(model, case, device), device, steps, warmup, repeats)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Result(case, case.batch / seconds, seconds * 1e3, peak)
+    return Result(case, case.batch / seconds, seconds * 1e3, peak, spread=spread)
 
 
 # --- towers in two processes ---------------------------------------------------------------------
@@ -187,9 +189,10 @@ def _two_process_worker(rank: int, port: int, case: Case, device_type: str, step
     step = make_step(model, replace(case, model="grouped"), device, loss_fn=pair_loss)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = time_steps(step, device, steps, warmup, repeats)
+    seconds, spread = time_steps(step, device, steps, warmup, repeats)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    torch.save({"seconds": seconds, "peak": peak, "backend": backend}, os.path.join(out, f"rank{rank}.pt"))
+    torch.save({"seconds": seconds, "spread": spread, "peak": peak, "backend": backend},
+               os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -208,7 +211,62 @@ def run_two_process_case(case: Case, device: torch.device, steps: int, warmup: i
     seconds = max(r["seconds"] for r in ranks)
     peaks = [r["peak"] for r in ranks]
     peak = max(peaks) if peaks[0] is not None else None
-    return Result(case, case.batch / seconds, seconds * 1e3, peak, f"{ranks[0]['backend']}, peak per rank")
+    return Result(case, case.batch / seconds, seconds * 1e3, peak, f"{ranks[0]['backend']}, peak per rank",
+                  max(r["spread"] for r in ranks))
+
+
+# --- the two numbers to compare against ----------------------------------------------------------
+
+def train_flops_per_image(model: str) -> float:
+    """FLOPs of one training step (forward and backward) per image, counted by torch's
+    FlopCounterMode at batch 1 on the CPU. The faithful network is counted through its towers:
+    FlopCounterMode (torch 2.14) counts a grouped convolution's weight gradient as if it were
+    ungrouped, 1.5 times the true backward FLOPs at groups=2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cpu = torch.device("cpu")
+    net, size = build(Case("torchvision" if model == "torchvision" else "towers", 1), cpu)
+    x, y = torch.randn(1, 3, size, size), torch.zeros(1, dtype=torch.int64)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(net(x), y).backward()
+    return float(counter.get_total_flops())
+
+
+def _cuda_seconds(fn, device: torch.device, reps: int = 20) -> float:
+    """Median seconds of fn() timed with CUDA events, after a warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def ceilings(device: torch.device) -> dict[str, float] | None:
+    """The device's measured bf16 matrix-product rate (TFLOP/s, 8192^3) and copy bandwidth (GB/s,
+    bytes read plus written, 1 GiB buffers), against which a training step's rate is read."""
+    if device.type != "cuda":
+        return None
+    g = torch.Generator(device=device).manual_seed(0)
+    result = {"bf16_tflops": _matmul_tflops(device, g), "copy_gbps": _copy_gbps(device, g)}
+    torch.cuda.empty_cache()
+    return result
+
+
+def _matmul_tflops(device: torch.device, g: torch.Generator, n: int = 8192) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)  # never zeros: they run faster
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
+    return 2 * n ** 3 / _cuda_seconds(lambda: a @ b, device) / 1e12
+
+
+def _copy_gbps(device: torch.device, g: torch.Generator, n: int = 2 ** 28) -> float:
+    src = torch.randn(n, device=device, generator=g)
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / _cuda_seconds(lambda: dst.copy_(src), device) / 1e9
 
 
 # --- numerics ------------------------------------------------------------------------------------

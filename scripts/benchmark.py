@@ -28,7 +28,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from repro.bench import MODELS, Case, Result, numerics, pipeline_rate, run_case  # noqa: E402
+from repro.bench import (  # noqa: E402
+    MODELS,
+    Case,
+    Result,
+    ceilings,
+    numerics,
+    pipeline_rate,
+    run_case,
+    train_flops_per_image,
+)
 
 
 # name: (dtype, channels_last, compile mode, whole-step CUDA graph)
@@ -96,13 +105,19 @@ def environment(device: torch.device) -> str:
             f"{time.strftime('%Y-%m-%d')}; python {platform.python_version()}")
 
 
-def table(results: list[Result], reference: dict[int, float]) -> list[str]:
-    lines = ["| case | img/s | ms/step | peak MiB | x best torchvision | note |", "|---|---|---|---|---|---|"]
+def table(results: list[Result], reference: dict[int, float], flops: dict[str, float],
+          peak_tflops: float | None) -> list[str]:
+    """One row per case; "% bf16 peak" is the step's FLOP rate over the measured matrix-product rate."""
+    lines = ["| case | img/s | spread | ms/step | peak MiB | x best torchvision | % bf16 peak | note |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         ref = reference.get(r.case.batch)
         ratio = f"{r.img_per_s / ref:.2f}" if ref else "-"
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-"
-        lines.append(f"| {r.case.label} | {r.img_per_s:,.0f} | {r.step_ms:.2f} | {peak} | {ratio} | {r.note} |")
+        work = flops["torchvision" if r.case.model == "torchvision" else "ours"]
+        share = f"{100 * r.img_per_s * work / (peak_tflops * 1e12):.1f}" if peak_tflops else "-"
+        lines.append(f"| {r.case.label} | {r.img_per_s:,.0f} | {100 * r.spread:.1f}% | {r.step_ms:.2f} | {peak} | "
+                     f"{ratio} | {share} | {r.note} |")
     return lines
 
 
@@ -141,8 +156,19 @@ def main(argv=None) -> int:
         real = pipeline_rate(dataset, data, device.type, batch, args.steps, args.warmup, workers=args.workers)
         extra.append(f"pipeline {label}, grouped fp32 b{batch}: end to end {real:,.0f} img/s vs synthetic "
                      f"{synthetic.img_per_s:,.0f} img/s = {real / synthetic.img_per_s:.0%}")
+    kinds = sorted({"torchvision" if r.case.model == "torchvision" else "ours" for r in results})
+    flops = {k: train_flops_per_image("towers" if k == "ours" else k) for k in kinds}
+    limits = ceilings(device) if results else None
+    peak = limits["bf16_tflops"] if limits else None
+    if flops:
+        extra.append("training FLOPs per image (torch FlopCounterMode): "
+                     + ", ".join(f"{'this network' if k == 'ours' else k} {v / 1e9:.2f} G" for k, v in flops.items()))
+    if limits:
+        ceiling = f"; compute ceiling for this network {peak * 1e12 / flops['ours']:,.0f} img/s" if "ours" in flops else ""
+        extra.append(f"measured here: bf16 8192^3 matrix product {peak:.0f} TFLOP/s, "
+                     f"copy {limits['copy_gbps']:.0f} GB/s{ceiling}")
     env = environment(device)
-    lines = table(results, best_tv)
+    lines = table(results, best_tv, flops, peak)
     print("\n" + env + "\n" + "\n".join(lines + [""] + extra), flush=True)
     if args.json:
         with open(args.json, "w") as f:

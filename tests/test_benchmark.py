@@ -17,7 +17,8 @@ def test_benchmark_runs_every_form_on_cpu(tmp_path, capsys):
     assert all(math.isfinite(r["img_per_s"]) and r["img_per_s"] > 0 for r in rows), rows
     notes = json.loads(out.read_text())["notes"]
     assert any(n.startswith("grouped: bf16") for n in notes) and any(n.startswith("torchvision: bf16") for n in notes)
-    assert "| towers-2proc b2 fp32 |" in md.read_text()
+    assert "| towers-2proc b2 fp32 |" in md.read_text() and "| spread |" in md.read_text()
+    assert any(n.startswith("training FLOPs per image") for n in notes)
 
 
 def test_impossible_cases_are_clear_errors():
@@ -88,3 +89,16 @@ def test_unknown_pipeline_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--pipeline", "cifar"])
     assert "unknown pipeline" in capsys.readouterr().err
+
+
+def test_flops_per_image_match_the_layer_table():
+    """Forward, weight gradients, and input gradients of every layer but conv1 (the image needs
+    none), from SPEC section 1's shapes: 2 FLOPs per multiply-add."""
+    from repro.bench import train_flops_per_image
+
+    # (output side, output channels, kernel side, input channels, groups) and fully connected (in, out)
+    convs = [(55, 96, 11, 3, 1), (27, 256, 5, 96, 2), (13, 384, 3, 256, 1), (13, 384, 3, 384, 2), (13, 256, 3, 384, 2)]
+    fcs = [(9216, 4096), (4096, 4096), (4096, 1000)]
+    macs = [side * side * out * k * k * cin // groups for side, out, k, cin, groups in convs] + [a * b for a, b in fcs]
+    expected = 2 * (sum(macs) + sum(macs) + sum(macs[1:]))
+    assert train_flops_per_image("grouped") == expected  # about 4.14 GFLOP
