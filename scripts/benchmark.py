@@ -62,9 +62,9 @@ def pipeline_data(spec: str, args) -> tuple[str, str, str | None]:
 
         splits = {"train": fashion_mnist(args.data, "train"), "val": fashion_mnist(args.data, "test")}
         workers = max(args.workers, 1)  # encoding processes too (0: in this one)
-        tree = write_jpeg_tree(splits, os.path.join(args.jpeg_dir, "tree"), {"train": args.jpeg_images, "val": 1000},
-                               workers)
-        path = str(tree if name == "jpeg-folder" else store_of_tree(tree, os.path.join(args.jpeg_dir, "store"), workers))
+        n = args.jpeg_images
+        tree = write_jpeg_tree(splits, os.path.join(args.jpeg_dir, f"tree-{n}"), {"train": n, "val": 1000}, workers)
+        path = str(tree if name == "jpeg-folder" else store_of_tree(tree, os.path.join(args.jpeg_dir, f"store-{n}"), workers))
         return name, "folder", path
     return name, name, path or args.data
 

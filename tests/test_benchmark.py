@@ -52,6 +52,7 @@ def test_pipelines_from_memory_jpeg_files_and_the_store(tmp_path, capsys):
     """--pipeline times the training loop on Fashion-MNIST's images as JPEG files and on their stored
     form; the tree and store are built once and hold what the source holds."""
     import numpy as np
+    import pytest
     from PIL import Image
 
     from repro.data.fashion_mnist import fashion_mnist
@@ -68,19 +69,21 @@ def test_pipelines_from_memory_jpeg_files_and_the_store(tmp_path, capsys):
     assert main(args) == 0
     notes = [n for n in json.loads(out.read_text())["notes"] if n.startswith("pipeline")]
     assert [n.split(",")[0] for n in notes] == ["pipeline jpeg-folder", "pipeline jpeg-store"]
-    train_files = sorted((jpeg / "tree" / "train").glob("*/*.jpg"))
-    assert len(train_files) == 20 and len(list((jpeg / "tree" / "val").glob("*/*.jpg"))) == 12
-    assert len(StoreSource(jpeg / "store", "train")) == 20 and len(StoreSource(jpeg / "store", "val")) == 12
+    train_files = sorted((jpeg / "tree-20" / "train").glob("*/*.jpg"))
+    assert len(train_files) == 20 and len(list((jpeg / "tree-20" / "val").glob("*/*.jpg"))) == 12
+    assert len(StoreSource(jpeg / "store-20", "train")) == 20 and len(StoreSource(jpeg / "store-20", "val")) == 12
     # A file is its source image, grey to RGB, at 256x256: its mean brightness follows the source's.
     source = fashion_mnist(tmp_path / "fm", "train", download=False)
     first = np.asarray(Image.open(train_files[0]))
     index = int(train_files[0].stem)
     assert first.shape == (256, 256, 3) and train_files[0].parent.name.startswith(f"{int(source.labels[index]):d}-")
     assert abs(first.mean() - source.images[index].float().mean().item()) < 3
-    stamp = (jpeg / "tree" / "tree.json").stat().st_mtime_ns
+    stamp = (jpeg / "tree-20" / "tree.json").stat().st_mtime_ns
     splits = {"train": source, "val": fashion_mnist(tmp_path / "fm", "test", download=False)}
-    write_jpeg_tree(splits, jpeg / "tree", {"train": 20, "val": 1000})  # built once: a second call keeps it
-    assert (jpeg / "tree" / "tree.json").stat().st_mtime_ns == stamp
+    write_jpeg_tree(splits, jpeg / "tree-20", {"train": 20, "val": 1000})  # built once: a second call keeps it
+    assert (jpeg / "tree-20" / "tree.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="holds a JPEG tree of"):
+        write_jpeg_tree(splits, jpeg / "tree-20", {"train": 30, "val": 1000})
 
 
 def test_unknown_pipeline_is_a_clear_error(capsys):

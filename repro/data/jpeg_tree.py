@@ -1,7 +1,8 @@
 """A JPEG image-folder tree (and its stored form) made from an in-memory dataset such as
 Fashion-MNIST, so the file pipelines (CPU decoding of a folder, GPU decoding of the 256x256 store)
 can be timed where ImageNet is not at hand. Images are written as 256x256 RGB JPEGs, quality 90:
-the size and encoding that scripts/prepare_imagenet.py stores (about 10-20 KB each)."""
+the size and encoding that scripts/prepare_imagenet.py stores. Upscaled Fashion-MNIST is smooth and
+comes to about 6 KB a file against about 21 KB for ImageNet, so it decodes faster than ImageNet."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 SIZE, QUALITY = 256, 90
-_DONE = "tree.json"  # written last: its presence means the tree is complete
+_DONE = "tree.json"  # written last: its presence means the tree is complete (a crashed run rewrites it all)
 
 
 def class_dir_names(classes: list[str]) -> list[str]:
@@ -35,21 +36,22 @@ def _encode(image: np.ndarray) -> bytes:
 
 def _write(job: tuple[str, np.ndarray]) -> None:
     path, image = job
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(_encode(image))
-    os.replace(tmp, path)
+    Path(path).write_bytes(_encode(image))
 
 
 def write_jpeg_tree(splits: dict, root: str | Path, images: dict[str, int], workers: int | None = None) -> Path:
     """root/<split>/<class>/<index>.jpg for the first images[split] images (evenly spaced over the
     split) of each source in `splits` ({"train": source, "val": source}). Kept as it is if a
-    complete tree with the same counts is there already."""
+    complete tree with the same counts is there already; other counts are an error (name the root
+    after the counts to keep several)."""
     root = Path(root)
     done = root / _DONE
     want = {split: min(images[split], len(src)) for split, src in splits.items()}
-    if done.exists() and json.loads(done.read_text()) == want:
-        return root
+    if done.exists():
+        have = json.loads(done.read_text())
+        if have == want:
+            return root
+        raise ValueError(f"{root} holds a JPEG tree of {have} images, not {want}: remove it or choose another folder")
     jobs = []
     for split, src in splits.items():
         names = class_dir_names(src.classes)
