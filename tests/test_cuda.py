@@ -188,7 +188,7 @@ def test_stored_jpegs_decode_on_the_gpu_like_on_the_cpu(store):  # noqa: F811
     assert diff.mean() < 2.0, diff.mean()
 
 
-def _train_on_gpu(rank, world, cfg_dict):
+def _train_without_tf32(rank, world, cfg_dict):
     from repro.config import TrainConfig
     from repro.train import train
 
@@ -208,7 +208,7 @@ def test_two_tower_training_on_one_gpu_follows_the_cpu_run(data_root, tmp_path):
     runs = {}
     for device in ("cpu", "cuda"):
         cfg = dataclasses.replace(tiny_config(data_root, tmp_path / device), device=device, max_steps=4)
-        run_distributed(_train_on_gpu, 2, tmp_path / f"{device}-ranks", cfg.to_dict())
+        run_distributed(_train_without_tf32, 2, tmp_path / f"{device}-ranks", cfg.to_dict())
         runs[device] = _weights(tmp_path / device)
     for k, v in runs["cpu"].items():
         if v.is_floating_point():
