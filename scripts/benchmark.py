@@ -38,6 +38,7 @@ from repro.bench import (  # noqa: E402
     run_case,
     train_flops_per_image,
 )
+from repro.model import lrn_triton  # noqa: E402
 
 
 # name: (dtype, channels_last, compile mode, whole-step CUDA graph)
@@ -89,6 +90,8 @@ def parse_args(argv=None):
       "JPEG tree (0: in this process)")
     a("--jpeg-dir", default="runs/bench-jpeg", help="where jpeg-folder and jpeg-store are built (once)")
     a("--jpeg-images", type=int, default=20000, help="training images in the JPEG tree (validation: 1000)")
+    a("--lrn-kernel", default="torch", choices=lrn_triton.KERNELS,
+      help="LRN code on the GPU: torch (compiled by inductor; the default) or the opt-in Triton kernels")
     a("--json", default=None)
     a("--markdown", default=None, help="append a section with the table to this file")
     args = p.parse_args(argv)
@@ -122,6 +125,8 @@ def table(results: list[Result], reference: dict[int, float], flops: dict[str, f
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    lrn_triton.set_kernel(args.lrn_kernel)
+    os.environ[lrn_triton.KERNEL_ENV] = args.lrn_kernel  # the two-process case's children
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     results: list[Result] = []
     for batch in args.batch_sizes:
@@ -166,7 +171,7 @@ def main(argv=None) -> int:
         ceiling = f"; compute ceiling for this network {peak * 1e12 / flops['ours']:,.0f} img/s" if "ours" in flops else ""
         extra.append(f"measured here: bf16 8192^3 matrix product {peak:.0f} TFLOP/s, "
                      f"copy {limits['copy_gbps']:.0f} GB/s{ceiling}")
-    env = environment(device)
+    env = environment(device) + ("; LRN: Triton kernels" if args.lrn_kernel == "triton" else "")
     lines = table(results, best_tv, flops, peak)
     print("\n" + env + "\n" + "\n".join(lines + [""] + extra), flush=True)
     if args.json:

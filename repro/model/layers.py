@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repro.config import LRNConfig
+from repro.model import lrn_triton
 
 
 def channel_window_sum(t: Tensor, size: int, groups: int) -> Tensor:
@@ -38,22 +39,32 @@ class _LRNFunction(torch.autograd.Function):
 
     Backward, for a window that is symmetric (odd size) and clipped the same way at both ends:
       dL/da_j = g_j D_j^-beta - 2 scale beta a_j * window_sum(g b / D)_j
+
+    The torch code below is what runs (torch.compile fuses each pass into one kernel); with
+    REPRO_LRN_KERNEL=triton a GPU runs lrn_triton.py's kernels instead, in float32/bf16/fp16.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, size: int, scale: float, beta: float, k: float, groups: int) -> Tensor:
-        denom = channel_window_sum(x * x, size, groups) * scale + k
+        if lrn_triton.supported(x):
+            y, denom = torch.ops.repro.lrn_forward(x, size, scale, beta, k, groups)
+        else:
+            denom = channel_window_sum(x * x, size, groups) * scale + k
+            y = x * denom.pow(-beta)
         ctx.save_for_backward(x, denom)  # b is recomputed in backward: two saved tensors, not three
         ctx.params = (size, scale, beta, groups)
-        return x * denom.pow(-beta)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, denom = ctx.saved_tensors
         size, scale, beta, groups = ctx.params
-        inv = denom.pow(-beta)
-        window = channel_window_sum(grad_y * x * inv / denom, size, groups)
-        grad_x = grad_y * inv - (2.0 * scale * beta) * x * window
+        if lrn_triton.supported(x):
+            grad_x = torch.ops.repro.lrn_backward(grad_y, x, denom, size, scale, beta, groups)
+        else:
+            inv = denom.pow(-beta)
+            window = channel_window_sum(grad_y * x * inv / denom, size, groups)
+            grad_x = grad_y * inv - (2.0 * scale * beta) * x * window
         return grad_x, None, None, None, None, None
 
 

@@ -1,0 +1,177 @@
+"""The paper's LRN (SPEC section 2) as one Triton kernel forward and one backward, for CUDA tensors.
+Opt-in (REPRO_LRN_KERNEL=triton, or set_kernel("triton")): measured slower than the default.
+
+Why it exists: compiled from the shifted-add form in layers.py, inductor's LRN kernels on an H100
+took about 2.9 ms of a 13.2 ms bf16 training step at batch 256 (scripts/profile_step.py,
+docs/benchmarks.md), several times what reading and writing the activations costs. Here a program
+owns a tile of pixels by all channels and re-reads the window's neighbours from cache.
+Measured (H100, torch 2.11, bf16, channels_last, compiled, whole-step CUDA graph, batch 256): the
+step got slower, 18.06 ms against 13.22 ms with inductor's kernels, so the default stays inductor's.
+Likely causes, not yet measured apart: the shifted loads are unaligned (no vector loads, 5 loads
+per element forward and 15 backward), and the opaque custom op keeps inductor from fusing the ReLU.
+
+Both memory layouts work: element (n, c, h, w) sits at n*sN + c*sC + (h*W + w)*sHW in a contiguous
+and in a channels_last tensor alike. Arithmetic is float32 whatever the storage type. The window
+never leaves a channel group (the two towers' channels in the grouped form).
+
+The kernels are wrapped as custom ops (repro::lrn_forward, repro::lrn_backward) so torch.compile
+and CUDA graphs treat them as single opaque calls. On the CPU the same kernels run under Triton's
+interpreter (TRITON_INTERPRET=1), which is how the tests check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (e.g. a CPU-only build on another platform): layers.py keeps its torch path
+    triton = None
+
+AVAILABLE = triton is not None
+KERNEL_ENV = "REPRO_LRN_KERNEL"  # "torch" (default: the torch code, fused by torch.compile) or "triton"
+KERNELS = ("torch", "triton")
+_kernel = os.environ.get(KERNEL_ENV, "torch")
+if _kernel not in KERNELS:
+    raise ValueError(f"{KERNEL_ENV}={_kernel!r}: choose one of {KERNELS}")
+_TILE = 4096  # elements per program: BLOCK_P pixels x BLOCK_C channels
+
+
+def _dense_format(x: Tensor) -> torch.memory_format | None:
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+def set_kernel(name: str) -> None:
+    """Which LRN code runs on a GPU from now on in this process (child processes read KERNEL_ENV)."""
+    global _kernel
+    if name not in KERNELS:
+        raise ValueError(f"LRN kernel {name!r}: choose one of {KERNELS}")
+    if name == "triton" and not AVAILABLE:
+        raise ValueError("LRN kernel 'triton' needs the triton package, which is not installed")
+    _kernel = name
+
+
+def supported(x: Tensor) -> bool:
+    """Whether the Triton kernels are chosen and take this tensor: a CUDA float tensor (not float64,
+    which stays on the exact torch path the equivalence tests use), 4-D, contiguous or channels_last."""
+    return (_kernel == "triton" and AVAILABLE and x.is_cuda and x.dim() == 4
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _dense_format(x) is not None)
+
+
+if AVAILABLE:
+    @triton.jit
+    def _tile(pid, P, HW, C, sN, sHW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = tl.arange(0, BLOCK_C)
+        n = p // HW
+        base = n.to(tl.int64) * sN + (p - n * HW).to(tl.int64) * sHW
+        return base, c, p < P
+
+    @triton.jit
+    def _lrn_forward_kernel(x_ptr, y_ptr, d_ptr, P, HW, C, CG, sN, sC, sHW, scale, beta, k,
+                            SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        base, c, pmask = _tile(tl.program_id(0), P, HW, C, sN, sHW, BLOCK_P, BLOCK_C)
+        group = c // CG
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for i in tl.static_range(SIZE):
+            cd = c + (i - SIZE // 2)
+            ok = (cd >= 0) & (cd < C) & (cd // CG == group)
+            v = tl.load(x_ptr + base[:, None] + (cd * sC)[None, :], mask=pmask[:, None] & ok[None, :],
+                        other=0.0).to(tl.float32)
+            acc += v * v
+        mask = pmask[:, None] & (c < C)[None, :]
+        offs = base[:, None] + (c * sC)[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        denom = k + scale * acc
+        y = x * tl.exp2(-beta * tl.log2(denom))
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(d_ptr + offs, denom.to(d_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _lrn_backward_kernel(g_ptr, x_ptr, d_ptr, dx_ptr, P, HW, C, CG, sN, sC, sHW, scale, beta,
+                             SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        # dL/dx_c = g_c D_c^-beta - 2 scale beta x_c * sum over the window of g_j x_j D_j^(-beta-1)
+        # (the window is symmetric and clipped alike at both ends, so j's window holds c iff c's holds j).
+        base, c, pmask = _tile(tl.program_id(0), P, HW, C, sN, sHW, BLOCK_P, BLOCK_C)
+        group = c // CG
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for i in tl.static_range(SIZE):
+            cd = c + (i - SIZE // 2)
+            ok = pmask[:, None] & ((cd >= 0) & (cd < C) & (cd // CG == group))[None, :]
+            offs = base[:, None] + (cd * sC)[None, :]
+            g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            d = tl.load(d_ptr + offs, mask=ok, other=1.0).to(tl.float32)
+            acc += g * x * tl.exp2((-beta - 1.0) * tl.log2(d))
+        mask = pmask[:, None] & (c < C)[None, :]
+        offs = base[:, None] + (c * sC)[None, :]
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(d_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+        dx = g * tl.exp2(-beta * tl.log2(d)) - (2.0 * scale * beta) * x * acc
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_shape(x: Tensor, groups: int):
+    n, c, h, w = x.shape
+    if c % groups:
+        raise ValueError(f"LRN over {groups} groups needs channels divisible by it, got {c}")
+    block_c = triton.next_power_of_2(c)
+    block_p = max(1, _TILE // block_c)
+    p = n * h * w
+    s_n, s_c, s_h, s_w = x.stride()
+    return (triton.cdiv(p, block_p),), dict(P=p, HW=h * w, C=c, CG=c // groups, sN=s_n, sC=s_c, sHW=s_w,
+                                            BLOCK_P=block_p, BLOCK_C=block_c)
+
+
+def lrn_forward(x: Tensor, size: int, scale: float, beta: float, k: float, groups: int) -> tuple[Tensor, Tensor]:
+    """(output, denominator k + scale * window sum of squares), both laid out like x."""
+    fmt = _dense_format(x)
+    src = x if fmt is not None else x.contiguous()
+    y, denom = torch.empty_like(src), torch.empty_like(src)
+    if src.numel():
+        grid, shape = _launch_shape(src, groups)
+        _lrn_forward_kernel[grid](src, y, denom, scale=scale, beta=beta, k=k, SIZE=size, **shape)
+    if fmt is None:  # match empty_like(x), which is what the op promises
+        y, denom = torch.empty_like(x).copy_(y), torch.empty_like(x).copy_(denom)
+    return y, denom
+
+
+def lrn_backward(grad: Tensor, x: Tensor, denom: Tensor, size: int, scale: float, beta: float,
+                 groups: int) -> Tensor:
+    fmt = _dense_format(x) or torch.contiguous_format
+    x_, denom_ = x.contiguous(memory_format=fmt), denom.contiguous(memory_format=fmt)
+    grad_ = grad.contiguous(memory_format=fmt)  # autograd may hand the gradient in another layout
+    dx = torch.empty_like(x_)
+    if x_.numel():
+        grid, shape = _launch_shape(x_, groups)
+        _lrn_backward_kernel[grid](grad_, x_, denom_, dx, scale=scale, beta=beta, SIZE=size, **shape)
+    return dx if _dense_format(x) is not None else torch.empty_like(x).copy_(dx)
+
+
+if AVAILABLE:
+    @torch.library.custom_op("repro::lrn_forward", mutates_args=())
+    def lrn_forward_op(x: Tensor, size: int, scale: float, beta: float, k: float,
+                       groups: int) -> tuple[Tensor, Tensor]:
+        return lrn_forward(x, size, scale, beta, k, groups)
+
+    @lrn_forward_op.register_fake
+    def _(x, size, scale, beta, k, groups):
+        return torch.empty_like(x), torch.empty_like(x)
+
+    @torch.library.custom_op("repro::lrn_backward", mutates_args=())
+    def lrn_backward_op(grad: Tensor, x: Tensor, denom: Tensor, size: int, scale: float, beta: float,
+                        groups: int) -> Tensor:
+        return lrn_backward(grad, x, denom, size, scale, beta, groups)
+
+    @lrn_backward_op.register_fake
+    def _(grad, x, denom, size, scale, beta, groups):
+        return torch.empty_like(x)

@@ -1,0 +1,85 @@
+"""Runs the Triton LRN kernels on the CPU under Triton's interpreter and prints what
+tests/test_lrn_triton.py checks, as JSON. A separate process: TRITON_INTERPRET must be set before
+the kernels are defined, and the rest of the suite must see them compiled for a GPU as usual.
+
+    TRITON_INTERPRET=1 python -m tests.lrn_triton_interpreted
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from repro.model import layers, lrn_triton
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def reference(x: torch.Tensor, g: torch.Tensor, size: int, scale: float, beta: float, k: float, groups: int):
+    """The torch path of layers.py in float64 (itself checked against NumPy in test_layers.py)."""
+    xr = x.double().detach().clone().requires_grad_()
+    y = layers._LRNFunction.apply(xr, size, scale, beta, k, groups)
+    y.backward(g.double())
+    return y.detach(), xr.grad
+
+
+def kernel_cases() -> list[dict]:
+    out = []
+    torch.manual_seed(0)
+    shapes = [(2, 96, 5, 7, 2, 5), (3, 48, 4, 4, 1, 5), (2, 10, 3, 3, 2, 3), (1, 256, 3, 2, 2, 5),
+              (5, 6, 1, 1, 2, 5)]  # odd pixel counts and tiles, tiny groups, a window wider than a group
+    for n, c, h, w, groups, size in shapes:
+        for layout, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            x = (torch.randn(n, c, h, w) * 3).contiguous(memory_format=fmt)
+            g = torch.randn_like(x)
+            y_ref, dx_ref = reference(x, g, size, 1e-2, 0.75, 2.0, groups)
+            y, denom = lrn_triton.lrn_forward(x, size, 1e-2, 0.75, 2.0, groups)
+            # the gradient handed in the other layout, as autograd may do
+            g_other = g.contiguous(memory_format=torch.channels_last if layout == "contiguous"
+                                   else torch.contiguous_format)
+            dx = lrn_triton.lrn_backward(g_other, x, denom, size, 1e-2, 0.75, groups)
+            out.append({"case": f"{n}x{c}x{h}x{w} groups {groups} size {size} {layout}",
+                        "forward": rel(y, y_ref), "backward": rel(dx, dx_ref),
+                        "same_strides": y.stride() == x.stride() == dx.stride() == denom.stride()})
+    return out
+
+
+def bf16_case() -> dict:
+    torch.manual_seed(1)
+    x = (torch.randn(2, 96, 6, 6) * 3).to(memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+    y_ref, dx_ref = reference(x, g, 5, 1e-4, 0.75, 2.0, 2)
+    xb, gb = x.bfloat16(), g.bfloat16()
+    y, denom = lrn_triton.lrn_forward(xb, 5, 1e-4, 0.75, 2.0, 2)
+    dx = lrn_triton.lrn_backward(gb, xb, denom, 5, 1e-4, 0.75, 2)
+    return {"dtype": str(y.dtype), "forward": rel(y, y_ref), "backward": rel(dx, dx_ref)}
+
+
+def compiled_case() -> dict:
+    """The whole wiring a GPU uses: the autograd function calling the custom ops, under torch.compile
+    (which must keep them as opaque calls), here with the kernels admitted on the CPU."""
+    lrn_triton.set_kernel("triton")
+    lrn_triton.supported = lambda t: t.dim() == 4 and t.dtype == torch.float32  # the GPU's rule, on the CPU
+    torch.manual_seed(2)
+    x = (torch.randn(2, 16, 5, 5) * 3).to(memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+    cfg = layers.LRNConfig(alpha=1e-2)
+    y_ref, dx_ref = reference(x, g, cfg.size, cfg.sum_scale, cfg.beta, cfg.k, 2)
+    fn = torch.compile(lambda t: layers.local_response_norm(t, cfg, 2), fullgraph=True)
+    xc = x.clone().requires_grad_()
+    y = fn(xc)
+    y.backward(g)
+    opcheck = torch.library.opcheck(torch.ops.repro.lrn_forward.default, (x, 5, 1e-2, 0.75, 2.0, 2),
+                                    test_utils=("test_schema", "test_faketensor"))
+    return {"forward": rel(y, y_ref), "backward": rel(xc.grad, dx_ref),
+            "opcheck": all(v == "SUCCESS" for v in opcheck.values())}
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("set TRITON_INTERPRET=1: these kernels run on the CPU only under Triton's interpreter")
+    print(json.dumps({"kernels": kernel_cases(), "bf16": bf16_case(), "compiled": compiled_case()}))

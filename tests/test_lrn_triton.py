@@ -1,0 +1,59 @@
+"""The GPU's LRN kernels (repro/model/lrn_triton.py), run on the CPU by Triton's interpreter in a child
+process, against the float64 torch path of layers.py. tests/test_cuda.py repeats the check compiled
+on a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is not installed: the GPU LRN kernels are not used here")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "tests.lrn_triton_interpreted"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_kernels_equal_the_torch_lrn_in_float32(interpreted):
+    """Both layouts, one and two groups, window 3 and 5, windows wider than a group, pixel counts that
+    do not fill the last tile, and a gradient handed in the other layout: float32 rounding only."""
+    assert len(interpreted["kernels"]) == 10
+    for case in interpreted["kernels"]:
+        assert case["forward"] < 1e-6 and case["backward"] < 1e-6, case
+        assert case["same_strides"], case
+
+
+def test_kernels_in_bf16_stay_within_its_rounding(interpreted):
+    case = interpreted["bf16"]
+    assert case["dtype"] == "torch.bfloat16"
+    assert case["forward"] < 1e-2 and case["backward"] < 1e-2, case  # bf16 keeps 8 bits: 2^-8 = 3.9e-3
+
+
+def test_compiled_autograd_function_calls_the_kernels(interpreted):
+    """torch.compile(fullgraph=True) of local_response_norm with the kernels admitted: the custom ops
+    trace (schema and fake-tensor checks pass) and forward and backward match."""
+    case = interpreted["compiled"]
+    assert case["opcheck"], case
+    assert case["forward"] < 1e-6 and case["backward"] < 1e-6, case
+
+
+def test_kernel_choice_is_checked():
+    from repro.model import lrn_triton
+
+    with pytest.raises(ValueError, match="choose one of"):
+        lrn_triton.set_kernel("cuda")
+    lrn_triton.set_kernel("torch")  # the default, unchanged
+    assert not lrn_triton.supported(torch.ones(1, 4, 2, 2))
