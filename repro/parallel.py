@@ -17,7 +17,7 @@ from repro.model.grouped import AlexNet
 from repro.model.layers import set_dropout_stream
 
 
-def _compile_stages(net: nn.Module, mode: str = "default") -> None:
+def compile_stages(net: nn.Module, mode: str = "default") -> None:
     """Compile each tower stage between exchanges (the exchanges stay eager), or the whole
     grouped network."""
     if isinstance(net, DistributedTowerAlexNet):
@@ -61,7 +61,7 @@ class Replica:
                 net, device_ids=[topo.device] if topo.device.type == "cuda" else None,
                 process_group=topo.replica_group, **_no_buffer_sync())
         if compile_mode:  # None: eager
-            _compile_stages(net, compile_mode)
+            compile_stages(net, compile_mode)
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return pair_loss(output, target)
