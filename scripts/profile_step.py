@@ -1,0 +1,62 @@
+"""Where a training step's GPU time goes: the kernels of a few profiled steps, by total device time.
+
+    python scripts/profile_step.py                        # grouped and torchvision, bf16 CL compiled, b256
+    python scripts/profile_step.py --models grouped --variant bf16-cl --batch 128 --top 30
+
+Steps are the benchmark's (repro.bench.make_step: forward, loss, backward, the paper's SGD step on a
+synthetic batch), so the table explains the rows of scripts/benchmark.py. Speed work starts here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from repro.bench import Case, build, make_step  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark import VARIANTS  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["grouped", "torchvision"],
+                   choices=["grouped", "towers", "torchvision"])
+    p.add_argument("--variant", default="bf16-cl-compile", choices=sorted(VARIANTS))
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="profiled steps (after 10 unprofiled)")
+    p.add_argument("--top", type=int, default=25, help="kernels listed per model")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("profile_step.py profiles GPU kernels: it needs a CUDA device")
+    device = torch.device("cuda")
+    for model_name in args.models:
+        dtype, channels_last, compile_mode, graph = VARIANTS[args.variant]
+        case = Case(model_name, args.batch, dtype, channels_last, compile_mode, graph)
+        torch.manual_seed(0)
+        model, _ = build(case, device)
+        step = make_step(model, case, device)
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        total = sum(getattr(e, key) for e in events) / args.steps / 1e3
+        print(f"\n== {case.label}: {total:.2f} ms of kernel time per step")
+        print(events.table(sort_by=key, row_limit=args.top, max_name_column_width=90))
+        del model, step
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
