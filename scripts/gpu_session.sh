@@ -7,16 +7,18 @@
 #   bash scripts/gpu_session.sh bench OUT_DIR FMNIST_DIR   # batch 256: every form and variant, pipeline rates
 #   bash scripts/gpu_session.sh bench128 OUT_DIR           # batch 128, and the bf16 numerics check
 #   bash scripts/gpu_session.sh train OUT_DIR FMNIST_DIR   # issue 3's result: 10 epochs of Fashion-MNIST
+#   bash scripts/gpu_session.sh profile OUT_DIR            # kernels by GPU time, with both LRN kernels
 #
 # FMNIST_DIR holds the four Fashion-MNIST .gz files (any layout scripts/train_two_gpu.py accepts), e.g.
 # the Debian package's files copied into the git-ignored data/ folder so they travel with the checkout:
 #   mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/
-# Expected time on one H100 (estimates until measured): check 4-6 min, bench 6-9, bench128 5-8, train 3-6.
+# Measured on one H100 (2026-11-22): check 5.4 min, bench 4.1, bench128 3.3 (without the two-process
+# towers, which add about a minute), train 2.4; a machine's start took under a minute.
 # Training runs (checkpoints included) go to runs/gpu-session/; OUT_DIR gets only logs and results,
 # at most five files per stage. Uses the python3 on PATH; set PYTHON to choose another.
 set -uo pipefail
 
-stage=${1:?"stage: check, bench, bench128 or train"}
+stage=${1:?"stage: check, bench, bench128, train or profile"}
 out=${2:?"OUT_DIR: where logs and results go"}
 data=${3:-}
 py=${PYTHON:-python3}
@@ -80,8 +82,15 @@ case "$stage" in
     done
     echo "== train: exit $code, wall $(( $(date +%s) - start )) s"
     ;;
+  profile)
+    # Where the step's time goes (inductor's LRN, then the opt-in Triton LRN), and the two compared.
+    "$py" scripts/profile_step.py --models grouped torchvision 2>&1 | tee "$out/profile.txt"
+    REPRO_LRN_KERNEL=triton "$py" scripts/profile_step.py --models grouped 2>&1 | tee "$out/profile-triton.txt"
+    "$py" scripts/benchmark.py --batch-sizes 256 --models towers grouped --variants bf16-cl-compile-graph \
+      --no-numerics --lrn-kernel triton 2>&1 | tee "$out/bench-triton.log"
+    ;;
   *)
-    echo "unknown stage '$stage': check, bench, bench128 or train" >&2
+    echo "unknown stage '$stage': check, bench, bench128, train or profile" >&2
     exit 2
     ;;
 esac
