@@ -38,6 +38,8 @@ KERNELS = ("torch", "triton")
 _kernel = os.environ.get(KERNEL_ENV, "torch")
 if _kernel not in KERNELS:
     raise ValueError(f"{KERNEL_ENV}={_kernel!r}: choose one of {KERNELS}")
+if _kernel == "triton" and not AVAILABLE:
+    raise ValueError(f"{KERNEL_ENV}=triton needs the triton package, which is not installed; unset it")
 _TILE = 4096  # elements per program: BLOCK_P pixels x BLOCK_C channels
 
 
