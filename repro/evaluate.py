@@ -19,8 +19,10 @@ def batch_sums(probs: Tensor, labels: Tensor) -> Tensor:
     k = min(5, probs.shape[1])
     hit = probs.topk(k, dim=1).indices == labels[:, None]
     true = probs.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12)
-    return torch.stack([torch.tensor(float(len(labels)), device=probs.device, dtype=torch.float64),
-                        hit[:, 0].sum().double(), hit.any(1).sum().double(), -true.double().log().sum()])
+    # torch.full, not torch.tensor: building a CUDA tensor from a host value copies it and waits for
+    # the GPU to finish all queued work, which every training step would then do.
+    images = torch.full((), float(len(labels)), device=probs.device, dtype=torch.float64)
+    return torch.stack([images, hit[:, 0].sum().double(), hit.any(1).sum().double(), -true.double().log().sum()])
 
 
 class RunningCounts:

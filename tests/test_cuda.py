@@ -227,6 +227,36 @@ def test_two_tower_training_on_one_gpu_follows_the_cpu_run(data_root, tmp_path):
             assert relative_error(runs["cuda"][k], v) < 1e-3, k
 
 
+def test_a_training_step_never_makes_the_host_wait(data_root, tmp_path):  # noqa: F811
+    """The per-step path of training (a batch from the in-memory source, its augmentation on the GPU,
+    forward, loss, backward, the paper's SGD step, the error counts kept on the device) issues no
+    synchronising CUDA call, so the host queues step n+1 while the GPU runs step n. (Log lines and the
+    SIGTERM check synchronise by design, every --log-every and every 20 steps.)"""
+    from repro.data.augment import draw_params, step_generator
+    from repro.data.loader import iterate, train_batches
+    from repro.dist import init_topology, shutdown
+    from repro.evaluate import RunningCounts
+    from repro.train import Trainer
+
+    cfg = dataclasses.replace(tiny_config(data_root, tmp_path / "run"), device="cuda")
+    topo = init_topology(cfg.device, cfg.backend)
+    try:
+        trainer = Trainer(cfg, topo)
+        trainer.meter = RunningCounts()
+        lists = train_batches(len(trainer.train_set), cfg.batch_size, 1, 0, cfg.seed, 0, 0)[:3]
+        batches = list(iterate(trainer.train_set, lists, 0, True, topo.device))
+        trainer._step(batches[0], draw_params(cfg.batch_size, cfg.data, step_generator(cfg.seed, 0, 0, 0)))
+        torch.cuda.synchronize()  # warm-up done (lazy optimiser state, cuDNN's choices)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i, batch in enumerate(batches[1:], start=1):
+                trainer._step(batch, draw_params(cfg.batch_size, cfg.data, step_generator(cfg.seed, 0, i, 0)))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        shutdown()
+
+
 def test_grouped_training_with_bf16_channels_last_and_compile(data_root, tmp_path):  # noqa: F811
     """`--nproc_per_node=1 --amp bf16 --channels-last --compile` on the GPU: trains, validates,
     checkpoints, resumes, and the checkpoint loads on the CPU."""
