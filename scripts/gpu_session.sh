@@ -83,7 +83,9 @@ case "$stage" in
     echo "== train: exit $code, wall $(( $(date +%s) - start )) s"
     ;;
   profile)
-    # Where the step's time goes (inductor's LRN, then the opt-in Triton LRN), and the two compared.
+    # Where the step's time goes (inductor's LRN, then the opt-in Triton LRN), and the two compared:
+    # LRN alone against its bandwidth floor, then in the step.
+    "$py" scripts/benchmark_lrn.py 2>&1 | tee "$out/lrn.md"
     "$py" scripts/profile_step.py --models grouped torchvision 2>&1 | tee "$out/profile.txt"
     REPRO_LRN_KERNEL=triton "$py" scripts/profile_step.py --models grouped 2>&1 | tee "$out/profile-triton.txt"
     "$py" scripts/benchmark.py --batch-sizes 256 --models towers grouped --variants bf16-cl-compile-graph \

@@ -1,0 +1,105 @@
+"""LRN alone on the GPU: each implementation's forward and forward+backward time at the network's two
+LRN shapes, against the time a single read-and-write pass over the tensors would take.
+
+    python scripts/benchmark_lrn.py                     # batch 256, bf16, channels_last
+    python scripts/benchmark_lrn.py --batch 128 --dtype float32 --contiguous
+
+Implementations: "torch eager" and "torch compiled" (the shifted-add code of repro/model/layers.py,
+as training runs it with and without --compile), "triton" and "triton compiled" (the opt-in kernels
+of repro/model/lrn_triton.py, called directly and inside a compiled function). In the network, LRN
+follows a ReLU; "+relu" rows time the two together, which is what a compiled network fuses.
+The floor is the bytes a pass must move (forward: read x, write y and the denominator; backward: read
+the gradient, x and the denominator, write the input gradient) at the copy rate measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import torch  # noqa: E402
+
+from repro.config import LRNConfig  # noqa: E402
+from repro.model import lrn_triton  # noqa: E402
+from repro.model.layers import local_response_norm  # noqa: E402
+
+# (channels, spatial size) after conv1 and conv2 at 227 pixels; two groups in the grouped form (SPEC section 1)
+SHAPES = {"conv1 LRN": (96, 55), "conv2 LRN": (256, 27)}
+
+
+def cuda_ms(fn, reps: int = 50) -> float:
+    """Median milliseconds of fn() by CUDA events, after warm-up."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_gbps(nbytes: int = 2 ** 30) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / cuda_ms(lambda: dst.copy_(src), reps=20) / 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmark_lrn.py times GPU kernels: it needs a CUDA device")
+    dtype = getattr(torch, args.dtype)
+    fmt = torch.contiguous_format if args.contiguous else torch.channels_last
+    cfg = LRNConfig()
+    gbps = copy_gbps()
+
+    def lrn(t):
+        return local_response_norm(t, cfg, groups=2)
+
+    def lrn_relu(t):
+        return local_response_norm(torch.relu(t), cfg, groups=2)
+
+    impls = {"torch eager": ("torch", lrn), "torch compiled": ("torch", torch.compile(lrn)),
+             "torch compiled +relu": ("torch", torch.compile(lrn_relu))}
+    if lrn_triton.AVAILABLE:
+        impls.update({"triton": ("triton", lrn), "triton compiled": ("triton", torch.compile(lrn)),
+                      "triton compiled +relu": ("triton", torch.compile(lrn_relu))})
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; batch {args.batch}, {args.dtype}, "
+          f"{'contiguous' if args.contiguous else 'channels_last'}; copy {gbps:.0f} GB/s")
+    print("| shape | implementation | forward ms | forward floor | fwd+bwd ms | fwd+bwd floor |")
+    print("|---|---|---|---|---|---|")
+    for name, (c, s) in SHAPES.items():
+        x = (torch.randn(args.batch, c, s, s, device="cuda") * 3).to(dtype).contiguous(memory_format=fmt)
+        g = torch.randn_like(x)
+        nbytes = x.numel() * x.element_size()
+        fwd_floor, bwd_floor = 3 * nbytes / gbps / 1e6, 4 * nbytes / gbps / 1e6
+        for label, (kernel, fn) in impls.items():
+            lrn_triton.set_kernel(kernel)
+            xg = x.detach().requires_grad_()
+
+            def forward():
+                with torch.no_grad():
+                    fn(x)
+
+            def both():
+                torch.autograd.grad(fn(xg), xg, g)
+
+            print(f"| {name} {tuple(x.shape)} | {label} | {cuda_ms(forward):.3f} | {fwd_floor:.3f} | "
+                  f"{cuda_ms(both):.3f} | {fwd_floor + bwd_floor:.3f} |", flush=True)
+        lrn_triton.set_kernel("torch")
+
+
+if __name__ == "__main__":
+    main()
