@@ -7,8 +7,10 @@ docs/benchmarks.md), several times what reading and writing the activations cost
 owns a tile of pixels by all channels and re-reads the window's neighbours from cache.
 Measured (H100, torch 2.11, bf16, channels_last, compiled, whole-step CUDA graph, batch 256): the
 step got slower, 18.06 ms against 13.22 ms with inductor's kernels, so the default stays inductor's.
-Likely causes, not yet measured apart: the shifted loads are unaligned (no vector loads, 5 loads
-per element forward and 15 backward), and the opaque custom op keeps inductor from fusing the ReLU.
+Likely causes, not yet measured apart (scripts/benchmark_lrn.py does): the shifted loads are
+unaligned (no vector loads, 5 per element forward and 15 backward), the opaque custom op keeps
+inductor from fusing the ReLU, and that version divided by the runtime group size 5 times per
+element; channel and group counts are now compile-time constants (not re-measured).
 
 Both memory layouts work: element (n, c, h, w) sits at n*sN + c*sC + (h*W + w)*sHW in a contiguous
 and in a channels_last tensor alike. Arithmetic is float32 whatever the storage type. The window
@@ -70,7 +72,7 @@ def supported(x: Tensor) -> bool:
 
 if AVAILABLE:
     @triton.jit
-    def _tile(pid, P, HW, C, sN, sHW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _tile(pid, P, HW, sN, sHW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
         c = tl.arange(0, BLOCK_C)
         n = p // HW
@@ -78,18 +80,17 @@ if AVAILABLE:
         return base, c, p < P
 
     @triton.jit
-    def _lrn_forward_kernel(x_ptr, y_ptr, d_ptr, P, HW, C, CG, sN, sC, sHW, scale, beta, k,
-                            SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        base, c, pmask = _tile(tl.program_id(0), P, HW, C, sN, sHW, BLOCK_P, BLOCK_C)
-        group = c // CG
+    def _lrn_forward_kernel(x_ptr, y_ptr, d_ptr, P, HW, sN, sC, sHW, scale, beta, k, C: tl.constexpr,
+                            CG: tl.constexpr, SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        base, c, pmask = _tile(tl.program_id(0), P, HW, sN, sHW, BLOCK_P, BLOCK_C)
+        in_group = c % CG  # position inside the channel group (constant divisor: no division instruction)
+        mask = pmask[:, None] & (c < C)[None, :]
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for i in tl.static_range(SIZE):
-            cd = c + (i - SIZE // 2)
-            ok = (cd >= 0) & (cd < C) & (cd // CG == group)
-            v = tl.load(x_ptr + base[:, None] + (cd * sC)[None, :], mask=pmask[:, None] & ok[None, :],
-                        other=0.0).to(tl.float32)
+            d = i - SIZE // 2
+            ok = mask & ((in_group + d >= 0) & (in_group + d < CG))[None, :]
+            v = tl.load(x_ptr + base[:, None] + ((c + d) * sC)[None, :], mask=ok, other=0.0).to(tl.float32)
             acc += v * v
-        mask = pmask[:, None] & (c < C)[None, :]
         offs = base[:, None] + (c * sC)[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         denom = k + scale * acc
@@ -98,27 +99,27 @@ if AVAILABLE:
         tl.store(d_ptr + offs, denom.to(d_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _lrn_backward_kernel(g_ptr, x_ptr, d_ptr, dx_ptr, P, HW, C, CG, sN, sC, sHW, scale, beta,
-                             SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _lrn_backward_kernel(g_ptr, x_ptr, d_ptr, dx_ptr, P, HW, sN, sC, sHW, scale, beta, C: tl.constexpr,
+                             CG: tl.constexpr, SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         # dL/dx_c = g_c D_c^-beta - 2 scale beta x_c * sum over the window of g_j x_j D_j^(-beta-1)
         # (the window is symmetric and clipped alike at both ends, so j's window holds c iff c's holds j).
-        base, c, pmask = _tile(tl.program_id(0), P, HW, C, sN, sHW, BLOCK_P, BLOCK_C)
-        group = c // CG
+        base, c, pmask = _tile(tl.program_id(0), P, HW, sN, sHW, BLOCK_P, BLOCK_C)
+        in_group = c % CG
+        mask = pmask[:, None] & (c < C)[None, :]
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for i in tl.static_range(SIZE):
-            cd = c + (i - SIZE // 2)
-            ok = pmask[:, None] & ((cd >= 0) & (cd < C) & (cd // CG == group))[None, :]
-            offs = base[:, None] + (cd * sC)[None, :]
+            d = i - SIZE // 2
+            ok = mask & ((in_group + d >= 0) & (in_group + d < CG))[None, :]
+            offs = base[:, None] + ((c + d) * sC)[None, :]
             g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            d = tl.load(d_ptr + offs, mask=ok, other=1.0).to(tl.float32)
-            acc += g * x * tl.exp2((-beta - 1.0) * tl.log2(d))
-        mask = pmask[:, None] & (c < C)[None, :]
+            den = tl.load(d_ptr + offs, mask=ok, other=1.0).to(tl.float32)
+            acc += g * x * tl.exp2((-beta - 1.0) * tl.log2(den))
         offs = base[:, None] + (c * sC)[None, :]
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(d_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-        dx = g * tl.exp2(-beta * tl.log2(d)) - (2.0 * scale * beta) * x * acc
+        den = tl.load(d_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+        dx = g * tl.exp2(-beta * tl.log2(den)) - (2.0 * scale * beta) * x * acc
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
