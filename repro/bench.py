@@ -240,7 +240,7 @@ def train_flops_per_image(model: str) -> float:
     return float(counter.get_total_flops())
 
 
-def _cuda_seconds(fn, device: torch.device, reps: int = 20) -> float:
+def cuda_seconds(fn, device: torch.device, reps: int = 20) -> float:
     """Median seconds of fn() timed with CUDA events, after a warm-up call."""
     fn()
     times = []
@@ -268,13 +268,13 @@ def ceilings(device: torch.device) -> dict[str, float] | None:
 def _matmul_tflops(device: torch.device, g: torch.Generator, n: int = 8192) -> float:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)  # never zeros: they run faster
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
-    return 2 * n ** 3 / _cuda_seconds(lambda: a @ b, device) / 1e12
+    return 2 * n ** 3 / cuda_seconds(lambda: a @ b, device) / 1e12
 
 
 def _copy_gbps(device: torch.device, g: torch.Generator, n: int = 2 ** 28) -> float:
     src = torch.randn(n, device=device, generator=g)
     dst = torch.empty_like(src)
-    return 2 * src.nbytes / _cuda_seconds(lambda: dst.copy_(src), device) / 1e9
+    return 2 * src.nbytes / cuda_seconds(lambda: dst.copy_(src), device) / 1e9
 
 
 # --- numerics ------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
+from repro.bench import ceilings, cuda_seconds  # noqa: E402
 from repro.config import LRNConfig  # noqa: E402
 from repro.model import lrn_triton  # noqa: E402
 from repro.model.layers import local_response_norm  # noqa: E402
@@ -32,24 +33,9 @@ SHAPES = {"conv1 LRN": (96, 55), "conv2 LRN": (256, 27)}
 
 def cuda_ms(fn, reps: int = 50) -> float:
     """Median milliseconds of fn() by CUDA events, after warm-up."""
-    for _ in range(5):
+    for _ in range(4):
         fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def copy_gbps(nbytes: int = 2 ** 30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * nbytes / cuda_ms(lambda: dst.copy_(src), reps=20) / 1e6
+    return cuda_seconds(fn, torch.device("cuda"), reps) * 1e3
 
 
 def main() -> None:
@@ -63,7 +49,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     fmt = torch.contiguous_format if args.contiguous else torch.channels_last
     cfg = LRNConfig()
-    gbps = copy_gbps()
+    gbps = ceilings(torch.device("cuda"))["copy_gbps"]
 
     def lrn(t):
         return local_response_norm(t, cfg, groups=2)
