@@ -37,11 +37,7 @@ except ImportError:  # no Triton (e.g. a CPU-only build on another platform): la
 AVAILABLE = triton is not None
 KERNEL_ENV = "REPRO_LRN_KERNEL"  # "torch" (default: the torch code, fused by torch.compile) or "triton"
 KERNELS = ("torch", "triton")
-_kernel = os.environ.get(KERNEL_ENV, "torch")
-if _kernel not in KERNELS:
-    raise ValueError(f"{KERNEL_ENV}={_kernel!r}: choose one of {KERNELS}")
-if _kernel == "triton" and not AVAILABLE:
-    raise ValueError(f"{KERNEL_ENV}=triton needs the triton package, which is not installed; unset it")
+_kernel = "torch"  # set from KERNEL_ENV below
 _TILE = 4096  # elements per program: BLOCK_P pixels x BLOCK_C channels
 
 
@@ -57,10 +53,14 @@ def set_kernel(name: str) -> None:
     """Which LRN code runs on a GPU from now on in this process (child processes read KERNEL_ENV)."""
     global _kernel
     if name not in KERNELS:
-        raise ValueError(f"LRN kernel {name!r}: choose one of {KERNELS}")
+        raise ValueError(f"LRN kernel {name!r} (set_kernel or {KERNEL_ENV}): choose one of {KERNELS}")
     if name == "triton" and not AVAILABLE:
-        raise ValueError("LRN kernel 'triton' needs the triton package, which is not installed")
+        raise ValueError(f"LRN kernel 'triton' (set_kernel or {KERNEL_ENV}) needs the triton package, "
+                         "which is not installed")
     _kernel = name
+
+
+set_kernel(os.environ.get(KERNEL_ENV, "torch"))
 
 
 def supported(x: Tensor) -> bool:
