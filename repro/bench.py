@@ -28,6 +28,11 @@ from repro.optim import paper_optimizer
 from repro.parallel import compile_stages
 
 MODELS = ("grouped", "towers", "towers-2proc", "torchvision")
+# name: (dtype, channels_last, compile mode, whole-step CUDA graph), as scripts/benchmark.py offers them
+VARIANTS = {"fp32": ("fp32", False, "none", False), "fp32-cl": ("fp32", True, "none", False),
+            "bf16-cl": ("bf16", True, "none", False), "bf16-cl-compile": ("bf16", True, "default", False),
+            "bf16-cl-max-autotune": ("bf16", True, "max-autotune", False),
+            "bf16-cl-graph": ("bf16", True, "none", True), "bf16-cl-compile-graph": ("bf16", True, "default", True)}
 
 
 @dataclass(frozen=True)

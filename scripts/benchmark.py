@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from repro.bench import (  # noqa: E402
     MODELS,
+    VARIANTS,
     Case,
     Result,
     ceilings,
@@ -39,14 +40,6 @@ from repro.bench import (  # noqa: E402
     train_flops_per_image,
 )
 from repro.model import lrn_triton  # noqa: E402
-
-
-# name: (dtype, channels_last, compile mode, whole-step CUDA graph)
-VARIANTS = {"fp32": ("fp32", False, "none", False), "fp32-cl": ("fp32", True, "none", False),
-            "bf16-cl": ("bf16", True, "none", False), "bf16-cl-compile": ("bf16", True, "default", False),
-            "bf16-cl-max-autotune": ("bf16", True, "max-autotune", False),
-            "bf16-cl-graph": ("bf16", True, "none", True), "bf16-cl-compile-graph": ("bf16", True, "default", True)}
-
 
 PIPELINES = ("fashion-mnist", "imagenet", "folder", "jpeg-folder", "jpeg-store")
 

@@ -18,10 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from repro.bench import Case, build, make_step  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark import VARIANTS  # noqa: E402
+from repro.bench import VARIANTS, Case, build, make_step  # noqa: E402
 
 
 def main() -> None:
