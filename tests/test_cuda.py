@@ -232,7 +232,6 @@ def test_a_training_step_never_makes_the_host_wait(data_root, tmp_path):  # noqa
     forward, loss, backward, the paper's SGD step, the error counts kept on the device) issues no
     synchronising CUDA call, so the host queues step n+1 while the GPU runs step n. (Log lines and the
     SIGTERM check synchronise by design, every --log-every and every 20 steps.)"""
-    from repro.data.augment import draw_params, step_generator
     from repro.data.loader import iterate, train_batches
     from repro.dist import init_topology, shutdown
     from repro.evaluate import RunningCounts
