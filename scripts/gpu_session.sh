@@ -8,6 +8,8 @@
 #   bash scripts/gpu_session.sh bench128 OUT_DIR           # batch 128, and the bf16 numerics check
 #   bash scripts/gpu_session.sh train OUT_DIR FMNIST_DIR   # issue 3's result: 10 epochs of Fashion-MNIST
 #   bash scripts/gpu_session.sh profile OUT_DIR            # kernels by GPU time, with both LRN kernels
+#   bash scripts/gpu_session.sh recipes OUT_DIR FMNIST_DIR # issue 3's 10 epochs: the 2012 code's recipe
+#                                                          # and a second seed, three runs side by side
 #
 # FMNIST_DIR holds the four Fashion-MNIST .gz files (any layout scripts/train_two_gpu.py accepts), e.g.
 # the Debian package's files copied into the git-ignored data/ folder so they travel with the checkout:
@@ -18,7 +20,7 @@
 # at most five files per stage. Uses the python3 on PATH; set PYTHON to choose another.
 set -uo pipefail
 
-stage=${1:?"stage: check, bench, bench128, train or profile"}
+stage=${1:?"stage: check, bench, bench128, train, recipes or profile"}
 out=${2:?"OUT_DIR: where logs and results go"}
 data=${3:-}
 py=${PYTHON:-python3}
@@ -82,6 +84,28 @@ case "$stage" in
     done
     echo "== train: exit $code, wall $(( $(date +%s) - start )) s"
     ;;
+  recipes)
+    need_data
+    # Three 10-epoch runs at once on the one GPU (accuracy only: their img/s and wall time are shared
+    # and not reportable as speeds). Seed 1 of the paper's recipe says how much the seed moves the
+    # result; the 2012 code's recipe (SPEC sections 2, 4, 5, 7: LRN alpha divided by n, conv3-5 init
+    # 0.03, bias lr x2, colour noise by sqrt(eigenvalue)) with seeds 0 and 1.
+    start=$(date +%s)
+    run_recipe() {
+      local name=$1; shift
+      timeout "${RECIPE_TIMEOUT:-560}" "$py" -m torch.distributed.run --nproc_per_node=1 --master_port "$1" \
+        scripts/train_two_gpu.py --data "$data" --epochs 10 --log-every 200 --out "$runs/$name" "${@:2}" \
+        > "$out/$name.log" 2>&1
+      echo "== $name: exit $?" >> "$out/$name.log"
+      cp "$runs/$name/metrics.jsonl" "$out/$name.metrics.jsonl" 2>/dev/null
+    }
+    run_recipe paper-seed1 29511 --seed 1 &
+    run_recipe code2012-seed0 29512 --variant cuda-convnet-2012 --bias-lr-mult 2 --pca-scale sqrt --seed 0 &
+    run_recipe code2012-seed1 29513 --variant cuda-convnet-2012 --bias-lr-mult 2 --pca-scale sqrt --seed 1 &
+    wait
+    for f in "$out"/*.log; do tail -n 14 "$f"; done
+    echo "== recipes: wall $(( $(date +%s) - start )) s"
+    ;;
   profile)
     # Where the step's time goes (inductor's LRN, then the opt-in Triton LRN), and the two compared:
     # LRN alone against its bandwidth floor, then in the step.
@@ -92,7 +116,7 @@ case "$stage" in
       --no-numerics --lrn-kernel triton 2>&1 | tee "$out/bench-triton.log"
     ;;
   *)
-    echo "unknown stage '$stage': check, bench, bench128, train or profile" >&2
+    echo "unknown stage '$stage': check, bench, bench128, train, recipes or profile" >&2
     exit 2
     ;;
 esac
