@@ -43,6 +43,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last")
+    p.add_argument("--impls", nargs="+", help="only these rows' implementations (a GPU fault ends the process, "
+                   "so gpu_session.sh runs one per process)")
+    p.add_argument("--no-header", action="store_true")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmark_lrn.py times GPU kernels: it needs a CUDA device")
@@ -62,14 +65,27 @@ def main() -> None:
     if lrn_triton.AVAILABLE:
         impls.update({"triton": ("triton", lrn), "triton compiled": ("triton", torch.compile(lrn)),
                       "triton compiled +relu": ("triton", torch.compile(lrn_relu))})
-    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; batch {args.batch}, {args.dtype}, "
-          f"{'contiguous' if args.contiguous else 'channels_last'}; copy {gbps:.0f} GB/s")
-    print("| shape | implementation | forward ms | forward floor | fwd+bwd ms | fwd+bwd floor |")
-    print("|---|---|---|---|---|---|")
+    if args.impls:
+        unknown = sorted(set(args.impls) - set(impls))
+        if unknown:
+            sys.exit(f"--impls: unknown {unknown}; choose from {sorted(impls)}")
+        impls = {k: v for k, v in impls.items() if k in args.impls}
+    if not args.no_header:
+        print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; batch {args.batch}, {args.dtype}, "
+              f"{'contiguous' if args.contiguous else 'channels_last'}; copy {gbps:.0f} GB/s")
+        print("| shape | implementation | forward ms | forward floor | fwd+bwd ms | fwd+bwd floor | "
+              "output err | gradient err |")
+        print("|---|---|---|---|---|---|---|---|")
     for name, (c, s) in SHAPES.items():
         x = (torch.randn(args.batch, c, s, s, device="cuda") * 3).to(dtype).contiguous(memory_format=fmt)
         g = torch.randn_like(x)
         nbytes = x.numel() * x.element_size()
+        # Reference: the torch path in float64 from the same values; errors are relative (norm of the
+        # difference over the norm), so a wrong or racing kernel shows at any storage type.
+        lrn_triton.set_kernel("torch")
+        x64 = x.double().requires_grad_()
+        y64 = lrn(x64)
+        (dx64,) = torch.autograd.grad(y64, x64, g.double())
         fwd_floor, bwd_floor = 3 * nbytes / gbps / 1e6, 4 * nbytes / gbps / 1e6
         for label, (kernel, fn) in impls.items():
             lrn_triton.set_kernel(kernel)
@@ -82,8 +98,12 @@ def main() -> None:
             def both():
                 torch.autograd.grad(fn(xg), xg, g)
 
+            y = fn(xg)
+            (dx,) = torch.autograd.grad(y, xg, g)
+            errs = [((a.double() - b).norm() / b.norm()).item() for a, b in ((y, y64), (dx, dx64))]
             print(f"| {name} {tuple(x.shape)} | {label} | {cuda_ms(forward):.3f} | {fwd_floor:.3f} | "
-                  f"{cuda_ms(both):.3f} | {fwd_floor + bwd_floor:.3f} |", flush=True)
+                  f"{cuda_ms(both):.3f} | {fwd_floor + bwd_floor:.3f} | {errs[0]:.1e} | {errs[1]:.1e} |",
+                  flush=True)
         lrn_triton.set_kernel("torch")
 
 
