@@ -7,7 +7,7 @@
 #   bash scripts/gpu_session.sh bench OUT_DIR FMNIST_DIR   # batch 256: every form and variant, pipeline rates
 #   bash scripts/gpu_session.sh bench128 OUT_DIR           # batch 128, and the bf16 numerics check
 #   bash scripts/gpu_session.sh train OUT_DIR FMNIST_DIR   # issue 3's result: 10 epochs of Fashion-MNIST
-#   bash scripts/gpu_session.sh profile OUT_DIR            # kernels by GPU time, with both LRN kernels
+#   bash scripts/gpu_session.sh profile OUT_DIR            # kernels by GPU time, with both LRN codes
 #   bash scripts/gpu_session.sh recipes OUT_DIR FMNIST_DIR # issue 3's 10 epochs: the 2012 code's recipe
 #                                                          # and a second seed, three runs side by side
 #
@@ -107,13 +107,20 @@ case "$stage" in
     echo "== recipes: wall $(( $(date +%s) - start )) s"
     ;;
   profile)
-    # Where the step's time goes (inductor's LRN, then the opt-in Triton LRN), and the two compared:
+    # Where the step's time goes (the default Triton LRN, then inductor's), and the two compared:
     # LRN alone against its bandwidth floor, then in the step.
-    "$py" scripts/benchmark_lrn.py 2>&1 | tee "$out/lrn.md"
+    # One implementation per process, so that a GPU fault ends only its own row: inductor's "+relu"
+    # backward hit an illegal address in both runs on torch 2.11, though not under CUDA_LAUNCH_BLOCKING=1.
+    first=1
+    for impl in "torch eager" "torch compiled" "triton" "triton compiled" "triton compiled +relu" \
+        "torch compiled +relu"; do
+      if [ $first = 1 ]; then hdr=(); first=0; else hdr=(--no-header); fi
+      "$py" scripts/benchmark_lrn.py --impls "$impl" "${hdr[@]}" 2>&1 | grep -v "^ " | tee -a "$out/lrn.md"
+    done
     "$py" scripts/profile_step.py --models grouped torchvision 2>&1 | tee "$out/profile.txt"
-    REPRO_LRN_KERNEL=triton "$py" scripts/profile_step.py --models grouped 2>&1 | tee "$out/profile-triton.txt"
+    REPRO_LRN_KERNEL=torch "$py" scripts/profile_step.py --models grouped 2>&1 | tee "$out/profile-inductor-lrn.txt"
     "$py" scripts/benchmark.py --batch-sizes 256 --models towers grouped --variants bf16-cl-compile-graph \
-      --no-numerics --lrn-kernel triton 2>&1 | tee "$out/bench-triton.log"
+      --no-numerics --lrn-kernel torch 2>&1 | tee "$out/bench-inductor-lrn.log"
     ;;
   *)
     echo "unknown stage '$stage': check, bench, bench128, train, recipes or profile" >&2

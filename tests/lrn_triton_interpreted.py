@@ -31,7 +31,9 @@ def kernel_cases() -> list[dict]:
     out = []
     torch.manual_seed(0)
     shapes = [(2, 96, 5, 7, 2, 5), (3, 48, 4, 4, 1, 5), (2, 10, 3, 3, 2, 3), (1, 256, 3, 2, 2, 5),
-              (5, 6, 1, 1, 2, 5)]  # odd pixel counts and tiles, tiny groups, a window wider than a group
+              (5, 6, 1, 1, 2, 5), (3, 96, 9, 7, 2, 5)]
+    # odd pixel counts and tiles, tiny groups, a window wider than a group, and (the last) enough pixels
+    # for the persistent backward's programs to take six tiles each, re-using their scratch slots
     for n, c, h, w, groups, size in shapes:
         for layout, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
             x = (torch.randn(n, c, h, w) * 3).contiguous(memory_format=fmt)

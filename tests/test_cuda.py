@@ -96,27 +96,30 @@ def test_compiled_lrn_on_gpu_matches_cpu(channels_last):
     y_cpu = local_response_norm(x_cpu, cfg, groups=2)
     y_cpu.backward(g)
     lrn = torch.compile(lambda t: local_response_norm(t, cfg, groups=2))
+    before = lrn_triton.current_kernel()
     x_gpu = x.to(GPU).detach().clone().requires_grad_()
     y_gpu = lrn(x_gpu)
     y_gpu.backward(g.to(GPU))
     assert relative_error(y_gpu.cpu(), y_cpu) < 1e-12
     assert relative_error(x_gpu.grad.cpu(), x_cpu.grad) < 1e-12
-    # The opt-in Triton kernels in float32 (float64 always keeps the torch path): float32 rounding only.
-    lrn_triton.set_kernel("triton")
-    try:
-        x_32 = x.to(GPU, torch.float32).detach().requires_grad_()
-        y_32 = lrn(x_32)
-        y_32.backward(g.to(GPU, torch.float32))
-    finally:
-        lrn_triton.set_kernel("torch")
-    assert relative_error(y_32.cpu(), y_cpu) < 1e-6
-    assert relative_error(x_32.grad.cpu(), x_cpu.grad) < 1e-6
-    # bf16 in, as under autocast after a bf16 convolution: within bf16's rounding of the float64 result.
-    x_bf = x.to(GPU, torch.bfloat16).detach().requires_grad_()
-    y_bf = lrn(x_bf)
-    y_bf.backward(g.to(GPU, torch.bfloat16))
-    assert relative_error(y_bf.cpu(), y_cpu) < 2e-2
-    assert relative_error(x_bf.grad.cpu(), x_cpu.grad) < 5e-2
+    # Each kernel choice (float64 above always keeps the torch path) in float32, to its rounding, and
+    # in bf16, as under autocast after a bf16 convolution, to bf16's rounding of the float64 result.
+    for kernel in lrn_triton.KERNELS if lrn_triton.AVAILABLE else ("torch",):
+        torch._dynamo.reset()  # the choice is read while tracing: trace again for each
+        lrn_triton.set_kernel(kernel)
+        try:
+            x_32 = x.to(GPU, torch.float32).detach().requires_grad_()
+            y_32 = lrn(x_32)
+            y_32.backward(g.to(GPU, torch.float32))
+            x_bf = x.to(GPU, torch.bfloat16).detach().requires_grad_()
+            y_bf = lrn(x_bf)
+            y_bf.backward(g.to(GPU, torch.bfloat16))
+        finally:
+            lrn_triton.set_kernel(before)
+        assert relative_error(y_32.detach().cpu(), y_cpu) < 1e-6, kernel
+        assert relative_error(x_32.grad.cpu(), x_cpu.grad) < 1e-6, kernel
+        assert relative_error(y_bf.detach().cpu(), y_cpu) < 2e-2, kernel
+        assert relative_error(x_bf.grad.cpu(), x_cpu.grad) < 5e-2, kernel
 
 
 def test_bf16_compiled_network_within_the_reference_networks_error():

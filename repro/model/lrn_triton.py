@@ -1,16 +1,17 @@
 """The paper's LRN (SPEC section 2) as one Triton kernel forward and one backward, for CUDA tensors.
-Opt-in (REPRO_LRN_KERNEL=triton, or set_kernel("triton")): measured slower than the default.
+The default on a GPU where Triton is installed; REPRO_LRN_KERNEL=torch (or set_kernel("torch"))
+selects the torch code of layers.py, which torch.compile fuses, instead.
 
 Why it exists: compiled from the shifted-add form in layers.py, inductor's LRN kernels on an H100
 took about 2.9 ms of a 13.2 ms bf16 training step at batch 256 (scripts/profile_step.py,
-docs/benchmarks.md), several times what reading and writing the activations costs. Here a program
-owns a tile of pixels by all channels and re-reads the window's neighbours from cache.
-Measured (H100, torch 2.11, bf16, channels_last, compiled, whole-step CUDA graph, batch 256): the
-step got slower, 18.06 ms against 13.22 ms with inductor's kernels, so the default stays inductor's.
-Likely causes, not yet measured apart (scripts/benchmark_lrn.py does): the shifted loads are
-unaligned (no vector loads, 5 per element forward and 15 backward), the opaque custom op keeps
-inductor from fusing the ReLU, and that version divided by the runtime group size 5 times per
-element; channel and group counts are now compile-time constants (not re-measured).
+docs/benchmarks.md), several times what reading and writing the activations costs. Here the forward
+holds a tile of pixels by all channels and reads each window's neighbours from cache; the backward
+computes each element's window term once into a scratch slot that stays in L2.
+Measured (H100, torch 2.11, bf16, channels_last, batch 256; scripts/benchmark_lrn.py and
+scripts/benchmark.py): conv1's LRN forward + backward 1.38 ms (inductor 2.82), conv2's 0.79 ms
+(inductor 4.64 when compiled alone); the grouped network's compiled, CUDA-graphed step 11.13 ms
+(23,009 img/s) against 13.20 ms (19,390 img/s) with inductor's LRN. An earlier backward that
+recomputed the window term at each of the 5 neighbours made the step slower (18.06 ms).
 
 Both memory layouts work: element (n, c, h, w) sits at n*sN + c*sC + (h*W + w)*sHW in a contiguous
 and in a channels_last tensor alike. Arithmetic is float32 whatever the storage type. The window
@@ -18,7 +19,8 @@ never leaves a channel group (the two towers' channels in the grouped form).
 
 The kernels are wrapped as custom ops (repro::lrn_forward, repro::lrn_backward) so torch.compile
 and CUDA graphs treat them as single opaque calls. On the CPU the same kernels run under Triton's
-interpreter (TRITON_INTERPRET=1), which is how the tests check them without a GPU.
+interpreter (TRITON_INTERPRET=1), which is how the tests check them without a GPU; CPU tensors
+otherwise always take the torch path.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ except ImportError:  # no Triton (e.g. a CPU-only build on another platform): la
     triton = None
 
 AVAILABLE = triton is not None
-KERNEL_ENV = "REPRO_LRN_KERNEL"  # "torch" (default: the torch code, fused by torch.compile) or "triton"
+KERNEL_ENV = "REPRO_LRN_KERNEL"  # "triton" (the default where installed) or "torch" (layers.py's code)
 KERNELS = ("torch", "triton")
-_kernel = "torch"  # set from KERNEL_ENV below
+DEFAULT_KERNEL = "triton" if AVAILABLE else "torch"
+_kernel = DEFAULT_KERNEL  # set from KERNEL_ENV below
 _TILE = 4096  # elements per program: BLOCK_P pixels x BLOCK_C channels
 
 
@@ -60,7 +63,11 @@ def set_kernel(name: str) -> None:
     _kernel = name
 
 
-set_kernel(os.environ.get(KERNEL_ENV, "torch"))
+def current_kernel() -> str:
+    return _kernel
+
+
+set_kernel(os.environ.get(KERNEL_ENV, DEFAULT_KERNEL))
 
 
 def supported(x: Tensor) -> bool:
@@ -99,28 +106,37 @@ if AVAILABLE:
         tl.store(d_ptr + offs, denom.to(d_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _lrn_backward_kernel(g_ptr, x_ptr, d_ptr, dx_ptr, P, HW, sN, sC, sHW, scale, beta, C: tl.constexpr,
-                             CG: tl.constexpr, SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        # dL/dx_c = g_c D_c^-beta - 2 scale beta x_c * sum over the window of g_j x_j D_j^(-beta-1)
+    def _lrn_backward_kernel(g_ptr, x_ptr, d_ptr, dx_ptr, t_ptr, P, HW, sN, sC, sHW, scale, beta, n_tiles,
+                             C: tl.constexpr, CG: tl.constexpr, SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+        # dL/dx_c = g_c D_c^-beta - 2 scale beta x_c * sum over the window of t_j, t_j = g_j x_j D_j^(-beta-1)
         # (the window is symmetric and clipped alike at both ends, so j's window holds c iff c's holds j).
-        base, c, pmask = _tile(tl.program_id(0), P, HW, sN, sHW, BLOCK_P, BLOCK_C)
+        # Each t_j is computed once per tile and put in this program's scratch slot, which the window then
+        # reads shifted: a persistent grid keeps the slots few enough to stay in L2, so HBM sees g, x, D
+        # read once and dx written once. The first version recomputed t at each of the 5 neighbours
+        # (15 loads and 5 powers per element) and ran about 9x slower than the forward.
+        pid = tl.program_id(0)
+        c = tl.arange(0, BLOCK_C)
         in_group = c % CG
-        mask = pmask[:, None] & (c < C)[None, :]
-        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for i in tl.static_range(SIZE):
-            d = i - SIZE // 2
-            ok = mask & ((in_group + d >= 0) & (in_group + d < CG))[None, :]
-            offs = base[:, None] + ((c + d) * sC)[None, :]
-            g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            den = tl.load(d_ptr + offs, mask=ok, other=1.0).to(tl.float32)
-            acc += g * x * tl.exp2((-beta - 1.0) * tl.log2(den))
-        offs = base[:, None] + (c * sC)[None, :]
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        den = tl.load(d_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-        dx = g * tl.exp2(-beta * tl.log2(den)) - (2.0 * scale * beta) * x * acc
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        slot = t_ptr + pid * (BLOCK_P * BLOCK_C) + tl.arange(0, BLOCK_P)[:, None] * BLOCK_C + c[None, :]
+        for tile in range(pid, n_tiles, tl.num_programs(0)):
+            base, _, pmask = _tile(tile, P, HW, sN, sHW, BLOCK_P, BLOCK_C)
+            mask = pmask[:, None] & (c < C)[None, :]
+            offs = base[:, None] + (c * sC)[None, :]
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            den = tl.load(d_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+            inv = tl.exp2(-beta * tl.log2(den))
+            tl.store(slot, g * x * inv / den)
+            tl.debug_barrier()  # the slot is complete before any thread reads a neighbour's entry
+            acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            for i in tl.static_range(SIZE):
+                d = i - SIZE // 2
+                ok = ((in_group + d >= 0) & (in_group + d < CG) & (c < C))[None, :]
+                acc += tl.load(slot + d, mask=ok & pmask[:, None], other=0.0)
+            dx = g * inv - (2.0 * scale * beta) * x * acc
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.debug_barrier()  # every read of the slot is done before the next tile overwrites it
 
 
 def _launch_shape(x: Tensor, groups: int):
@@ -133,6 +149,15 @@ def _launch_shape(x: Tensor, groups: int):
     s_n, s_c, s_h, s_w = x.stride()
     return (triton.cdiv(p, block_p),), dict(P=p, HW=h * w, C=c, CG=c // groups, sN=s_n, sC=s_c, sHW=s_w,
                                             BLOCK_P=block_p, BLOCK_C=block_c)
+
+
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of the persistent backward grid: a few per SM on a GPU (their fp32 scratch slots,
+    16 KiB each, then total about 8 MiB on an H100, well inside its L2); two on the CPU, where the
+    interpreter runs them one after another, so that the tests' tensors give each several tiles."""
+    if device.type != "cuda":
+        return 2
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def lrn_forward(x: Tensor, size: int, scale: float, beta: float, k: float, groups: int) -> tuple[Tensor, Tensor]:
@@ -155,8 +180,12 @@ def lrn_backward(grad: Tensor, x: Tensor, denom: Tensor, size: int, scale: float
     grad_ = grad.contiguous(memory_format=fmt)  # autograd may hand the gradient in another layout
     dx = torch.empty_like(x_)
     if x_.numel():
-        grid, shape = _launch_shape(x_, groups)
-        _lrn_backward_kernel[grid](grad_, x_, denom_, dx, scale=scale, beta=beta, SIZE=size, **shape)
+        (n_tiles,), shape = _launch_shape(x_, groups)
+        programs = min(n_tiles, _persistent_programs(x_.device))
+        scratch = torch.empty(programs * shape["BLOCK_P"] * shape["BLOCK_C"], dtype=torch.float32,
+                              device=x_.device)
+        _lrn_backward_kernel[(programs,)](grad_, x_, denom_, dx, scratch, scale=scale, beta=beta,
+                                          n_tiles=n_tiles, SIZE=size, **shape)
     return dx if _dense_format(x) is not None else torch.empty_like(x).copy_(dx)
 
 
