@@ -320,7 +320,7 @@ def numerics(device: torch.device, model: str = "grouped", batch: int = 32, comp
 
 def pipeline_rate(dataset: str, data: str | None, device: str, batch: int, steps: int, warmup: int,
                   amp: str = "none", channels_last: bool = False, compile: bool = False,
-                  workers: int = 8) -> float:
+                  workers: int = 8, decode: str = "gpu") -> float:
     """End-to-end training img/s (loading, device-side augmentation, step) of the grouped network on
     real data, measured by the training loop itself over `steps` steps after `warmup`."""
     import json
@@ -330,7 +330,8 @@ def pipeline_rate(dataset: str, data: str | None, device: str, batch: int, steps
     from repro.train import Trainer
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(data=DataConfig(dataset=dataset, root=data, workers=workers, stats_images=2000),
+        cfg = TrainConfig(data=DataConfig(dataset=dataset, root=data, workers=workers, stats_images=2000,
+                                          decode=decode),
                           batch_size=batch, max_steps=warmup + steps, log_every=warmup if warmup else steps,
                           out=out, final_crops=(), device=device, amp=amp, channels_last=channels_last,
                           compile=compile)

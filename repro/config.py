@@ -198,6 +198,10 @@ class DataConfig:
     stats_images: int | None = None  # images used for the mean and covariance (None: all)
     val_images: int | None = None  # evaluate on an evenly spaced subset (None: all); for smoke runs
     workers: int = 4  # decoding processes per rank, for image files
+    # Where the stored form's JPEGs are decoded when training on a GPU: "gpu" (nvJPEG batches in the
+    # training process) or "cpu" (the loader's worker processes, overlapping the steps). Image files
+    # always decode on the CPU. docs/benchmarks.md has the two measured against each other.
+    decode: str = "gpu"
     devkit: str | None = None  # ImageNet devkit directory or tarball (flat val/ layout)
     val_solution: str | None = None  # Kaggle's LOC_val_solution.csv (flat val/ layout)
 
@@ -206,6 +210,8 @@ class DataConfig:
             raise ValueError(f"dataset must be fashion-mnist, imagenet or folder, got {self.dataset!r}")
         if self.mean not in ("image", "none") or self.pca not in ("dataset", "imagenet", "none"):
             raise ValueError(f"mean must be image|none and pca dataset|imagenet|none, got {self.mean!r}, {self.pca!r}")
+        if self.decode not in ("gpu", "cpu"):
+            raise ValueError(f"decode must be 'gpu' or 'cpu' (--decode), got {self.decode!r}")
         if self.pca_scale not in ("eigenvalue", "sqrt"):
             raise ValueError(f"pca_scale must be 'eigenvalue' or 'sqrt', got {self.pca_scale!r}")
         if not 0 < self.crop_size <= self.base_size:

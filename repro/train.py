@@ -37,7 +37,7 @@ RUNTIME_FIELDS = ("epochs", "max_steps", "out", "log_every", "eval_batch_size", 
 def resumed_config(requested: TrainConfig, saved: dict) -> TrainConfig:
     base = TrainConfig.from_dict(saved)
     where = {k: getattr(requested.data, k) or getattr(base.data, k) for k in ("root", "devkit", "val_solution")}
-    data = dataclasses.replace(base.data, workers=requested.data.workers, **where)
+    data = dataclasses.replace(base.data, workers=requested.data.workers, decode=requested.data.decode, **where)
     return dataclasses.replace(base, data=data, **{f: getattr(requested, f) for f in RUNTIME_FIELDS})
 
 
@@ -71,6 +71,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self.train_set, self.val_set = open_splits(cfg.data)
         self.cfg = cfg = self._fit_classes(cfg, ckpt)
+        # stored JPEGs decode on this GPU, or (None) in the loader's CPU workers
+        self.decode_device = topo.device if cfg.data.decode == "gpu" else None
         self.stats = self._stats(ckpt)
         self.augment = Augment(cfg.data, self.stats, topo.device)
         torch.manual_seed(cfg.seed)  # the initial weights
@@ -114,7 +116,7 @@ class Trainer:
             idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(self.cfg.seed))[:d.stats_images]]
 
         def batches():
-            return (b.images for b in iterate(self.train_set, idx.split(100), d.workers, decode_device=self.topo.device)
+            return (b.images for b in iterate(self.train_set, idx.split(100), d.workers, decode_device=self.decode_device)
                     if len(b.labels))
 
         dirs = default_cache_dirs(d.root, self.out)
@@ -202,7 +204,7 @@ class Trainer:
         self.meter = RunningCounts(self.carried_counts)  # train errors, summed on the device
         self.carried_counts = None
         tick, losses = time.perf_counter(), []
-        for batch in iterate(self.train_set, index_lists, cfg.data.workers, self.pin, self.topo.device):
+        for batch in iterate(self.train_set, index_lists, cfg.data.workers, self.pin, self.decode_device):
             params = draw_params(cfg.batch_size, cfg.data, step_generator(cfg.seed, p.epoch, p.step_in_epoch, topo.replica))
             if topo.holds_logits:  # one tower per pair counts what both dropped
                 self.meter.skipped += batch.skipped  # unreadable images, dropped from the batch
@@ -280,7 +282,7 @@ class Trainer:
         """Every validation image scored once across all pairs (both towers of a pair run it)."""
         idx = eval_indices(len(self.val_set), self.topo.replicas, self.topo.replica, self.cfg.data.val_images)
         spec = EvalSpec(crops=crops, batch_size=self.cfg.eval_batch_size, amp=self.cfg.amp,
-                        workers=self.cfg.data.workers, pin=self.pin, decode_device=self.topo.device)
+                        workers=self.cfg.data.workers, pin=self.pin, decode_device=self.decode_device)
         net = self.replica.net.eval()
         counts = evaluate([net], self.val_set, idx, self.augment, spec)
         net.train()

@@ -7,7 +7,8 @@
 
 Pipelines: fashion-mnist (in memory), imagenet and folder (--data, or NAME=DIR), and jpeg-folder /
 jpeg-store: Fashion-MNIST written once as 256x256 JPEG files under --jpeg-dir (decoded on the CPU by
-the loader's workers) and as the stored form (decoded in batches on the GPU).
+the loader's workers) and as the stored form (decoded in batches on the GPU); jpeg-store-cpu: the
+stored form decoded by the workers (train_two_gpu.py --decode cpu).
 
 Forms: the grouped network, both towers in one process (on two GPUs when there are two), towers
 in two processes (NCCL on two GPUs, gloo on one), and torchvision.models.alexnet as the reference.
@@ -41,15 +42,16 @@ from repro.bench import (  # noqa: E402
 )
 from repro.model import lrn_triton  # noqa: E402
 
-PIPELINES = ("fashion-mnist", "imagenet", "folder", "jpeg-folder", "jpeg-store")
+PIPELINES = ("fashion-mnist", "imagenet", "folder", "jpeg-folder", "jpeg-store", "jpeg-store-cpu")
 
 
-def pipeline_data(spec: str, args) -> tuple[str, str, str | None]:
-    """(label, dataset, data dir) of a --pipeline entry (its name checked by parse_args); builds the
-    JPEG tree or store when asked."""
+def pipeline_data(spec: str, args) -> tuple[str, str, str | None, str]:
+    """(label, dataset, data dir, where stored JPEGs decode) of a --pipeline entry (its name checked by
+    parse_args); builds the JPEG tree or store when asked."""
     name, _, path = spec.partition("=")
     path = path or None
-    if name in ("jpeg-folder", "jpeg-store"):
+    decode = "cpu" if name == "jpeg-store-cpu" else "gpu"
+    if name in ("jpeg-folder", "jpeg-store", "jpeg-store-cpu"):
         from repro.data.fashion_mnist import fashion_mnist
         from repro.data.jpeg_tree import store_of_tree, write_jpeg_tree
 
@@ -58,8 +60,8 @@ def pipeline_data(spec: str, args) -> tuple[str, str, str | None]:
         n = args.jpeg_images
         tree = write_jpeg_tree(splits, os.path.join(args.jpeg_dir, f"tree-{n}"), {"train": n, "val": 1000}, workers)
         path = str(tree if name == "jpeg-folder" else store_of_tree(tree, os.path.join(args.jpeg_dir, f"store-{n}"), workers))
-        return name, "folder", path
-    return name, name, path or args.data
+        return name, "folder", path, decode
+    return name, name, path or args.data, decode
 
 
 def parse_args(argv=None):
@@ -150,8 +152,9 @@ def main(argv=None) -> int:
         batch = max(args.batch_sizes)
         synthetic = run_case(Case("grouped", batch, "fp32", False, "none"), device, args.steps, args.warmup, args.repeats)
     for spec in args.pipeline:
-        label, dataset, data = pipeline_data(spec, args)
-        real = pipeline_rate(dataset, data, device.type, batch, args.steps, args.warmup, workers=args.workers)
+        label, dataset, data, decode = pipeline_data(spec, args)
+        real = pipeline_rate(dataset, data, device.type, batch, args.steps, args.warmup, workers=args.workers,
+                             decode=decode)
         extra.append(f"pipeline {label}, grouped fp32 b{batch}: end to end {real:,.0f} img/s vs synthetic "
                      f"{synthetic.img_per_s:,.0f} img/s = {real / synthetic.img_per_s:.0%}")
     kinds = sorted({"torchvision" if r.case.model == "torchvision" else "ours" for r in results})

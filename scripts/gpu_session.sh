@@ -63,9 +63,9 @@ case "$stage" in
   bench)
     need_data
     # Pipelines: Fashion-MNIST in memory; the same images as 256x256 JPEG files (CPU decoding in 14 of
-    # the 16 cores) and as the stored form (nvJPEG batches), against the synthetic-batch rate.
+    # the 16 cores) and as the stored form (nvJPEG batches; then CPU workers), against the synthetic rate.
     "$py" scripts/benchmark.py --batch-sizes 256 --no-numerics --data "$data" --workers 14 \
-      --pipeline fashion-mnist jpeg-folder jpeg-store --jpeg-dir "$runs/jpeg" \
+      --pipeline fashion-mnist jpeg-folder jpeg-store jpeg-store-cpu --jpeg-dir "$runs/jpeg" \
       --json "$out/bench256.json" --markdown "$out/bench.md" 2>&1 | tee "$out/bench256.log"
     ;;
   bench128)

@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--val-images", type=int, default=None, help="validate on an evenly spaced subset")
     a("--stats-images", type=int, default=None, help="images for the mean image and PCA (default all)")
     a("--workers", type=int, default=4, help="decoding processes per rank (image files)")
+    a("--decode", default="gpu", choices=["gpu", "cpu"],
+      help="stored 256x256 form on a GPU: decode its JPEGs there in batches (nvJPEG) or in the --workers "
+           "processes (measured faster for small JPEGs: docs/benchmarks.md)")
     a("--log-every", type=int, default=10)
     a("--eval-batch-size", type=int, default=128)
     a("--final-crops", type=int, nargs="*", default=[1, 10], help="closing table protocols: 1 and/or 10")
@@ -92,7 +95,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                       flip=not args.no_flip,
                       val_images=pick(args.val_images, "val_images", None),
                       stats_images=pick(args.stats_images, "stats_images", None),
-                      workers=args.workers, devkit=args.devkit, val_solution=args.val_solution)
+                      workers=args.workers, decode=args.decode, devkit=args.devkit,
+                      val_solution=args.val_solution)
     out = args.out or (resume_dir(args.resume) if args.resume else
                        os.path.join("runs", f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"))
     if cpu_budget and int(os.environ.get("RANK", "0")) == 0:

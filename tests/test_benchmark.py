@@ -3,7 +3,7 @@
 import json
 import math
 
-from scripts.benchmark import main
+from scripts.benchmark import main, parse_args, pipeline_data
 
 
 def test_benchmark_runs_every_form_on_cpu(tmp_path, capsys):
@@ -64,11 +64,13 @@ def test_pipelines_from_memory_jpeg_files_and_the_store(tmp_path, capsys):
     out, jpeg = tmp_path / "bench.json", tmp_path / "jpeg"
     args = ["--device", "cpu", "--models", "grouped", "--variants", "fp32", "--batch-sizes", "2", "--steps", "1",
             "--warmup", "1", "--repeats", "1", "--no-numerics", "--data", str(tmp_path / "fm"), "--workers", "0",
-            "--pipeline", "jpeg-folder", "jpeg-store", "--jpeg-dir", str(jpeg),
+            "--pipeline", "jpeg-folder", "jpeg-store", "jpeg-store-cpu", "--jpeg-dir", str(jpeg),
             "--jpeg-images", "20", "--json", str(out)]
     assert main(args) == 0
     notes = [n for n in json.loads(out.read_text())["notes"] if n.startswith("pipeline")]
-    assert [n.split(",")[0] for n in notes] == ["pipeline jpeg-folder", "pipeline jpeg-store"]
+    assert [n.split(",")[0] for n in notes] == ["pipeline jpeg-folder", "pipeline jpeg-store",
+                                                "pipeline jpeg-store-cpu"]
+    assert [pipeline_data(p, parse_args(args))[3] for p in ("jpeg-store", "jpeg-store-cpu")] == ["gpu", "cpu"]
     train_files = sorted((jpeg / "tree-20" / "train").glob("*/*.jpg"))
     assert len(train_files) == 20 and len(list((jpeg / "tree-20" / "val").glob("*/*.jpg"))) == 12
     assert len(StoreSource(jpeg / "store-20", "train")) == 20 and len(StoreSource(jpeg / "store-20", "val")) == 12

@@ -53,3 +53,15 @@ def test_speed_flags_reach_the_config():
     assert not build_config(parse_args(["--max-steps", "1", "--out", "unused"])).compile
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         TrainConfig(compile_mode="fastest")
+
+
+def test_decode_flag_reaches_the_config_and_is_checked():
+    import pytest
+
+    from repro.config import DataConfig
+    from scripts.train_two_gpu import build_config, parse_args
+
+    assert build_config(parse_args(["--max-steps", "1", "--out", "unused"])).data.decode == "gpu"
+    assert build_config(parse_args(["--decode", "cpu", "--max-steps", "1", "--out", "unused"])).data.decode == "cpu"
+    with pytest.raises(ValueError, match="--decode"):
+        DataConfig(decode="tpu")

@@ -135,9 +135,11 @@ def test_resume_keeps_the_checkpoints_recipe(tmp_path):
     saved = dataclasses.replace(tiny_config("data", tmp_path / "a", max_steps=3),
                                 optim=OptimConfig(lr=0.02), batch_size=16, seed=7)
     requested = tiny_config("", tmp_path / "b", max_steps=9)  # default lr, batch and seed; no --data
+    requested = dataclasses.replace(requested, data=dataclasses.replace(requested.data, workers=3, decode="cpu"))
     cfg = resumed_config(requested, saved.to_dict())
     assert (cfg.optim.lr, cfg.batch_size, cfg.seed, cfg.data.root) == (0.02, 16, 7, "data")  # the recipe
     assert (cfg.max_steps, cfg.out) == (9, str(tmp_path / "b"))  # how long and where
+    assert (cfg.data.workers, cfg.data.decode) == (3, "cpu")  # and by which processes
 
 
 def test_unreadable_training_images_are_skipped_and_counted(tmp_path):
