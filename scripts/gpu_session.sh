@@ -15,7 +15,7 @@
 # the Debian package's files copied into the git-ignored data/ folder so they travel with the checkout:
 #   mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/
 # Measured on one H100 (2026-11-22): check 5.4 min, bench 4.1, bench128 3.3 (without the two-process
-# towers, which add about a minute), train 2.4; a machine's start took under a minute.
+# towers, which add about a minute), train 2.4, recipes 6.2; a machine's start took under a minute.
 # Training runs (checkpoints included) go to runs/gpu-session/; OUT_DIR gets only logs and results,
 # at most five files per stage. Uses the python3 on PATH; set PYTHON to choose another.
 set -uo pipefail
