@@ -9,8 +9,8 @@ holds a tile of pixels by all channels and reads each window's neighbours from c
 computes each element's window term once into a scratch slot that stays in L2.
 Measured (H100, torch 2.11, bf16, channels_last, batch 256; scripts/benchmark_lrn.py and
 scripts/benchmark.py): conv1's LRN forward + backward 1.38 ms (inductor 2.82), conv2's 0.79 ms
-(inductor 4.64 compiled alone, for dynamic shapes); the grouped network's compiled, CUDA-graphed step 11.13 ms
-(23,009 img/s) against 13.20 ms (19,390 img/s) with inductor's LRN. An earlier backward that
+(inductor 4.64 compiled alone, for dynamic shapes); the grouped network's compiled, CUDA-graphed
+step 11.13 ms (23,009 img/s) against 13.20 ms (19,390 img/s) with inductor's LRN. An earlier backward that
 recomputed the window term at each of the 5 neighbours made the step slower (18.06 ms).
 
 Both memory layouts work: element (n, c, h, w) sits at n*sN + c*sC + (h*W + w)*sHW in a contiguous
