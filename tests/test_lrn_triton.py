@@ -63,3 +63,23 @@ def test_kernel_choice_is_checked():
         assert not lrn_triton.supported(torch.ones(1, 4, 2, 2))  # CPU tensors keep the torch path
     finally:
         lrn_triton.set_kernel(before)
+
+
+def test_a_kernel_that_cannot_run_says_how_to_do_without_it(monkeypatch):
+    from repro.model import lrn_triton
+
+    if not lrn_triton.AVAILABLE:
+        pytest.skip("no triton package: the kernels are never launched")
+
+    class Unbuildable:
+        __name__ = "_lrn_forward_kernel"
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise ValueError("no kernel image for this GPU")
+            return launch
+
+    monkeypatch.setattr(lrn_triton, "_lrn_forward_kernel", Unbuildable())
+    with pytest.raises(RuntimeError, match="REPRO_LRN_KERNEL=torch") as info:
+        lrn_triton.lrn_forward(torch.ones(1, 4, 2, 2), 5, 1e-4, 0.75, 2.0, 1)
+    assert "no kernel image for this GPU" in str(info.value) and "_lrn_forward_kernel" in str(info.value)

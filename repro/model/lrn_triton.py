@@ -160,6 +160,19 @@ def _persistent_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Runs a kernel; a GPU or Triton build that cannot compile or launch it (Triton needs compute
+    capability 7.0 or newer, for one) becomes an error that says how to do without it."""
+    try:
+        kernel[grid](*args, **kwargs)
+    except Exception as exc:
+        where = torch.cuda.get_device_name(args[0].device) if args[0].is_cuda else str(args[0].device)
+        name = getattr(kernel, "__name__", kernel)
+        raise RuntimeError(f"the Triton LRN kernel ({name}) failed on {where}: {type(exc).__name__}: {exc}. "
+                           f"Set {KERNEL_ENV}=torch to use the torch LRN code instead (the same function; "
+                           "slower on the GPUs measured).") from exc
+
+
 def lrn_forward(x: Tensor, size: int, scale: float, beta: float, k: float, groups: int) -> tuple[Tensor, Tensor]:
     """(output, denominator k + scale * window sum of squares), both laid out like x."""
     fmt = _dense_format(x)
@@ -167,7 +180,7 @@ def lrn_forward(x: Tensor, size: int, scale: float, beta: float, k: float, group
     y, denom = torch.empty_like(src), torch.empty_like(src)
     if src.numel():
         grid, shape = _launch_shape(src, groups)
-        _lrn_forward_kernel[grid](src, y, denom, scale=scale, beta=beta, k=k, SIZE=size, **shape)
+        _launch(_lrn_forward_kernel, grid, src, y, denom, scale=scale, beta=beta, k=k, SIZE=size, **shape)
     if fmt is None:  # match empty_like(x), which is what the op promises
         y, denom = torch.empty_like(x).copy_(y), torch.empty_like(x).copy_(denom)
     return y, denom
@@ -184,8 +197,8 @@ def lrn_backward(grad: Tensor, x: Tensor, denom: Tensor, size: int, scale: float
         programs = min(n_tiles, _persistent_programs(x_.device))
         scratch = torch.empty(programs * shape["BLOCK_P"] * shape["BLOCK_C"], dtype=torch.float32,
                               device=x_.device)
-        _lrn_backward_kernel[(programs,)](grad_, x_, denom_, dx, scratch, scale=scale, beta=beta,
-                                          n_tiles=n_tiles, SIZE=size, **shape)
+        _launch(_lrn_backward_kernel, (programs,), grad_, x_, denom_, dx, scratch, scale=scale, beta=beta,
+                n_tiles=n_tiles, SIZE=size, **shape)
     return dx if _dense_format(x) is not None else torch.empty_like(x).copy_(dx)
 
 
