@@ -104,7 +104,6 @@ def main() -> None:
             print(f"| {name} {tuple(x.shape)} | {label} | {cuda_ms(forward):.3f} | {fwd_floor:.3f} | "
                   f"{cuda_ms(both):.3f} | {fwd_floor + bwd_floor:.3f} | {errs[0]:.1e} | {errs[1]:.1e} |",
                   flush=True)
-        lrn_triton.set_kernel("torch")
 
 
 if __name__ == "__main__":
