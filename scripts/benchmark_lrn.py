@@ -7,7 +7,9 @@ LRN shapes, against the time a single read-and-write pass over the tensors would
 Implementations: "torch eager" and "torch compiled" (the shifted-add code of repro/model/layers.py,
 as training runs it with and without --compile), "triton" and "triton compiled" (the opt-in kernels
 of repro/model/lrn_triton.py, called directly and inside a compiled function). In the network, LRN
-follows a ReLU; "+relu" rows time the two together, which is what a compiled network fuses.
+follows a ReLU; "+relu" rows time torch's ReLU then the LRN (inductor fuses the two when the LRN is
+its own code), and "fused relu" rows the LRN module's relu=True, which the network uses: the Triton
+kernels apply the ReLU as they read, so it costs no pass of its own.
 The floor is the bytes a pass must move (forward: read x, write y and the denominator; backward: read
 the gradient, x and the denominator, write the input gradient) at the copy rate measured here.
 """
@@ -60,11 +62,18 @@ def main() -> None:
     def lrn_relu(t):
         return local_response_norm(torch.relu(t), cfg, groups=2)
 
-    impls = {"torch eager": ("torch", lrn), "torch compiled": ("torch", torch.compile(lrn)),
-             "torch compiled +relu": ("torch", torch.compile(lrn_relu))}
+    def lrn_fused_relu(t):
+        return local_response_norm(t, cfg, groups=2, relu=True)
+
+    # label: (LRN kernel, function, whether it applies a ReLU first)
+    impls = {"torch eager": ("torch", lrn, False), "torch compiled": ("torch", torch.compile(lrn), False),
+             "torch compiled +relu": ("torch", torch.compile(lrn_relu), True),
+             "torch compiled fused relu": ("torch", torch.compile(lrn_fused_relu), True)}
     if lrn_triton.AVAILABLE:
-        impls.update({"triton": ("triton", lrn), "triton compiled": ("triton", torch.compile(lrn)),
-                      "triton compiled +relu": ("triton", torch.compile(lrn_relu))})
+        impls.update({"triton": ("triton", lrn, False), "triton compiled": ("triton", torch.compile(lrn), False),
+                      "triton compiled +relu": ("triton", torch.compile(lrn_relu), True),
+                      "triton fused relu": ("triton", lrn_fused_relu, True),
+                      "triton compiled fused relu": ("triton", torch.compile(lrn_fused_relu), True)})
     if args.impls:
         unknown = sorted(set(args.impls) - set(impls))
         if unknown:
@@ -84,10 +93,13 @@ def main() -> None:
         # difference over the norm), so a wrong or racing kernel shows at any storage type.
         lrn_triton.set_kernel("torch")
         x64 = x.double().requires_grad_()
-        y64 = lrn(x64)
-        (dx64,) = torch.autograd.grad(y64, x64, g.double())
+        reference = {}
+        for relu in (False, True):
+            y64 = lrn(torch.relu(x64) if relu else x64)
+            reference[relu] = (y64, torch.autograd.grad(y64, x64, g.double())[0])
         fwd_floor, bwd_floor = 3 * nbytes / gbps / 1e6, 4 * nbytes / gbps / 1e6
-        for label, (kernel, fn) in impls.items():
+        for label, (kernel, fn, relu) in impls.items():
+            y64, dx64 = reference[relu]
             lrn_triton.set_kernel(kernel)
             xg = x.detach().requires_grad_()
 

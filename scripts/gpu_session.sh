@@ -113,7 +113,7 @@ case "$stage" in
     # backward hit an illegal address in both runs on torch 2.11, though not under CUDA_LAUNCH_BLOCKING=1.
     first=1
     for impl in "torch eager" "torch compiled" "triton" "triton compiled" "triton compiled +relu" \
-        "torch compiled +relu"; do
+        "triton fused relu" "triton compiled fused relu" "torch compiled fused relu" "torch compiled +relu"; do
       if [ $first = 1 ]; then hdr=(); first=0; else hdr=(--no-header); fi
       "$py" scripts/benchmark_lrn.py --impls "$impl" "${hdr[@]}" 2>&1 | grep -v "^ " | tee -a "$out/lrn.md"
     done

@@ -19,10 +19,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def reference(x: torch.Tensor, g: torch.Tensor, size: int, scale: float, beta: float, k: float, groups: int):
-    """The torch path of layers.py in float64 (itself checked against NumPy in test_layers.py)."""
+def reference(x: torch.Tensor, g: torch.Tensor, size: int, scale: float, beta: float, k: float, groups: int,
+              relu: bool = False):
+    """The torch path of layers.py in float64 (itself checked against NumPy in test_layers.py), after
+    torch's own ReLU where the kernel fuses one."""
     xr = x.double().detach().clone().requires_grad_()
-    y = layers._LRNFunction.apply(xr, size, scale, beta, k, groups)
+    y = layers._LRNFunction.apply(torch.relu(xr) if relu else xr, size, scale, beta, k, groups)
     y.backward(g.double())
     return y.detach(), xr.grad
 
@@ -34,17 +36,21 @@ def kernel_cases() -> list[dict]:
               (5, 6, 1, 1, 2, 5), (3, 96, 9, 7, 2, 5)]
     # odd pixel counts and tiles, tiny groups, a window wider than a group, and (the last) enough pixels
     # for the persistent backward's programs to take six tiles each, re-using their scratch slots
-    for n, c, h, w, groups, size in shapes:
-        for layout, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+    # each case once without and once with the fused ReLU, alternating which layout gets which
+    for i, (n, c, h, w, groups, size) in enumerate(shapes):
+        for j, (layout, fmt) in enumerate((("contiguous", torch.contiguous_format),
+                                           ("channels_last", torch.channels_last))):
+            relu = (i + j) % 2 == 1
             x = (torch.randn(n, c, h, w) * 3).contiguous(memory_format=fmt)
             g = torch.randn_like(x)
-            y_ref, dx_ref = reference(x, g, size, 1e-2, 0.75, 2.0, groups)
-            y, denom = lrn_triton.lrn_forward(x, size, 1e-2, 0.75, 2.0, groups)
+            y_ref, dx_ref = reference(x, g, size, 1e-2, 0.75, 2.0, groups, relu)
+            y, denom = lrn_triton.lrn_forward(x, size, 1e-2, 0.75, 2.0, groups, relu)
             # the gradient handed in the other layout, as autograd may do
             g_other = g.contiguous(memory_format=torch.channels_last if layout == "contiguous"
                                    else torch.contiguous_format)
-            dx = lrn_triton.lrn_backward(g_other, x, denom, size, 1e-2, 0.75, groups)
-            out.append({"case": f"{n}x{c}x{h}x{w} groups {groups} size {size} {layout}",
+            dx = lrn_triton.lrn_backward(g_other, x, denom, size, 1e-2, 0.75, groups, relu)
+            out.append({"case": f"{n}x{c}x{h}x{w} groups {groups} size {size} {layout}"
+                                f"{' relu' if relu else ''}", "relu": relu,
                         "forward": rel(y, y_ref), "backward": rel(dx, dx_ref),
                         "same_strides": y.stride() == x.stride() == dx.stride() == denom.stride()})
     return out
@@ -54,10 +60,10 @@ def bf16_case() -> dict:
     torch.manual_seed(1)
     x = (torch.randn(2, 96, 6, 6) * 3).to(memory_format=torch.channels_last)
     g = torch.randn_like(x)
-    y_ref, dx_ref = reference(x, g, 5, 1e-4, 0.75, 2.0, 2)
+    y_ref, dx_ref = reference(x, g, 5, 1e-4, 0.75, 2.0, 2, relu=True)
     xb, gb = x.bfloat16(), g.bfloat16()
-    y, denom = lrn_triton.lrn_forward(xb, 5, 1e-4, 0.75, 2.0, 2)
-    dx = lrn_triton.lrn_backward(gb, xb, denom, 5, 1e-4, 0.75, 2)
+    y, denom = lrn_triton.lrn_forward(xb, 5, 1e-4, 0.75, 2.0, 2, True)
+    dx = lrn_triton.lrn_backward(gb, xb, denom, 5, 1e-4, 0.75, 2, True)
     return {"dtype": str(y.dtype), "forward": rel(y, y_ref), "backward": rel(dx, dx_ref)}
 
 
@@ -70,15 +76,18 @@ def compiled_case() -> dict:
     x = (torch.randn(2, 16, 5, 5) * 3).to(memory_format=torch.channels_last)
     g = torch.randn_like(x)
     cfg = layers.LRNConfig(alpha=1e-2)
-    y_ref, dx_ref = reference(x, g, cfg.size, cfg.sum_scale, cfg.beta, cfg.k, 2)
-    fn = torch.compile(lambda t: layers.local_response_norm(t, cfg, 2), fullgraph=True)
-    xc = x.clone().requires_grad_()
-    y = fn(xc)
-    y.backward(g)
-    opcheck = torch.library.opcheck(torch.ops.repro.lrn_forward.default, (x, 5, 1e-2, 0.75, 2.0, 2),
-                                    test_utils=("test_schema", "test_faketensor"))
-    return {"forward": rel(y, y_ref), "backward": rel(xc.grad, dx_ref),
-            "opcheck": all(v == "SUCCESS" for v in opcheck.values())}
+    out = {}
+    for relu in (False, True):  # the module's two uses: LRN alone, and ReLU then LRN as in the network
+        y_ref, dx_ref = reference(x, g, cfg.size, cfg.sum_scale, cfg.beta, cfg.k, 2, relu)
+        fn = torch.compile(lambda t: layers.local_response_norm(t, cfg, 2, relu), fullgraph=True)
+        xc = x.clone().requires_grad_()
+        y = fn(xc)
+        y.backward(g)
+        opcheck = torch.library.opcheck(torch.ops.repro.lrn_forward.default, (x, 5, 1e-2, 0.75, 2.0, 2, relu),
+                                        test_utils=("test_schema", "test_faketensor"))
+        out["relu" if relu else "plain"] = {"forward": rel(y, y_ref), "backward": rel(xc.grad, dx_ref),
+                                            "opcheck": all(v == "SUCCESS" for v in opcheck.values())}
+    return out
 
 
 if __name__ == "__main__":

@@ -86,16 +86,17 @@ def test_two_ranks_on_one_gpu_over_gloo_equal_grouped(tmp_path, grouped_referenc
         _same(towers_to_grouped([r[key] for r in ranks], CFG), expected[key], torch.float64, key)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_compiled_lrn_on_gpu_matches_cpu(channels_last):
+@pytest.mark.parametrize("channels_last,relu", [(False, False), (True, True)])
+def test_compiled_lrn_on_gpu_matches_cpu(channels_last, relu):
+    """relu: the network's form, ReLU folded into the LRN (checked on the CPU side against torch's ReLU)."""
     cfg = LRNConfig()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = (torch.randn(4, 96, 27, 27, dtype=torch.float64) * 3).contiguous(memory_format=fmt)
     g = torch.randn_like(x)
     x_cpu = x.clone().requires_grad_()
-    y_cpu = local_response_norm(x_cpu, cfg, groups=2)
+    y_cpu = local_response_norm(torch.relu(x_cpu) if relu else x_cpu, cfg, groups=2)
     y_cpu.backward(g)
-    lrn = torch.compile(lambda t: local_response_norm(t, cfg, groups=2))
+    lrn = torch.compile(lambda t: local_response_norm(t, cfg, groups=2, relu=relu))
     before = lrn_triton.current_kernel()
     x_gpu = x.to(GPU).detach().clone().requires_grad_()
     y_gpu = lrn(x_gpu)

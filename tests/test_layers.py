@@ -67,6 +67,33 @@ def test_lrn_gradient(groups):
     assert torch.autograd.gradcheck(lambda x: local_response_norm(x, cfg, groups), (a,))
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_lrn_with_relu_is_relu_then_lrn(enabled):
+    """The network's modules fold the preceding ReLU into the LRN (one pass on a GPU): the same values
+    and gradients as torch's ReLU followed by the LRN, including at x = 0 exactly, and with LRN off
+    (the no-lrn variant) just the ReLU."""
+    from repro.model.layers import LocalResponseNorm
+
+    cfg = LRNConfig(alpha=1e-2, enabled=enabled)
+    a = torch.randn(2, 12, 4, 3, dtype=torch.float64) * 10
+    a[0, :, 0, 0] = 0.0
+    fused, plain = a.clone().requires_grad_(), a.clone().requires_grad_()
+    y_fused = LocalResponseNorm(cfg, groups=2, relu=True)(fused)
+    y_plain = LocalResponseNorm(cfg, groups=2)(torch.relu(plain))
+    g = torch.randn_like(a)
+    y_fused.backward(g)
+    y_plain.backward(g)
+    assert (y_fused.detach() == 0).any() and (fused.grad == 0).any()  # the ReLU did cut something
+    torch.testing.assert_close(y_fused, y_plain, rtol=1e-15, atol=0)
+    torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-14, atol=1e-16)
+
+
+def test_lrn_with_relu_gradient():
+    a = (torch.randn(2, 8, 3, 3, dtype=torch.float64) * 30).requires_grad_()  # |x| > 1e-6 almost surely
+    cfg = LRNConfig(alpha=1e-2)
+    assert torch.autograd.gradcheck(lambda x: local_response_norm(x, cfg, 2, relu=True), (a,))
+
+
 def test_lrn_channels_last_equals_contiguous():
     a = torch.rand(2, 96, 7, 7, dtype=torch.float64) * 30
     cl = a.to(memory_format=torch.channels_last).requires_grad_()

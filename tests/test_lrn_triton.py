@@ -30,8 +30,9 @@ def interpreted() -> dict:
 def test_kernels_equal_the_torch_lrn_in_float32(interpreted):
     """Both layouts, one and two groups, window 3 and 5, windows wider than a group, pixel counts that
     do not fill the last tile, programs that take several tiles (the persistent backward), and a
-    gradient handed in the other layout: float32 rounding only."""
+    gradient handed in the other layout; half the cases with the ReLU fused in: float32 rounding only."""
     assert len(interpreted["kernels"]) == 12
+    assert sum(case["relu"] for case in interpreted["kernels"]) == 6
     for case in interpreted["kernels"]:
         assert case["forward"] < 1e-6 and case["backward"] < 1e-6, case
         assert case["same_strides"], case
@@ -44,11 +45,13 @@ def test_kernels_in_bf16_stay_within_its_rounding(interpreted):
 
 
 def test_compiled_autograd_function_calls_the_kernels(interpreted):
-    """torch.compile(fullgraph=True) of local_response_norm with the kernels admitted: the custom ops
-    trace (schema and fake-tensor checks pass) and forward and backward match."""
-    case = interpreted["compiled"]
-    assert case["opcheck"], case
-    assert case["forward"] < 1e-6 and case["backward"] < 1e-6, case
+    """torch.compile(fullgraph=True) of local_response_norm, alone and with the ReLU fused, with the
+    kernels admitted: the custom ops trace (schema and fake-tensor checks pass) and forward and
+    backward match."""
+    assert set(interpreted["compiled"]) == {"plain", "relu"}
+    for case in interpreted["compiled"].values():
+        assert case["opcheck"], case
+        assert case["forward"] < 1e-6 and case["backward"] < 1e-6, case
 
 
 def test_kernel_choice_is_checked():

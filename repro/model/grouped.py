@@ -34,8 +34,8 @@ class AlexNet(nn.Module):
         for spec in specs:
             self.add_module(spec.name, make_layer(spec, t))
         self.fc8 = nn.Linear(classifier_inputs(cfg), cfg.num_classes)
-        self.lrn1 = LocalResponseNorm(cfg.lrn, groups=t)
-        self.lrn2 = LocalResponseNorm(cfg.lrn, groups=t)
+        self.lrn1 = LocalResponseNorm(cfg.lrn, groups=t, relu=True)  # ReLU, then LRN: one pass (layers.py)
+        self.lrn2 = LocalResponseNorm(cfg.lrn, groups=t, relu=True)
         self.pool = nn.MaxPool2d(cfg.pool_kernel, cfg.pool_stride)
         fc6, fc7 = t * cfg.widths.fc6, t * cfg.widths.fc7
         self.drop6 = SharedMaskDropout(cfg.dropout, 6, fc6, 0, fc6, cfg.dropout_scaling)
@@ -44,8 +44,8 @@ class AlexNet(nn.Module):
 
     def fc7_activations(self, x: Tensor) -> Tensor:
         """The 4096-d hidden code of the paper's Figure 4 (after ReLU, before fc7's dropout)."""
-        x = self.pool(self.lrn1(F.relu(self.conv1(x))))  # (B, 96, 27, 27)
-        x = self.pool(self.lrn2(F.relu(self.conv2(x))))  # (B, 256, 13, 13)
+        x = self.pool(self.lrn1(self.conv1(x)))  # ReLU + LRN + pool: (B, 96, 27, 27)
+        x = self.pool(self.lrn2(self.conv2(x)))  # ReLU + LRN + pool: (B, 256, 13, 13)
         x = F.relu(self.conv3(x))  # (B, 384, 13, 13): reads both towers
         x = F.relu(self.conv4(x))  # (B, 384, 13, 13)
         x = self.pool(F.relu(self.conv5(x)))  # (B, 256, 6, 6)

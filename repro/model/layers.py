@@ -36,61 +36,71 @@ def channel_window_sum(t: Tensor, size: int, groups: int) -> Tensor:
 
 class _LRNFunction(torch.autograd.Function):
     """b = a * D^-beta with D = k + scale * window_sum(a^2); one saved denominator, explicit backward.
+    a is the input x, or with `relu` max(x, 0): the ReLU that precedes both of the paper's LRN layers,
+    folded in so that on a GPU it is not a pass of its own over the activations, forward or backward.
 
     Backward, for a window that is symmetric (odd size) and clipped the same way at both ends:
       dL/da_j = g_j D_j^-beta - 2 scale beta a_j * window_sum(g b / D)_j
+    and with `relu`, dL/dx_j = dL/da_j where x_j > 0, else 0 (as torch's ReLU backward).
 
     On a GPU lrn_triton.py's kernels run (float32/bf16/fp16; measured faster); the torch code below
     runs on the CPU, in float64, and with REPRO_LRN_KERNEL=torch (torch.compile fuses each pass).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, size: int, scale: float, beta: float, k: float, groups: int) -> Tensor:
+    def forward(ctx, x: Tensor, size: int, scale: float, beta: float, k: float, groups: int,
+                relu: bool = False) -> Tensor:
         if lrn_triton.supported(x):
-            y, denom = torch.ops.repro.lrn_forward(x, size, scale, beta, k, groups)
+            y, denom = torch.ops.repro.lrn_forward(x, size, scale, beta, k, groups, relu)
         else:
-            denom = channel_window_sum(x * x, size, groups) * scale + k
-            y = x * denom.pow(-beta)
-        ctx.save_for_backward(x, denom)  # b is recomputed in backward: two saved tensors, not three
-        ctx.params = (size, scale, beta, groups)
+            a = F.relu(x) if relu else x
+            denom = channel_window_sum(a * a, size, groups) * scale + k
+            y = a * denom.pow(-beta)
+        ctx.save_for_backward(x, denom)  # b (and a) recomputed in backward: two saved tensors, not three
+        ctx.params = (size, scale, beta, groups, relu)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, denom = ctx.saved_tensors
-        size, scale, beta, groups = ctx.params
+        size, scale, beta, groups, relu = ctx.params
         if lrn_triton.supported(x):
-            grad_x = torch.ops.repro.lrn_backward(grad_y, x, denom, size, scale, beta, groups)
-        else:
-            inv = denom.pow(-beta)
-            window = channel_window_sum(grad_y * x * inv / denom, size, groups)
-            grad_x = grad_y * inv - (2.0 * scale * beta) * x * window
-        return grad_x, None, None, None, None, None
+            return torch.ops.repro.lrn_backward(grad_y, x, denom, size, scale, beta, groups, relu), *[None] * 6
+        a = F.relu(x) if relu else x
+        inv = denom.pow(-beta)
+        window = channel_window_sum(grad_y * a * inv / denom, size, groups)
+        grad_a = grad_y * inv - (2.0 * scale * beta) * a * window
+        return (torch.where(x > 0, grad_a, 0.0) if relu else grad_a), *[None] * 6
 
 
-def local_response_norm(x: Tensor, cfg: LRNConfig, groups: int = 1) -> Tensor:
-    """SPEC section 2's formula, with the window restricted to each of `groups` channel blocks."""
+def local_response_norm(x: Tensor, cfg: LRNConfig, groups: int = 1, relu: bool = False) -> Tensor:
+    """SPEC section 2's formula, with the window restricted to each of `groups` channel blocks;
+    with `relu`, of max(x, 0) (the same function as local_response_norm(F.relu(x), ...), fused)."""
     if x.shape[1] % groups:
         raise ValueError(f"LRN over {groups} groups needs channels divisible by it, got {x.shape[1]}")
-    return _LRNFunction.apply(x, cfg.size, cfg.sum_scale, cfg.beta, cfg.k, groups)
+    return _LRNFunction.apply(x, cfg.size, cfg.sum_scale, cfg.beta, cfg.k, groups, relu)
 
 
 class LocalResponseNorm(nn.Module):
     """Across-channel LRN (paper section 3.3); `groups` = 2 in the grouped form keeps each window
-    inside one tower's channels, so the grouped network is the two-tower network."""
+    inside one tower's channels, so the grouped network is the two-tower network. With `relu`, the
+    module is ReLU then LRN, the paper's order after conv1 and conv2, computed in one pass."""
 
-    def __init__(self, cfg: LRNConfig, groups: int = 1):
+    def __init__(self, cfg: LRNConfig, groups: int = 1, relu: bool = False):
         super().__init__()
         self.cfg = cfg
         self.groups = groups
+        self.relu = relu
 
     def forward(self, x: Tensor) -> Tensor:
-        return local_response_norm(x, self.cfg, self.groups) if self.cfg.enabled else x
+        if not self.cfg.enabled:
+            return F.relu(x) if self.relu else x
+        return local_response_norm(x, self.cfg, self.groups, self.relu)
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return (f"size={c.size}, alpha={c.alpha} ({c.alpha_convention}), beta={c.beta}, k={c.k}, "
-                f"groups={self.groups}, enabled={c.enabled}")
+        return (f"{'ReLU first, ' if self.relu else ''}size={c.size}, alpha={c.alpha} ({c.alpha_convention}), "
+                f"beta={c.beta}, k={c.k}, groups={self.groups}, enabled={c.enabled}")
 
 
 _MASK32 = 0xFFFFFFFF

@@ -25,16 +25,16 @@ class Tower(nn.Module):
         for spec in tower_layers(config):
             self.add_module(spec.name, make_layer(spec, towers=1))
         self.fc8 = nn.Linear(classifier_inputs(config), config.num_classes) if index == 0 else None
-        self.lrn1 = LocalResponseNorm(config.lrn)
-        self.lrn2 = LocalResponseNorm(config.lrn)
+        self.lrn1 = LocalResponseNorm(config.lrn, relu=True)  # ReLU, then LRN: one pass (layers.py)
+        self.lrn2 = LocalResponseNorm(config.lrn, relu=True)
         self.pool = nn.MaxPool2d(config.pool_kernel, config.pool_stride)
         w, t, p, scaling = config.widths, config.towers, config.dropout, config.dropout_scaling
         self.drop6 = SharedMaskDropout(p, 6, t * w.fc6, index * w.fc6, w.fc6, scaling)
         self.drop7 = SharedMaskDropout(p, 7, t * w.fc7, index * w.fc7, w.fc7, scaling)
 
     def conv1_to_pool2(self, image: Tensor) -> Tensor:
-        x = self.pool(self.lrn1(F.relu(self.conv1(image))))  # (B, 48, 27, 27)
-        return self.pool(self.lrn2(F.relu(self.conv2(x))))  # (B, 128, 13, 13) = pool2_local
+        x = self.pool(self.lrn1(self.conv1(image)))  # ReLU + LRN + pool: (B, 48, 27, 27)
+        return self.pool(self.lrn2(self.conv2(x)))  # ReLU + LRN + pool: (B, 128, 13, 13) = pool2_local
 
     def conv3_to_pool5(self, pool2_full: Tensor) -> Tensor:
         x = F.relu(self.conv3(pool2_full))  # (B, 192, 13, 13)
