@@ -38,7 +38,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from repro.data.folder import FolderSource, ImageDecodeError, decode_image
 
@@ -338,6 +337,10 @@ class StoreSource(Dataset):
         return [self.encoded_item(int(i)) for i in indices]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        # Imported here: torchvision's package import costs each training process ~2 s, and only
+        # stores decoded on the CPU need it.
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         image = decode_jpeg(self.encoded_item(i), mode=ImageReadMode.RGB)  # (3, 256, 256)
         return image.permute(1, 2, 0).contiguous(), int(self.labels[i])
 
