@@ -86,8 +86,9 @@ def parse_args(argv=None):
     a("--jpeg-dir", default="runs/bench-jpeg", help="where jpeg-folder and jpeg-store are built (once)")
     a("--jpeg-images", type=int, default=20000, help="training images in the JPEG tree (validation: 1000)")
     a("--lrn-kernel", default=lrn_triton.current_kernel(), choices=lrn_triton.KERNELS,
-      help="LRN code on the GPU: triton (repro/model/lrn_triton.py; the default where installed) or "
-           "torch (layers.py's code, fused by inductor); default from REPRO_LRN_KERNEL")
+      help="LRN code on the GPU: triton (repro/model/lrn_triton.py; the default where installed), triton-dot "
+           "(its window sums as band-matrix products) or torch (layers.py's code, fused by inductor); default "
+           "from REPRO_LRN_KERNEL")
     a("--json", default=None)
     a("--markdown", default=None, help="append a section with the table to this file")
     args = p.parse_args(argv)
@@ -168,8 +169,8 @@ def main(argv=None) -> int:
         ceiling = f"; compute ceiling for this network {peak * 1e12 / flops['ours']:,.0f} img/s" if "ours" in flops else ""
         extra.append(f"measured here: bf16 8192^3 matrix product {peak:.0f} TFLOP/s, "
                      f"copy {limits['copy_gbps']:.0f} GB/s{ceiling}")
-    env = environment(device) + ("; LRN: Triton kernels" if args.lrn_kernel == "triton" else
-                                 "; LRN: torch code fused by inductor")
+    env = environment(device) + {"triton": "; LRN: Triton kernels", "triton-dot": "; LRN: Triton band-matrix kernels",
+                                 "torch": "; LRN: torch code fused by inductor"}[args.lrn_kernel]
     lines = table(results, best_tv, flops, peak)
     print("\n" + env + "\n" + "\n".join(lines + [""] + extra), flush=True)
     if args.json:

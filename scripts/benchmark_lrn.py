@@ -9,7 +9,8 @@ as training runs it with and without --compile), "triton" and "triton compiled" 
 of repro/model/lrn_triton.py, called directly and inside a compiled function). In the network, LRN
 follows a ReLU; "+relu" rows time torch's ReLU then the LRN (inductor fuses the two when the LRN is
 its own code), and "fused relu" rows the LRN module's relu=True, which the network uses: the Triton
-kernels apply the ReLU as they read, so it costs no pass of its own.
+kernels apply the ReLU as they read, so it costs no pass of its own. "triton-dot" rows: the kernels
+whose window sums are products with a band matrix (REPRO_LRN_KERNEL=triton-dot).
 The floor is the bytes a pass must move (forward: read x, write y and the denominator; backward: read
 the gradient, x and the denominator, write the input gradient) at the copy rate measured here.
 """
@@ -73,7 +74,10 @@ def main() -> None:
         impls.update({"triton": ("triton", lrn, False), "triton compiled": ("triton", torch.compile(lrn), False),
                       "triton compiled +relu": ("triton", torch.compile(lrn_relu), True),
                       "triton fused relu": ("triton", lrn_fused_relu, True),
-                      "triton compiled fused relu": ("triton", torch.compile(lrn_fused_relu), True)})
+                      "triton compiled fused relu": ("triton", torch.compile(lrn_fused_relu), True),
+                      "triton-dot": ("triton-dot", lrn, False),
+                      "triton-dot fused relu": ("triton-dot", lrn_fused_relu, True),
+                      "triton-dot compiled fused relu": ("triton-dot", torch.compile(lrn_fused_relu), True)})
     if args.impls:
         unknown = sorted(set(args.impls) - set(impls))
         if unknown:

@@ -8,6 +8,7 @@
 #   bash scripts/gpu_session.sh bench128 OUT_DIR           # batch 128, and the bf16 numerics check
 #   bash scripts/gpu_session.sh train OUT_DIR FMNIST_DIR   # issue 3's result: 10 epochs of Fashion-MNIST
 #   bash scripts/gpu_session.sh profile OUT_DIR            # kernels by GPU time, with both LRN codes
+#   bash scripts/gpu_session.sh lrn OUT_DIR                # the LRN kernels: checks, alone, in the step
 #   bash scripts/gpu_session.sh recipes OUT_DIR FMNIST_DIR # issue 3's 10 epochs: the 2012 code's recipe
 #                                                          # and a second seed, three runs side by side
 #
@@ -20,7 +21,7 @@
 # at most five files per stage. Uses the python3 on PATH; set PYTHON to choose another.
 set -uo pipefail
 
-stage=${1:?"stage: check, bench, bench128, train, recipes or profile"}
+stage=${1:?"stage: check, bench, bench128, train, recipes, profile or lrn"}
 out=${2:?"OUT_DIR: where logs and results go"}
 data=${3:-}
 py=${PYTHON:-python3}
@@ -113,7 +114,7 @@ case "$stage" in
     # backward hit an illegal address in both runs on torch 2.11, though not under CUDA_LAUNCH_BLOCKING=1.
     first=1
     for impl in "torch eager" "torch compiled" "triton" "triton compiled" "triton compiled +relu" \
-        "triton fused relu" "triton compiled fused relu" "torch compiled fused relu" "torch compiled +relu"; do
+        "triton fused relu" "torch compiled +relu"; do
       if [ $first = 1 ]; then hdr=(); first=0; else hdr=(--no-header); fi
       "$py" scripts/benchmark_lrn.py --impls "$impl" "${hdr[@]}" 2>&1 | grep -v "^ " | tee -a "$out/lrn.md"
     done
@@ -122,8 +123,25 @@ case "$stage" in
     "$py" scripts/benchmark.py --batch-sizes 256 --models towers grouped --variants bf16-cl-compile-graph \
       --no-numerics --lrn-kernel torch 2>&1 | tee "$out/bench-inductor-lrn.log"
     ;;
+  lrn)
+    # The LRN kernels written without a GPU (fifth session): the ReLU folded into both Triton kernels,
+    # and "triton-dot", whose window sums are band-matrix products. Correctness first (every kernel
+    # choice against the CPU in float32 and bf16), then LRN alone, then the step with each kernel.
+    header | tee "$out/lrn.log"
+    "$py" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py -k lrn 2>&1 | tee -a "$out/lrn.log"
+    first=1
+    for impl in "triton" "triton fused relu" "triton compiled +relu" "triton-dot" "triton-dot fused relu"; do
+      if [ $first = 1 ]; then hdr=(); first=0; else hdr=(--no-header); fi
+      "$py" scripts/benchmark_lrn.py --impls "$impl" "${hdr[@]}" 2>&1 | grep -v "^ " | tee -a "$out/lrn.md"
+    done
+    for kernel in triton triton-dot; do
+      "$py" scripts/benchmark.py --batch-sizes 256 --models grouped towers torchvision \
+        --variants bf16-cl-compile-graph --steps 20 --repeats 3 --no-numerics --lrn-kernel $kernel \
+        2>&1 | tee "$out/step-$kernel.log"
+    done
+    ;;
   *)
-    echo "unknown stage '$stage': check, bench, bench128, train, recipes or profile" >&2
+    echo "unknown stage '$stage': check, bench, bench128, train, recipes, profile or lrn" >&2
     exit 2
     ;;
 esac

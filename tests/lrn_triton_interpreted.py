@@ -29,13 +29,15 @@ def reference(x: torch.Tensor, g: torch.Tensor, size: int, scale: float, beta: f
     return y.detach(), xr.grad
 
 
-def kernel_cases() -> list[dict]:
+def kernel_cases(kernel: str) -> list[dict]:
+    lrn_triton.set_kernel(kernel)
     out = []
     torch.manual_seed(0)
     shapes = [(2, 96, 5, 7, 2, 5), (3, 48, 4, 4, 1, 5), (2, 10, 3, 3, 2, 3), (1, 256, 3, 2, 2, 5),
-              (5, 6, 1, 1, 2, 5), (3, 96, 9, 7, 2, 5)]
-    # odd pixel counts and tiles, tiny groups, a window wider than a group, and (the last) enough pixels
-    # for the persistent backward's programs to take six tiles each, re-using their scratch slots
+              (5, 6, 1, 1, 2, 5), (3, 96, 9, 7, 2, 5), (2, 160, 2, 3, 1, 5)]
+    # odd pixel counts and tiles, tiny groups, a window wider than a group, enough pixels for the
+    # persistent backward's programs to take six tiles each, re-using their scratch slots, and (the
+    # last) a group wider than the band-matrix kernels take, where "triton-dot" uses the others
     # each case once without and once with the fused ReLU, alternating which layout gets which
     for i, (n, c, h, w, groups, size) in enumerate(shapes):
         for j, (layout, fmt) in enumerate((("contiguous", torch.contiguous_format),
@@ -56,7 +58,8 @@ def kernel_cases() -> list[dict]:
     return out
 
 
-def bf16_case() -> dict:
+def bf16_case(kernel: str) -> dict:
+    lrn_triton.set_kernel(kernel)
     torch.manual_seed(1)
     x = (torch.randn(2, 96, 6, 6) * 3).to(memory_format=torch.channels_last)
     g = torch.randn_like(x)
@@ -93,4 +96,6 @@ def compiled_case() -> dict:
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("set TRITON_INTERPRET=1: these kernels run on the CPU only under Triton's interpreter")
-    print(json.dumps({"kernels": kernel_cases(), "bf16": bf16_case(), "compiled": compiled_case()}))
+    kernels = [k for k in lrn_triton.KERNELS if k != "torch"]
+    print(json.dumps({"kernels": {k: kernel_cases(k) for k in kernels}, "bf16": {k: bf16_case(k) for k in kernels},
+                      "compiled": compiled_case()}))

@@ -21,6 +21,13 @@ Both memory layouts work: element (n, c, h, w) sits at n*sN + c*sC + (h*W + w)*s
 and in a channels_last tensor alike. Arithmetic is float32 whatever the storage type. The window
 never leaves a channel group (the two towers' channels in the grouped form).
 
+REPRO_LRN_KERNEL=triton-dot selects a second pair of kernels (written without a GPU at hand; correct
+under the interpreter, not yet timed): a program holds a tile of pixels by one channel group, and the
+window sums, forward and backward, are one matrix product of the tile with a 0/1 band matrix on the
+tensor cores (three TF32 products for float32 storage, about float32's precision; one for bf16/fp16),
+so there are no shifted loads, no scratch slot and no barriers. Groups wider than 128 channels fall
+back to the kernels above.
+
 The kernels are wrapped as custom ops (repro::lrn_forward, repro::lrn_backward) so torch.compile
 and CUDA graphs treat them as single opaque calls. On the CPU the same kernels run under Triton's
 interpreter (TRITON_INTERPRET=1), which is how the tests check them without a GPU; CPU tensors
@@ -41,8 +48,10 @@ except ImportError:  # no Triton (e.g. a CPU-only build on another platform): la
     triton = None
 
 AVAILABLE = triton is not None
-KERNEL_ENV = "REPRO_LRN_KERNEL"  # "triton" (the default where installed) or "torch" (layers.py's code)
-KERNELS = ("torch", "triton")
+KERNEL_ENV = "REPRO_LRN_KERNEL"  # "triton" (the default where installed), "triton-dot", or "torch" (layers.py's)
+# "triton-dot": the same kernels with the window sum as a matrix product by a 0/1 band matrix (tensor
+# cores) instead of shifted loads (forward) and a scratch slot (backward); not yet timed on a GPU.
+KERNELS = ("torch", "triton", "triton-dot")
 DEFAULT_KERNEL = "triton" if AVAILABLE else "torch"
 _kernel = DEFAULT_KERNEL  # set from KERNEL_ENV below
 _TILE = 4096  # elements per program: BLOCK_P pixels x BLOCK_C channels
@@ -61,8 +70,8 @@ def set_kernel(name: str) -> None:
     global _kernel
     if name not in KERNELS:
         raise ValueError(f"LRN kernel {name!r} (set_kernel or {KERNEL_ENV}): choose one of {KERNELS}")
-    if name == "triton" and not AVAILABLE:
-        raise ValueError(f"LRN kernel 'triton' (set_kernel or {KERNEL_ENV}) needs the triton package, "
+    if name != "torch" and not AVAILABLE:
+        raise ValueError(f"LRN kernel {name!r} (set_kernel or {KERNEL_ENV}) needs the triton package, "
                          "which is not installed")
     _kernel = name
 
@@ -77,7 +86,7 @@ set_kernel(os.environ.get(KERNEL_ENV, DEFAULT_KERNEL))
 def supported(x: Tensor) -> bool:
     """Whether the Triton kernels are chosen and take this tensor: a CUDA float tensor (not float64,
     which stays on the exact torch path the equivalence tests use), 4-D, contiguous or channels_last."""
-    return (_kernel == "triton" and AVAILABLE and x.is_cuda and x.dim() == 4
+    return (_kernel != "torch" and AVAILABLE and x.is_cuda and x.dim() == 4
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _dense_format(x) is not None)
 
 
@@ -155,6 +164,59 @@ if AVAILABLE:
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
             tl.debug_barrier()  # every read of the slot is done before the next tile overwrites it
 
+    @triton.jit
+    def _window_band(CG: tl.constexpr, SIZE: tl.constexpr, BLOCK_C: tl.constexpr):
+        """(BLOCK_C, BLOCK_C) 0/1 matrix over one group's channels: entry (i, j) is 1 where channel i
+        lies in channel j's window (within SIZE // 2, both real channels). Symmetric, as the window is."""
+        i = tl.arange(0, BLOCK_C)[:, None]
+        j = tl.arange(0, BLOCK_C)[None, :]
+        return ((i - j <= SIZE // 2) & (j - i <= SIZE // 2) & (i < CG) & (j < CG)).to(tl.float32)
+
+    @triton.jit
+    def _group_tile(P, HW, sN, sC, sHW, CG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Offsets and mask of this program's tile: BLOCK_P pixels by one channel group (axis 1)."""
+        base, c, pmask = _tile(tl.program_id(0), P, HW, sN, sHW, BLOCK_P, BLOCK_C)
+        mask = pmask[:, None] & (c < CG)[None, :]
+        offs = base[:, None] + ((tl.program_id(1) * CG + c).to(tl.int64) * sC)[None, :]
+        return offs, mask
+
+    @triton.jit
+    def _lrn_forward_dot_kernel(x_ptr, y_ptr, d_ptr, P, HW, sN, sC, sHW, scale, beta, k, CG: tl.constexpr,
+                                SIZE: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
+                                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        # One load of the tile; the window sums of its squares are one (BLOCK_P x BLOCK_C) x (BLOCK_C x
+        # BLOCK_C) product with the band matrix, on the tensor cores. A program holds one channel group
+        # (the window never leaves it), which keeps the band matrix at most 128 x 128.
+        offs, mask = _group_tile(P, HW, sN, sC, sHW, CG, BLOCK_P, BLOCK_C)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            x = tl.maximum(x, 0.0)
+        acc = tl.dot(x * x, _window_band(CG, SIZE, BLOCK_C), input_precision=PRECISION)
+        denom = k + scale * acc
+        y = x * tl.exp2(-beta * tl.log2(denom))
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(d_ptr + offs, denom.to(d_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _lrn_backward_dot_kernel(g_ptr, x_ptr, d_ptr, dx_ptr, P, HW, sN, sC, sHW, scale, beta,
+                                 CG: tl.constexpr, SIZE: tl.constexpr, RELU: tl.constexpr,
+                                 PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        # The formula of _lrn_backward_kernel, with the window sum of t = g x D^(-beta-1) as a product
+        # with the band matrix: no scratch, no barrier, one program per tile and group.
+        offs, mask = _group_tile(P, HW, sN, sC, sHW, CG, BLOCK_P, BLOCK_C)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            active = x > 0.0
+            x = tl.maximum(x, 0.0)
+        den = tl.load(d_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+        inv = tl.exp2(-beta * tl.log2(den))
+        acc = tl.dot(g * x * inv / den, _window_band(CG, SIZE, BLOCK_C), input_precision=PRECISION)
+        dx = g * inv - (2.0 * scale * beta) * x * acc
+        if RELU:
+            dx = tl.where(active, dx, 0.0)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
 
 def _launch_shape(x: Tensor, groups: int):
     n, c, h, w = x.shape
@@ -166,6 +228,26 @@ def _launch_shape(x: Tensor, groups: int):
     s_n, s_c, s_h, s_w = x.stride()
     return (triton.cdiv(p, block_p),), dict(P=p, HW=h * w, C=c, CG=c // groups, sN=s_n, sC=s_c, sHW=s_w,
                                             BLOCK_P=block_p, BLOCK_C=block_c)
+
+
+_DOT_MAX_GROUP = 128  # channels per group the band-matrix kernels take (a 128 x 128 float32 band: 64 KiB)
+
+
+def _dot_launch_shape(x: Tensor, groups: int):
+    """Grid (pixel tiles, groups) and sizes for the band-matrix kernels, or None where a group is too
+    wide for them (the shifted-load kernels then run)."""
+    n, c, h, w = x.shape
+    if c % groups:
+        raise ValueError(f"LRN over {groups} groups needs channels divisible by it, got {c}")
+    cg = c // groups
+    if cg > _DOT_MAX_GROUP:
+        return None
+    block_c = max(16, triton.next_power_of_2(cg))  # a matrix product on the GPU needs dimensions >= 16
+    block_p = max(16, _TILE // block_c)
+    p = n * h * w
+    s_n, s_c, s_h, s_w = x.stride()
+    return (triton.cdiv(p, block_p), groups), dict(P=p, HW=h * w, CG=cg, sN=s_n, sC=s_c, sHW=s_w,
+                                                   BLOCK_P=block_p, BLOCK_C=block_c)
 
 
 def _persistent_programs(device: torch.device) -> int:
@@ -190,6 +272,12 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
                            "slower on the GPUs measured).") from exc
 
 
+def _dot_precision(x: Tensor) -> str:
+    """float32 storage: three TF32 products (about float32's precision); 16-bit storage: one, whose
+    10-bit mantissa is finer than what bf16 or fp16 keeps of the result."""
+    return "tf32x3" if x.dtype == torch.float32 else "tf32"
+
+
 def lrn_forward(x: Tensor, size: int, scale: float, beta: float, k: float, groups: int,
                 relu: bool = False) -> tuple[Tensor, Tensor]:
     """(output, denominator k + scale * window sum of squares), both laid out like x; with `relu`,
@@ -197,7 +285,12 @@ def lrn_forward(x: Tensor, size: int, scale: float, beta: float, k: float, group
     fmt = _dense_format(x)
     src = x if fmt is not None else x.contiguous()
     y, denom = torch.empty_like(src), torch.empty_like(src)
-    if src.numel():
+    dot = _dot_launch_shape(src, groups) if src.numel() and _kernel == "triton-dot" else None
+    if dot is not None:
+        grid, shape = dot
+        _launch(_lrn_forward_dot_kernel, grid, src, y, denom, scale=scale, beta=beta, k=k, SIZE=size, RELU=relu,
+                PRECISION=_dot_precision(src), **shape)
+    elif src.numel():
         grid, shape = _launch_shape(src, groups)
         _launch(_lrn_forward_kernel, grid, src, y, denom, scale=scale, beta=beta, k=k, SIZE=size, RELU=relu,
                 **shape)
@@ -213,7 +306,12 @@ def lrn_backward(grad: Tensor, x: Tensor, denom: Tensor, size: int, scale: float
     x_, denom_ = x.contiguous(memory_format=fmt), denom.contiguous(memory_format=fmt)
     grad_ = grad.contiguous(memory_format=fmt)  # autograd may hand the gradient in another layout
     dx = torch.empty_like(x_)
-    if x_.numel():
+    dot = _dot_launch_shape(x_, groups) if x_.numel() and _kernel == "triton-dot" else None
+    if dot is not None:
+        grid, shape = dot
+        _launch(_lrn_backward_dot_kernel, grid, grad_, x_, denom_, dx, scale=scale, beta=beta, SIZE=size,
+                RELU=relu, PRECISION=_dot_precision(x_), **shape)
+    elif x_.numel():
         (n_tiles,), shape = _launch_shape(x_, groups)
         programs = min(n_tiles, _persistent_programs(x_.device))
         scratch = torch.empty(programs * shape["BLOCK_P"] * shape["BLOCK_C"], dtype=torch.float32,
