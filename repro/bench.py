@@ -125,7 +125,7 @@ def make_step(model: nn.Module, case: Case, device: torch.device, loss_fn=F.cros
     check_case(case, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest algorithms
-    opt = paper_optimizer(model, OptimConfig())
+    opt = paper_optimizer(model, OptimConfig(), compiled=case.compile != "none")  # compiled rows: the update too
     size = 224 if case.model == "torchvision" else 227
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
     if case.channels_last:

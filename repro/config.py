@@ -241,7 +241,7 @@ class TrainConfig:
     backend: str = "auto"  # process-group backend: "auto" (NCCL with a GPU per rank, else gloo)
     amp: str = "none"  # "bf16": autocast on CUDA (a speed choice; the paper trained in float32)
     channels_last: bool = False
-    compile: bool = False  # torch.compile each tower stage (or the grouped network)
+    compile: bool = False  # torch.compile each tower stage (or the grouped network) and the optimiser's update
     compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead"/"max-autotune" add CUDA graphs
     stop_check_every: int = 0  # steps between checks for SIGTERM (0: 1 on CPU, 20 on GPU)
 

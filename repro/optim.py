@@ -20,14 +20,19 @@ class PaperSGD(torch.optim.Optimizer):
     learning rate drops: the two agree only while the learning rate is constant.
 
     Param groups carry `lr_mult` (the group's rate is `lr * lr_mult`) so one base rate drives weights
-    and biases; `set_lr` changes it.
+    and biases; `set_lr` changes it. `compiled=True` runs the same update through torch.compile, which
+    fuses its four passes over the parameters into one (read w, g, v; write w, v).
     """
 
-    def __init__(self, params: Iterable, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4):
+    def __init__(self, params: Iterable, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 compiled: bool = False):
         if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0:
             raise ValueError(f"bad PaperSGD settings: lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lr_mult=1.0))
         self.base_lr = lr
+        self.compiled = compiled
+        self._lr_tensors: dict[int, Tensor] = {}  # id(param group) -> its rate as a tensor (compiled update)
+        self._lr_values: dict[int, float] = {}  # the rate each of those holds
         self.set_lr(lr)
 
     def set_lr(self, lr: float) -> None:
@@ -44,13 +49,24 @@ class PaperSGD(torch.optim.Optimizer):
                 continue
             grads = [p.grad for p in params]
             velocity = [self._velocity(p) for p in params]
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            torch._foreach_mul_(velocity, mu)
-            if wd:
-                torch._foreach_add_(velocity, params, alpha=-wd * lr)
-            torch._foreach_add_(velocity, grads, alpha=-lr)
-            torch._foreach_add_(params, velocity)
+            if self.compiled:
+                _compiled_update()(params, grads, velocity, self._lr_tensor(group, params[0]), group["momentum"],
+                                   group["weight_decay"])
+            else:
+                paper_update(params, grads, velocity, group["lr"], group["momentum"], group["weight_decay"])
         return loss
+
+    def _lr_tensor(self, group: dict, like: Tensor) -> Tensor:
+        """The group's rate as a 0-d tensor beside its parameters (for the compiled update), refreshed in
+        place when the rate changes: a device-side fill, no host wait, and a captured CUDA graph sees it."""
+        t = self._lr_tensors.get(id(group))
+        if t is None or t.device != like.device or t.dtype != like.dtype:
+            t = self._lr_tensors[id(group)] = torch.full((), group["lr"], dtype=like.dtype, device=like.device)
+            self._lr_values[id(group)] = group["lr"]
+        elif self._lr_values[id(group)] != group["lr"]:
+            t.fill_(group["lr"])
+            self._lr_values[id(group)] = group["lr"]
+        return t
 
     def _velocity(self, p: Tensor) -> Tensor:
         state = self.state[p]
@@ -69,8 +85,43 @@ class PaperSGD(torch.optim.Optimizer):
             self.state[p]["velocity"] = velocities[name].to(device=p.device, dtype=p.dtype).clone()
 
 
-def paper_optimizer(model: nn.Module, cfg: OptimConfig) -> PaperSGD:
-    """Weights decay at `cfg.weight_decay`; biases (1-d parameters) follow the config's bias rules."""
+def paper_update(params: list[Tensor], grads: list[Tensor], velocity: list[Tensor], lr: float, momentum: float,
+                 weight_decay: float) -> None:
+    """v <- momentum * v - weight_decay * lr * w - lr * grad ;  w <- w + v, in place, on lists of tensors.
+    Eager, each line is one multi-tensor kernel: four passes over the parameters' memory."""
+    torch._foreach_mul_(velocity, momentum)
+    if weight_decay:
+        torch._foreach_add_(velocity, params, alpha=-weight_decay * lr)
+    torch._foreach_add_(velocity, grads, alpha=-lr)
+    torch._foreach_add_(params, velocity)
+
+
+def _update_for_compile(params: list[Tensor], grads: list[Tensor], velocity: list[Tensor], lr: Tensor,
+                        momentum: float, weight_decay: float) -> None:
+    """paper_update's arithmetic in the same order, with the rate a 0-d tensor on the parameters' device:
+    torch.compile freezes a Python float rate into the graph (and compiles again for each new one)."""
+    torch._foreach_mul_(velocity, momentum)
+    if weight_decay:
+        torch._foreach_add_(velocity, torch._foreach_mul(params, -weight_decay * lr))
+    torch._foreach_add_(velocity, torch._foreach_mul(grads, -lr))
+    torch._foreach_add_(params, velocity)
+
+
+_compiled = None
+
+
+def _compiled_update():
+    """The update compiled once per process (built on first use: compiling costs seconds). Inductor
+    fuses the four passes into one, reading w, g and v and writing w and v."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_update_for_compile, fullgraph=True)
+    return _compiled
+
+
+def paper_optimizer(model: nn.Module, cfg: OptimConfig, compiled: bool = False) -> PaperSGD:
+    """Weights decay at `cfg.weight_decay`; biases (1-d parameters) follow the config's bias rules.
+    `compiled`: fuse the update with torch.compile (training's and the benchmark's --compile)."""
     weights, biases = [], []
     for _, p in sorted(model.named_parameters()):
         (biases if p.ndim == 1 else weights).append(p)
@@ -78,7 +129,7 @@ def paper_optimizer(model: nn.Module, cfg: OptimConfig) -> PaperSGD:
     if biases:
         groups.append(dict(params=biases, lr_mult=cfg.bias_lr_mult,
                            weight_decay=cfg.weight_decay if cfg.bias_weight_decay else 0.0))
-    return PaperSGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return PaperSGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, compiled=compiled)
 
 
 class LRSchedule:

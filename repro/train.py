@@ -78,7 +78,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the initial weights
         self.replica = Replica(topo, cfg.model, ckpt["model"] if ckpt else None, cfg.channels_last,
                                cfg.compile_mode if cfg.compile else None)
-        self.optimizer = paper_optimizer(self.replica.net, cfg.optim)
+        self.optimizer = paper_optimizer(self.replica.net, cfg.optim, compiled=cfg.compile)
         self.schedule = LRSchedule(cfg.optim)
         self.progress = Progress()
         self.best_top1 = math.inf

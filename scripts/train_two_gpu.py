@@ -69,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--backend", default="auto", choices=["auto", "nccl", "gloo"])
     a("--amp", default="none", choices=["none", "bf16"])
     a("--channels-last", action="store_true")
-    a("--compile", action="store_true", help="torch.compile each tower stage (or the grouped network)")
+    a("--compile", action="store_true", help="torch.compile each tower stage (or the grouped network) and the "
+      "optimiser's update")
     a("--compile-mode", default=None, choices=COMPILE_MODES,
       help="torch.compile's mode (implies --compile); reduce-overhead and max-autotune use CUDA graphs")
     return p.parse_args(argv)

@@ -135,7 +135,11 @@ def test_bf16_compiled_network_within_the_reference_networks_error():
         assert err < 3 * reference[key] + 0.05, (key, ours, reference)
 
 
-def test_whole_step_cuda_graph_replays_the_eager_step():
+@pytest.mark.parametrize("compiled_update", [False, True], ids=["eager-update", "compiled-update"])
+def test_whole_step_cuda_graph_replays_the_eager_step(compiled_update):
+    """The benchmark's captured step against eager steps. With the compiled update (--compile) the
+    rate lives in a device tensor, so a replay after set_lr uses the new rate; the eager update's
+    rate is frozen into the captured kernels, so that case keeps one rate."""
     from repro.bench import capture_step
 
     torch.manual_seed(0)
@@ -144,8 +148,8 @@ def test_whole_step_cuda_graph_replays_the_eager_step():
     x = torch.randn(8, 3, 67, 67, device=GPU, dtype=torch.float64) * 50
     y = torch.randint(0, 10, (8,), device=GPU)
 
-    def stepper(net):
-        opt = paper_optimizer(net, OptimConfig())
+    def stepper(net, compiled):
+        opt = paper_optimizer(net, OptimConfig(), compiled=compiled)
 
         def step():
             loss = F.cross_entropy(net(x), y)
@@ -155,16 +159,22 @@ def test_whole_step_cuda_graph_replays_the_eager_step():
 
         return step, opt
 
-    step_eager, opt_eager = stepper(eager)
-    step_graphed, opt_graphed = stepper(graphed)
+    step_eager, opt_eager = stepper(eager, False)
+    step_graphed, opt_graphed = stepper(graphed, compiled_update)
     replay = capture_step(step_graphed, warmup=3)  # 3 real steps, then a captured one
     replay()
     replay()
     for _ in range(5):
         step_eager()
+    if compiled_update:
+        for opt in (opt_graphed, opt_eager):
+            opt.set_lr(0.001)
+        replay()
+        step_eager()
     torch.cuda.synchronize()
     got, expected = graphed.state_dict(), eager.state_dict()
-    assert int(got["drop6.step"]) == int(expected["drop6.step"]) == 5  # masks advanced per replay
+    steps = 6 if compiled_update else 5
+    assert int(got["drop6.step"]) == int(expected["drop6.step"]) == steps  # masks advanced per replay
     for k in expected:
         assert relative_error(got[k].double(), expected[k].double()) < 1e-10, k
     v_got = opt_graphed.velocities(graphed.named_parameters())
