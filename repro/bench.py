@@ -120,12 +120,18 @@ def capture_step(step, warmup: int = 3):
     return graph.replay
 
 
+EAGER_UPDATE_ENV = "REPRO_BENCH_EAGER_UPDATE"  # "1": compiled rows keep the optimiser's update eager
+
+
 def make_step(model: nn.Module, case: Case, device: torch.device, loss_fn=F.cross_entropy):
     """A closure running one training step on a fixed synthetic batch."""
     check_case(case, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest algorithms
-    opt = paper_optimizer(model, OptimConfig(), compiled=case.compile != "none")  # compiled rows: the update too
+    # compiled rows compile the optimiser's update too, as training's --compile does (benchmark.py
+    # --eager-update keeps it eager, to tell the two gains apart)
+    compiled_update = case.compile != "none" and os.environ.get(EAGER_UPDATE_ENV) != "1"
+    opt = paper_optimizer(model, OptimConfig(), compiled=compiled_update)
     size = 224 if case.model == "torchvision" else 227
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
     if case.channels_last:

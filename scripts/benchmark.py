@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from repro.bench import (  # noqa: E402
+    EAGER_UPDATE_ENV,
     MODELS,
     VARIANTS,
     Case,
@@ -89,6 +90,8 @@ def parse_args(argv=None):
       help="LRN code on the GPU: triton (repro/model/lrn_triton.py; the default where installed), triton-dot "
            "(its window sums as band-matrix products) or torch (layers.py's code, fused by inductor); default "
            "from REPRO_LRN_KERNEL")
+    a("--eager-update", action="store_true", help="compiled rows keep the optimiser's update eager (by default "
+      "they compile it too, as training's --compile does)")
     a("--json", default=None)
     a("--markdown", default=None, help="append a section with the table to this file")
     args = p.parse_args(argv)
@@ -124,6 +127,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     lrn_triton.set_kernel(args.lrn_kernel)
     os.environ[lrn_triton.KERNEL_ENV] = args.lrn_kernel  # the two-process case's children
+    os.environ[EAGER_UPDATE_ENV] = "1" if args.eager_update else "0"
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     results: list[Result] = []
     for batch in args.batch_sizes:
@@ -171,6 +175,7 @@ def main(argv=None) -> int:
                      f"copy {limits['copy_gbps']:.0f} GB/s{ceiling}")
     env = environment(device) + {"triton": "; LRN: Triton kernels", "triton-dot": "; LRN: Triton band-matrix kernels",
                                  "torch": "; LRN: torch code fused by inductor"}[args.lrn_kernel]
+    env += "; compiled rows: eager optimiser update" if args.eager_update else "; compiled rows: compiled update"
     lines = table(results, best_tv, flops, peak)
     print("\n" + env + "\n" + "\n".join(lines + [""] + extra), flush=True)
     if args.json:
