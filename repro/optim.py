@@ -39,6 +39,8 @@ class PaperSGD(torch.optim.Optimizer):
         self.base_lr = lr
         for group in self.param_groups:
             group["lr"] = lr * group["lr_mult"]
+            if id(group) in self._lr_tensors:  # now, not at the next step(): a CUDA graph replay runs no Python
+                self._refresh_lr_tensor(group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -58,15 +60,19 @@ class PaperSGD(torch.optim.Optimizer):
 
     def _lr_tensor(self, group: dict, like: Tensor) -> Tensor:
         """The group's rate as a 0-d tensor beside its parameters (for the compiled update), refreshed in
-        place when the rate changes: a device-side fill, no host wait, and a captured CUDA graph sees it."""
+        place when the rate changes (by set_lr at once, or found changed here): a device-side fill, no
+        host wait, and a captured CUDA graph reads the new value at its next replay."""
         t = self._lr_tensors.get(id(group))
         if t is None or t.device != like.device or t.dtype != like.dtype:
             t = self._lr_tensors[id(group)] = torch.full((), group["lr"], dtype=like.dtype, device=like.device)
             self._lr_values[id(group)] = group["lr"]
         elif self._lr_values[id(group)] != group["lr"]:
-            t.fill_(group["lr"])
-            self._lr_values[id(group)] = group["lr"]
+            self._refresh_lr_tensor(group)
         return t
+
+    def _refresh_lr_tensor(self, group: dict) -> None:
+        self._lr_tensors[id(group)].fill_(group["lr"])
+        self._lr_values[id(group)] = group["lr"]
 
     def _velocity(self, p: Tensor) -> Tensor:
         state = self.state[p]
