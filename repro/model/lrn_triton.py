@@ -126,6 +126,19 @@ if AVAILABLE:
         tl.store(d_ptr + offs, denom.to(d_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _backward_terms(g_ptr, x_ptr, d_ptr, offs, mask, beta, RELU: tl.constexpr):
+        """A tile's gradient g, the LRN's input a (max(x, 0) with RELU), where x > 0, D^-beta, and the
+        window term t = g a D^(-beta-1), in float32."""
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        active = x > 0.0
+        if RELU:
+            x = tl.maximum(x, 0.0)
+        den = tl.load(d_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+        inv = tl.exp2(-beta * tl.log2(den))
+        return g, x, active, inv, g * x * inv / den
+
+    @triton.jit
     def _lrn_backward_kernel(g_ptr, x_ptr, d_ptr, dx_ptr, t_ptr, P, HW, sN, sC, sHW, scale, beta, n_tiles,
                              C: tl.constexpr, CG: tl.constexpr, SIZE: tl.constexpr, RELU: tl.constexpr,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -144,14 +157,8 @@ if AVAILABLE:
             base, _, pmask = _tile(tile, P, HW, sN, sHW, BLOCK_P, BLOCK_C)
             mask = pmask[:, None] & (c < C)[None, :]
             offs = base[:, None] + (c * sC)[None, :]
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if RELU:
-                active = x > 0.0
-                x = tl.maximum(x, 0.0)
-            den = tl.load(d_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-            inv = tl.exp2(-beta * tl.log2(den))
-            tl.store(slot, g * x * inv / den)
+            g, x, active, inv, t = _backward_terms(g_ptr, x_ptr, d_ptr, offs, mask, beta, RELU)
+            tl.store(slot, t)
             tl.debug_barrier()  # the slot is complete before any thread reads a neighbour's entry
             acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
             for i in tl.static_range(SIZE):
@@ -204,14 +211,8 @@ if AVAILABLE:
         # The formula of _lrn_backward_kernel, with the window sum of t = g x D^(-beta-1) as a product
         # with the band matrix: no scratch, no barrier, one program per tile and group.
         offs, mask = _group_tile(P, HW, sN, sC, sHW, CG, BLOCK_P, BLOCK_C)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if RELU:
-            active = x > 0.0
-            x = tl.maximum(x, 0.0)
-        den = tl.load(d_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-        inv = tl.exp2(-beta * tl.log2(den))
-        acc = tl.dot(g * x * inv / den, _window_band(CG, SIZE, BLOCK_C), input_precision=PRECISION)
+        g, x, active, inv, t = _backward_terms(g_ptr, x_ptr, d_ptr, offs, mask, beta, RELU)
+        acc = tl.dot(t, _window_band(CG, SIZE, BLOCK_C), input_precision=PRECISION)
         dx = g * inv - (2.0 * scale * beta) * x * acc
         if RELU:
             dx = tl.where(active, dx, 0.0)
