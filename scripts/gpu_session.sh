@@ -134,11 +134,13 @@ case "$stage" in
       --no-numerics --lrn-kernel torch 2>&1 | tee "$out/bench-inductor-lrn.log"
     ;;
   lrn)
-    # The LRN kernels written without a GPU (fifth session): the ReLU folded into both Triton kernels,
-    # and "triton-dot", whose window sums are band-matrix products. Correctness first (every kernel
-    # choice against the CPU in float32 and bf16), then LRN alone, then the step with each kernel.
+    # What was written without a GPU on 2026-11-23: the ReLU folded into both Triton LRN kernels, the
+    # compiled optimiser update, and "triton-dot" (LRN window sums as band-matrix products). Correctness
+    # first (every LRN kernel against the CPU in float32 and bf16; a captured step with the compiled
+    # update across a rate change), then LRN alone, then the step each way.
     header | tee "$out/lrn.log"
-    "$py" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py -k lrn 2>&1 | tee -a "$out/lrn.log"
+    "$py" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py -k "lrn or graph_replays" 2>&1 \
+      | tee -a "$out/lrn.log"
     first=1
     for impl in "triton" "triton fused relu" "triton compiled +relu" "triton-dot" "triton-dot fused relu"; do
       if [ $first = 1 ]; then hdr=(); first=0; else hdr=(--no-header); fi
@@ -146,11 +148,13 @@ case "$stage" in
     done
     # The step: the fourth session's 23,009 img/s (grouped) had the Triton LRN without the ReLU folded
     # in and the eager optimiser update; --eager-update separates the compiled update's share.
-    for run in "triton --eager-update" "triton" "triton-dot"; do
-      set -- $run
+    # triton-dot's run also checks the whole network's bf16 numerics against the float32 reference.
+    for run in "eager-update:triton --eager-update --no-numerics" "compiled-update:triton --no-numerics" \
+        "triton-dot:triton-dot"; do
+      set -- ${run#*:}
       "$py" scripts/benchmark.py --batch-sizes 256 --models grouped towers torchvision \
-        --variants bf16-cl-compile-graph --steps 20 --repeats 3 --no-numerics --lrn-kernel "$@" \
-        2>&1 | tee "$out/step-${run// /}.log"
+        --variants bf16-cl-compile-graph --steps 20 --repeats 3 --lrn-kernel "$@" \
+        2>&1 | tee "$out/step-${run%%:*}.log"
     done
     ;;
   *)
