@@ -219,16 +219,21 @@ if AVAILABLE:
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_shape(x: Tensor, groups: int):
+def _geometry(x: Tensor, groups: int) -> dict:
+    """What every kernel takes about x: pixel count, pixels per image, channels per group, strides."""
     n, c, h, w = x.shape
     if c % groups:
         raise ValueError(f"LRN over {groups} groups needs channels divisible by it, got {c}")
+    s_n, s_c, s_h, s_w = x.stride()
+    return dict(P=n * h * w, HW=h * w, CG=c // groups, sN=s_n, sC=s_c, sHW=s_w)
+
+
+def _launch_shape(x: Tensor, groups: int):
+    geo = _geometry(x, groups)
+    c = x.shape[1]
     block_c = triton.next_power_of_2(c)
     block_p = max(1, _TILE // block_c)
-    p = n * h * w
-    s_n, s_c, s_h, s_w = x.stride()
-    return (triton.cdiv(p, block_p),), dict(P=p, HW=h * w, C=c, CG=c // groups, sN=s_n, sC=s_c, sHW=s_w,
-                                            BLOCK_P=block_p, BLOCK_C=block_c)
+    return (triton.cdiv(geo["P"], block_p),), dict(geo, C=c, BLOCK_P=block_p, BLOCK_C=block_c)
 
 
 _DOT_MAX_GROUP = 128  # channels per group the band-matrix kernels take (a 128 x 128 float32 band: 64 KiB)
@@ -237,18 +242,12 @@ _DOT_MAX_GROUP = 128  # channels per group the band-matrix kernels take (a 128 x
 def _dot_launch_shape(x: Tensor, groups: int):
     """Grid (pixel tiles, groups) and sizes for the band-matrix kernels, or None where a group is too
     wide for them (the shifted-load kernels then run)."""
-    n, c, h, w = x.shape
-    if c % groups:
-        raise ValueError(f"LRN over {groups} groups needs channels divisible by it, got {c}")
-    cg = c // groups
-    if cg > _DOT_MAX_GROUP:
+    geo = _geometry(x, groups)
+    if geo["CG"] > _DOT_MAX_GROUP:
         return None
-    block_c = max(16, triton.next_power_of_2(cg))  # a matrix product on the GPU needs dimensions >= 16
+    block_c = max(16, triton.next_power_of_2(geo["CG"]))  # a matrix product on the GPU needs dimensions >= 16
     block_p = max(16, _TILE // block_c)
-    p = n * h * w
-    s_n, s_c, s_h, s_w = x.stride()
-    return (triton.cdiv(p, block_p), groups), dict(P=p, HW=h * w, CG=cg, sN=s_n, sC=s_c, sHW=s_w,
-                                                   BLOCK_P=block_p, BLOCK_C=block_c)
+    return (triton.cdiv(geo["P"], block_p), groups), dict(geo, BLOCK_P=block_p, BLOCK_C=block_c)
 
 
 def _persistent_programs(device: torch.device) -> int:
