@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--workers", type=int, default=4, help="decoding processes per rank (image files)")
     a("--decode", default="gpu", choices=["gpu", "cpu"],
       help="stored 256x256 form on a GPU: decode its JPEGs there in batches (nvJPEG) or in the --workers "
-           "processes (measured faster for small JPEGs: docs/benchmarks.md)")
+           "processes (which decoding the same small JPEGs as files beat nvJPEG on the store; --decode cpu "
+           "itself is not yet timed: docs/benchmarks.md)")
     a("--log-every", type=int, default=10)
     a("--eval-batch-size", type=int, default=128)
     a("--final-crops", type=int, nargs="*", default=[1, 10], help="closing table protocols: 1 and/or 10")
