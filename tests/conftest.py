@@ -69,17 +69,20 @@ def run_distributed(fn, world: int, tmp_path, *args) -> list:
 
 @pytest.fixture(scope="session")
 def grouped_reference():
-    """exercise() on the full-size grouped network, once per dtype for every test module."""
+    """exercise() on the grouped network (full size unless a config is given), once per dtype and
+    config for every test module."""
     from repro import AlexNet
     from tests.equivalence import exercise
 
     cache = {}
 
-    def get(dtype):
-        if dtype not in cache:
+    def get(dtype, cfg: ModelConfig | None = None):
+        cfg = cfg or ModelConfig()
+        key = (dtype, repr(cfg))
+        if key not in cache:
             torch.manual_seed(0)
-            cache[dtype] = exercise(AlexNet(config=ModelConfig()).to(dtype), ModelConfig(), dtype)
-        return cache[dtype]
+            cache[key] = exercise(AlexNet(config=cfg).to(dtype), cfg, dtype)
+        return cache[key]
 
     return get
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from repro import AlexNet, DistributedTowerAlexNet, ModelConfig
+from repro import DistributedTowerAlexNet, ModelConfig
 from repro.exchange import EXCHANGES
 from repro.model.convert import towers_to_grouped
 from tests.conftest import SMALL, run_distributed
-from tests.equivalence import TOLERANCE, assert_same, exercise, relative_error
+from tests.equivalence import TOLERANCE, assert_same, exercise, relative_error, training_check_config
 from tests.test_two_tower import expected_bytes
 
 CFG = ModelConfig()
@@ -23,6 +23,10 @@ def _tower_worker(rank, world):
         torch.manual_seed(0)  # every rank draws the same grouped network and keeps its block
         model = DistributedTowerAlexNet(CFG, None, "cpu").to(dtype)
         results[dtype] = exercise(model, CFG, dtype, "tower.")
+        cfg = training_check_config(dtype)
+        if cfg != CFG:
+            torch.manual_seed(0)
+            results[dtype]["trained"] = exercise(DistributedTowerAlexNet(cfg, None, "cpu").to(dtype), cfg, dtype, "tower.")
         # NCCL's path (one flat all-gather / reduce-scatter per exchange), over gloo, on the small network
         torch.manual_seed(0)
         small = DistributedTowerAlexNet(SMALL, None, "cpu").to(dtype)
@@ -38,11 +42,14 @@ def tower_runs(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=DTYPES, ids=["float64", "float32"])
 def forms(request, tower_runs, grouped_reference):
+    """dtype, the full-size grouped result, each rank's full-size result, and (grouped, towers mapped
+    to the grouped form) on the network that training is compared on (training_check_config)."""
     dtype = request.param
     ranks = [r[dtype] for r in tower_runs]
-    grouped = grouped_reference(dtype)
-    mapped = {k: towers_to_grouped([r[k] for r in ranks], CFG) for k in ("grads", "state", "velocity")}
-    return dtype, grouped, ranks, mapped
+    cfg = training_check_config(dtype)
+    trained_ranks = ranks if cfg == CFG else [r["trained"] for r in ranks]
+    mapped = {k: towers_to_grouped([r[k] for r in trained_ranks], cfg) for k in ("grads", "state", "velocity")}
+    return dtype, grouped_reference(dtype), ranks, (grouped_reference(dtype, cfg), mapped)
 
 
 def test_logits_equal_in_eval_and_train_mode(forms):
@@ -53,12 +60,12 @@ def test_logits_equal_in_eval_and_train_mode(forms):
 
 
 def test_gradients_equal(forms):
-    dtype, grouped, _, mapped = forms
+    dtype, _, _, (grouped, mapped) = forms
     assert_same(mapped["grads"], grouped["grads"], dtype, "gradient")
 
 
 def test_weights_and_velocities_equal_after_steps(forms):
-    dtype, grouped, _, mapped = forms
+    dtype, _, _, (grouped, mapped) = forms
     assert_same(mapped["state"], grouped["state"], dtype, "weights")
     assert_same(mapped["velocity"], grouped["velocity"], dtype, "velocity")
 
@@ -79,12 +86,11 @@ def test_four_exchanges_each_way_with_predicted_bytes(forms):
 
 
 
-def test_nccl_code_path_over_gloo_equals_grouped(forms):
+def test_nccl_code_path_over_gloo_equals_grouped(forms, grouped_reference):
     """The flat all-gather / reduce-scatter that NCCL runs, checked on the CPU (this torch's gloo has both)."""
     dtype, _, ranks, _ = forms
     flat = [r["flat_collectives"] for r in ranks]
-    torch.manual_seed(0)
-    grouped = exercise(AlexNet(config=SMALL).to(dtype), SMALL, dtype)
+    grouped = grouped_reference(dtype, SMALL)
     assert relative_error(flat[0]["train_logits"], grouped["train_logits"]) <= TOLERANCE[dtype]
     for key in ("grads", "state", "velocity"):
         assert_same(towers_to_grouped([r[key] for r in flat], SMALL), grouped[key], dtype, key)

@@ -6,7 +6,7 @@ import torch
 from repro import AlexNet, ModelConfig, TwoTowerAlexNet
 from repro.exchange import EXCHANGES, ExchangeLog, record
 from repro.model.convert import grouped_to_towers, towers_to_grouped
-from tests.equivalence import TOLERANCE, assert_same, exercise, relative_error
+from tests.equivalence import TOLERANCE, assert_same, exercise, relative_error, training_check_config
 
 CFG = ModelConfig()  # full size: 227 input, 1000 classes
 
@@ -20,28 +20,37 @@ def towers_result(result_by_tower: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+def run_towers(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    torch.manual_seed(0)
+    towers = TwoTowerAlexNet(devices=("cpu", "cpu"), config=cfg).to(dtype)
+    return towers_result(exercise(towers, cfg, dtype, "towers."), cfg)
+
+
 @pytest.fixture(scope="module", params=[torch.float64, torch.float32], ids=["float64", "float32"])
 def both_forms(request, grouped_reference):
+    """dtype, then (grouped, towers) results on the full-size network, then the same on the network
+    that training is compared on (training_check_config)."""
     dtype = request.param
-    torch.manual_seed(0)
-    towers = TwoTowerAlexNet(devices=("cpu", "cpu"), config=CFG).to(dtype)
-    return dtype, grouped_reference(dtype), towers_result(exercise(towers, CFG, dtype, "towers."), CFG)
+    full = grouped_reference(dtype), run_towers(CFG, dtype)
+    cfg = training_check_config(dtype)
+    trained = full if cfg == CFG else (grouped_reference(dtype, cfg), run_towers(cfg, dtype))
+    return dtype, full, trained
 
 
 def test_logits_equal_in_eval_and_train_mode(both_forms):
-    dtype, g, t = both_forms
+    dtype, (g, t), _ = both_forms
     for key in ("eval_logits", "train_logits"):
         assert relative_error(t[key], g[key]) <= TOLERANCE[dtype], key
     assert relative_error(g["eval_logits"], g["train_logits"]) > 0.01  # dropout really acted
 
 
 def test_gradients_equal(both_forms):
-    dtype, g, t = both_forms
+    dtype, _, (g, t) = both_forms
     assert_same(t["grads"], g["grads"], dtype, "gradient")
 
 
 def test_weights_and_velocities_equal_after_steps_across_lr_drop(both_forms):
-    dtype, g, t = both_forms
+    dtype, _, (g, t) = both_forms
     assert_same(t["state"], g["state"], dtype, "weights")
     assert_same(t["velocity"], g["velocity"], dtype, "velocity")
 
@@ -84,7 +93,7 @@ def expected_bytes(batch: int, itemsize: int) -> dict:
 
 
 def test_exactly_four_exchanges_each_way_with_predicted_bytes(both_forms):
-    dtype, _, towers = both_forms
+    dtype, (_, towers), _ = both_forms
     log = ExchangeLog()
     log.transfers = towers["log"]  # one training step, batch of 2
     assert log.calls("forward") == list(EXCHANGES)
