@@ -107,6 +107,34 @@ def test_lrn_channels_last_equals_contiguous():
     torch.testing.assert_close(cl.grad, nc.grad, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("size,groups,channels", [(5, 2, 96), (5, 2, 4), (3, 1, 7), (7, 3, 9), (1, 2, 6), (5, 1, 2)])
+def test_eager_window_sum_equals_compiled_form(size, groups, channels, channels_last):
+    """Eagerly the window sum adds shifted slices in place; under torch.compile it is written as
+    shifted adds over a padded copy (which inductor fuses). Both are the same sums, also where the
+    window is wider than a channel group."""
+    from repro.model.layers import _window_sum_fusable, _window_sum_in_place
+
+    t = torch.rand(2, channels, 3, 5, dtype=torch.float64)
+    if channels_last:
+        t = t.to(memory_format=torch.channels_last)
+    eager, fusable = _window_sum_in_place(t, size, groups), _window_sum_fusable(t, size, groups)
+    torch.testing.assert_close(eager, fusable, rtol=1e-15, atol=0)
+    assert eager.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    expected = lrn_reference(t.numpy(), size, 1.0, 1.0, 0.0, groups)  # a / (sum a^2) needs the same windows
+    torch.testing.assert_close(t / _window_sum_in_place(t * t, size, groups), torch.from_numpy(expected),
+                               rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-15), (torch.float32, 1e-6)])
+def test_inverse_power_of_paper_beta(dtype, rtol):
+    from repro.model.layers import _inverse_power
+
+    d = torch.rand(10_000, dtype=torch.float64) * 1e3 + 2.0  # denominators are >= k = 2
+    torch.testing.assert_close(_inverse_power(d.to(dtype), 0.75), d.pow(-0.75).to(dtype), rtol=rtol, atol=0)
+    torch.testing.assert_close(_inverse_power(d.to(dtype), 0.5), d.pow(-0.5).to(dtype), rtol=rtol, atol=0)
+
+
 def test_lrn_rejects_even_window():
     with pytest.raises(ValueError, match="odd"):
         LRNConfig(size=4)

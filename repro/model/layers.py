@@ -16,8 +16,14 @@ def channel_window_sum(t: Tensor, size: int, groups: int) -> Tensor:
 
     Channel i of group g sums channels max(lo, i - size//2) .. min(hi, i + size//2) of the same group,
     which is SPEC section 2's clipped window applied to each tower's channels on their own.
-    Written as shifted adds over a padded copy so that torch.compile fuses it into one pass.
     """
+    if torch.compiler.is_compiling():
+        return _window_sum_fusable(t, size, groups)
+    return _window_sum_in_place(t, size, groups)
+
+
+def _window_sum_fusable(t: Tensor, size: int, groups: int) -> Tensor:
+    """Shifted adds over a padded copy: torch.compile fuses them into one pass."""
     b, c, h, w = t.shape
     r = size // 2
     cg = c // groups
@@ -32,6 +38,31 @@ def channel_window_sum(t: Tensor, size: int, groups: int) -> Tensor:
     for d in range(1, size):
         s = s + u[:, :, d:d + cg]
     return s.reshape(b, c, h, w)
+
+
+def _window_sum_in_place(t: Tensor, size: int, groups: int) -> Tensor:
+    """The same sums, eagerly: one copy, then each shifted slice added into it in place. Without a
+    compiler every op is a pass over memory, and the padded form's copy and new tensor per add made
+    the CPU's LRN about twice as slow (the main job and the tests run it)."""
+    b, c, h, w = t.shape
+    cg = c // groups
+    channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    v = t.permute(0, 2, 3, 1).reshape(b, h * w, groups, cg) if channels_last else t.reshape(b, groups, cg, h * w)
+    axis = 3 if channels_last else 2
+    s = v.clone()
+    for d in range(1, min(size // 2, cg - 1) + 1):
+        s.narrow(axis, d, cg - d).add_(v.narrow(axis, 0, cg - d))  # channel i gains channel i - d
+        s.narrow(axis, 0, cg - d).add_(v.narrow(axis, d, cg - d))  # and channel i + d
+    return s.reshape(b, h, w, c).permute(0, 3, 1, 2) if channels_last else s.reshape(b, c, h, w)
+
+
+def _inverse_power(d: Tensor, beta: float) -> Tensor:
+    """d ** -beta. For the paper's beta = 0.75, eagerly, as rsqrt(d) * sqrt(rsqrt(d)): the same value
+    to a few units in the last place, and on the CPU about 1.7x faster than torch's general power."""
+    if beta != 0.75 or torch.compiler.is_compiling():
+        return d.pow(-beta)
+    r = d.rsqrt()
+    return r.mul_(r.sqrt())
 
 
 class _LRNFunction(torch.autograd.Function):
@@ -54,8 +85,8 @@ class _LRNFunction(torch.autograd.Function):
             y, denom = torch.ops.repro.lrn_forward(x, size, scale, beta, k, groups, relu)
         else:
             a = F.relu(x) if relu else x
-            denom = channel_window_sum(a * a, size, groups) * scale + k
-            y = a * denom.pow(-beta)
+            denom = channel_window_sum(a * a, size, groups).mul_(scale).add_(k)
+            y = a * _inverse_power(denom, beta)
         ctx.save_for_backward(x, denom)  # b (and a) recomputed in backward: two saved tensors, not three
         ctx.params = (size, scale, beta, groups, relu)
         return y
@@ -67,9 +98,9 @@ class _LRNFunction(torch.autograd.Function):
         if lrn_triton.supported(x):
             return torch.ops.repro.lrn_backward(grad_y, x, denom, size, scale, beta, groups, relu), *[None] * 6
         a = F.relu(x) if relu else x
-        inv = denom.pow(-beta)
-        window = channel_window_sum(grad_y * a * inv / denom, size, groups)
-        grad_a = grad_y * inv - (2.0 * scale * beta) * a * window
+        g_inv = grad_y * _inverse_power(denom, beta)  # g D^-beta, the first term; g b / D = g_inv a / D
+        window = channel_window_sum(g_inv.mul(a).div_(denom), size, groups)
+        grad_a = torch.addcmul(g_inv, a, window, value=-2.0 * scale * beta)
         return (torch.where(x > 0, grad_a, 0.0) if relu else grad_a), *[None] * 6
 
 
