@@ -122,21 +122,23 @@ def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
     split, dataset = _split(opts, members[0])
     out = Path(opts.out) if opts.out else run_dir(opts.checkpoints[0]) / "evaluation"
     idx = eval_indices(len(split), 1, 0, opts.max_images)
+    spec = EvalSpec(crops=opts.crops, batch_size=opts.batch_size, amp=opts.amp, workers=opts.workers,
+                    pin=device.type == "cuda", decode_device=device)
+    start = time.perf_counter()
+    results = evaluate([m.model for m in members], split, idx, [m.augment for m in members], spec)
+    seconds = time.perf_counter() - start
+    n = len(members)
     rows = []
-    for crops in opts.crops:
-        spec = EvalSpec(crops=crops, batch_size=opts.batch_size, amp=opts.amp, workers=opts.workers,
-                        pin=device.type == "cuda", decode_device=device)
-        start = time.perf_counter()
-        counts = evaluate([m.model for m in members], split, idx, [m.augment for m in members], spec)
-        seconds = time.perf_counter() - start
-        n = len(members)
+    for crops, counts in results.items():
         rows.append(EvalRow(label=f"{n} CNN{'s' if n > 1 else ''}, {'centre patch' if crops == 1 else '10 patches'}",
                             dataset=dataset, split=split.name.split("/")[-1], images=counts.images, crops=crops,
                             models=n, run=", ".join(opts.checkpoints), top1_error=counts.top1_error,
                             top5_error=counts.top5_error, loss=counts.loss))
         print(f"{rows[-1].label}: top-1 {counts.top1_error:.2f}% top-5 {counts.top5_error:.2f}% on "
-              f"{counts.images} images ({counts.skipped} unreadable skipped), "
-              f"{counts.images / seconds:.1f} img/s ({counts.images * crops * n / seconds:.1f} forwards/s)", flush=True)
+              f"{counts.images} images ({counts.skipped} unreadable skipped)", flush=True)
+    images = next(iter(results.values())).images
+    print(f"{images} images, {max(opts.crops)} patch(es) each through {n} network(s) in one pass: "
+          f"{images / seconds:.1f} img/s ({images * max(opts.crops) * n / seconds:.1f} forwards/s)", flush=True)
     year = imagenet_year(dataset)
     paths = write_results(rows, out, imagenet_year=year, stem="evaluation")
     print(results_markdown(rows, year), flush=True)

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from repro.data.augment import Augment
+from repro.data.augment import TEN_CROP_CENTRE, Augment
 from repro.data.loader import chunks, iterate
 
 
@@ -86,25 +86,33 @@ def autocast(device: torch.device, amp: str):
 
 
 @torch.no_grad()
-def average_softmax(forwards: Sequence[Callable[[Tensor], Tensor]], inputs: Sequence[Tensor], crops: int,
-                    amp: str = "none") -> Tensor | None:
-    """Mean over models (model i reads inputs[i]) and over each image's `crops` rows of the softmax
-    outputs: (B, classes). None where this process holds no logits (tower 1 of a pair)."""
+def patch_softmax(forwards: Sequence[Callable[[Tensor], Tensor]], inputs: Sequence[Tensor], crops: int,
+                  amp: str = "none") -> Tensor | None:
+    """Softmax outputs of each image's `crops` rows, averaged over models (model i reads inputs[i]):
+    (B, crops, classes). None where this process holds no logits (tower 1 of a pair)."""
     total = None
     for forward, x in zip(forwards, inputs, strict=True):
         with autocast(x.device, amp):
             logits = forward(x)
         if logits.shape[-1] == 0:
             return None
-        probs = logits.float().softmax(dim=1)
-        probs = probs.view(-1, crops, probs.shape[1]).mean(dim=1)
+        probs = logits.float().softmax(dim=1).view(-1, crops, logits.shape[-1])
         total = probs if total is None else total + probs.to(total.device)
     return total / len(forwards)
 
 
+def average_softmax(forwards: Sequence[Callable[[Tensor], Tensor]], inputs: Sequence[Tensor], crops: int,
+                    amp: str = "none") -> Tensor | None:
+    """Mean over models and over each image's `crops` rows of the softmax outputs: (B, classes)."""
+    probs = patch_softmax(forwards, inputs, crops, amp)
+    return None if probs is None else probs.mean(dim=1)
+
+
 @dataclass
 class EvalSpec:
-    crops: int = 1  # 1: centre patch; 10: the paper's ten patches
+    # Protocols to score: 1, the centre patch; 10, the paper's ten patches. The centre patch is one of
+    # the ten, so with both the network runs the ten patches only and both tallies come from that pass.
+    crops: tuple[int, ...] = (1,)
     batch_size: int = 128  # images per forward (each gives `crops` rows)
     amp: str = "none"
     workers: int = 4
@@ -115,25 +123,34 @@ class EvalSpec:
 
 @torch.no_grad()
 def evaluate(forwards: Sequence[Callable[[Tensor], Tensor]], source, indices: Tensor,
-             augments: Augment | Sequence[Augment], spec: EvalSpec) -> Counts:
-    """Score the images `indices` of `source` once each with the (ensemble of) `forwards`; model i
-    sees the images preprocessed by augments[i] (its own training set's mean image). Every process
-    of a pair must call this with the same indices; only tower 0's counts are non-zero."""
+             augments: Augment | Sequence[Augment], spec: EvalSpec) -> dict[int, Counts]:
+    """Score the images `indices` of `source` once each with the (ensemble of) `forwards` under each
+    protocol of spec.crops; model i sees the images preprocessed by augments[i] (its own training
+    set's mean image). Every process of a pair must call this with the same indices; only tower 0's
+    counts are non-zero."""
+    if not spec.crops or any(c not in (1, 10) for c in spec.crops):
+        raise ValueError(f"crops must be 1 and/or 10 (the paper's protocols), got {spec.crops}")
     if isinstance(augments, Augment):
         augments = [augments] * len(forwards)
-    counts = RunningCounts()
+    patches = max(spec.crops)  # what each image is cut into: 10 if the ten patches are wanted, else 1
+    counts = {c: RunningCounts() for c in spec.crops}
+    skipped = 0
     batches = chunks(indices, spec.batch_size)
     for i, batch in enumerate(iterate(source, batches, spec.workers, spec.pin, spec.decode_device)):
-        counts.skipped += batch.skipped
+        skipped += batch.skipped
         if len(batch.labels) == 0:
             continue
         prepared: dict[int, Tensor] = {}  # models that share preprocessing share the input
         for aug in augments:
             if id(aug) not in prepared:
-                prepared[id(aug)] = aug.eval_batch(batch.images.to(aug.device, non_blocking=True), spec.crops)
-        probs = average_softmax(forwards, [prepared[id(a)] for a in augments], spec.crops, spec.amp)
+                prepared[id(aug)] = aug.eval_batch(batch.images.to(aug.device, non_blocking=True), patches)
+        probs = patch_softmax(forwards, [prepared[id(a)] for a in augments], patches, spec.amp)
         if probs is not None:
-            counts.add(probs, batch.labels.to(probs.device))
+            labels = batch.labels.to(probs.device)
+            for c, running in counts.items():
+                running.add(probs.mean(dim=1) if c == patches else probs[:, TEN_CROP_CENTRE], labels)
         if spec.progress:
             spec.progress(i + 1, len(batches))
-    return counts.counts()
+    for running in counts.values():
+        running.skipped = skipped
+    return {c: running.counts() for c, running in counts.items()}

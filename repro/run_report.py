@@ -14,7 +14,7 @@ def imagenet_year(dataset: str) -> str | None:
 
 def final_report(trainer) -> dict[int, Counts]:
     cfg, topo = trainer.cfg, trainer.topo
-    results = {crops: trainer.validate(crops) for crops in cfg.final_crops}
+    results = trainer.validate(cfg.final_crops) if cfg.final_crops else {}
     if not topo.is_main or not results:
         return results
     split = "test" if cfg.data.dataset == "fashion-mnist" else "val"

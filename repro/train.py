@@ -261,7 +261,7 @@ class Trainer:
     def _end_epoch(self) -> None:
         p = self.progress
         train = Counts.from_list(all_reduce_sum(self.meter.counts().as_list(), self.topo))
-        val = self.validate(1)
+        val = self.validate((1,))[1]
         self.schedule.end_epoch(p.epoch, val.top1_error)
         improved = val.top1_error < self.best_top1
         self.best_top1 = min(self.best_top1, val.top1_error)
@@ -278,17 +278,21 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------
 
-    def validate(self, crops: int) -> Counts:
-        """Every validation image scored once across all pairs (both towers of a pair run it)."""
+    def validate(self, crops: tuple[int, ...]) -> dict[int, Counts]:
+        """Every validation image scored once across all pairs (both towers of a pair run it), under
+        each protocol of `crops` (1: centre patch, 10: ten patches) in one pass."""
         idx = eval_indices(len(self.val_set), self.topo.replicas, self.topo.replica, self.cfg.data.val_images)
         spec = EvalSpec(crops=crops, batch_size=self.cfg.eval_batch_size, amp=self.cfg.amp,
                         workers=self.cfg.data.workers, pin=self.pin, decode_device=self.decode_device)
         net = self.replica.net.eval()
-        counts = evaluate([net], self.val_set, idx, self.augment, spec)
+        results = evaluate([net], self.val_set, idx, self.augment, spec)
         net.train()
         if not self.topo.holds_logits:
-            counts.skipped = 0  # tower 0 of the pair counts them
-        return Counts.from_list(all_reduce_sum(counts.as_list(), self.topo))
+            for counts in results.values():
+                counts.skipped = 0  # tower 0 of the pair counts them
+        totals = all_reduce_sum([v for c in crops for v in results[c].as_list()], self.topo)
+        width = len(totals) // len(crops)
+        return {c: Counts.from_list(totals[i * width:(i + 1) * width]) for i, c in enumerate(crops)}
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> dict[int, Counts]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from repro.config import DataConfig
-from repro.data.augment import Augment
+from repro.data.augment import Augment, Stats
 from repro.data.tensor_source import TensorSource
 from repro.evaluate import Counts, EvalSpec, average_softmax, evaluate
 
@@ -65,6 +65,37 @@ def test_evaluate_scores_a_known_model_on_known_data():
         cls = torch.where(cls == 7, torch.ones_like(cls), cls)
         return torch.nn.functional.one_hot(cls, 10).float() * 10
 
-    for crops in (1, 10):
-        c = evaluate([model], src, torch.arange(11), aug, EvalSpec(crops=crops, batch_size=4, workers=0))
-        assert c.images == 11 and c.top1_correct == 10 and c.top5_correct == 11
+    for crops in ((1,), (10,), (1, 10)):
+        results = evaluate([model], src, torch.arange(11), aug, EvalSpec(crops=crops, batch_size=4, workers=0))
+        assert list(results) == list(crops)
+        for c in results.values():
+            assert c.images == 11 and c.top1_correct == 10 and c.top5_correct == 11
+    with pytest.raises(ValueError, match="1 and/or 10"):
+        evaluate([model], src, torch.arange(11), aug, EvalSpec(crops=(5,), workers=0))
+
+
+def test_centre_patch_is_one_of_the_ten():
+    """With both protocols, the centre patch's tally comes from the ten-patch pass: the same input rows
+    as a centre-patch pass, so the same counts as scoring it on its own."""
+    from repro.data.augment import TEN_CROP_CENTRE
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (9, 40, 50, 3), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 4, (9,), generator=g)
+    src = TensorSource(images, labels, ["a", "b", "c", "d"], "toy/val")
+    cfg = DataConfig(base_size=32, crop_size=24, pca="none")
+    aug = Augment(cfg, Stats(mean_image=torch.rand(32, 32, 3) * 255, eigvals=torch.ones(3), eigvecs=torch.eye(3), images=9))
+    ten, centre = aug.eval_batch(images, 10), aug.eval_batch(images, 1)
+    assert torch.equal(ten.view(9, 10, 3, 24, 24)[:, TEN_CROP_CENTRE], centre)
+    assert not torch.equal(ten.view(9, 10, 3, 24, 24)[:, 0], centre)  # a corner is not the centre
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 24 * 24, 4))
+    spec = dict(batch_size=4, workers=0)
+    both = evaluate([net], src, torch.arange(9), aug, EvalSpec(crops=(1, 10), **spec))
+    alone = {c: evaluate([net], src, torch.arange(9), aug, EvalSpec(crops=(c,), **spec))[c] for c in (1, 10)}
+    for c in (1, 10):
+        assert (both[c].images, both[c].top1_correct, both[c].top5_correct) == \
+            (alone[c].images, alone[c].top1_correct, alone[c].top5_correct)
+        assert both[c].loss == pytest.approx(alone[c].loss, rel=1e-6)
+    assert both[1].loss != pytest.approx(both[10].loss, rel=1e-6)  # the protocols did differ

@@ -67,11 +67,14 @@ def draw_params(batch: int, cfg: DataConfig, generator: torch.Generator) -> Crop
     return CropParams(top, left, flip, alpha)
 
 
+TEN_CROP_CENTRE = 4  # the unreflected centre patch's place among an image's ten (the centre-patch protocol)
+
+
 def ten_crop_params(batch: int, cfg: DataConfig) -> CropParams:
     """Paper section 4.1's test patches, per image in this order: four corners, centre, then the
     reflections of the same five. Rows are image-major: image 0's ten, then image 1's ten."""
     far, mid = cfg.base_size - cfg.crop_size, (cfg.base_size - cfg.crop_size) // 2
-    corners = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
+    corners = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]  # (mid, mid): TEN_CROP_CENTRE
     offsets = torch.tensor([tl for _ in (0, 1) for tl in corners]).repeat(batch, 1)
     flip = torch.tensor([False] * 5 + [True] * 5).repeat(batch)
     return CropParams(offsets[:, 0], offsets[:, 1], flip, torch.zeros(10 * batch, 3))
