@@ -101,19 +101,12 @@ def patch_softmax(forwards: Sequence[Callable[[Tensor], Tensor]], inputs: Sequen
     return total / len(forwards)
 
 
-def average_softmax(forwards: Sequence[Callable[[Tensor], Tensor]], inputs: Sequence[Tensor], crops: int,
-                    amp: str = "none") -> Tensor | None:
-    """Mean over models and over each image's `crops` rows of the softmax outputs: (B, classes)."""
-    probs = patch_softmax(forwards, inputs, crops, amp)
-    return None if probs is None else probs.mean(dim=1)
-
-
 @dataclass
 class EvalSpec:
     # Protocols to score: 1, the centre patch; 10, the paper's ten patches. The centre patch is one of
     # the ten, so with both the network runs the ten patches only and both tallies come from that pass.
     crops: tuple[int, ...] = (1,)
-    batch_size: int = 128  # images per forward (each gives `crops` rows)
+    batch_size: int = 128  # images per forward (each gives 10 rows when the ten patches are scored)
     amp: str = "none"
     workers: int = 4
     pin: bool = False

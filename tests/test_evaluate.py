@@ -7,7 +7,7 @@ import torch
 from repro.config import DataConfig
 from repro.data.augment import Augment, Stats
 from repro.data.tensor_source import TensorSource
-from repro.evaluate import Counts, EvalSpec, average_softmax, evaluate
+from repro.evaluate import Counts, EvalSpec, evaluate, patch_softmax
 
 
 def numpy_errors(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -46,11 +46,10 @@ def test_ten_patch_and_ensemble_average_softmax_outputs():
     def model_b(inp):
         return torch.ones(inp.shape[0], 3)
 
-    got = average_softmax([model_a, model_b], [x, x], crops=10)
-    logits = model_a(x).softmax(1).view(4, 10, 3).mean(1)
-    expected = (logits + torch.full((4, 3), 1 / 3)) / 2
-    torch.testing.assert_close(got, expected)
-    assert average_softmax([lambda inp: inp.new_empty(inp.shape[0], 0)], [x], 10) is None  # tower 1
+    got = patch_softmax([model_a, model_b], [x, x], crops=10)  # (image, patch, class), models averaged
+    per_patch = (model_a(x).softmax(1).view(4, 10, 3) + 1 / 3) / 2
+    torch.testing.assert_close(got, per_patch)
+    assert patch_softmax([lambda inp: inp.new_empty(inp.shape[0], 0)], [x], 10) is None  # tower 1
 
 
 def test_evaluate_scores_a_known_model_on_known_data():
