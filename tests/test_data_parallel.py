@@ -5,14 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from repro import AlexNet, ModelConfig
-from repro.config import OptimConfig, TowerWidths
+from repro.config import OptimConfig
 from repro.model.convert import towers_to_grouped
 from repro.optim import paper_optimizer
-from tests.conftest import run_distributed
+from tests.conftest import SMALL_FC, run_distributed
 
-# masks are per replica: dropout left out. fc6/fc7 at 256 units per tower: the paper's 2048 made the
-# float64 all-reduces and updates of fc7's 16.8M weights most of this test's time.
-CFG = ModelConfig(num_classes=10, image_size=67, dropout=0.0, widths=TowerWidths(fc6=256, fc7=256))
+# masks are per replica: dropout left out
+CFG = ModelConfig(num_classes=10, image_size=67, dropout=0.0, widths=SMALL_FC)
 STEPS = 2
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from repro.checkpoint import read
-from repro.config import DataConfig, ModelConfig, OptimConfig, TowerWidths, TrainConfig
+from repro.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from repro.dist import init_topology
-from tests.conftest import run_distributed
+from tests.conftest import SMALL_FC, run_distributed
 from tests.test_fashion_mnist import make_tree
 
 
@@ -21,11 +21,6 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("fmnist")
     make_tree(root, n_train=96, n_test=30)
     return root
-
-
-# fc6/fc7 at 256 units per tower instead of 2048: the paper's 16.8M-weight fc7 made the optimiser step
-# and the checkpoints the bulk of these runs' time; every layer and exchange is still there.
-SMALL_FC = TowerWidths(fc6=256, fc7=256)
 
 
 def tiny_config(root, out, **kw) -> TrainConfig:
