@@ -55,6 +55,15 @@ def kernel_cases(kernel: str) -> list[dict]:
                                 f"{' relu' if relu else ''}", "relu": relu,
                         "forward": rel(y, y_ref), "backward": rel(dx, dx_ref),
                         "same_strides": y.stride() == x.stride() == dx.stride() == denom.stride()})
+    # one pixel wide, with a w stride that is not the pixel step: torch calls it contiguous all the same
+    x = (torch.randn(2, 8, 1, 3) * 3).transpose(2, 3)
+    assert x.is_contiguous() and x.stride() == (24, 3, 1, 3)
+    g = torch.randn(x.shape)
+    y_ref, dx_ref = reference(x, g, 5, 1e-2, 0.75, 2.0, 2)
+    y, denom = lrn_triton.lrn_forward(x, 5, 1e-2, 0.75, 2.0, 2, False)
+    dx = lrn_triton.lrn_backward(g, x, denom, 5, 1e-2, 0.75, 2, False)
+    out.append({"case": "2x8x3x1 w stride 3", "relu": False, "forward": rel(y, y_ref), "backward": rel(dx, dx_ref),
+                "same_strides": True})
     return out
 
 

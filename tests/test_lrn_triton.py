@@ -31,11 +31,12 @@ def interpreted() -> dict:
 def test_kernels_equal_the_torch_lrn_in_float32(interpreted, kernel):
     """Both layouts, one and two groups, window 3 and 5, windows wider than a group, pixel counts that
     do not fill the last tile, programs that take several tiles (the persistent backward), and a
-    gradient handed in the other layout; half the cases with the ReLU fused in: float32 rounding only.
+    gradient handed in the other layout, a one-pixel-wide tensor whose w stride is not its pixel step;
+    half the two-layout cases with the ReLU fused in: float32 rounding only.
     (The interpreter multiplies "triton-dot"'s matrices in exact float32; a GPU's TF32 is checked in
     tests/test_cuda.py.)"""
     cases = interpreted["kernels"][kernel]
-    assert len(cases) == 14
+    assert len(cases) == 15
     assert sum(case["relu"] for case in cases) == 7
     for case in cases:
         assert case["forward"] < 1e-6 and case["backward"] < 1e-6, case

@@ -225,7 +225,9 @@ def _geometry(x: Tensor, groups: int) -> dict:
     if c % groups:
         raise ValueError(f"LRN over {groups} groups needs channels divisible by it, got {c}")
     s_n, s_c, s_h, s_w = x.stride()
-    return dict(P=n * h * w, HW=h * w, CG=c // groups, sN=s_n, sC=s_c, sHW=s_w)
+    # One pixel step for all h*w pixels. When w == 1, torch counts the tensor dense whatever its w
+    # stride says (a size-1 dimension is never stepped over), so the step is the h stride.
+    return dict(P=n * h * w, HW=h * w, CG=c // groups, sN=s_n, sC=s_c, sHW=s_h if w == 1 else s_w)
 
 
 def _launch_shape(x: Tensor, groups: int):
