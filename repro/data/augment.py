@@ -124,8 +124,9 @@ class Augment:
         scale = vals.clamp_min(0).sqrt() if cfg.pca_scale == "sqrt" else vals
         return vecs * scale * 255.0  # [0, 1] units -> pixel units
 
-    def crop(self, images: Tensor, p: CropParams) -> Tensor:
-        """uint8 (B, H, W, C) on this device -> float (B, 3, crop, crop), channels_last."""
+    def crop(self, images: Tensor, p: CropParams, source: Tensor | None = None) -> Tensor:
+        """uint8 (B, H, W, C) on this device -> float (len(p), 3, crop, crop), channels_last. Patch i
+        is cut from image source[i] (default: image i)."""
         base = to_base(images, self.cfg.base_size)
         n, c = self.cfg.crop_size, base.shape[-1]
         p = p.to(self.device)
@@ -133,7 +134,9 @@ class Augment:
         rows = p.top[:, None] + ar  # (B, n)
         cols = p.left[:, None] + torch.where(p.flip[:, None], n - 1 - ar, ar)  # reflections reverse columns
         rows, cols = rows[:, :, None], cols[:, None, :]
-        batch = torch.arange(base.shape[0], device=self.device)[:, None, None]
+        if source is None:
+            source = torch.arange(base.shape[0], device=self.device)
+        batch = source[:, None, None]
         x = base[batch, rows, cols].float()  # (B, n, n, C)
         if c == 1:
             x = x.expand(-1, -1, -1, 3)  # grey images: the same value in R, G and B
@@ -148,7 +151,7 @@ class Augment:
         b = images.shape[0]
         if crops == 1:
             return self.crop(images, centre_crop_params(b, self.cfg))
-        if crops == 10:
-            base = to_base(images, self.cfg.base_size).repeat_interleave(10, dim=0)
-            return self.crop(base, ten_crop_params(b, self.cfg))
+        if crops == 10:  # ten rows per image, indexed from the one copy of each image
+            source = torch.arange(10 * b, device=self.device) // 10  # not repeat_interleave: no host sync
+            return self.crop(images, ten_crop_params(b, self.cfg), source=source)
         raise ValueError(f"crops must be 1 or 10 (the paper's protocol), got {crops}")
