@@ -59,9 +59,8 @@ def _infer_config(state: dict[str, Tensor]) -> ModelConfig:
     return ModelConfig(num_classes=fc8.shape[0])
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> AlexNet:
-    """The network stored in a checkpoint (either form's), as a grouped AlexNet in eval mode."""
-    ckpt = read(path, map_location)
+def network(ckpt: dict, path: str | os.PathLike) -> AlexNet:
+    """The grouped AlexNet of a checkpoint that `read` returned, in eval mode; `path` names it in errors."""
     state = ckpt["model"]
     cfg = ModelConfig.from_dict(ckpt["model_config"]) if ckpt.get("model_config") else _infer_config(state)
     model = AlexNet(config=cfg)
@@ -70,3 +69,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     except (RuntimeError, KeyError) as exc:
         raise ValueError(f"{path}: the weights do not fit the network its config describes: {exc}") from exc
     return model.eval()
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> AlexNet:
+    """The network stored in a checkpoint (either form's), as a grouped AlexNet in eval mode."""
+    return network(read(path, map_location), path)

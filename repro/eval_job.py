@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from repro.checkpoint import grouped_state, read
-from repro.config import ModelConfig, TrainConfig
+from repro.checkpoint import network, read
+from repro.config import TrainConfig
 from repro.data.augment import Augment, Stats
 from repro.data.datasets import open_eval_split
 from repro.data.loader import eval_indices, iterate
@@ -80,10 +80,7 @@ def load_member(path: str, opts: EvalOptions, device: torch.device) -> Member:
         raise ValueError(f"{path} holds weights only; evaluation needs a training checkpoint (its classes "
                          f"and mean image). Use repro.load_checkpoint for the weights alone.")
     train = TrainConfig.from_dict(ckpt["train_config"])
-    cfg = ModelConfig.from_dict(ckpt["model_config"])
-    grouped = AlexNet(config=cfg)
-    grouped.load_state_dict(grouped_state(ckpt["model"], cfg))
-    grouped.eval()
+    grouped = network(ckpt, path)
     if opts.form == "towers":
         second = torch.device("cuda", 1) if device.type == "cuda" and torch.cuda.device_count() > 1 else device
         model = TwoTowerAlexNet.from_grouped(grouped, devices=(device, second)).eval()
@@ -127,6 +124,10 @@ def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
     start = time.perf_counter()
     results = evaluate([m.model for m in members], split, idx, [m.augment for m in members], spec)
     seconds = time.perf_counter() - start
+    scored = next(iter(results.values()))
+    if scored.images == 0:
+        raise ValueError(f"no image of {split.name} was scored ({len(idx)} selected, {scored.skipped} unreadable): "
+                         f"check --data and --max-images")
     n = len(members)
     rows = []
     for crops, counts in results.items():
@@ -139,7 +140,7 @@ def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
     images = next(iter(results.values())).images
     print(f"{images} images, {max(opts.crops)} patch(es) each through {n} network(s) in one pass: "
           f"{images / seconds:.1f} img/s ({images * max(opts.crops) * n / seconds:.1f} forwards/s)", flush=True)
-    year = imagenet_year(dataset)
+    year = imagenet_year(dataset, len(members[0].classes), images)
     paths = write_results(rows, out, imagenet_year=year, stem="evaluation")
     print(results_markdown(rows, year), flush=True)
     if opts.figures:
@@ -157,13 +158,19 @@ def figures(member: Member, split, idx: torch.Tensor, opts: EvalOptions, out: Pa
         paths["curves"] = plot_learning_curves(read_metrics(log), out / "learning_curves.png")
     if opts.neighbours > 0:
         bank = idx[torch.linspace(0, len(idx) - 1, min(opts.neighbour_bank, len(idx))).round().long()]
-        images, feats = [], []
+        images, feats, read_ok = [], [], []
         with torch.no_grad():
-            for batch in iterate(split, bank.split(opts.batch_size), opts.workers):
+            index_lists = bank.split(opts.batch_size)
+            for idx, batch in zip(index_lists, iterate(split, index_lists, opts.workers)):
+                read_ok.append(idx if batch.kept is None else idx[batch.kept])  # unreadable images drop out
+                if len(batch.images) == 0:
+                    continue
                 x = member.augment.eval_batch(batch.images.to(member.augment.device), 1)
                 feats.append(member.model.fc7_activations(x).float().cpu())
                 images.append(batch.images)
-        images, feats = torch.cat(images), torch.cat(feats)
+        if not feats:
+            return paths
+        images, feats, bank = torch.cat(images), torch.cat(feats), torch.cat(read_ok)
         q = torch.linspace(0, len(feats) - 1, min(opts.neighbours, len(feats))).round().long()
         k = min(6, len(feats) - 1)
         if k >= 1:

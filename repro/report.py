@@ -66,9 +66,9 @@ TABLE2 = PaperTable(
 
 PAPER_TABLES = {"2010": TABLE1, "2012": TABLE2}
 
-NOT_COMPARABLE = ("These numbers were measured on {datasets}, not ImageNet: they are NOT comparable "
-                  "with the paper's ImageNet error rates, which are shown separately below for reference "
-                  "only.")
+NOT_COMPARABLE = ("These numbers were measured on {datasets}, not on the whole ILSVRC-2012 validation set "
+                  "(1000 classes, 50,000 images): they are NOT comparable with the paper's ImageNet error "
+                  "rates, which are shown separately below for reference only.")
 
 
 @dataclass
@@ -101,11 +101,15 @@ class EvalRow:
 
 
 def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.2f}"
+        return f"{value:.2f}"  # a NaN loss (a diverged network) prints as nan, not hidden
     return str(value).replace("|", "\\|")  # a '|' in a run name would split the cell
+
+
+def _paper(value: float | None) -> str | None:
+    return None if value is None else f"{value:.1f}"  # the paper's own precision
 
 
 def _table(header: list[str], lines: list[list]) -> list[str]:
@@ -124,7 +128,7 @@ def _merged_table(table: PaperTable, rows: list[EvalRow]) -> list[str]:
     lines = []
     for model, values in table.rows:
         by_col = dict(zip(table.columns, values))
-        lines.append([model, "paper", *(by_col.get(c) for c in cols), table.dataset] + [None] * 5)
+        lines.append([model, "paper", *(_paper(by_col.get(c)) for c in cols), table.dataset] + [None] * 5)
     for r in rows:
         ours = {("top-1", r.split): r.top1_error, ("top-5", r.split): r.top5_error}
         lines.append([r.label, "this evaluation", *(ours.get(c) for c in cols),
@@ -135,7 +139,7 @@ def _merged_table(table: PaperTable, rows: list[EvalRow]) -> list[str]:
 
 def _paper_only(table: PaperTable) -> list[str]:
     header = ["model", "source", *(f"{m} {s}" for m, s in table.columns)]
-    return _table(header, [[model, "paper", *values] for model, values in table.rows])
+    return _table(header, [[model, "paper", *map(_paper, values)] for model, values in table.rows])
 
 
 def _check_year(rows: list[EvalRow], imagenet_year) -> str | None:

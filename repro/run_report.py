@@ -6,10 +6,13 @@ from repro.evaluate import Counts
 from repro.report import EvalRow, plot_learning_curves, read_metrics, results_markdown, write_results
 
 
-def imagenet_year(dataset: str) -> str | None:
-    """Only ImageNet's ILSVRC-2012 validation set sits in the paper's Table 2; nothing else is
-    comparable with the paper."""
-    return "2012" if dataset == "imagenet" else None
+ILSVRC2012_VAL = (1000, 50_000)  # classes and images of the set behind the paper's Table 2 (SPEC section 6)
+
+
+def imagenet_year(dataset: str, classes: int, images: int) -> str | None:
+    """Only the whole ILSVRC-2012 validation set sits in the paper's Table 2: another dataset, another
+    class list or a subset of the images is not comparable with the paper."""
+    return "2012" if dataset == "imagenet" and (classes, images) == ILSVRC2012_VAL else None
 
 
 def final_report(trainer) -> dict[int, Counts]:
@@ -22,7 +25,7 @@ def final_report(trainer) -> dict[int, Counts]:
     rows = [EvalRow(label=f"1 CNN, {'centre patch' if c == 1 else '10 patches'}", dataset=cfg.data.dataset,
                     split=split, images=n.images, crops=c, models=1, run=run, top1_error=n.top1_error,
                     top5_error=n.top5_error, loss=n.loss) for c, n in results.items()]
-    year = imagenet_year(cfg.data.dataset)
+    year = imagenet_year(cfg.data.dataset, cfg.model.num_classes, next(iter(results.values())).images)
     write_results(rows, trainer.out, imagenet_year=year)
     metrics = read_metrics(trainer.out / "metrics.jsonl") if (trainer.out / "metrics.jsonl").exists() else []
     if metrics:

@@ -39,6 +39,10 @@ def parse_args(argv=None) -> EvalOptions:
     a("--no-figures", action="store_true")
     a("--neighbours", type=int, default=5, help="Figure 4 query images (0: none)")
     args = p.parse_args(argv)
+    for flag, value, least in (("--max-images", args.max_images, 1), ("--batch-size", args.batch_size, 1),
+                               ("--workers", args.workers, 0), ("--neighbours", args.neighbours, 0)):
+        if value is not None and value < least:
+            p.error(f"{flag} must be at least {least}, got {value}")
     return EvalOptions(checkpoints=args.checkpoint, dataset=args.dataset, data=args.data, devkit=args.devkit,
                        val_solution=args.val_solution, crops=tuple(dict.fromkeys(args.crops)),
                        batch_size=args.batch_size, max_images=args.max_images, form=args.form,

@@ -70,7 +70,8 @@ def test_every_val_layout_gives_the_same_numbers(trees, checkpoints, tmp_path):
         assert [(r.top1_error, r.top5_error) for r in rows] == [(r.top1_error, r.top5_error) for r in reference], name
         assert [r.loss for r in rows] == pytest.approx([r.loss for r in reference], rel=1e-6)
     md = (tmp_path / "folders" / "eval" / "evaluation.md").read_text()
-    assert "Table 2" in md and "this evaluation" in md and "40.70" in md  # ImageNet: beside the paper
+    # ImageNet, but 3 classes and 6 images: not the paper's evaluation set, so not in its Table 2
+    assert "NOT comparable" in md and "| 1 CNN | paper | 40.7 | 18.2 | - |" in md
 
 
 def manual_errors(members, split):
@@ -135,3 +136,37 @@ def test_wrong_dataset_for_the_network_is_a_clear_error(checkpoints, tmp_path, c
     assert code == 2 and "trained on 3 classes" in capsys.readouterr().err
     code = evaluate_main(["--checkpoint", str(tmp_path / "nothing.pt"), "--device", "cpu"])
     assert code == 2 and "no checkpoint" in capsys.readouterr().err
+
+
+def test_figure_4_names_the_images_it_shows_when_one_is_unreadable(trees, checkpoints, tmp_path):
+    import json
+
+    from repro.data.imagenet import imagenet_val
+
+    root = tmp_path / "tree"
+    shutil.copytree(trees["csv"], root)
+    (root / "val" / val_name(1)).write_bytes(b"not a JPEG")
+    run_evaluation(EvalOptions(checkpoints=checkpoints[:1], dataset="imagenet", data=str(root), crops=(1,),
+                               workers=0, out=str(tmp_path / "f"), device="cpu", neighbours=3))
+    doc = json.loads((tmp_path / "f" / "fc7_neighbours.json").read_text())
+    split = imagenet_val(root, torch.load(checkpoints[0], weights_only=False)["classes"], 76)
+    broken = next(i for i, f in enumerate(split.files) if f.endswith(val_name(1)))
+    named = doc["queries"] + [i for row in doc["neighbours"] for i in row]
+    assert broken not in named
+    assert set(named) == set(range(len(split))) - {broken}  # 5 readable images: queries and neighbours
+    assert doc["queries"] == [i for i in range(len(split)) if i != broken][::2]
+
+
+def test_weights_that_do_not_fit_the_checkpoint_config_are_a_clear_error(checkpoints, tmp_path, capsys):
+    ckpt = torch.load(checkpoints[0], weights_only=False)
+    ckpt["model_config"]["num_classes"] = 5
+    torch.save(ckpt, tmp_path / "bad.pt")
+    code = evaluate_main(["--checkpoint", str(tmp_path / "bad.pt"), "--device", "cpu", "--workers", "0"])
+    assert code == 2 and "do not fit the network" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--max-images", "0"), ("--max-images", "-1"), ("--batch-size", "0")])
+def test_bad_numbers_are_flag_errors(checkpoints, capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        evaluate_main(["--checkpoint", checkpoints[0], flag, value])
+    assert exc.value.code == 2 and f"{flag} must be at least" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from repro.report import (
     results_markdown,
     write_results,
 )
+from repro.run_report import imagenet_year
 
 IMAGENET = [EvalRow("this run, 10 patches", "imagenet", "val", 50000, 10, 1, "run-01/epoch-90", 41.23, 18.76, 1.9),
             EvalRow("this run, centre crop", "imagenet", "val", 50000, 1, 1, "run-01/epoch-90", 43.5, 20.125)]
@@ -48,8 +49,8 @@ def test_2012_rows_share_table_2():
     md = results_markdown(IMAGENET, "2012")
     [table] = tables(md)
     rows = by_model(table)
-    assert (rows["1 CNN"]["source"], rows["1 CNN"]["top-1 val"], rows["1 CNN"]["top-5 val"]) == ("paper", "40.70", "18.20")
-    assert rows["7 CNNs*"]["top-5 test"] == "15.30" and rows["SIFT + FVs"]["top-1 val"] == "-"
+    assert (rows["1 CNN"]["source"], rows["1 CNN"]["top-1 val"], rows["1 CNN"]["top-5 val"]) == ("paper", "40.7", "18.2")
+    assert rows["7 CNNs*"]["top-5 test"] == "15.3" and rows["SIFT + FVs"]["top-1 val"] == "-"
     ours = rows["this run, 10 patches"]
     assert ours["source"] == "this evaluation"
     assert (ours["top-1 val"], ours["top-5 val"], ours["top-5 test"]) == ("41.23", "18.76", "-")
@@ -63,9 +64,9 @@ def test_2010_rows_share_table_1_and_test_split_gets_its_columns():
     row = EvalRow("ours", "ILSVRC-2010", "test", 150000, 10, 1, "r", 38.0, 17.5)
     val = EvalRow("ours val", "ILSVRC-2010", "val", 50000, 1, 1, "r", 40.0, 19.0)
     rows = by_model(tables(results_markdown([row, val], "2010"))[0])
-    assert (rows["CNN"]["top-1 test"], rows["CNN"]["top-5 test"]) == ("37.50", "17.00")
-    assert rows["Sparse coding"]["top-1 test"] == "47.10"
-    assert rows["CNN, one patch (no ten-patch averaging)"]["top-5 test"] == "18.30"
+    assert (rows["CNN"]["top-1 test"], rows["CNN"]["top-5 test"]) == ("37.5", "17.0")
+    assert rows["Sparse coding"]["top-1 test"] == "47.1"
+    assert rows["CNN, one patch (no ten-patch averaging)"]["top-5 test"] == "18.3"
     assert (rows["ours"]["top-1 test"], rows["ours"]["top-5 test"], rows["ours"]["top-1 val"]) == ("38.00", "17.50", "-")
     assert (rows["ours val"]["top-1 val"], rows["CNN"]["top-1 val"]) == ("40.00", "-")
 
@@ -83,8 +84,21 @@ def test_other_dataset_is_kept_apart_and_marked_not_comparable():
             ours["run"], ours["top-1 error"], ours["top-5 error"]) == \
         ("small net, 10 patches", "fashion-mnist", "test", "10000", "10", "2", "fm-a|fm-b", "8.57", "0.31")
     assert md.index("NOT comparable") < md.index("| Sparse coding")
-    assert by_model(ts[1])["CNN"]["top-1 test"] == "37.50"
-    assert by_model(ts[2])["1 CNN"]["top-1 val"] == "40.70"
+    assert by_model(ts[1])["CNN"]["top-1 test"] == "37.5"
+    assert by_model(ts[2])["1 CNN"]["top-1 val"] == "40.7"
+
+
+def test_only_the_whole_ilsvrc_2012_val_set_is_comparable():
+    assert imagenet_year("imagenet", 1000, 50_000) == "2012"
+    assert imagenet_year("imagenet", 1000, 5_000) is None  # a --max-images subset
+    assert imagenet_year("imagenet", 100, 50_000) is None  # another class list
+    assert imagenet_year("fashion-mnist", 1000, 50_000) is None
+
+
+def test_a_nan_loss_is_printed_not_hidden():
+    row = EvalRow("diverged", "fashion-mnist", "test", 10, 1, 1, "r", 90.0, 50.0, float("nan"))
+    [table, *_] = tables(results_markdown([row], None))
+    assert table[0]["loss"] == "nan" and table[0]["top-1 error"] == "90.00"
 
 
 def test_year_checks():

@@ -46,16 +46,18 @@ class Batch:
     images: Tensor  # uint8 (B, H, W, C), pinned when going to a GPU
     labels: Tensor  # int64 (B,)
     skipped: int  # unreadable images dropped from this batch
+    kept: Tensor | None = None  # bool, per requested index: which images are in `images` (None: all)
 
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
-        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped)
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped, self.kept)
 
 
 def _collate(items: list) -> Batch:
+    kept = torch.tensor([img is not None for img, _ in items], dtype=torch.bool)
     good = [(img, lbl) for img, lbl in items if img is not None]
     if not good:
-        return Batch(torch.empty(0, 0, 0, 3, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), len(items))
-    return Batch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), len(items) - len(good))
+        return Batch(torch.empty(0, 0, 0, 3, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), len(items), kept)
+    return Batch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), len(items) - len(good), kept)
 
 
 def decode_on_device(encoded: list[Tensor], device: torch.device) -> Tensor:
