@@ -85,17 +85,20 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         # Fail here, with the numbers, rather than deep inside a conv layer.
         if self.feature_sizes()[-1] < 1:
+            least = next(n for n in range(11, 1024) if self.feature_sizes(n)[-1] >= 1)
             raise ValueError(
                 f"image_size {self.image_size} is too small for this network: pool5 would be empty "
-                f"(sizes {self.feature_sizes()}); use at least 67 (the paper uses 227)")
+                f"(sizes {self.feature_sizes()}); use at least {least} with this pooling (the paper uses 227)")
 
-    def feature_sizes(self) -> tuple[int, int, int, int, int]:
-        """Spatial size after conv1, pool1, pool2 (= conv3..conv5), and pool5: (55, 27, 13, 13, 6)."""
+    def feature_sizes(self, image_size: int | None = None) -> tuple[int, int, int, int, int]:
+        """Spatial size after conv1, pool1, pool2 (= conv3..conv5), and pool5: (55, 27, 13, 13, 6);
+        of `image_size` pixels if given, else of this config's."""
+        size = self.image_size if image_size is None else image_size
 
         def pool(n: int) -> int:
             return (n - self.pool_kernel) // self.pool_stride + 1 if n >= self.pool_kernel else 0
 
-        conv1 = (self.image_size - 11) // 4 + 1 if self.image_size >= 11 else 0
+        conv1 = (size - 11) // 4 + 1 if size >= 11 else 0
         pool1 = pool(conv1)
         pool2 = pool(pool1)  # conv2..conv5 keep the size (padding 2, 1, 1, 1)
         return conv1, pool1, pool2, pool2, pool(pool2)

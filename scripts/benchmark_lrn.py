@@ -5,8 +5,8 @@ LRN shapes, against the time a single read-and-write pass over the tensors would
     python scripts/benchmark_lrn.py --batch 128 --dtype float32 --contiguous
 
 Implementations: "torch eager" and "torch compiled" (the shifted-add code of repro/model/layers.py,
-as training runs it with and without --compile), "triton" and "triton compiled" (the opt-in kernels
-of repro/model/lrn_triton.py, called directly and inside a compiled function). In the network, LRN
+as training runs it with and without --compile), "triton" and "triton compiled" (the kernels
+of repro/model/lrn_triton.py, the default on a GPU, called directly and inside a compiled function). In the network, LRN
 follows a ReLU; "+relu" rows time torch's ReLU then the LRN (inductor fuses the two when the LRN is
 its own code), and "fused relu" rows the LRN module's relu=True, which the network uses: the Triton
 kernels apply the ReLU as they read, so it costs no pass of its own. "triton-dot" rows: the kernels

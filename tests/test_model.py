@@ -90,8 +90,12 @@ def test_paper_initialisation():
 
 
 def test_bad_configurations_fail_clearly():
-    with pytest.raises(ValueError, match="too small"):
-        ModelConfig(image_size=50)
+    with pytest.raises(ValueError, match="too small.*at least 67"):
+        ModelConfig(image_size=66)
+    ModelConfig(image_size=67)
+    with pytest.raises(ValueError, match="too small.*at least 39"):  # 2/2 pooling shrinks less
+        ModelConfig(image_size=38, pool_kernel=2, pool_stride=2)
+    ModelConfig(image_size=39, pool_kernel=2, pool_stride=2)
     with pytest.raises(ValueError, match="contradicts"):
         AlexNet(10, config=ModelConfig(num_classes=5))
     with pytest.raises(ValueError, match="2-tower"):

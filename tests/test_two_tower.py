@@ -79,6 +79,17 @@ def test_weight_mapping_round_trips_bit_for_bit():
     assert towers.towers[1].conv3.weight.data_ptr() != grouped.conv3.weight.data_ptr()  # copies
 
 
+def test_conversions_keep_the_precision_and_the_random_stream():
+    grouped = AlexNet(config=CFG).double()
+    towers = TwoTowerAlexNet.from_grouped(grouped, devices=("cpu", "cpu"))
+    assert all(p.dtype == torch.float64 for p in towers.parameters())
+    assert torch.equal(towers.towers[0].conv1.weight, grouped.conv1.weight[:48])  # no float32 rounding
+    state = torch.random.get_rng_state()
+    back = towers.to_grouped()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), grouped.state_dict().values()))
+
+
 def test_mapping_rejects_foreign_state():
     with pytest.raises(KeyError, match="unexpected entry 'features.0.weight'"):
         grouped_to_towers({"features.0.weight": torch.zeros(1)}, CFG)

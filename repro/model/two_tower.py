@@ -42,6 +42,9 @@ class TwoTowerAlexNet(nn.Module):
     def from_grouped(cls, model: AlexNet, devices: Sequence[str | torch.device] = ("cuda:0", "cuda:1")
                      ) -> "TwoTowerAlexNet":
         net = cls(devices=devices, config=model.config, _init=False)
+        dtype = next(model.parameters()).dtype
+        for tower in net.towers:
+            tower.to(dtype)  # the grouped network's precision, not the default float32
         net.load_grouped_state(model.state_dict())
         return net.train(model.training)
 
@@ -53,8 +56,10 @@ class TwoTowerAlexNet(nn.Module):
         return towers_to_grouped([t.state_dict() for t in self.towers], self.config)
 
     def to_grouped(self) -> AlexNet:
-        model = AlexNet(config=self.config)
-        model.load_state_dict({k: v.cpu() for k, v in self.grouped_state().items()})
+        """The same network as one grouped AlexNet on the CPU, in the towers' precision."""
+        with torch.random.fork_rng(devices=[]):  # its initialisation is overwritten: leave the seed's stream alone
+            model = AlexNet(config=self.config)
+        model.to(next(self.parameters()).dtype).load_state_dict({k: v.cpu() for k, v in self.grouped_state().items()})
         return model.train(self.training)
 
     def _each(self, stage: str, inputs: Sequence[Tensor]) -> list[Tensor]:
