@@ -123,7 +123,8 @@ class Trainer:
         say = self.say if self.topo.is_main else (lambda _msg: None)
         if not self.topo.is_main and self.topo.backend:
             torch.distributed.barrier()  # rank 0 computes and caches first; the others then load
-        stats = cached_stats(self.train_set, d.base_size, batches, dirs, d.stats_images, say, self.topo.device)
+        stats = cached_stats(self.train_set, d.base_size, batches, dirs, d.stats_images, say, self.topo.device,
+                             subset_seed=self.cfg.seed)
         if self.topo.is_main and self.topo.backend:
             torch.distributed.barrier()
         return stats
@@ -300,7 +301,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[int, Counts]:
     topo = init_topology(cfg.device, cfg.backend)
     try:
         trainer = Trainer(cfg, topo, resume)
-        trainer.say(f"{trainer.cfg.data.dataset}: {len(trainer.train_set)} training images, "
+        origin = getattr(trainer.train_set, "origin", None) or trainer.cfg.data.root
+        trainer.say(f"{trainer.cfg.data.dataset} (from {origin}): {len(trainer.train_set)} training images, "
                     f"{trainer.steps_per_epoch} steps per epoch; {topo.replicas} replica(s) of "
                     f"{topo.towers} tower(s) on {topo.device} ({topo.backend or 'one process'})")
         trainer.fit()

@@ -302,6 +302,20 @@ def test_val_kaggle_csv(imagenet, in_val):
     assert val_labels(imagenet) == VAL_LABELS
 
 
+def test_kaggle_csv_found_above_its_cls_loc_folder(tmp_path):
+    root = tmp_path / "imagenet-object-localization-challenge" / "ILSVRC" / "Data" / "CLS-LOC"
+    make_train(root)
+    make_flat_val(root)
+    write_csv(tmp_path / "imagenet-object-localization-challenge" / "LOC_val_solution.csv", csv_rows())
+    assert val_labels(root) == VAL_LABELS
+
+
+def test_missing_ground_truth_names_the_flags(imagenet):
+    make_flat_val(imagenet)
+    with pytest.raises(FileNotFoundError, match="no ground truth .*--devkit .*--val-solution"):
+        imagenet_val(imagenet, WNIDS)
+
+
 def test_devkit_preferred_over_csv(imagenet):
     make_flat_val(imagenet)
     write_devkit_dir(imagenet)

@@ -1,6 +1,7 @@
 """Mean image and RGB covariance against NumPy, and their cache."""
 
 import numpy as np
+import pytest
 import torch
 
 from repro.data.stats import accumulate, cached_stats
@@ -47,3 +48,29 @@ def test_cache_is_reused_and_keyed(tmp_path):
     other = TensorSource(src.images, torch.zeros(6, dtype=torch.long), ["a"], "toy/other")
     cached_stats(other, 8, batches, [tmp_path], log=quiet)
     assert len(calls) == 2  # another split: another key
+    cached_stats(src, 8, batches, [tmp_path], max_images=4, subset_seed=0, log=quiet)
+    cached_stats(src, 8, batches, [tmp_path], max_images=4, subset_seed=0, log=quiet)
+    assert len(calls) == 3  # a random subset of 4: its own entry, reused with the same seed
+    cached_stats(src, 8, batches, [tmp_path], max_images=4, subset_seed=1, log=quiet)
+    assert len(calls) == 4  # another seed draws other images: not the same statistics
+    cached_stats(src, 8, batches, [tmp_path], max_images=6, subset_seed=1, log=quiet)
+    cached_stats(src, 8, batches, [tmp_path], max_images=6, subset_seed=2, log=quiet)
+    assert len(calls) == 5  # every image: the seed does not matter
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_a_damaged_cache_is_computed_again(tmp_path, damage):
+    src = TensorSource(torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8), torch.zeros(4, dtype=torch.long),
+                       ["a"], "toy/train")
+    calls = []
+
+    def batches():
+        calls.append(1)
+        return [src.images]
+
+    first = cached_stats(src, 8, batches, [tmp_path], log=lambda _m: None)
+    [cache] = tmp_path.glob("stats-*.npz")
+    data = cache.read_bytes()
+    cache.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"x" * 100}[damage])
+    again = cached_stats(src, 8, batches, [tmp_path], log=lambda _m: None)
+    assert len(calls) == 2 and torch.equal(first.mean_image, again.mean_image)

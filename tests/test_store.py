@@ -172,6 +172,45 @@ def test_write_errors(store, tree, tmp_path):
         write_store(splits_of(tree), store, quality=80, workers=0)
 
 
+def test_a_reused_shard_must_carry_the_labels_the_dataset_gives_now(store, tree, tmp_path):
+    copy = shutil.copytree(store, tmp_path / "copy")
+    splits = splits_of(tree)
+    splits["val"].labels = (splits["val"].labels + 1) % 3  # a corrected ground truth, say
+    with pytest.raises(ValueError, match="shard-00000.idx.npz labels 3 of its 3 images otherwise"):
+        write_store(splits, copy, shard_size=3, workers=0)
+
+
+def test_a_damaged_shard_index_is_rewritten_and_named_when_read(store, tree, tmp_path):
+    copy = shutil.copytree(store, tmp_path / "copy")
+    index = copy / "train" / "shard-00001.idx.npz"
+    index.write_bytes(index.read_bytes()[:100])
+    with pytest.raises(ValueError, match="shard-00001.idx.npz is damaged .*prepare_imagenet.py again"):
+        StoreSource(copy, "train")
+    result = write_store(splits_of(tree), copy, shard_size=3, workers=0, progress=lambda _m: None)
+    assert result["shards_written"] == 1
+    assert_same_store(copy, store)
+
+
+def test_an_unfinished_store_is_named_as_one_by_the_dataset_openers(store, tmp_path):
+    from repro.config import DataConfig
+    from repro.data.datasets import open_eval_split, open_splits
+
+    copy = shutil.copytree(store, tmp_path / "copy")
+    (copy / STORE_MARKER).unlink()
+    for dataset in ("imagenet", "folder"):
+        cfg = DataConfig(dataset=dataset, root=str(copy))
+        with pytest.raises(FileNotFoundError, match="unfinished store .*prepare_imagenet.py again"):
+            open_splits(cfg)
+        with pytest.raises(FileNotFoundError, match="unfinished store"):
+            open_eval_split(cfg, WNIDS)
+
+
+def test_skip_reasons_name_files_as_the_store_does(store):
+    reasons = (store / "train" / "skipped.txt").read_text()
+    assert str(store.parent) not in reasons and "imagenet" not in reasons.split("\t", 1)[-1]
+    assert sorted(line.split("\t")[0] for line in reasons.splitlines()) == BAD
+
+
 def test_read_errors(store, tmp_path):
     with pytest.raises(FileNotFoundError, match="not an image store .*prepare_imagenet.py"):
         StoreSource(tmp_path, "train")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from repro.config import DataConfig
-from repro.data.store import StoreSource, is_store
+from repro.data.store import StoreSource, check_not_unfinished, is_store
 
 
 def open_splits(cfg: DataConfig):
@@ -20,6 +20,7 @@ def open_splits(cfg: DataConfig):
     if is_store(cfg.root):  # the stored 256x256 form (scripts/prepare_imagenet.py, repro.data.jpeg_tree)
         train = StoreSource(cfg.root, "train")
         return train, StoreSource(cfg.root, "val", classes=train.classes)
+    check_not_unfinished(cfg.root)
     if cfg.dataset == "imagenet":
         from repro.data.imagenet import imagenet_splits
 
@@ -45,22 +46,27 @@ def open_eval_split(cfg: DataConfig, classes: list[str]):
         from repro.data.fashion_mnist import fashion_mnist
 
         split = fashion_mnist(cfg.root, "test")
-    elif cfg.root is None:
-        raise ValueError(f"--dataset {cfg.dataset} needs --data DIR (the folder holding val/)")
-    elif is_store(cfg.root):
-        split = StoreSource(cfg.root, "val", classes=classes)
-    elif cfg.dataset == "imagenet":
-        from repro.data.imagenet import imagenet_val
-
-        split = imagenet_val(cfg.root, classes, cfg.base_size, devkit=cfg.devkit, solution_csv=cfg.val_solution)
     else:
-        from repro.data.folder import image_folder
-
-        val = Path(cfg.root) / "val"
-        if not val.is_dir():
-            raise FileNotFoundError(f"--dataset folder expects {val}/<class>/<images>; {val} does not exist")
-        split = image_folder(val, name="folder/val", size=cfg.base_size, classes=classes)
+        split = _held_out_split(cfg, classes)
     if list(split.classes) != list(classes):
         raise ValueError(f"{split.name} has {len(split.classes)} classes {split.classes[:3]}... but the network "
                          f"was trained on {len(classes)} classes {list(classes)[:3]}...: wrong --data or checkpoint")
     return split
+
+
+def _held_out_split(cfg: DataConfig, classes: list[str]):
+    if cfg.root is None:
+        raise ValueError(f"--dataset {cfg.dataset} needs --data DIR (the folder holding val/)")
+    if is_store(cfg.root):
+        return StoreSource(cfg.root, "val", classes=classes)
+    check_not_unfinished(cfg.root)
+    if cfg.dataset == "imagenet":
+        from repro.data.imagenet import imagenet_val
+
+        return imagenet_val(cfg.root, classes, cfg.base_size, devkit=cfg.devkit, solution_csv=cfg.val_solution)
+    from repro.data.folder import image_folder
+
+    val = Path(cfg.root) / "val"
+    if not val.is_dir():
+        raise FileNotFoundError(f"--dataset folder expects {val}/<class>/<images>; {val} does not exist")
+    return image_folder(val, name="folder/val", size=cfg.base_size, classes=classes)

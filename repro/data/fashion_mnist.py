@@ -91,5 +91,7 @@ def fashion_mnist(root: str | os.PathLike | None = None, split: str = "train", d
     images, labels = (read_idx(p) for p in found)
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{found[0]} has {images.shape[0]} images but {found[1]} has {labels.shape[0]} labels")
-    return TensorSource(torch.from_numpy(images.copy()).unsqueeze(-1), torch.from_numpy(labels.astype(np.int64)),
-                        CLASSES, f"fashion-mnist/{split}")
+    source = TensorSource(torch.from_numpy(images.copy()).unsqueeze(-1), torch.from_numpy(labels.astype(np.int64)),
+                          CLASSES, f"fashion-mnist/{split}")
+    source.origin = str(found[0].parent)  # where it was found: --data, Debian's package or a download
+    return source

@@ -41,7 +41,8 @@ def imagenet_train(root: str | Path, size: int = 256) -> FolderSource:
     """root/train/<wnid>/*.JPEG, labelled by sorted wnid."""
     train = Path(root) / "train"
     if not train.is_dir():
-        raise FileNotFoundError(f"{train} not found: ImageNet's root must hold train/<wnid>/*.JPEG")
+        raise FileNotFoundError(f"{train} not found: --data must name ImageNet's root, the folder holding "
+                                f"train/<wnid>/*.JPEG and val/")
     not_wnid = [f for f in class_folders(train) if not WNID.fullmatch(f)]
     if not_wnid:
         raise ValueError(f"folder {train / not_wnid[0]} is not a WordNet id (n + 8 digits): this "
@@ -58,7 +59,8 @@ def imagenet_val(root: str | Path, classes: Sequence[str], size: int = 256,
     root = Path(root)
     val = root / "val"
     if not val.is_dir():
-        raise FileNotFoundError(f"{val} not found: ImageNet's root must hold val/")
+        raise FileNotFoundError(f"{val} not found: --data must name ImageNet's root, the folder holding "
+                                f"train/ and val/")
     classes = list(classes)
     index = {w: i for i, w in enumerate(classes)}
     folders = [f for f in class_folders(val) if WNID.fullmatch(f)]
@@ -72,7 +74,9 @@ def imagenet_val(root: str | Path, classes: Sequence[str], size: int = 256,
     if kit is not None:
         wnids = _devkit_wnids(kit, numbered)
     else:
-        table = _find(solution_csv, [root / SOLUTION_CSV, val / SOLUTION_CSV], "solution_csv")
+        # Kaggle's download keeps the CSV three levels above its ILSVRC/Data/CLS-LOC/{train,val}
+        near = [root, val] + list(root.resolve().parents)[:3]
+        table = _find(solution_csv, [d / SOLUTION_CSV for d in near], "solution_csv")
         if table is None:
             raise FileNotFoundError(_no_ground_truth(root, val))
         wnids = _csv_wnids(table, numbered)
@@ -138,8 +142,9 @@ def _find(given: str | Path | None, candidates: list[Path], what: str) -> Path |
 def _no_ground_truth(root: Path, val: Path) -> str:
     kits = " or ".join(DEVKIT_NAMES)
     return (f"{val} is flat (ILSVRC2012_val_*.JPEG) but no ground truth was found: looked for the "
-            f"devkit ({kits}) and for Kaggle's {SOLUTION_CSV} in {root} and {val}. Put one there, "
-            f"pass devkit= or solution_csv=, or sort val/ into <wnid> class folders")
+            f"devkit ({kits}) in {root} and {val}, and for Kaggle's {SOLUTION_CSV} there and in the three "
+            f"folders above {root}. Put one there, pass --devkit DIR_OR_TARBALL or --val-solution CSV "
+            f"(devkit= or solution_csv= from Python), or sort val/ into <wnid> class folders")
 
 
 def _label(index: dict[str, int], wnid: str, file: Path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -58,7 +59,7 @@ def load_stats(path: Path, key: str) -> Stats | None:
                 return None
             return Stats(torch.from_numpy(z["mean_image"]), torch.from_numpy(z["eigvals"]),
                          torch.from_numpy(z["eigvecs"]), int(z["images"]))
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None  # missing or damaged cache: compute again
 
 
@@ -70,10 +71,12 @@ def default_cache_dirs(data_root: str | None, run_dir: Path) -> list[Path]:
 
 def cached_stats(source, base_size: int, batches: Callable[[], Iterable[Tensor]], cache_dirs: list[Path],
                  max_images: int | None = None, log: Callable[[str], None] = print,
-                 device: torch.device | str = "cpu") -> Stats:
+                 device: torch.device | str = "cpu", subset_seed: int | None = None) -> Stats:
     """Load the statistics from the first cache directory that has them, else compute and save them
-    to the first writable one."""
-    key = f"{fingerprint(source)}-{base_size}-{max_images}"
+    to the first writable one. `subset_seed`: the seed that drew the `max_images` images, when they
+    are a random subset (another seed, other images, another cache entry)."""
+    subset = max_images is not None and max_images < len(source)
+    key = f"{fingerprint(source)}-{base_size}-{max_images}" + (f"-seed{subset_seed}" if subset else "")
     name = f"stats-{source.name.replace('/', '-')}-{key}.npz"
     for d in cache_dirs:
         stats = load_stats(d / name, key)

@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import re
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -52,6 +53,17 @@ _SPLIT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 def is_store(path: str | Path) -> bool:
     """True when path is a complete store (its marker exists)."""
     return (Path(path) / STORE_MARKER).is_file()
+
+
+def is_unfinished_store(path: str | Path) -> bool:
+    """True when path holds shards but no marker: writing the store was interrupted."""
+    return not is_store(path) and any(Path(path).glob("*/shard-*"))
+
+
+def check_not_unfinished(path: str | Path) -> None:
+    """Raise with what to do if `path` is a store whose writing was interrupted."""
+    if is_unfinished_store(path):
+        raise FileNotFoundError(_not_a_store(Path(path)))
 
 
 def _shard_paths(split_dir: Path, k: int) -> tuple[Path, Path]:
@@ -96,18 +108,31 @@ def _encode(job: tuple[str, int]) -> tuple[bytes | None, str]:
     return buf.getvalue(), ""
 
 
+class DamagedIndexError(ValueError):
+    """A shard's index file exists but cannot be read (damaged outside this code: writes are atomic)."""
+
+
 def _read_index(idx_path: Path) -> dict[str, np.ndarray] | None:
+    """The shard's index, or None if it does not exist; DamagedIndexError if it cannot be read."""
     if not idx_path.is_file():
         return None
-    with np.load(idx_path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(idx_path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DamagedIndexError(f"{idx_path} is damaged ({type(exc).__name__}: {exc}); run "
+                                f"scripts/prepare_imagenet.py again with the same arguments to rewrite "
+                                f"its shard") from exc
 
 
-def _complete_shard(split_dir: Path, k: int, names: list[str], quality: int) -> dict | None:
-    """The index of shard k if it was written completely from these names at this quality, None if
-    it must be (re)written; raises when a complete shard belongs to other images or settings."""
+def _complete_shard(split_dir: Path, k: int, names: list[str], labels: np.ndarray, quality: int) -> dict | None:
+    """The index of shard k if it was written completely from these names, labels and quality, None
+    if it must be (re)written; raises when a complete shard belongs to other images or settings."""
     bin_path, idx_path = _shard_paths(split_dir, k)
-    index = _read_index(idx_path)
+    try:
+        index = _read_index(idx_path)
+    except DamagedIndexError:
+        return None  # rewrite it
     if index is None or not bin_path.is_file() or bin_path.stat().st_size != int(index["lengths"].sum()):
         return None
     if int(index["quality"]) != quality:
@@ -117,6 +142,12 @@ def _complete_shard(split_dir: Path, k: int, names: list[str], quality: int) -> 
     if sorted(held) != sorted(names):
         raise ValueError(f"{idx_path} holds other images than shard {k} of this dataset (another "
                          f"dataset or --shard-size?); write to an empty folder")
+    label_of = dict(zip(names, labels.tolist()))
+    differ = sum(label_of[str(n)] != int(y) for n, y in zip(index["names"], index["labels"]))
+    if differ:
+        raise ValueError(f"{idx_path} labels {differ} of its {len(index['labels'])} images otherwise than the "
+                         f"dataset does now (a corrected ground truth or class list?); write the store to "
+                         f"an empty folder")
     return index
 
 
@@ -128,8 +159,8 @@ def _write_shard(split_dir: Path, k: int, files: list[str], names: list[str], la
     kept, lengths, skipped = [], [], []
     with _atomic(bin_path) as out:
         for j, (data, reason) in enumerate(results):
-            if data is None:
-                skipped.append((names[j], reason))
+            if data is None:  # the reason names the file as the store does: no path of this machine
+                skipped.append((names[j], reason.replace(files[j], names[j])))
                 continue
             out.write(data)
             kept.append(j)
@@ -165,7 +196,7 @@ def _write_split(out_dir: Path, split: str, source: FolderSource, quality: int, 
     images, skipped, written, new, start = 0, [], 0, 0, time.monotonic()
     for k in range(shards):
         lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
-        index = _complete_shard(split_dir, k, names[lo:hi], quality)
+        index = _complete_shard(split_dir, k, names[lo:hi], labels[lo:hi], quality)
         if index is None:
             if budget is not None and written >= budget:
                 return None, written
@@ -352,7 +383,7 @@ class StoreSource(Dataset):
 
 
 def _not_a_store(root: Path) -> str:
-    if any(root.glob("*/shard-*.idx.npz")):
+    if is_unfinished_store(root):
         return (f"{root} is an unfinished store (no {STORE_MARKER} yet): writing it was interrupted; run "
                 f"scripts/prepare_imagenet.py again with the same arguments to finish it")
     return (f"{root} is not an image store (no {STORE_MARKER}); make one with "
