@@ -18,6 +18,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: b
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes it 0600 whatever the umask
         mode = {"mode": "wb"} if binary else {"mode": "w", "newline": "", "encoding": "utf-8"}
         with os.fdopen(fd, **mode) as f:
             write(f)
@@ -36,3 +37,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: b
     except OSError:
         pass
     return path
+
+
+def _file_mode(path: Path) -> int:
+    """The mode the file would have if opened plainly: the old file's, else 0666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask

@@ -4,6 +4,7 @@ written atomically so that a crash mid-write never damages the last good file.""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def read(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
 
 
 def grouped_state(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """Accept a grouped state, a TwoTowerAlexNet state ("towers.0.…") or per-tower "tower.…" keys."""
+    """Accept a grouped state or a TwoTowerAlexNet state ("towers.0.…", "towers.1.…")."""
     if any(k.startswith("towers.") for k in state):
         per = [{k[len(f"towers.{t}."):]: v for k, v in state.items() if k.startswith(f"towers.{t}.")}
                for t in range(cfg.towers)]
@@ -62,7 +63,13 @@ def _infer_config(state: dict[str, Tensor]) -> ModelConfig:
 def network(ckpt: dict, path: str | os.PathLike) -> AlexNet:
     """The grouped AlexNet of a checkpoint that `read` returned, in eval mode; `path` names it in errors."""
     state = ckpt["model"]
-    cfg = ModelConfig.from_dict(ckpt["model_config"]) if ckpt.get("model_config") else _infer_config(state)
+    if ckpt.get("model_config"):
+        cfg = ModelConfig.from_dict(ckpt["model_config"])
+    else:
+        cfg = _infer_config(state)
+        warnings.warn(f"{path} holds bare weights without a config: loaded as the paper's network with "
+                      f"{cfg.num_classes} classes. A variant's weights (no-lrn, cuda-convnet-2012, ...) give "
+                      f"another function here; load its training checkpoint instead", stacklevel=3)
     model = AlexNet(config=cfg)
     try:
         model.load_state_dict(grouped_state(state, cfg))

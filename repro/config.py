@@ -181,6 +181,15 @@ class OptimConfig:
             raise ValueError(f"schedule must be 'plateau' or 'milestones', got {self.schedule!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0 or self.bias_lr_mult <= 0:
+            raise ValueError(f"need 0 <= momentum < 1, weight_decay >= 0 and bias_lr_mult > 0, got "
+                             f"{self.momentum}, {self.weight_decay}, {self.bias_lr_mult}")
+        if self.lr_drop <= 1 or self.max_drops < 0 or self.plateau_patience < 1 or self.plateau_threshold < 0:
+            raise ValueError(f"need lr_drop > 1, max_drops >= 0, plateau_patience >= 1 (--patience) and "
+                             f"plateau_threshold >= 0, got {self.lr_drop}, {self.max_drops}, "
+                             f"{self.plateau_patience}, {self.plateau_threshold}")
+        if any(m < 0 for m in self.milestones) or list(self.milestones) != sorted(set(self.milestones)):
+            raise ValueError(f"milestones must be distinct epochs >= 0 in increasing order, got {self.milestones}")
 
 
 @dataclass(frozen=True)
@@ -219,6 +228,12 @@ class DataConfig:
             raise ValueError(f"pca_scale must be 'eigenvalue' or 'sqrt', got {self.pca_scale!r}")
         if not 0 < self.crop_size <= self.base_size:
             raise ValueError(f"crop_size {self.crop_size} must be in (0, base_size={self.base_size}]")
+        for name in ("stats_images", "val_images"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (--{name.replace('_', '-')}; leave it out for "
+                                 f"all images), got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (--workers), got {self.workers}")
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -253,6 +268,9 @@ class TrainConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.log_every < 1 or self.eval_batch_size < 1 or self.stop_check_every < 0:
+            raise ValueError(f"need log_every >= 1, eval_batch_size >= 1 and stop_check_every >= 0, got "
+                             f"{self.log_every}, {self.eval_batch_size}, {self.stop_check_every}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.amp not in ("none", "bf16"):

@@ -49,7 +49,7 @@ def _pick_device(local_rank: int, local_world: int, device: str) -> tuple[torch.
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu"), False
     if not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} asked for CUDA but torch sees no GPU; use --device cpu")
+        raise ValueError(f"--device {device} asked for CUDA but torch sees no GPU; use --device cpu")
     count = torch.cuda.device_count()
     dev = torch.device("cuda", local_rank % count)
     torch.cuda.set_device(dev)

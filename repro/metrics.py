@@ -38,8 +38,10 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop the records of steps the checkpoint does not include (they are redone)."""
+    def truncate_after(self, step: int, epoch: int) -> None:
+        """On resume: drop the records of steps the checkpoint does not include (they are redone), and
+        the end of any epoch from `epoch` on (the checkpoint's epoch had not ended, even when all its
+        steps were taken: a stop at --max-steps on its last step)."""
         if not self.enabled or not self.path.exists():
             return
         kept = []
@@ -48,6 +50,6 @@ class MetricsLog:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by the crash
-            if rec.get("step", 0) <= step:
+            if rec.get("step", 0) <= step and not (rec.get("kind") == "epoch" and rec.get("epoch", -1) >= epoch):
                 kept.append(line)
         atomic_write(self.path, lambda f: f.write("".join(k + "\n" for k in kept)), binary=False)

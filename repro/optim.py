@@ -172,7 +172,7 @@ class LRSchedule:
         if val_top1_error < self.best - self.cfg.plateau_threshold:
             self.best, self.stale_epochs = val_top1_error, 0
             return
-        self.best = min(self.best, val_top1_error)
+        # best moves only on a gain that counts: smaller gains add up against it until they do
         self.stale_epochs += 1
         if self.stale_epochs >= self.cfg.plateau_patience and self.drops < self.cfg.max_drops:
             self.drops += 1

@@ -34,11 +34,27 @@ RUNTIME_FIELDS = ("epochs", "max_steps", "out", "log_every", "eval_batch_size", 
                   "backend", "amp", "channels_last", "compile", "compile_mode", "stop_check_every")
 
 
-def resumed_config(requested: TrainConfig, saved: dict) -> TrainConfig:
+def resumed_config(requested: TrainConfig, saved: dict, keep_saved: tuple[str, ...] = ()) -> TrainConfig:
+    """The checkpoint's recipe with the requested runtime fields, except those in `keep_saved` (how
+    long to run, when the command line did not say: the run's own budget)."""
     base = TrainConfig.from_dict(saved)
     where = {k: getattr(requested.data, k) or getattr(base.data, k) for k in ("root", "devkit", "val_solution")}
     data = dataclasses.replace(base.data, workers=requested.data.workers, decode=requested.data.decode, **where)
-    return dataclasses.replace(base, data=data, **{f: getattr(requested, f) for f in RUNTIME_FIELDS})
+    runtime = {f: getattr(requested, f) for f in RUNTIME_FIELDS if f not in keep_saved}
+    return dataclasses.replace(base, data=data, **runtime)
+
+
+def check_resumable(ckpt: dict, path: str, replicas: int) -> None:
+    """A training checkpoint, and one this many pairs can continue exactly."""
+    missing = [k for k in ("train_config", "velocity", "schedule", "progress") if not ckpt.get(k)]
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint (no {', '.join(missing)}): --resume needs a run's "
+                         f"latest.pt or best.pt; to start from bare weights, load them with repro.load_checkpoint")
+    saved = (ckpt.get("topology") or {}).get("replicas", replicas)
+    if ckpt["progress"]["step_in_epoch"] and saved != replicas:
+        raise ValueError(f"{path} was written in the middle of an epoch by {saved} tower pair(s); this launch has "
+                         f"{replicas}. The rest of that epoch's batches depend on the pair count: resume with "
+                         f"{saved} pair(s) at least until the epoch ends")
 
 
 def read_on_main_rank(path: str, topo: Topology) -> dict:
@@ -60,10 +76,12 @@ def read_on_main_rank(path: str, topo: Topology) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, topo: Topology, resume: str | None = None):
+    def __init__(self, cfg: TrainConfig, topo: Topology, resume: str | None = None,
+                 keep_saved: tuple[str, ...] = ()):
         ckpt = read_on_main_rank(resume, topo) if resume else None
-        if ckpt and ckpt.get("train_config"):
-            cfg = resumed_config(cfg, ckpt["train_config"])
+        if ckpt:
+            check_resumable(ckpt, resume, topo.replicas)
+            cfg = resumed_config(cfg, ckpt["train_config"], keep_saved)
         self.topo, self.out = topo, Path(cfg.out)
         if topo.device.type == "cuda":
             # Every training batch has one shape, so cuDNN's autotuner pays off after the first step.
@@ -142,7 +160,7 @@ class Trainer:
         self.schedule.load_state_dict(ckpt["schedule"])
         self.progress = Progress(**ckpt["progress"])
         self.best_top1 = ckpt.get("best_val_top1", math.inf)
-        self.log.truncate_after(self.progress.global_step)
+        self.log.truncate_after(self.progress.global_step, self.progress.epoch)
         self.say(f"resumed at epoch {self.progress.epoch}, step {self.progress.step_in_epoch} "
                  f"(global step {self.progress.global_step})")
 
@@ -217,6 +235,7 @@ class Trainer:
                 tick = self._log_steps(losses, tick)
                 losses = []
             if self._should_stop():
+                self._log_steps(losses, tick)  # the steps since the last line: the checkpoint holds them
                 self.say("SIGTERM: saving latest.pt and stopping")
                 self.save("latest.pt")
                 return False
@@ -296,11 +315,12 @@ class Trainer:
         return {c: Counts.from_list(totals[i * width:(i + 1) * width]) for i, c in enumerate(crops)}
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> dict[int, Counts]:
-    """Run (or resume) training, then the closing evaluation; returns its counts by crops."""
+def train(cfg: TrainConfig, resume: str | None = None, keep_saved: tuple[str, ...] = ()) -> dict[int, Counts]:
+    """Run (or resume) training, then the closing evaluation; returns its counts by crops. On resume,
+    the fields named in `keep_saved` (e.g. "epochs", "max_steps") keep the checkpoint's values."""
     topo = init_topology(cfg.device, cfg.backend)
     try:
-        trainer = Trainer(cfg, topo, resume)
+        trainer = Trainer(cfg, topo, resume, keep_saved)
         origin = getattr(trainer.train_set, "origin", None) or trainer.cfg.data.root
         trainer.say(f"{trainer.cfg.data.dataset} (from {origin}): {len(trainer.train_set)} training images, "
                     f"{trainer.steps_per_epoch} steps per epoch; {topo.replicas} replica(s) of "

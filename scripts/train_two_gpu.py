@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--seed", type=int, default=0)
     a("--out", default=None, help="run directory (default runs/<dataset>-<time>)")
     a("--resume", default=None, help="checkpoint file or run directory (its latest.pt); the run's recipe "
-      "comes from the checkpoint, how long to run (--epochs, --max-steps) and where from the flags")
+      "comes from the checkpoint, where to run from the flags, and how long from --epochs/--max-steps if "
+      "given, else from the checkpoint")
     a("--max-steps", type=int, default=None, help="stop after N steps in all (smoke runs)")
     a("--val-images", type=int, default=None, help="validate on an evenly spaced subset")
     a("--stats-images", type=int, default=None, help="images for the mean image and PCA (default all)")
@@ -105,7 +106,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         print(f"No GPU: a short CPU budget instead of the paper's schedule ({CPU_BUDGET['max_steps']} steps "
               f"of {CPU_BUDGET['batch_size']} images, validation on {CPU_BUDGET['val_images']} images). "
               f"Pass --epochs or --max-steps to choose.", flush=True)
-    return TrainConfig(model=model, optim=optim, data=data, epochs=args.epochs or 90,
+    return TrainConfig(model=model, optim=optim, data=data, epochs=90 if args.epochs is None else args.epochs,
                        batch_size=pick(args.batch_size, "batch_size", 128), seed=args.seed,
                        max_steps=pick(args.max_steps, "max_steps", None), out=out, log_every=args.log_every,
                        eval_batch_size=args.eval_batch_size, final_crops=tuple(args.final_crops),
@@ -118,7 +119,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from repro.train import train
 
-    return run(lambda: train(build_config(args), resume=args.resume))
+    # On resume, how long to run is the run's own budget unless the command line says otherwise.
+    keep_saved = tuple(f for f in ("epochs", "max_steps") if getattr(args, f) is None)
+    return run(lambda: train(build_config(args), resume=args.resume, keep_saved=keep_saved))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Atomic checkpoint writes and loading either form's weights."""
+"""Atomic checkpoint writes, loading either form's weights, and what a resume accepts."""
+
+import json
+import os
 
 import pytest
 import torch
@@ -58,3 +61,52 @@ def test_weights_that_do_not_fit_are_a_clear_error(tmp_path):
     ck.atomic_save(dict(format=ck.FORMAT, model=state, model_config=CFG.to_dict()), tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="do not fit"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_bare_weights_load_as_the_paper_network_with_a_warning(tmp_path):
+    grouped = AlexNet(config=ModelConfig(num_classes=10))
+    torch.save(grouped.state_dict(), tmp_path / "w.pt")
+    with pytest.warns(UserWarning, match="bare weights without a config.*10 classes"):
+        model = load_checkpoint(tmp_path / "w.pt")
+    assert model.config == ModelConfig(num_classes=10)
+
+
+def test_files_get_the_mode_a_plain_write_would_give(tmp_path):
+    old = os.umask(0o022)
+    try:
+        ck.atomic_save({"format": ck.FORMAT}, tmp_path / "latest.pt")
+        assert (tmp_path / "latest.pt").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        os.chmod(tmp_path / "latest.pt", 0o640)
+        ck.atomic_save({"format": ck.FORMAT}, tmp_path / "latest.pt")
+        assert (tmp_path / "latest.pt").stat().st_mode & 0o777 == 0o640  # a replaced file keeps its mode
+    finally:
+        os.umask(old)
+
+
+def test_metrics_log_resume_drops_what_the_checkpoint_does_not_hold(tmp_path):
+    from repro.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "m.jsonl")
+    for step in range(1, 5):
+        log.write(kind="step", step=step, epoch=0, loss=1.0)
+    log.write(kind="epoch", epoch=0, step=4)  # epoch 0 ended after its 4th step ...
+    log.write(kind="step", step=5, epoch=1, loss=1.0)
+    log.truncate_after(4, epoch=0)  # ... but the checkpoint was written before it ended (--max-steps 4)
+    kinds = [(r["kind"], r["step"]) for r in map(json.loads, (tmp_path / "m.jsonl").read_text().splitlines())]
+    assert kinds == [("step", 1), ("step", 2), ("step", 3), ("step", 4)]
+    log.write(kind="epoch", epoch=0, step=4)
+    log.truncate_after(4, epoch=1)  # a checkpoint written after the end of epoch 0 keeps its record
+    assert (tmp_path / "m.jsonl").read_text().count('"kind": "epoch"') == 1
+
+
+def test_resume_checks(tmp_path):
+    from repro.train import check_resumable
+
+    ckpt = {"train_config": {"x": 1}, "velocity": {"w": 1}, "schedule": {"drops": 0},
+            "progress": {"epoch": 2, "step_in_epoch": 5, "global_step": 25}, "topology": {"towers": 2, "replicas": 2}}
+    check_resumable(ckpt, "run/latest.pt", replicas=2)
+    with pytest.raises(ValueError, match="middle of an epoch by 2 tower pair.*this launch has 1"):
+        check_resumable(ckpt, "run/latest.pt", replicas=1)
+    check_resumable({**ckpt, "progress": {"epoch": 3, "step_in_epoch": 0, "global_step": 30}}, "r", replicas=1)
+    with pytest.raises(ValueError, match="not a training checkpoint .*velocity"):
+        check_resumable({k: v for k, v in ckpt.items() if k != "velocity"}, "w.pt", replicas=2)

@@ -120,3 +120,24 @@ def test_plateau_drops_at_most_three_times():
     again = LRSchedule(OptimConfig(plateau_patience=2, plateau_threshold=0.5))
     again.load_state_dict(state)
     assert again.lr == sched.lr and again.history == sched.history
+
+
+def test_plateau_counts_gains_against_the_last_gain_that_counted():
+    """0.09 points better every epoch is 0.27 over three: improving by the rule's 0.1, so no drop.
+    (Lowering the best on every small gain would compare each epoch only with the one before.)"""
+    sched = LRSchedule(OptimConfig(plateau_patience=3, plateau_threshold=0.1))
+    for epoch in range(12):
+        sched.start_epoch(epoch)
+        sched.end_epoch(epoch, 50.0 - 0.09 * epoch)
+    assert sched.drops == 0
+    flat = LRSchedule(OptimConfig(plateau_patience=3, plateau_threshold=0.1))
+    for epoch, err in enumerate([50.0, 49.95, 49.92, 49.91]):  # 0.09 in three epochs: not enough
+        flat.end_epoch(epoch, err)
+    assert flat.drops == 1
+
+
+@pytest.mark.parametrize("field,value", [("momentum", 1.0), ("weight_decay", -1e-4), ("plateau_patience", 0),
+                                         ("milestones", (51, 25)), ("lr_drop", 1.0)])
+def test_bad_optimiser_settings_fail_when_configured(field, value):
+    with pytest.raises(ValueError):
+        OptimConfig(**{field: value})

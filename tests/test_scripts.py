@@ -37,6 +37,18 @@ def test_bad_flags_give_a_clear_error(tmp_path, capsys):
     assert "error: --dataset imagenet needs --data DIR" in capsys.readouterr().err
     assert main(["--dataset", "folder", "--data", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    for flags, message in ((["--log-every", "0"], "log_every >= 1"), (["--eval-batch-size", "0"], "eval_batch_size"),
+                           (["--epochs", "0"], "epochs and batch_size must be >= 1"),
+                           (["--val-images", "0"], "val_images must be at least 1"),
+                           (["--momentum", "1.5"], "momentum"), (["--patience", "0"], "--patience")):
+        assert main(flags + ["--out", str(tmp_path)]) == 2, flags  # before any data is read
+        assert message in capsys.readouterr().err, flags
+    torch_ckpt = tmp_path / "weights.pt"
+    import torch
+
+    torch.save({"fc8.weight": torch.zeros(10, 4096)}, torch_ckpt)
+    assert main(["--resume", str(torch_ckpt), "--out", str(tmp_path)]) == 2
+    assert "not a training checkpoint" in capsys.readouterr().err
 
 
 def test_speed_flags_reach_the_config():

@@ -56,8 +56,8 @@ def _train(rank, world, cfg_dict, resume, hooks):
 
             def step(batch, params):
                 loss = real_step(batch, params)
-                if "sigterm_rank" in hooks and rank == hooks["sigterm_rank"] and self.progress.global_step == 1:
-                    os.kill(os.getpid(), signal.SIGTERM)  # arrives during global step 2
+                if "sigterm_rank" in hooks and rank == hooks["sigterm_rank"] and self.progress.global_step == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)  # arrives during global step 3
                 return loss
 
             self.augment.train_batch, self._step = record, step
@@ -105,8 +105,11 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_root):
 def test_sigterm_on_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_path, data_root):
     cfg = tiny_config(data_root, tmp_path / "run", max_steps=6)
     seen = run(tmp_path / "r", cfg, hooks={"record": True, "sigterm_rank": 1})
-    assert len(seen[0]) == len(seen[1]) == 2
-    assert read(tmp_path / "run" / "latest.pt")["progress"]["global_step"] == 2
+    assert len(seen[0]) == len(seen[1]) == 3
+    assert read(tmp_path / "run" / "latest.pt")["progress"]["global_step"] == 3
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"kind": "step"' in line]
+    assert steps == [1, 2, 3]  # step 3 falls between progress lines (every 2) but is in the checkpoint
 
 
 def test_grouped_form_in_one_process_and_final_table(tmp_path, data_root, capsys):
@@ -140,6 +143,8 @@ def test_resume_keeps_the_checkpoints_recipe(tmp_path):
     assert (cfg.optim.lr, cfg.batch_size, cfg.seed, cfg.data.root) == (0.02, 16, 7, "data")  # the recipe
     assert (cfg.max_steps, cfg.out) == (9, str(tmp_path / "b"))  # how long and where
     assert (cfg.data.workers, cfg.data.decode) == (3, "cpu")  # and by which processes
+    kept = resumed_config(requested, saved.to_dict(), keep_saved=("max_steps", "epochs"))
+    assert (kept.max_steps, kept.epochs, kept.out) == (3, saved.epochs, str(tmp_path / "b"))  # no flag: the run's budget
 
 
 def test_unreadable_training_images_are_skipped_and_counted(tmp_path):
@@ -162,3 +167,44 @@ def test_unreadable_training_images_are_skipped_and_counted(tmp_path):
     epochs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x
               and '"kind": "epoch"' in x]
     assert epochs[0]["unreadable_skipped"] == 1 and epochs[0]["val_images"] == 4
+
+
+def test_sigterm_to_the_whole_process_group_still_saves_the_last_step(tmp_path):
+    """A batch system's cancel signals every process of the job, loader workers included. The run
+    must still stop at a step boundary with that step saved and logged, not die in the save."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from PIL import Image
+
+    for split, n in (("train", 12), ("val", 2)):
+        for c, cls in enumerate(("a", "b")):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (90, 80), (20 * i, 80 + 100 * c, 50)).save(tmp_path / "data" / split / cls / f"{i}.jpg")
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "scripts/train_two_gpu.py", "--dataset", "folder", "--data", str(tmp_path / "data"),
+           "--workers", "2", "--epochs", "1000", "--batch-size", "2", "--log-every", "1", "--device", "cpu",
+           "--out", str(run_dir), "--final-crops"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd, cwd=root, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = run_dir / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.exists() and log.read_text().count('"kind": "step"') >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read()
+        os.killpg(proc.pid, signal.SIGTERM)  # the main process and its loader workers alike
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0 and "SIGTERM: saving latest.pt" in out, out[-3000:]
+    saved = read(run_dir / "latest.pt")["progress"]["global_step"]
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"kind": "step"' in line]
+    assert steps == list(range(1, saved + 1))  # every step up to the saved one is logged, none beyond

@@ -3,6 +3,7 @@ pair, disjoint shards across pairs, and evaluation that scores every image exact
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -60,6 +61,13 @@ def _collate(items: list) -> Batch:
     return Batch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), len(items) - len(good), kept)
 
 
+def _ignore_sigterm(_worker_id: int) -> None:
+    """Workers outlive a SIGTERM sent to the whole process group (a batch system's cancel or
+    preemption): the trainer then stops at a step boundary and saves, and it needs its workers
+    alive until it shuts them down; a dead worker would raise in the middle of that save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def decode_on_device(encoded: list[Tensor], device: torch.device) -> Tensor:
     """JPEG bytes -> uint8 (B, H, W, 3) on `device`, decoded there in one batched call (nvJPEG)."""
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -84,7 +92,7 @@ def iterate(source, index_lists: Sequence[Tensor], workers: int = 0, pin: bool =
         return
     loader = DataLoader(source, batch_sampler=[idx.tolist() for idx in index_lists], num_workers=workers,
                         collate_fn=_collate, pin_memory=pin, persistent_workers=False,
-                        prefetch_factor=4 if workers else None)
+                        prefetch_factor=4 if workers else None, worker_init_fn=_ignore_sigterm)
     yield from loader
 
 
