@@ -177,6 +177,10 @@ def run_case(case: Case, device: torch.device, steps: int, warmup: int, repeats:
     if case.model == "towers-2proc":
         return run_two_process_case(case, device, steps, warmup, repeats)
     torch.manual_seed(0)
+    if case.compile != "none":
+        # Each compiled case starts from empty caches: the optimiser's compiled update is shared by the
+        # process, and a second model's shapes would otherwise recompile it with dynamic shapes.
+        torch._dynamo.reset()
     model, _ = build(case, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -147,24 +147,39 @@ def main(argv=None) -> int:
         if r.case.model == "torchvision" and r.img_per_s == r.img_per_s:
             best_tv[r.case.batch] = max(best_tv.get(r.case.batch, 0.0), r.img_per_s)
     extra = []
+
+    def guarded(what: str, work):
+        """work(), or None with a note: a failure after the cases must not lose their table."""
+        try:
+            return work()
+        except Exception as exc:
+            extra.append(f"{what} failed: {type(exc).__name__}: {exc}"[:200])
+            return None
+
     if not args.no_numerics:
         mode = "default" if device.type == "cuda" else "none"
         for model in ("grouped", "torchvision"):
-            errs = numerics(device, model, batch=args.numerics_batch, compile_mode=mode)
-            extra.append(f"{model}: bf16 + channels_last{' + compile' if mode != 'none' else ''} vs eager fp32, "
-                         "relative error: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+            errs = guarded(f"{model} numerics", lambda: numerics(device, model, batch=args.numerics_batch,
+                                                                  compile_mode=mode))
+            if errs is not None:
+                extra.append(f"{model}: bf16 + channels_last{' + compile' if mode != 'none' else ''} vs eager fp32, "
+                             "relative error: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+    synthetic = None
     if args.pipeline:
         batch = max(args.batch_sizes)
-        synthetic = run_case(Case("grouped", batch, "fp32", False, "none"), device, args.steps, args.warmup, args.repeats)
-    for spec in args.pipeline:
+        synthetic = guarded("pipeline's synthetic rate", lambda: run_case(
+            Case("grouped", batch, "fp32", False, "none"), device, args.steps, args.warmup, args.repeats))
+    for spec in args.pipeline if synthetic is not None else []:
         label, dataset, data, decode = pipeline_data(spec, args)
-        real = pipeline_rate(dataset, data, device.type, batch, args.steps, args.warmup, workers=args.workers,
-                             decode=decode)
-        extra.append(f"pipeline {label}, grouped fp32 b{batch}: end to end {real:,.0f} img/s vs synthetic "
-                     f"{synthetic.img_per_s:,.0f} img/s = {real / synthetic.img_per_s:.0%}")
+        real = guarded(f"pipeline {label}", lambda: pipeline_rate(dataset, data, device.type, batch, args.steps,
+                                                                  args.warmup, workers=args.workers, decode=decode))
+        if real is not None:
+            extra.append(f"pipeline {label}, grouped fp32 b{batch}: end to end {real:,.0f} img/s vs synthetic "
+                         f"{synthetic.img_per_s:,.0f} img/s = {real / synthetic.img_per_s:.0%}")
     kinds = sorted({"torchvision" if r.case.model == "torchvision" else "ours" for r in results})
-    flops = {k: train_flops_per_image("towers" if k == "ours" else k) for k in kinds}
-    limits = ceilings(device) if results else None
+    flops = guarded("FLOP count", lambda: {k: train_flops_per_image("towers" if k == "ours" else k)
+                                           for k in kinds}) or {}
+    limits = guarded("ceilings", lambda: ceilings(device)) if results else None
     peak = limits["bf16_tflops"] if limits else None
     if flops:
         extra.append("training FLOPs per image (torch FlopCounterMode): "

@@ -8,7 +8,8 @@
 #   bash scripts/gpu_session.sh bench128 OUT_DIR           # batch 128, and the bf16 numerics check
 #   bash scripts/gpu_session.sh train OUT_DIR FMNIST_DIR   # issue 3's result: 10 epochs of Fashion-MNIST
 #   bash scripts/gpu_session.sh profile OUT_DIR            # kernels by GPU time, with both LRN codes
-#   bash scripts/gpu_session.sh lrn OUT_DIR                # the LRN kernels: checks, alone, in the step
+#   bash scripts/gpu_session.sh lrn OUT_DIR                # the LRN kernels: checks on the GPU, then alone
+#   bash scripts/gpu_session.sh lrn-step OUT_DIR           # the step with each LRN kernel and optimiser update
 #   bash scripts/gpu_session.sh recipes OUT_DIR FMNIST_DIR # issue 3's 10 epochs: the 2012 code's recipe
 #                                                          # and a second seed, three runs side by side
 #   RECIPES=drop7 bash scripts/gpu_session.sh recipes ...  # the same with lr / 10 after epoch 7
@@ -18,16 +19,18 @@
 #   mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/
 # Measured on one H100 (2026-11-22): check 5.4 min, bench 4.1, bench128 3.3 (without the two-process
 # towers, which add about a minute), train 2.4, recipes 6.2; a machine's start took under a minute.
-# Training runs (checkpoints included) go to runs/gpu-session/; OUT_DIR gets only logs and results,
-# at most five files per stage. Uses the python3 on PATH; set PYTHON to choose another.
+# Training runs (checkpoints included) go to runs/gpu-session/, each emptied before it starts so that a
+# rerun's log holds one run; OUT_DIR gets only logs and results (at most seven files per stage). Uses
+# the python3 on PATH; set PYTHON to choose another.
 set -uo pipefail
 
-stage=${1:?"stage: check, bench, bench128, train, recipes, profile or lrn"}
+stage=${1:?"stage: check, bench, bench128, train, recipes, profile, lrn or lrn-step"}
 out=${2:?"OUT_DIR: where logs and results go"}
 data=${3:-}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+if [ -n "$data" ] && [ -d "$data" ]; then data=$(cd "$data" && pwd); fi  # before the cd below
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 runs=runs/gpu-session
@@ -56,6 +59,7 @@ case "$stage" in
     "$py" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee -a "$out/check.log"
     tests=${PIPESTATUS[0]}
     # The main job's code path with two ranks sharing the GPU (gloo; NCCL refuses two ranks on one GPU).
+    rm -rf "$runs/smoke-2proc"
     "$py" -m torch.distributed.run --nproc_per_node=2 scripts/train_two_gpu.py --data "$data" \
       --max-steps 40 --val-images 2000 --final-crops 1 10 --log-every 10 --out "$runs/smoke-2proc" \
       2>&1 | tee "$out/smoke-2proc.log"
@@ -78,6 +82,7 @@ case "$stage" in
     need_data
     # The paper's recipe (section 5, SPEC section 4) on Fashion-MNIST, grouped form on one GPU, float32.
     start=$(date +%s)
+    rm -rf "$runs/fmnist-10ep"
     "$py" -m torch.distributed.run --nproc_per_node=1 scripts/train_two_gpu.py --data "$data" --epochs 10 \
       --log-every 100 --out "$runs/fmnist-10ep" 2>&1 | tee "$out/train.log"
     code=${PIPESTATUS[0]}
@@ -95,6 +100,7 @@ case "$stage" in
     start=$(date +%s)
     run_recipe() {
       local name=$1; shift
+      rm -rf "${runs:?}/$name"
       timeout "${RECIPE_TIMEOUT:-560}" "$py" -m torch.distributed.run --nproc_per_node=1 --master_port "$1" \
         scripts/train_two_gpu.py --data "$data" --epochs 10 --log-every 200 --out "$runs/$name" "${@:2}" \
         > "$out/$name.log" 2>&1
@@ -114,7 +120,7 @@ case "$stage" in
       run_recipe code2012-seed1 29513 "${code2012[@]}" --seed 1 &
     fi
     wait
-    for f in "$out"/*.log; do tail -n 14 "$f"; done
+    for f in "$out"/paper-*.log "$out"/code2012-*.log; do [ -f "$f" ] && tail -n 14 "$f"; done
     echo "== recipes: wall $(( $(date +%s) - start )) s"
     ;;
   profile)
@@ -126,7 +132,9 @@ case "$stage" in
     for impl in "torch eager" "torch compiled" "triton" "triton compiled" "triton compiled +relu" \
         "triton fused relu" "torch compiled +relu"; do
       if [ $first = 1 ]; then hdr=(); first=0; else hdr=(--no-header); fi
-      "$py" scripts/benchmark_lrn.py --impls "$impl" "${hdr[@]}" 2>&1 | grep -v "^ " | tee -a "$out/lrn.md"
+      # the table's lines to lrn.md; everything, tracebacks included, to lrn-raw.log
+      "$py" scripts/benchmark_lrn.py --impls "$impl" "${hdr[@]}" 2>&1 | tee -a "$out/lrn-raw.log" \
+        | grep -v "^ " | tee -a "$out/lrn.md"
     done
     "$py" scripts/profile_step.py --models grouped torchvision 2>&1 | tee "$out/profile.txt"
     REPRO_LRN_KERNEL=torch "$py" scripts/profile_step.py --models grouped 2>&1 | tee "$out/profile-inductor-lrn.txt"
@@ -137,15 +145,18 @@ case "$stage" in
     # What was written without a GPU on 2026-11-23: the ReLU folded into both Triton LRN kernels, the
     # compiled optimiser update, and "triton-dot" (LRN window sums as band-matrix products). Correctness
     # first (every LRN kernel against the CPU in float32 and bf16; a captured step with the compiled
-    # update across a rate change), then LRN alone, then the step each way.
+    # update across a rate change), then LRN alone; the step each way is stage lrn-step.
     header | tee "$out/lrn.log"
     "$py" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py -k "lrn or graph_replays" 2>&1 \
       | tee -a "$out/lrn.log"
     first=1
     for impl in "triton" "triton fused relu" "triton compiled +relu" "triton-dot" "triton-dot fused relu"; do
       if [ $first = 1 ]; then hdr=(); first=0; else hdr=(--no-header); fi
-      "$py" scripts/benchmark_lrn.py --impls "$impl" "${hdr[@]}" 2>&1 | grep -v "^ " | tee -a "$out/lrn.md"
+      "$py" scripts/benchmark_lrn.py --impls "$impl" "${hdr[@]}" 2>&1 | tee -a "$out/lrn-raw.log" \
+        | grep -v "^ " | tee -a "$out/lrn.md"
     done
+    ;;
+  lrn-step)
     # The step: the fourth session's 23,009 img/s (grouped) had the Triton LRN without the ReLU folded
     # in and the eager optimiser update; --eager-update separates the compiled update's share.
     # triton-dot's run also checks the whole network's bf16 numerics against the float32 reference.
@@ -158,7 +169,7 @@ case "$stage" in
     done
     ;;
   *)
-    echo "unknown stage '$stage': check, bench, bench128, train, recipes, profile or lrn" >&2
+    echo "unknown stage '$stage': check, bench, bench128, train, recipes, profile, lrn or lrn-step" >&2
     exit 2
     ;;
 esac

@@ -116,3 +116,22 @@ def test_cpu_benchmark_prints_its_table(capsys):
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| what")]
     assert len(rows) == 4 and "training step" in rows[2] and rows[3].endswith("img/s |")
+
+
+def test_a_failure_after_the_cases_still_writes_their_table(tmp_path, capsys, monkeypatch):
+    import scripts.benchmark as bench_script
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench_script, "numerics", broken)
+    monkeypatch.setattr(bench_script, "ceilings", broken)
+    out = tmp_path / "bench.json"
+    code = main(["--device", "cpu", "--models", "grouped", "--batch-sizes", "2", "--variants", "fp32", "--steps", "1",
+                 "--warmup", "0", "--repeats", "1", "--numerics-batch", "2", "--json", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert [r["model"] for r in doc["results"]] == ["grouped"]
+    assert any(n.startswith("grouped numerics failed: RuntimeError: CUDA error") for n in doc["notes"])
+    assert any(n.startswith("ceilings failed") for n in doc["notes"])
+    assert "| grouped b2 fp32 |" in capsys.readouterr().out
