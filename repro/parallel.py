@@ -35,6 +35,12 @@ def _no_buffer_sync() -> dict:
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
+def one_tower_message(cfg: ModelConfig) -> str:
+    return (f"a pair of processes runs the two-tower network; this config has {cfg.towers} tower(s) and runs "
+            f"as one process only (torchrun --nproc_per_node=1 on one node: the one-tower network is not "
+            f"trained data-parallel)")
+
+
 class Replica:
     def __init__(self, topo: Topology, cfg: ModelConfig, grouped_state: dict[str, Tensor] | None = None,
                  channels_last: bool = False, compile_mode: str | None = None):
@@ -46,8 +52,7 @@ class Replica:
             self.prefix = ""
         else:
             if cfg.towers != 2:
-                raise ValueError(f"a pair of processes runs the two-tower network; this config has "
-                                 f"{cfg.towers} tower(s): launch it with --nproc_per_node=1")
+                raise ValueError(one_tower_message(cfg))
             net = DistributedTowerAlexNet(cfg, topo.pair_group, topo.device, grouped_state)
             self.prefix = "tower."
         net.to(topo.device)
@@ -65,6 +70,27 @@ class Replica:
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return pair_loss(output, target)
+
+    def union_loss(self, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward and loss for pairs whose batches may differ in size (unreadable images dropped).
+
+        The loss is this pair's summed cross-entropy x replicas / all pairs' images, so that DDP's
+        average of the pairs' gradients is the mean over the union batch (SPEC section 4), as with
+        equal batches. A pair left with no image runs one placeholder at weight 0, so that it still
+        joins the exchanges and the gradient all-reduce that the other pairs wait in. Returns (the
+        loss to differentiate, the output rows of the real images, this pair's mean loss for the log)."""
+        n = x.shape[0]
+        if n == 0:
+            x, target = x.new_zeros((1, *x.shape[1:])), target.new_zeros(1)
+        output = self.train_module(x)
+        if output.shape[-1] == 0:  # towers other than 0: their loss only starts the backward pass
+            zero = output.sum()
+            return zero, output[:n], zero
+        count = torch.full((1,), float(n), device=self.topo.comm_device)
+        torch.distributed.all_reduce(count, group=self.topo.replica_group)
+        summed = nn.functional.cross_entropy(output, target, reduction="none")[:n].sum()
+        scale = (self.topo.replicas / count.clamp_min(1)).to(output.device)
+        return summed * scale[0], output[:n], summed / max(n, 1)
 
     def _local(self, named: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k[len(self.prefix):]: v for k, v in named.items() if k.startswith(self.prefix)}

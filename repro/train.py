@@ -24,7 +24,7 @@ from repro.dist import Topology, all_reduce_sum, init_topology, shutdown
 from repro.evaluate import Counts, EvalSpec, RunningCounts, autocast, evaluate
 from repro.metrics import MetricsLog, Progress, format_eta
 from repro.optim import LRSchedule, paper_optimizer
-from repro.parallel import Replica
+from repro.parallel import Replica, one_tower_message
 from repro.run_report import final_report
 
 
@@ -83,6 +83,8 @@ class Trainer:
             check_resumable(ckpt, resume, topo.replicas)
             cfg = resumed_config(cfg, ckpt["train_config"], keep_saved)
         self.topo, self.out = topo, Path(cfg.out)
+        if topo.towers == 2 and cfg.model.towers != 2:  # before the data is read: fail in seconds, not minutes
+            raise ValueError(one_tower_message(cfg.model))
         if topo.device.type == "cuda":
             # Every training batch has one shape, so cuDNN's autotuner pays off after the first step.
             # (GPU runs are not bit-repeatable anyway: some CUDA backward kernels sum with atomics.)
@@ -105,7 +107,11 @@ class Trainer:
             self._restore(ckpt)
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.batch_size, topo.replicas)
         self.stop_requested = False
+        self.stopped_by_signal = False  # set on every rank when they stop for a SIGTERM
         self.pin = topo.device.type == "cuda"
+        # Pairs' batches can differ in size only where images can be unreadable: files decoded on the CPU.
+        gpu_decoded = getattr(self.train_set, "encoded", False) and self.decode_device is not None
+        self.uneven_batches = topo.replicas > 1 and not getattr(self.train_set, "in_memory", False) and not gpu_decoded
         self.carried_counts = self._carried_counts(ckpt)
 
     def say(self, msg: str) -> None:
@@ -227,8 +233,10 @@ class Trainer:
             params = draw_params(cfg.batch_size, cfg.data, step_generator(cfg.seed, p.epoch, p.step_in_epoch, topo.replica))
             if topo.holds_logits:  # one tower per pair counts what both dropped
                 self.meter.skipped += batch.skipped  # unreadable images, dropped from the batch
-            if len(batch.labels):
-                losses.append(self._step(batch, params))
+            if len(batch.labels) or self.uneven_batches:  # an empty batch still joins the other pairs' step
+                loss = self._step(batch, params)
+                if len(batch.labels):
+                    losses.append(loss)
             p.step_in_epoch += 1
             p.global_step += 1
             if p.global_step % cfg.log_every == 0 or p.step_in_epoch == self.steps_per_epoch:
@@ -237,6 +245,7 @@ class Trainer:
             if self._should_stop():
                 self._log_steps(losses, tick)  # the steps since the last line: the checkpoint holds them
                 self.say("SIGTERM: saving latest.pt and stopping")
+                self.stopped_by_signal = True
                 self.save("latest.pt")
                 return False
             if not self._budget_left():
@@ -247,18 +256,25 @@ class Trainer:
         return True
 
     def _step(self, batch, params) -> torch.Tensor:
-        dev = self.topo.device
-        x = self.augment.train_batch(batch.images.to(dev, non_blocking=True), params.subset(len(batch.labels)))
+        """One optimiser step; returns the batch's mean loss, for the log."""
+        dev, n = self.topo.device, len(batch.labels)
+        if n:
+            x = self.augment.train_batch(batch.images.to(dev, non_blocking=True), params.subset(n))
+        else:  # every image unreadable: nothing to augment (union_loss runs a placeholder)
+            x = torch.zeros(0, 3, self.cfg.data.crop_size, self.cfg.data.crop_size, device=dev)
         y = batch.labels.to(dev, non_blocking=True)
         with autocast(dev, self.cfg.amp):
-            out = self.replica.train_module(x)
-            loss = self.replica.loss(out, y)
+            if self.uneven_batches:
+                loss, out, logged = self.replica.union_loss(x, y)
+            else:
+                out = self.replica.train_module(x)
+                loss = logged = self.replica.loss(out, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        if out.shape[-1]:
+        if out.shape[-1] and n:
             self.meter.add(out.detach().float().softmax(1), y)
-        return loss.detach()
+        return logged.detach()
 
     def _log_steps(self, losses: list[torch.Tensor], tick: float) -> float:
         now, p = time.perf_counter(), self.progress
@@ -326,6 +342,9 @@ def train(cfg: TrainConfig, resume: str | None = None, keep_saved: tuple[str, ..
                     f"{trainer.steps_per_epoch} steps per epoch; {topo.replicas} replica(s) of "
                     f"{topo.towers} tower(s) on {topo.device} ({topo.backend or 'one process'})")
         trainer.fit()
+        if trainer.stopped_by_signal:  # a preempted job should end now, not start an evaluation
+            trainer.say(f"stopped: no closing table; --resume {trainer.out} continues the run")
+            return {}
         return final_report(trainer)
     finally:
         shutdown()

@@ -21,7 +21,16 @@ def pair_batch(pair: int, step: int):
     return x, torch.randint(0, 10, (3,), generator=g)
 
 
-def _worker(rank, world):
+UNEVEN = {(0, 0): 3, (1, 0): 2, (0, 1): 3, (1, 1): 0}  # (pair, step) -> images left after unreadable ones
+
+
+def uneven_batch(pair: int, step: int):
+    x, y = pair_batch(pair, step)
+    n = UNEVEN[pair, step]
+    return x[:n], y[:n]
+
+
+def _worker(rank, world, uneven=False):
     from repro.dist import init_topology
     from repro.parallel import Replica
 
@@ -32,15 +41,17 @@ def _worker(rank, world):
     replica = Replica(topo, CFG)
     opt = paper_optimizer(replica.net, OptimConfig(lr=0.001))
     for step in range(STEPS):
-        x, y = pair_batch(topo.replica, step)
         opt.zero_grad()
-        replica.loss(replica.train_module(x), y).backward()
+        if uneven:
+            replica.union_loss(*uneven_batch(topo.replica, step))[0].backward()
+        else:
+            x, y = pair_batch(topo.replica, step)
+            replica.loss(replica.train_module(x), y).backward()
         opt.step()
     return {k[len("tower."):]: v.detach().clone() for k, v in replica.net.state_dict().items()}
 
 
-def test_pairs_average_gradients_like_one_big_batch(tmp_path):
-    states = run_distributed(_worker, 4, tmp_path)
+def _grouped_run(loss_of_step):
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # drawn in float64, as the workers draw it
@@ -51,11 +62,12 @@ def test_pairs_average_gradients_like_one_big_batch(tmp_path):
     opt = paper_optimizer(model, OptimConfig(lr=0.001))
     for step in range(STEPS):
         opt.zero_grad()
-        # DDP averages the two pairs' gradients: the mean of the two per-pair mean losses.
-        loss = sum(F.cross_entropy(model(x), y) for x, y in (pair_batch(p, step) for p in (0, 1))) / 2
-        loss.backward()
+        loss_of_step(model, step).backward()
         opt.step()
-    expected = model.state_dict()
+    return model.state_dict()
+
+
+def _assert_pairs_equal(states, expected):
     for pair in (0, 1):
         got = towers_to_grouped([states[2 * pair], states[2 * pair + 1]], CFG)
         for name, value in expected.items():
@@ -64,3 +76,22 @@ def test_pairs_average_gradients_like_one_big_batch(tmp_path):
                 continue
             err = ((got[name] - value).norm() / value.norm().clamp_min(1e-300)).item()
             assert err < 1e-10, f"pair {pair} {name}: relative error {err:.3g}"
+
+
+def test_pairs_average_gradients_like_one_big_batch(tmp_path):
+    states = run_distributed(_worker, 4, tmp_path)
+    # DDP averages the two pairs' gradients: the mean of the two per-pair mean losses.
+    _assert_pairs_equal(states, _grouped_run(
+        lambda model, step: sum(F.cross_entropy(model(x), y) for x, y in (pair_batch(p, step) for p in (0, 1))) / 2))
+
+
+def test_uneven_batches_give_the_mean_over_the_union_and_an_empty_pair_still_steps(tmp_path):
+    """Unreadable images leave pairs with 3 and 2 images, then 3 and none: the update is the mean over
+    the images there are, and the pair with none joins the step instead of leaving the others waiting."""
+    states = run_distributed(_worker, 4, tmp_path, True)
+
+    def union_mean(model, step):
+        xs, ys = zip(*(uneven_batch(p, step) for p in (0, 1)))
+        return F.cross_entropy(model(torch.cat(xs)), torch.cat(ys))
+
+    _assert_pairs_equal(states, _grouped_run(union_mean))

@@ -187,7 +187,7 @@ def test_sigterm_to_the_whole_process_group_still_saves_the_last_step(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "scripts/train_two_gpu.py", "--dataset", "folder", "--data", str(tmp_path / "data"),
            "--workers", "2", "--epochs", "1000", "--batch-size", "2", "--log-every", "1", "--device", "cpu",
-           "--out", str(run_dir), "--final-crops"]
+           "--out", str(run_dir)]
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(cmd, cwd=root, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -208,3 +208,32 @@ def test_sigterm_to_the_whole_process_group_still_saves_the_last_step(tmp_path):
     saved = read(run_dir / "latest.pt")["progress"]["global_step"]
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"kind": "step"' in line]
     assert steps == list(range(1, saved + 1))  # every step up to the saved one is logged, none beyond
+    assert "no closing table" in out and not (run_dir / "results.md").exists()  # ends now: no evaluation
+
+
+def test_a_pair_whose_whole_batch_is_unreadable_does_not_stall_the_others(tmp_path):
+    """Two pairs; every image of pair 1's first batch is unreadable. Pair 1 must still take part in
+    the step (its gradient all-reduce and exchanges), or the other pair waits for ever."""
+    from PIL import Image
+
+    from repro.data.folder import image_folder
+    from repro.data.loader import train_batches
+
+    for split in ("train", "val"):
+        for c, cls in enumerate(("a", "b")):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(4 if split == "train" else 1):
+                Image.new("RGB", (90, 80), (40 * i, 80 + 100 * c, 0)).save(tmp_path / "data" / split / cls / f"{i}.jpg")
+    files = image_folder(tmp_path / "data" / "train").files
+    for i in train_batches(len(files), 2, 2, 1, 0, 0)[0].tolist():  # pair 1, step 0
+        with open(files[i], "wb") as f:
+            f.write(b"\xff\xd8\xff\xe0 truncated")
+    cfg = TrainConfig(model=ModelConfig(num_classes=2, image_size=67, widths=SMALL_FC),
+                      data=DataConfig(dataset="folder", root=str(tmp_path / "data"), base_size=76, crop_size=67,
+                                      workers=0),
+                      epochs=1, batch_size=2, out=str(tmp_path / "run"), log_every=1, final_crops=(), device="cpu")
+    run(tmp_path / "r", cfg, world=4)
+    ckpt = read(tmp_path / "run" / "latest.pt")
+    assert ckpt["progress"] == {"epoch": 1, "step_in_epoch": 0, "global_step": 2}
+    epochs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in x]
+    assert epochs[0]["unreadable_skipped"] == 2
