@@ -83,10 +83,13 @@ def resume_dir(path: str) -> str:
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    cpu_budget = (args.epochs is None and args.max_steps is None and args.resume is None
-                  and (args.device == "cpu" or not torch.cuda.is_available()))
-    pick = lambda value, budget_key, default: (value if value is not None  # noqa: E731
-                                               else CPU_BUDGET[budget_key] if cpu_budget else default)
+    no_gpu = args.resume is None and (args.device == "cpu" or not torch.cuda.is_available())
+    # Without a GPU: the short budget (steps, batch) unless --epochs/--max-steps say how long, and the
+    # smaller validation and statistics sets unless their own flags are given (the whole Fashion-MNIST
+    # test set in ten patches would take over an hour on a CPU, after any budget).
+    cpu_budget = no_gpu and args.epochs is None and args.max_steps is None
+    pick = lambda value, budget_key, default, budget=cpu_budget: (  # noqa: E731
+        value if value is not None else CPU_BUDGET[budget_key] if budget else default)
     model = MODEL_VARIANTS[args.variant](1000)  # num_classes is set from the data
     if args.lrn_alpha:
         model = dataclasses.replace(model, lrn=dataclasses.replace(model.lrn, alpha_convention=args.lrn_alpha))
@@ -96,16 +99,24 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                         bias_lr_mult=args.bias_lr_mult, bias_weight_decay=args.bias_decay)
     data = DataConfig(dataset=args.dataset, root=args.data, pca=args.pca, pca_scale=args.pca_scale,
                       flip=not args.no_flip,
-                      val_images=pick(args.val_images, "val_images", None),
-                      stats_images=pick(args.stats_images, "stats_images", None),
+                      val_images=pick(args.val_images, "val_images", None, no_gpu),
+                      stats_images=pick(args.stats_images, "stats_images", None, no_gpu),
                       workers=args.workers, decode=args.decode, devkit=args.devkit,
                       val_solution=args.val_solution)
     out = args.out or (resume_dir(args.resume) if args.resume else
                        os.path.join("runs", f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    if cpu_budget and int(os.environ.get("RANK", "0")) == 0:
-        print(f"No GPU: a short CPU budget instead of the paper's schedule ({CPU_BUDGET['max_steps']} steps "
-              f"of {CPU_BUDGET['batch_size']} images, validation on {CPU_BUDGET['val_images']} images). "
-              f"Pass --epochs or --max-steps to choose.", flush=True)
+    if no_gpu and int(os.environ.get("RANK", "0")) == 0:
+        said = []
+        if cpu_budget:
+            said.append(f"a short CPU budget instead of the paper's schedule ({CPU_BUDGET['max_steps']} steps of "
+                        f"{CPU_BUDGET['batch_size']} images; --epochs or --max-steps to choose)")
+        if args.val_images is None:
+            said.append(f"validation on {CPU_BUDGET['val_images']} evenly spaced held-out images (--val-images)")
+        if args.stats_images is None:
+            said.append(f"mean image and colour statistics from {CPU_BUDGET['stats_images']} training images "
+                        f"(--stats-images)")
+        if said:
+            print("No GPU: " + "; ".join(said) + ".", flush=True)
     return TrainConfig(model=model, optim=optim, data=data, epochs=90 if args.epochs is None else args.epochs,
                        batch_size=pick(args.batch_size, "batch_size", 128), seed=args.seed,
                        max_steps=pick(args.max_steps, "max_steps", None), out=out, log_every=args.log_every,

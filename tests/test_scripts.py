@@ -77,3 +77,18 @@ def test_decode_flag_reaches_the_config_and_is_checked():
     assert build_config(parse_args(["--decode", "cpu", "--max-steps", "1", "--out", "unused"])).data.decode == "cpu"
     with pytest.raises(ValueError, match="--decode"):
         DataConfig(decode="tpu")
+
+
+def test_without_a_gpu_the_budget_and_the_evaluation_size_default_separately(capsys):
+    from scripts.train_two_gpu import CPU_BUDGET, build_config, parse_args
+
+    plain = build_config(parse_args(["--device", "cpu", "--out", "unused"]))
+    assert (plain.max_steps, plain.batch_size, plain.data.val_images, plain.data.stats_images) == \
+        (CPU_BUDGET["max_steps"], CPU_BUDGET["batch_size"], CPU_BUDGET["val_images"], CPU_BUDGET["stats_images"])
+    # --max-steps says how long; validation stays small, or five steps would end in an hour of evaluation
+    short = build_config(parse_args(["--device", "cpu", "--max-steps", "5", "--out", "unused"]))
+    assert (short.max_steps, short.batch_size, short.data.val_images) == (5, 128, CPU_BUDGET["val_images"])
+    full = build_config(parse_args(["--device", "cpu", "--epochs", "2", "--val-images", "10000", "--out", "unused"]))
+    assert (full.max_steps, full.epochs, full.data.val_images) == (None, 2, 10000)
+    out = capsys.readouterr().out
+    assert "validation on 300" in out and "short CPU budget" in out
