@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
 USER_ERRORS = (ValueError, FileNotFoundError)  # wrong flags, missing or unfit files; bugs keep tracebacks
+
+
+def default_workers() -> int:
+    """Decoding processes per rank: 4, or fewer where this machine's cores are shared by fewer per rank
+    (more workers than cores only adds switching, and PyTorch warns about it)."""
+    per_rank = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(4, per_rank))
 
 
 def run(work: Callable[[], object]) -> int:
@@ -13,6 +21,7 @@ def run(work: Callable[[], object]) -> int:
     try:
         work()
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {exc}\n")  # one write: the lines of two ranks do not run together
+        sys.stderr.flush()
         return 2
     return 0

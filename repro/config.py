@@ -158,6 +158,15 @@ MODEL_VARIANTS: dict[str, Callable[[int], ModelConfig]] = {
 }
 
 
+def variant_name(cfg: "ModelConfig") -> str:
+    """The MODEL_VARIANTS name of a network config (at any input size), or "custom" (e.g. a variant
+    with another LRN alpha convention or dropout scaling)."""
+    def same(make) -> bool:
+        return dataclasses.replace(make(cfg.num_classes), image_size=cfg.image_size) == cfg
+
+    return next((name for name, make in MODEL_VARIANTS.items() if same(make)), "custom")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """Stochastic gradient descent with the paper's update rule, section 5 (SPEC section 4)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from repro.checkpoint import network, read
-from repro.config import TrainConfig
+from repro.config import TrainConfig, variant_name
 from repro.data.augment import Augment, Stats
 from repro.data.datasets import open_eval_split
 from repro.data.loader import eval_indices, iterate
@@ -60,6 +60,8 @@ class Member:
     grouped: AlexNet
     classes: list[str]
     augment: Augment = field(repr=False)
+    file: str = ""  # the checkpoint file read (a run directory's latest.pt)
+    step: int | None = None  # the training step it was saved at
 
 
 def run_dir(checkpoint: str) -> Path:
@@ -88,7 +90,9 @@ def load_member(path: str, opts: EvalOptions, device: torch.device) -> Member:
         model = grouped.to(device)
     stats = Stats(**ckpt["stats"]) if ckpt.get("stats") else None
     data = dataclasses.replace(train.data, workers=opts.workers)
-    return Member(path, train, model, grouped, list(ckpt["classes"]), Augment(data, stats, device))
+    file = str(Path(path) / "latest.pt") if Path(path).is_dir() else str(path)
+    step = (ckpt.get("progress") or {}).get("global_step")
+    return Member(path, train, model, grouped, list(ckpt["classes"]), Augment(data, stats, device), file, step)
 
 
 def _check_ensemble(members: list[Member]) -> None:
@@ -130,12 +134,15 @@ def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
                          f"check --data and --max-images")
     n = len(members)
     rows = []
+    variants = sorted({variant_name(m.grouped.config) for m in members} - {"paper"})
+    nets = f"{n} CNN{'s' if n > 1 else ''}" + (f" ({', '.join(variants)})" if variants else "")
+    run = ", ".join(f"{m.file} (step {m.step})" for m in members)
     for crops, counts in results.items():
-        rows.append(EvalRow(label=f"{n} CNN{'s' if n > 1 else ''}, {'centre patch' if crops == 1 else '10 patches'}",
+        rows.append(EvalRow(label=f"{nets}, {'centre patch' if crops == 1 else '10 patches'}",
                             dataset=dataset, split=split.name.split("/")[-1], images=counts.images, crops=crops,
-                            models=n, run=", ".join(opts.checkpoints), top1_error=counts.top1_error,
+                            models=n, run=run, top1_error=counts.top1_error,
                             top5_error=counts.top5_error, loss=counts.loss))
-        print(f"{rows[-1].label}: top-1 {counts.top1_error:.2f}% top-5 {counts.top5_error:.2f}% on "
+        print(f"{rows[-1].label}: top-1 error {counts.top1_error:.2f}%, top-5 error {counts.top5_error:.2f}% on "
               f"{counts.images} images ({counts.skipped} unreadable skipped)", flush=True)
     images = next(iter(results.values())).images
     print(f"{images} images, {max(opts.crops)} patch(es) each through {n} network(s) in one pass: "
@@ -177,6 +184,7 @@ def figures(member: Member, split, idx: torch.Tensor, opts: EvalOptions, out: Pa
             path, nn_idx = nearest_neighbours_figure(images[q], feats[q], images, feats, out / "fc7_neighbours.png",
                                                      k=k, self_index=q)
             paths["neighbours"] = path
-            (out / "fc7_neighbours.json").write_text(json.dumps(
+            paths["neighbours_json"] = out / "fc7_neighbours.json"
+            paths["neighbours_json"].write_text(json.dumps(
                 {"queries": bank[q].tolist(), "neighbours": bank[nn_idx].tolist()}))
     return paths

@@ -222,7 +222,7 @@ def _series(records: list[dict], x: str, y: str) -> tuple[list, list]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _panel(ax, records, x, curves, title, **style) -> None:
+def _panel(ax, records, x, curves, title, empty: str = "no data", **style) -> None:
     for key, label in curves:
         xs, ys = _series(records, x, key)
         if xs:
@@ -232,7 +232,7 @@ def _panel(ax, records, x, curves, title, **style) -> None:
     if ax.get_lines():
         ax.legend()
     else:
-        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
 
 
 def plot_learning_curves(metrics: list[dict], out_png) -> Path:
@@ -247,14 +247,18 @@ def plot_learning_curves(metrics: list[dict], out_png) -> Path:
 
     fig, ((a1, a5), (al, ar)) = plt.subplots(2, 2, figsize=(11, 8))
     try:
-        _panel(a1, epochs, "epoch", [("train_top1_error", "train"), ("val_top1_error", "val")], "top-1 error %")
-        _panel(a5, epochs, "epoch", [("train_top5_error", "train"), ("val_top5_error", "val")], "top-5 error %")
+        none = "no epoch has ended yet"  # errors are counted per epoch
+        _panel(a1, epochs, "epoch", [("train_top1_error", "train"), ("val_top1_error", "val")], "top-1 error %", none)
+        _panel(a5, epochs, "epoch", [("train_top5_error", "train"), ("val_top5_error", "val")], "top-5 error %", none)
         xs, ys = _series(steps, "step", "loss")
         if xs:
             al.plot(xs, ys, color="0.7", linewidth=0.5, label="train (step)")
         _panel(al, epochs, "step", [("train_loss", "train (epoch)"), ("val_loss", "val (epoch)")], "loss")
-        _panel(ar, epochs, "epoch", [("lr", "lr")], "learning rate")
-        if any(y > 0 for y in _series(epochs, "epoch", "lr")[1]):
+        if epochs:
+            _panel(ar, epochs, "epoch", [("lr", "lr")], "learning rate")
+        else:  # a run shorter than an epoch: the rate of every step
+            _panel(ar, steps, "step", [("lr", "lr")], "learning rate", marker="")
+        if any(y > 0 for y in _series(epochs or steps, "epoch" if epochs else "step", "lr")[1]):
             ar.set_yscale("log")  # the paper divides by 10 at each plateau (section 5)
         fig.tight_layout()
         return atomic_write(Path(out_png), lambda f: fig.savefig(f, format="png", dpi=100), binary=True)

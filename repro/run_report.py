@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from repro.config import variant_name
 from repro.evaluate import Counts
 from repro.report import EvalRow, plot_learning_curves, read_metrics, results_markdown, write_results
 
@@ -22,7 +23,9 @@ def final_report(trainer) -> dict[int, Counts]:
         return results
     split = "test" if cfg.data.dataset == "fashion-mnist" else "val"
     run = f"{cfg.out} (step {trainer.progress.global_step})"
-    rows = [EvalRow(label=f"1 CNN, {'centre patch' if c == 1 else '10 patches'}", dataset=cfg.data.dataset,
+    variant = variant_name(cfg.model)
+    net = "1 CNN" if variant == "paper" else f"1 CNN ({variant})"  # an ablation's row says which
+    rows = [EvalRow(label=f"{net}, {'centre patch' if c == 1 else '10 patches'}", dataset=cfg.data.dataset,
                     split=split, images=n.images, crops=c, models=1, run=run, top1_error=n.top1_error,
                     top5_error=n.top5_error, loss=n.loss) for c, n in results.items()]
     year = imagenet_year(cfg.data.dataset, cfg.model.num_classes, next(iter(results.values())).images)

@@ -167,8 +167,8 @@ class Trainer:
         self.progress = Progress(**ckpt["progress"])
         self.best_top1 = ckpt.get("best_val_top1", math.inf)
         self.log.truncate_after(self.progress.global_step, self.progress.epoch)
-        self.say(f"resumed at epoch {self.progress.epoch}, step {self.progress.step_in_epoch} "
-                 f"(global step {self.progress.global_step})")
+        p = self.progress
+        self.say(f"resumed in epoch {p.epoch + 1} after its step {p.step_in_epoch} (global step {p.global_step})")
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -210,6 +210,11 @@ class Trainer:
         return self.cfg.max_steps is None or self.progress.global_step < self.cfg.max_steps
 
     def fit(self) -> None:
+        if self.progress.epoch >= self.cfg.epochs or not self._budget_left():
+            self.say(f"nothing to train: the run has taken {self.progress.global_step} steps and {self.progress.epoch} "
+                     f"epochs of its budget (--max-steps {self.cfg.max_steps}, --epochs {self.cfg.epochs}); "
+                     f"pass a larger one with --resume to continue")
+            return
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             while self.progress.epoch < self.cfg.epochs and self._budget_left():
@@ -250,7 +255,10 @@ class Trainer:
                 return False
             if not self._budget_left():
                 self._log_steps(losses, tick)
-                self.say(f"reached --max-steps {cfg.max_steps}: saving latest.pt")
+                if p.step_in_epoch == self.steps_per_epoch:  # the epoch is complete: it ends as usual
+                    self.say(f"reached the step budget ({cfg.max_steps} steps) at the end of epoch {p.epoch + 1}")
+                    return True
+                self.say(f"reached the step budget ({cfg.max_steps} steps): saving latest.pt")
                 self.save("latest.pt")
                 return False
         return True
@@ -306,8 +314,8 @@ class Trainer:
                        val_loss=val.loss, val_top1_error=val.top1_error, val_top5_error=val.top5_error,
                        lr=self.optimizer.base_lr, val_images=val.images,
                        unreadable_skipped=train.skipped + val.skipped)
-        self.say(f"epoch {p.epoch + 1} done: train top-1 {train.top1_error:.2f}% | val top-1 "
-                 f"{val.top1_error:.2f}% top-5 {val.top5_error:.2f}% loss {val.loss:.4f} ({val.images} images)"
+        self.say(f"epoch {p.epoch + 1} done: train top-1 error {train.top1_error:.2f}% | val top-1 error "
+                 f"{val.top1_error:.2f}%, top-5 error {val.top5_error:.2f}%, loss {val.loss:.4f} ({val.images} images)"
                  + (f"; skipped {train.skipped + val.skipped} unreadable images" if train.skipped + val.skipped else ""))
         p.epoch, p.step_in_epoch = p.epoch + 1, 0
         self.save("latest.pt", also_best=improved)

@@ -66,7 +66,8 @@ def pipeline_data(spec: str, args) -> tuple[str, str, str | None, str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     a = p.add_argument
     a("--device", default="auto")
     a("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -125,6 +126,11 @@ def table(results: list[Result], reference: dict[int, float], flops: dict[str, f
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.device == "auto" and not torch.cuda.is_available():
+        print("error: no GPU. This table is for GPUs: on a CPU its default cases take hours. Use "
+              "scripts/benchmark_cpu.py, or pass --device cpu with small --batch-sizes and --steps to run "
+              "these cases anyway", file=sys.stderr)
+        return 2
     lrn_triton.set_kernel(args.lrn_kernel)
     os.environ[lrn_triton.KERNEL_ENV] = args.lrn_kernel  # the two-process case's children
     os.environ[EAGER_UPDATE_ENV] = "1" if args.eager_update else "0"

@@ -16,12 +16,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from repro.cli import run  # noqa: E402
+from repro.cli import default_workers, run  # noqa: E402
 from repro.eval_job import EvalOptions, run_evaluation  # noqa: E402
 
 
 def parse_args(argv=None) -> EvalOptions:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     a = p.add_argument
     a("--checkpoint", action="append", required=True, help="checkpoint file or run directory (repeat for an ensemble)")
     a("--dataset", default=None, choices=["fashion-mnist", "imagenet", "folder"], help="default: the training data")
@@ -34,7 +35,7 @@ def parse_args(argv=None) -> EvalOptions:
     a("--form", default="grouped", choices=["grouped", "towers"], help="evaluate as one network or as two towers")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     a("--amp", default="none", choices=["none", "bf16"])
-    a("--workers", type=int, default=4)
+    a("--workers", type=int, default=default_workers(), help="decoding processes (default: 4, or the cores)")
     a("--out", default=None, help="output folder (default: <run>/evaluation)")
     a("--no-figures", action="store_true")
     a("--neighbours", type=int, default=5, help="Figure 4 query images (0: none)")

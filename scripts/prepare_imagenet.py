@@ -1,4 +1,4 @@
-"""Convert ImageNet once to the stored 256x256 form that training reads (SPEC sections 5, 9, 10).
+"""Convert ImageNet once to the stored 256x256 form that training reads (docs/fidelity.md, data rows).
 
     python scripts/prepare_imagenet.py --data /data/imagenet --out /data/imagenet-256
     python scripts/prepare_imagenet.py --data /data/imagenet --out /data/imagenet-256 --splits val \\
@@ -7,7 +7,8 @@
 Each image is rescaled to shorter side 256, its central 256x256 patch cut out (the paper's only fixed
 preprocessing), re-encoded as JPEG and packed into shards (repro/data/store.py). Resumable: after an
 interruption run the same command again; complete shards are kept and the result is the same as one
-uninterrupted run. The store is usable once repro-store.json appears in --out.
+uninterrupted run. The store is usable once repro-store.json appears in --out; train from it with
+`--dataset imagenet --data STORE` (or `--dataset folder` for a converted ImageFolder tree).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from repro.data.store import write_store  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     a = p.add_argument
     a("--data", required=True, help="ImageNet root, holding train/<wnid>/*.JPEG and val/")
     a("--out", required=True, help="store folder to write (or to finish, after an interruption)")

@@ -22,7 +22,8 @@ from repro.bench import VARIANTS, Case, build, make_step  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--models", nargs="+", default=["grouped", "torchvision"],
                    choices=["grouped", "towers", "torchvision"])
     p.add_argument("--variant", default="bf16-cl-compile", choices=sorted(VARIANTS))

@@ -6,7 +6,9 @@
     torchrun --nnodes=4 --nproc_per_node=2 ... scripts/train_two_gpu.py  # 4 pairs, data-parallel
 
 Without a GPU and without --epochs/--max-steps, a short CPU budget runs instead of the paper's
-90 epochs (the flags below say how long), and the run ends with the error table either way.
+90 epochs: 60 steps of 64 images; without a GPU, validation also uses 300 held-out images and the
+dataset statistics 10,000 training images unless --val-images/--stats-images say otherwise. The run
+ends with the error table either way.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from repro.cli import run  # noqa: E402
+from repro.cli import default_workers, run  # noqa: E402
 from repro.config import COMPILE_MODES, MODEL_VARIANTS, DataConfig, OptimConfig, TrainConfig  # noqa: E402
 
 CPU_BUDGET = dict(max_steps=60, batch_size=64, val_images=300, stats_images=10000)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     a = p.add_argument
     a("--data", default=None, help="dataset folder (Fashion-MNIST: optional; imagenet/folder: holds train/ and val/)")
     a("--dataset", default="fashion-mnist", choices=["fashion-mnist", "imagenet", "folder"])
@@ -46,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--bias-lr-mult", type=float, default=1.0, help="2012 code: 2")
     a("--bias-decay", action="store_true", help="also decay biases (the paper states the rule for weights)")
     a("--variant", default="paper", choices=sorted(MODEL_VARIANTS), help="network variant or ablation")
-    a("--lrn-alpha", default=None, choices=["paper", "divided"], help="LRN alpha convention (SPEC section 2)")
+    a("--lrn-alpha", default=None, choices=["paper", "divided"],
+      help="LRN: the paper's k + alpha * sum, or alpha / n as the 2012 code and Caffe (docs/fidelity.md)")
     a("--dropout-scaling", default="paper", choices=["paper", "inverted"])
     a("--pca", default="dataset", choices=["dataset", "imagenet", "none"], help="PCA colour noise source")
     a("--pca-scale", default="eigenvalue", choices=["eigenvalue", "sqrt"], help="2012 code: sqrt")
@@ -59,11 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max-steps", type=int, default=None, help="stop after N steps in all (smoke runs)")
     a("--val-images", type=int, default=None, help="validate on an evenly spaced subset")
     a("--stats-images", type=int, default=None, help="images for the mean image and PCA (default all)")
-    a("--workers", type=int, default=4, help="decoding processes per rank (image files)")
+    a("--workers", type=int, default=default_workers(), help="decoding processes per rank (image files; "
+      "default: 4, or fewer where each rank has fewer cores)")
     a("--decode", default="gpu", choices=["gpu", "cpu"],
-      help="stored 256x256 form on a GPU: decode its JPEGs there in batches (nvJPEG) or in the --workers "
-           "processes (which decoding the same small JPEGs as files beat nvJPEG on the store; --decode cpu "
-           "itself is not yet timed: docs/benchmarks.md)")
+      help="the stored 256x256 form on a GPU: decode its JPEGs there in batches (nvJPEG), or on the CPU in "
+           "the --workers processes (untimed on the store; as separate files, CPU decoding beat nvJPEG: "
+           "docs/benchmarks.md)")
     a("--log-every", type=int, default=10)
     a("--eval-batch-size", type=int, default=128)
     a("--final-crops", type=int, nargs="*", default=[1, 10], help="closing table protocols: 1 and/or 10")

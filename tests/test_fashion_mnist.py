@@ -51,7 +51,14 @@ def test_bad_files_are_clear_errors(tmp_path):
 
 def test_missing_data_names_every_option(tmp_path, monkeypatch):
     monkeypatch.setattr(fm, "DEBIAN_DIR", tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError) as err:
         fm.fashion_mnist(tmp_path / "empty", "train", download=False)
     msg = str(err.value)
     assert "--data DIR" in msg and "apt-get install dataset-fashion-mnist" in msg and "download" in msg
+
+
+def test_a_data_folder_that_does_not_exist_is_an_error_not_a_fallback(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data .*typo does not exist.*leave --data out"):
+        fm.fashion_mnist(tmp_path / "typo", "train")
+    assert not (tmp_path / "typo").exists()  # nothing created there (no download, no statistics cache)

@@ -126,3 +126,14 @@ def test_channels_last_and_compile_trace_without_graph_breaks():
         grad_eager = fc6.weight.grad
         torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad, grad_eager, rtol=1e-4, atol=1e-6)
+
+
+def test_variant_names_are_recognised_from_configs():
+    import dataclasses
+
+    from repro.config import MODEL_VARIANTS, variant_name
+
+    for name, make in MODEL_VARIANTS.items():
+        assert variant_name(make(10)) == name
+        assert variant_name(dataclasses.replace(make(10), image_size=67)) == name  # input size is the data's
+    assert variant_name(dataclasses.replace(ModelConfig(), dropout_scaling="inverted")) == "custom"

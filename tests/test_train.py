@@ -237,3 +237,19 @@ def test_a_pair_whose_whole_batch_is_unreadable_does_not_stall_the_others(tmp_pa
     assert ckpt["progress"] == {"epoch": 1, "step_in_epoch": 0, "global_step": 2}
     epochs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in x]
     assert epochs[0]["unreadable_skipped"] == 2
+
+
+def test_a_step_budget_that_ends_on_an_epochs_last_step_ends_that_epoch(tmp_path, data_root, capsys):
+    from repro.train import train
+
+    cfg = tiny_config(data_root, tmp_path / "e", max_steps=4)  # 96 images / 24 = 4 steps per epoch
+    train(cfg)
+    ckpt = read(tmp_path / "e" / "latest.pt")
+    assert ckpt["progress"] == {"epoch": 1, "step_in_epoch": 0, "global_step": 4}
+    assert (tmp_path / "e" / "best.pt").exists()  # validated, as at any epoch's end
+    records = [json.loads(x) for x in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [0]
+    capsys.readouterr()
+    train(cfg, resume=str(tmp_path / "e"), keep_saved=("max_steps", "epochs"))  # the budget is spent
+    assert "nothing to train" in capsys.readouterr().out
+    assert read(tmp_path / "e" / "latest.pt")["progress"]["global_step"] == 4

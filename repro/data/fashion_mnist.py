@@ -72,6 +72,10 @@ def fashion_mnist(root: str | os.PathLike | None = None, split: str = "train", d
     """The `split` ("train": 60,000 or "test": 10,000) as uint8 (N, 28, 28, 1) images."""
     if split not in _FILES:
         raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+    if root is not None and not Path(root).is_dir():
+        raise FileNotFoundError(f"--data {root} does not exist. Fashion-MNIST is read from there (torchvision's "
+                                f"FashionMNIST/raw/ or the four *-idx*-ubyte[.gz] files); leave --data out to use "
+                                f"Debian's package (apt-get install dataset-fashion-mnist) or a download")
     found = find_files(root, split)
     download_error = None
     if found is None and download:

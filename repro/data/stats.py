@@ -66,7 +66,8 @@ def load_stats(path: Path, key: str) -> Stats | None:
 def default_cache_dirs(data_root: str | None, run_dir: Path) -> list[Path]:
     """Beside the data if it is ours to write, else the user's cache, else the run directory."""
     user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "repro"
-    return ([Path(data_root)] if data_root else []) + [user, Path(run_dir)]
+    beside = [Path(data_root)] if data_root and Path(data_root).is_dir() else []  # never create a data folder
+    return beside + [user, Path(run_dir)]
 
 
 def cached_stats(source, base_size: int, batches: Callable[[], Iterable[Tensor]], cache_dirs: list[Path],
