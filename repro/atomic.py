@@ -18,7 +18,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: b
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes it 0600 whatever the umask
+        try:
+            os.fchmod(fd, _file_mode(path))  # mkstemp makes it 0600 whatever the umask
+        except OSError:
+            pass  # a filesystem without modes: keep what it gives
         mode = {"mode": "wb"} if binary else {"mode": "w", "newline": "", "encoding": "utf-8"}
         with os.fdopen(fd, **mode) as f:
             write(f)

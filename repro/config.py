@@ -85,10 +85,10 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         # Fail here, with the numbers, rather than deep inside a conv layer.
         if self.feature_sizes()[-1] < 1:
-            least = next(n for n in range(11, 1024) if self.feature_sizes(n)[-1] >= 1)
-            raise ValueError(
-                f"image_size {self.image_size} is too small for this network: pool5 would be empty "
-                f"(sizes {self.feature_sizes()}); use at least {least} with this pooling (the paper uses 227)")
+            least = next((n for n in range(11, 4096) if self.feature_sizes(n)[-1] >= 1), None)
+            advice = f"use at least {least}" if least else "no input below 4096 pixels works"
+            raise ValueError(f"image_size {self.image_size} is too small for this network: pool5 would be empty "
+                             f"(sizes {self.feature_sizes()}); {advice} with this pooling (the paper uses 227)")
 
     def feature_sizes(self, image_size: int | None = None) -> tuple[int, int, int, int, int]:
         """Spatial size after conv1, pool1, pool2 (= conv3..conv5), and pool5: (55, 27, 13, 13, 6);
@@ -161,8 +161,9 @@ MODEL_VARIANTS: dict[str, Callable[[int], ModelConfig]] = {
 def variant_name(cfg: "ModelConfig") -> str:
     """The MODEL_VARIANTS name of a network config (at any input size), or "custom" (e.g. a variant
     with another LRN alpha convention or dropout scaling)."""
-    def same(make) -> bool:
-        return dataclasses.replace(make(cfg.num_classes), image_size=cfg.image_size) == cfg
+    def same(make) -> bool:  # compared at the variant's own size, where every variant is valid
+        variant = make(cfg.num_classes)
+        return variant == dataclasses.replace(cfg, image_size=variant.image_size)
 
     return next((name for name, make in MODEL_VARIANTS.items() if same(make)), "custom")
 

@@ -58,7 +58,13 @@ def test_missing_data_names_every_option(tmp_path, monkeypatch):
     assert "--data DIR" in msg and "apt-get install dataset-fashion-mnist" in msg and "download" in msg
 
 
-def test_a_data_folder_that_does_not_exist_is_an_error_not_a_fallback(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--data .*typo does not exist.*leave --data out"):
-        fm.fashion_mnist(tmp_path / "typo", "train")
-    assert not (tmp_path / "typo").exists()  # nothing created there (no download, no statistics cache)
+def test_a_fallback_from_the_given_folder_is_said_and_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(fm, "DEBIAN_DIR", make_tree(tmp_path / "debian"))
+    src = fm.fashion_mnist(tmp_path / "typo", "train", download=False)
+    assert len(src) == 12 and "NOT the given" in src.origin and "does not exist" in src.origin
+    assert not (tmp_path / "typo").exists()
+    from repro.data.stats import default_cache_dirs
+
+    assert tmp_path / "typo" not in default_cache_dirs(str(tmp_path / "typo"), tmp_path / "run")  # no cache there
+    mine = fm.fashion_mnist(tmp_path / "debian", "train", download=False)
+    assert "NOT" not in mine.origin

@@ -137,3 +137,5 @@ def test_variant_names_are_recognised_from_configs():
         assert variant_name(make(10)) == name
         assert variant_name(dataclasses.replace(make(10), image_size=67)) == name  # input size is the data's
     assert variant_name(dataclasses.replace(ModelConfig(), dropout_scaling="inverted")) == "custom"
+    small = dataclasses.replace(MODEL_VARIANTS["non-overlapping-pool"](10), image_size=43)  # too small for 3/2
+    assert variant_name(small) == "non-overlapping-pool"

@@ -72,10 +72,6 @@ def fashion_mnist(root: str | os.PathLike | None = None, split: str = "train", d
     """The `split` ("train": 60,000 or "test": 10,000) as uint8 (N, 28, 28, 1) images."""
     if split not in _FILES:
         raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
-    if root is not None and not Path(root).is_dir():
-        raise FileNotFoundError(f"--data {root} does not exist. Fashion-MNIST is read from there (torchvision's "
-                                f"FashionMNIST/raw/ or the four *-idx*-ubyte[.gz] files); leave --data out to use "
-                                f"Debian's package (apt-get install dataset-fashion-mnist) or a download")
     found = find_files(root, split)
     download_error = None
     if found is None and download:
@@ -98,4 +94,6 @@ def fashion_mnist(root: str | os.PathLike | None = None, split: str = "train", d
     source = TensorSource(torch.from_numpy(images.copy()).unsqueeze(-1), torch.from_numpy(labels.astype(np.int64)),
                           CLASSES, f"fashion-mnist/{split}")
     source.origin = str(found[0].parent)  # where it was found: --data, Debian's package or a download
+    if root is not None and Path(root).resolve() not in (found[0].parent.resolve(), *found[0].parent.resolve().parents):
+        source.origin += f"; NOT the given {root}, which {'has no such files' if Path(root).is_dir() else 'does not exist'}"
     return source
