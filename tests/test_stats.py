@@ -32,8 +32,9 @@ def test_grey_images_give_a_single_grey_axis():
     assert torch.allclose(stats.mean_image[..., 0], stats.mean_image[..., 2])
 
 
-def test_cache_is_reused_and_keyed(tmp_path):
-    src = TensorSource(torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8), torch.zeros(6, dtype=torch.long),
+def toy_source(n: int):
+    """A tiny split, and a batches() that counts how often the statistics were computed."""
+    src = TensorSource(torch.randint(0, 256, (n, 8, 8, 3), dtype=torch.uint8), torch.zeros(n, dtype=torch.long),
                        ["a"], "toy/train")
     calls = []
 
@@ -41,6 +42,11 @@ def test_cache_is_reused_and_keyed(tmp_path):
         calls.append(1)
         return [src.images]
 
+    return src, batches, calls
+
+
+def test_cache_is_reused_and_keyed(tmp_path):
+    src, batches, calls = toy_source(6)
     quiet = lambda _msg: None  # noqa: E731
     first = cached_stats(src, 8, batches, [tmp_path / "ro", tmp_path], log=quiet)
     again = cached_stats(src, 8, batches, [tmp_path / "ro", tmp_path], log=quiet)
@@ -60,14 +66,7 @@ def test_cache_is_reused_and_keyed(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
 def test_a_damaged_cache_is_computed_again(tmp_path, damage):
-    src = TensorSource(torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8), torch.zeros(4, dtype=torch.long),
-                       ["a"], "toy/train")
-    calls = []
-
-    def batches():
-        calls.append(1)
-        return [src.images]
-
+    src, batches, calls = toy_source(4)
     first = cached_stats(src, 8, batches, [tmp_path], log=lambda _m: None)
     [cache] = tmp_path.glob("stats-*.npz")
     data = cache.read_bytes()
