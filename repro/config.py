@@ -200,6 +200,9 @@ class OptimConfig:
                              f"{self.plateau_patience}, {self.plateau_threshold}")
         if any(m < 0 for m in self.milestones) or list(self.milestones) != sorted(set(self.milestones)):
             raise ValueError(f"milestones must be distinct epochs >= 0 in increasing order, got {self.milestones}")
+        if self.schedule == "milestones" and len(self.milestones) > self.max_drops:
+            raise ValueError(f"{len(self.milestones)} milestones but at most {self.max_drops} drops (the paper's "
+                             f"three): the later ones would do nothing")
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--weight-decay", type=float, default=5e-4)
     a("--schedule", default="plateau", choices=["plateau", "milestones"],
       help="plateau: /10 when val error stalls (paper); milestones: /10 at --milestones (2012 code)")
-    a("--milestones", type=int, nargs="*", default=[25, 51, 79])
-    a("--patience", type=int, default=3, help="plateau: epochs without improvement before a drop")
+    a("--milestones", type=int, nargs="*", default=None, help="milestones: 0-based epochs of the drops "
+      "(default 25 51 79, the 2012 code's)")
+    a("--patience", type=int, default=None, help="plateau: epochs without improvement before a drop (default 3)")
     a("--bias-lr-mult", type=float, default=1.0, help="2012 code: 2")
     a("--bias-decay", action="store_true", help="also decay biases (the paper states the rule for weights)")
     a("--variant", default="paper", choices=sorted(MODEL_VARIANTS), help="network variant or ablation")
@@ -99,8 +100,14 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.lrn_alpha:
         model = dataclasses.replace(model, lrn=dataclasses.replace(model.lrn, alpha_convention=args.lrn_alpha))
     model = dataclasses.replace(model, dropout_scaling=args.dropout_scaling)
+    # A flag of the other schedule would do nothing: say so rather than ignore it.
+    if args.schedule == "plateau" and args.milestones is not None:
+        raise ValueError("--milestones applies to --schedule milestones; the plateau schedule drops on its own")
+    if args.schedule == "milestones" and args.patience is not None:
+        raise ValueError("--patience applies to --schedule plateau, not to fixed milestones")
     optim = OptimConfig(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-                        milestones=tuple(args.milestones), plateau_patience=args.patience,
+                        milestones=(25, 51, 79) if args.milestones is None else tuple(args.milestones),
+                        plateau_patience=3 if args.patience is None else args.patience,
                         bias_lr_mult=args.bias_lr_mult, bias_weight_decay=args.bias_decay)
     data = DataConfig(dataset=args.dataset, root=args.data, pca=args.pca, pca_scale=args.pca_scale,
                       flip=not args.no_flip,

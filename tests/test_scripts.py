@@ -40,7 +40,10 @@ def test_bad_flags_give_a_clear_error(tmp_path, capsys):
     for flags, message in ((["--log-every", "0"], "log_every >= 1"), (["--eval-batch-size", "0"], "eval_batch_size"),
                            (["--epochs", "0"], "epochs and batch_size must be >= 1"),
                            (["--val-images", "0"], "val_images must be at least 1"),
-                           (["--momentum", "1.5"], "momentum"), (["--patience", "0"], "--patience")):
+                           (["--momentum", "1.5"], "momentum"), (["--patience", "0"], "--patience"),
+                           (["--schedule", "milestones", "--patience", "2"], "--patience applies to --schedule plateau"),
+                           (["--milestones", "5"], "--milestones applies to --schedule milestones"),
+                           (["--schedule", "milestones", "--milestones", "1", "2", "3", "4"], "at most 3 drops")):
         assert main(flags + ["--out", str(tmp_path)]) == 2, flags  # before any data is read
         assert message in capsys.readouterr().err, flags
     torch_ckpt = tmp_path / "weights.pt"
