@@ -144,7 +144,7 @@ def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
                             top5_error=counts.top5_error, loss=counts.loss))
         print(f"{rows[-1].label}: top-1 error {counts.top1_error:.2f}%, top-5 error {counts.top5_error:.2f}% on "
               f"{counts.images} images ({counts.skipped} unreadable skipped)", flush=True)
-    images = next(iter(results.values())).images
+    images = scored.images
     print(f"{images} images, {max(opts.crops)} patch(es) each through {n} network(s) in one pass: "
           f"{images / seconds:.1f} img/s ({images * max(opts.crops) * n / seconds:.1f} forwards/s)", flush=True)
     year = imagenet_year(dataset, len(members[0].classes), images)

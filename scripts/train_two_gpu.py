@@ -105,9 +105,10 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         raise ValueError("--milestones applies to --schedule milestones; the plateau schedule drops on its own")
     if args.schedule == "milestones" and args.patience is not None:
         raise ValueError("--patience applies to --schedule plateau, not to fixed milestones")
+    paper = OptimConfig()  # the defaults the two schedule flags fall back to
     optim = OptimConfig(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-                        milestones=(25, 51, 79) if args.milestones is None else tuple(args.milestones),
-                        plateau_patience=3 if args.patience is None else args.patience,
+                        milestones=paper.milestones if args.milestones is None else tuple(args.milestones),
+                        plateau_patience=paper.plateau_patience if args.patience is None else args.patience,
                         bias_lr_mult=args.bias_lr_mult, bias_weight_decay=args.bias_decay)
     data = DataConfig(dataset=args.dataset, root=args.data, pca=args.pca, pca_scale=args.pca_scale,
                       flip=not args.no_flip,

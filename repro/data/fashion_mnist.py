@@ -91,9 +91,9 @@ def fashion_mnist(root: str | os.PathLike | None = None, split: str = "train", d
     images, labels = (read_idx(p) for p in found)
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{found[0]} has {images.shape[0]} images but {found[1]} has {labels.shape[0]} labels")
-    source = TensorSource(torch.from_numpy(images.copy()).unsqueeze(-1), torch.from_numpy(labels.astype(np.int64)),
-                          CLASSES, f"fashion-mnist/{split}")
-    source.origin = str(found[0].parent)  # where it was found: --data, Debian's package or a download
-    if root is not None and Path(root).resolve() not in (found[0].parent.resolve(), *found[0].parent.resolve().parents):
-        source.origin += f"; NOT the given {root}, which {'has no such files' if Path(root).is_dir() else 'does not exist'}"
-    return source
+    used = found[0].parent  # --data, Debian's package or a download
+    origin = str(used)
+    if root is not None and Path(root).resolve() not in (used.resolve(), *used.resolve().parents):
+        origin += f"; NOT the given {root}, which {'has no such files' if Path(root).is_dir() else 'does not exist'}"
+    return TensorSource(torch.from_numpy(images.copy()).unsqueeze(-1), torch.from_numpy(labels.astype(np.int64)),
+                        CLASSES, f"fashion-mnist/{split}", origin)

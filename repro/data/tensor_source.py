@@ -12,7 +12,7 @@ class TensorSource(Dataset):
 
     in_memory = True
 
-    def __init__(self, images: Tensor, labels: Tensor, classes: list[str], name: str):
+    def __init__(self, images: Tensor, labels: Tensor, classes: list[str], name: str, origin: str = ""):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"{name}: images must be uint8 (N, H, W, C), got {images.dtype} {tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
@@ -20,6 +20,7 @@ class TensorSource(Dataset):
         if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
             raise ValueError(f"{name}: labels must lie in [0, {len(classes)}), found {labels.min()}..{labels.max()}")
         self.images, self.labels, self.classes, self.name = images, labels, list(classes), name
+        self.origin = origin  # where the data was read from, for the run's log
 
     @property
     def num_classes(self) -> int:
