@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from repro.data.stats import accumulate, cached_stats
+from repro.data.folder import FolderSource
+from repro.data.stats import accumulate, cached_stats, fingerprint
 from repro.data.tensor_source import TensorSource
 
 
@@ -62,6 +63,23 @@ def test_cache_is_reused_and_keyed(tmp_path):
     cached_stats(src, 8, batches, [tmp_path], max_images=6, subset_seed=1, log=quiet)
     cached_stats(src, 8, batches, [tmp_path], max_images=6, subset_seed=2, log=quiet)
     assert len(calls) == 5  # every image: the seed does not matter
+
+
+def test_same_names_new_contents_is_another_key(tmp_path):
+    """A data set rewritten in place (same names, sizes and labels) must not reuse stale statistics."""
+    images = torch.randint(0, 256, (5, 8, 8, 3), dtype=torch.uint8)
+    src = TensorSource(images, torch.zeros(5, dtype=torch.long), ["a"], "toy/train")
+    assert fingerprint(src) == fingerprint(TensorSource(images.clone(), src.labels, ["a"], "toy/train"))
+    assert fingerprint(src) != fingerprint(TensorSource(images // 2, src.labels, ["a"], "toy/train"))
+
+    files = [tmp_path / f"{i}.jpg" for i in range(3)]
+    for f in files:
+        f.write_bytes(b"x" * 100)
+    folder = lambda: FolderSource(files, [0, 0, 0], ["a"], "toy/train")  # noqa: E731
+    before = fingerprint(folder())
+    assert fingerprint(folder()) == before
+    files[1].write_bytes(b"x" * 90)  # e.g. re-encoded at another JPEG quality
+    assert fingerprint(folder()) != before
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])

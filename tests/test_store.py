@@ -122,6 +122,12 @@ def test_encoded_batch_round_trip(store):
         assert torch.equal(d.permute(1, 2, 0), train[i][0])
 
 
+def test_content_probe_is_the_stored_sizes(store):
+    train = StoreSource(store, "train")  # the statistics cache's key changes when these do
+    sizes = [len(train.encoded_item(i)) for i in range(0, len(train), 3)]
+    assert np.frombuffer(train.content_probe(3), dtype=np.int64).tolist() == sizes
+
+
 def index_arrays(path: Path) -> dict:
     with np.load(path) as z:
         return {k: z[k] for k in z.files}

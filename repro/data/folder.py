@@ -78,6 +78,13 @@ def decode_image(path: str | Path, size: int = 256) -> torch.Tensor:
     return torch.from_numpy(np.array(out, dtype=np.uint8))  # np.array copies: writable, contiguous
 
 
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
 class FolderSource(Dataset):
     """Image files with integer labels, each read as a size x size uint8 RGB image (HWC).
 
@@ -105,6 +112,11 @@ class FolderSource(Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def content_probe(self, every: int) -> bytes:
+        """The sizes of every `every`-th file (-1 where unreadable), for the statistics cache's key:
+        a stat per file, not a read, so the key stays cheap on a million-image tree."""
+        return np.array([_file_size(f) for f in self.files[::every]], dtype=np.int64).tobytes()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
         label = int(self.labels[i])

@@ -18,11 +18,17 @@ from repro.data.augment import Stats, to_base
 
 
 def fingerprint(source) -> str:
-    """Identifies a split by its name, size, labels and (for file sources) file names."""
+    """Identifies a split by its name, size, labels, and a sample of about 1000 images: their file
+    names and `content_probe` (pixels, or file sizes), so that a data set rewritten in place under
+    the same names (another JPEG quality, another resize) does not reuse stale statistics."""
     h = hashlib.sha256(f"{source.name}|{len(source)}".encode())
     h.update(source.labels.numpy().tobytes())
-    for f in getattr(source, "files", [])[:: max(1, len(source) // 1000)]:
+    every = max(1, len(source) // 1000)
+    for f in getattr(source, "files", [])[::every]:
         h.update(str(f).encode())
+    probe = getattr(source, "content_probe", None)
+    if probe is not None:
+        h.update(probe(every))
     return h.hexdigest()[:16]
 
 

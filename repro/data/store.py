@@ -357,6 +357,10 @@ class StoreSource(Dataset):
             self._maps[k] = np.memmap(_shard_paths(self.root / self.split, k)[0], dtype=np.uint8, mode="r")
         return self._maps[k]
 
+    def content_probe(self, every: int) -> bytes:
+        """The stored JPEG sizes of every `every`-th image, for the statistics cache's key."""
+        return np.ascontiguousarray(self._lengths[::every], dtype=np.int64).tobytes()
+
     def encoded_item(self, i: int) -> torch.Tensor:
         """Image i's JPEG file as a 1-D uint8 tensor (a copy, so it outlives the mapping)."""
         start = int(self._offsets[i])

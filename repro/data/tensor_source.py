@@ -32,6 +32,10 @@ class TensorSource(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         return self.images[i], int(self.labels[i])
 
+    def content_probe(self, every: int) -> bytes:
+        """The pixels of every `every`-th image, for the statistics cache's key."""
+        return self.images[::every].contiguous().numpy().tobytes()
+
     def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         return self.images[indices], self.labels[indices]
 
