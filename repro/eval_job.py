@@ -141,7 +141,7 @@ def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
         rows.append(EvalRow(label=f"{nets}, {'centre patch' if crops == 1 else '10 patches'}",
                             dataset=dataset, split=split.name.split("/")[-1], images=counts.images, crops=crops,
                             models=n, run=run, top1_error=counts.top1_error,
-                            top5_error=counts.top5_error, loss=counts.loss))
+                            top5_error=counts.top5_error, loss=counts.loss, classes=len(members[0].classes)))
         print(f"{rows[-1].label}: top-1 error {counts.top1_error:.2f}%, top-5 error {counts.top5_error:.2f}% on "
               f"{counts.images} images ({counts.skipped} unreadable skipped)", flush=True)
     images = scored.images

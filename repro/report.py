@@ -83,6 +83,7 @@ class EvalRow:
     top1_error: float  # %
     top5_error: float  # %
     loss: float | None = None
+    classes: int | None = None  # of the network; at 5 or fewer, top-5 error is 0 by construction
 
     def __post_init__(self):
         if self.images < 0 or self.crops < 1 or self.models < 1:
@@ -155,10 +156,19 @@ def _check_year(rows: list[EvalRow], imagenet_year) -> str | None:
     return year
 
 
+def _trivial_top5_note(rows: list[EvalRow]) -> list[str]:
+    few = sorted({r.classes for r in rows if r.classes is not None and r.classes <= 5})
+    if not few:
+        return []
+    return [f"Top-5 error is 0 by construction here: the network has {' or '.join(map(str, few))} classes, "
+            "so every label is among its five most probable.", ""]
+
+
 def results_markdown(rows: list[EvalRow], imagenet_year: str | None) -> str:
     """Our rows beside the paper's table of the same ILSVRC year, or apart from both paper tables."""
     year = _check_year(rows, imagenet_year)
-    out = ["# Results", "", "Errors in %. Paper: Krizhevsky, Sutskever, Hinton, NIPS 2012.", ""]
+    out = ["# Results", "", "Errors in %. Paper: Krizhevsky, Sutskever, Hinton, NIPS 2012.", "",
+           *_trivial_top5_note(rows)]
     if year is not None:
         t = PAPER_TABLES[year]
         out += [f"## {t.name} ({t.title}) with this evaluation", "", *_merged_table(t, rows), "",

@@ -27,7 +27,8 @@ def final_report(trainer) -> dict[int, Counts]:
     net = "1 CNN" if variant == "paper" else f"1 CNN ({variant})"  # an ablation's row says which
     rows = [EvalRow(label=f"{net}, {'centre patch' if c == 1 else '10 patches'}", dataset=cfg.data.dataset,
                     split=split, images=n.images, crops=c, models=1, run=run, top1_error=n.top1_error,
-                    top5_error=n.top5_error, loss=n.loss) for c, n in results.items()]
+                    top5_error=n.top5_error, loss=n.loss, classes=cfg.model.num_classes)
+            for c, n in results.items()]
     year = imagenet_year(cfg.data.dataset, cfg.model.num_classes, next(iter(results.values())).images)
     write_results(rows, trainer.out, imagenet_year=year)
     metrics = read_metrics(trainer.out / "metrics.jsonl") if (trainer.out / "metrics.jsonl").exists() else []

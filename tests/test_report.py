@@ -101,6 +101,13 @@ def test_a_nan_loss_is_printed_not_hidden():
     assert table[0]["loss"] == "nan" and table[0]["top-1 error"] == "90.00"
 
 
+def test_top5_of_five_classes_or_fewer_is_marked_trivial():
+    row = lambda k: EvalRow("toy", "folder", "val", 10, 1, 1, "r", 40.0, 0.0, classes=k)  # noqa: E731
+    assert "by construction" in results_markdown([row(5)], None)
+    assert "has 3 classes" in results_markdown([row(3)], None)
+    assert "by construction" not in results_markdown([row(6), row(None)], None)
+
+
 def test_year_checks():
     with pytest.raises(ValueError, match="imagenet_year=None"):
         results_markdown(FASHION, "2012")
