@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -31,16 +32,16 @@ class PaperSGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lr_mult=1.0))
         self.base_lr = lr
         self.compiled = compiled
-        self._lr_tensors: dict[int, Tensor] = {}  # id(param group) -> its rate as a tensor (compiled update)
-        self._lr_values: dict[int, float] = {}  # the rate each of those holds
+        # (id(param group), device, dtype) -> the group's rate as a tensor there (compiled update)
+        self._lr_tensors: dict[tuple, Tensor] = {}
+        self._lr_values: dict[tuple, float] = {}  # the rate each of those holds
         self.set_lr(lr)
 
     def set_lr(self, lr: float) -> None:
         self.base_lr = lr
         for group in self.param_groups:
             group["lr"] = lr * group["lr_mult"]
-            if id(group) in self._lr_tensors:  # now, not at the next step(): a CUDA graph replay runs no Python
-                self._refresh_lr_tensor(group)
+            self._refresh_lr_tensor(group)  # now, not at the next step(): a CUDA graph replay runs no Python
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -51,9 +52,11 @@ class PaperSGD(torch.optim.Optimizer):
                 continue
             grads = [p.grad for p in params]
             velocity = [self._velocity(p) for p in params]
-            if self.compiled:
-                _compiled_update()(params, grads, velocity, self._lr_tensor(group, params[0]), group["momentum"],
-                                   group["weight_decay"])
+            if self.compiled:  # per device: one group may span both towers' GPUs (the benchmark's towers)
+                for idx in _by_device(params):
+                    _compiled_update()([params[i] for i in idx], [grads[i] for i in idx], [velocity[i] for i in idx],
+                                       self._lr_tensor(group, params[idx[0]]), group["momentum"],
+                                       group["weight_decay"])
             else:
                 paper_update(params, grads, velocity, group["lr"], group["momentum"], group["weight_decay"])
         return loss
@@ -62,17 +65,20 @@ class PaperSGD(torch.optim.Optimizer):
         """The group's rate as a 0-d tensor beside its parameters (for the compiled update), refreshed in
         place when the rate changes (by set_lr at once, or found changed here): a device-side fill, no
         host wait, and a captured CUDA graph reads the new value at its next replay."""
-        t = self._lr_tensors.get(id(group))
-        if t is None or t.device != like.device or t.dtype != like.dtype:
-            t = self._lr_tensors[id(group)] = torch.full((), group["lr"], dtype=like.dtype, device=like.device)
-            self._lr_values[id(group)] = group["lr"]
-        elif self._lr_values[id(group)] != group["lr"]:
+        key = (id(group), like.device, like.dtype)
+        t = self._lr_tensors.get(key)
+        if t is None:
+            t = self._lr_tensors[key] = torch.full((), group["lr"], dtype=like.dtype, device=like.device)
+            self._lr_values[key] = group["lr"]
+        elif self._lr_values[key] != group["lr"]:
             self._refresh_lr_tensor(group)
         return t
 
     def _refresh_lr_tensor(self, group: dict) -> None:
-        self._lr_tensors[id(group)].fill_(group["lr"])
-        self._lr_values[id(group)] = group["lr"]
+        for key, t in self._lr_tensors.items():
+            if key[0] == id(group):
+                t.fill_(group["lr"])
+                self._lr_values[key] = group["lr"]
 
     def _velocity(self, p: Tensor) -> Tensor:
         state = self.state[p]
@@ -89,6 +95,14 @@ class PaperSGD(torch.optim.Optimizer):
             if name not in velocities:
                 raise KeyError(f"the checkpoint has no optimiser velocity for parameter {name!r}")
             self.state[p]["velocity"] = velocities[name].to(device=p.device, dtype=p.dtype).clone()
+
+
+def _by_device(params: list[Tensor]) -> list[list[int]]:
+    """Indices of `params` split by (device, dtype), in first-seen order."""
+    parts: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        parts.setdefault((p.device, p.dtype), []).append(i)
+    return list(parts.values())
 
 
 def paper_update(params: list[Tensor], grads: list[Tensor], velocity: list[Tensor], lr: float, momentum: float,
@@ -138,6 +152,12 @@ def paper_optimizer(model: nn.Module, cfg: OptimConfig, compiled: bool = False) 
     return PaperSGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, compiled=compiled)
 
 
+def unreached_milestones(cfg: OptimConfig, epochs: int) -> list[int]:
+    """Milestones a run of `epochs` epochs never reaches (milestone m divides the rate from 0-based
+    epoch m), for a warning: a short run with the 2012 code's 25, 51, 79 would never drop."""
+    return [m for m in cfg.milestones if m >= epochs] if cfg.schedule == "milestones" else []
+
+
 class LRSchedule:
     """The learning rate at the start of each epoch.
 
@@ -167,8 +187,8 @@ class LRSchedule:
 
     def end_epoch(self, epoch: int, val_top1_error: float | None) -> None:
         """Feed the epoch's validation error (percent) to the plateau rule."""
-        if self.cfg.schedule != "plateau" or val_top1_error is None:
-            return
+        if self.cfg.schedule != "plateau" or val_top1_error is None or math.isnan(val_top1_error):
+            return  # NaN: no validation image was scored, which says nothing about a plateau
         if val_top1_error < self.best - self.cfg.plateau_threshold:
             self.best, self.stale_epochs = val_top1_error, 0
             return

@@ -23,7 +23,7 @@ from repro.data.stats import cached_stats, default_cache_dirs
 from repro.dist import Topology, all_reduce_sum, init_topology, shutdown
 from repro.evaluate import Counts, EvalSpec, RunningCounts, autocast, evaluate
 from repro.metrics import MetricsLog, Progress, format_eta
-from repro.optim import LRSchedule, paper_optimizer
+from repro.optim import LRSchedule, paper_optimizer, unreached_milestones
 from repro.parallel import Replica, one_tower_message
 from repro.run_report import final_report
 
@@ -215,6 +215,11 @@ class Trainer:
                      f"epochs of its budget (--max-steps {self.cfg.max_steps}, --epochs {self.cfg.epochs}); "
                      f"pass a larger one with --resume to continue")
             return
+        unreached = unreached_milestones(self.cfg.optim, self.cfg.epochs)
+        if unreached:
+            self.say(f"warning: milestones {', '.join(map(str, unreached))} lie at or past the run's last epoch "
+                     f"(--epochs {self.cfg.epochs}; milestone m divides the rate from 0-based epoch m): the rate "
+                     f"is not divided there; pass --milestones within the run, or more --epochs")
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             while self.progress.epoch < self.cfg.epochs and self._budget_left():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from repro.config import OptimConfig
-from repro.optim import LRSchedule, PaperSGD, paper_optimizer
+from repro.optim import LRSchedule, PaperSGD, paper_optimizer, unreached_milestones
 
 
 def test_update_rule_by_hand_across_lr_drop():
@@ -59,6 +59,29 @@ def test_compiled_update_equals_eager_on_a_network():
         for p, q in zip(net.parameters(), twin.parameters()):
             torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-6, atol=1e-7)
     assert all((p.detach() - p0).abs().max() > 1e-3 for p, p0 in zip(net.parameters(), start))  # it moved
+
+
+def test_compiled_update_splits_a_group_by_device_and_dtype():
+    """One param group may hold tensors on two devices (the towers of one process on two GPUs): the
+    compiled update runs per (device, dtype), each with its own rate tensor. On the CPU, a float64
+    tensor in a float32 group takes the same path."""
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3), torch.randn(5, dtype=torch.float64), torch.randn(2, 2)]
+    twins = [p.clone() for p in params]
+    eager = PaperSGD([dict(params=params)], lr=0.01)
+    fused = PaperSGD([dict(params=twins)], lr=0.01, compiled=True)
+    for lr in (0.01, 0.001):
+        eager.set_lr(lr)
+        fused.set_lr(lr)
+        for p, q in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        eager.step()
+        fused.step()
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    assert sorted(str(t.dtype) for t in fused._lr_tensors.values()) == ["torch.float32", "torch.float64"]
+    assert all(t.item() == pytest.approx(0.001) for t in fused._lr_tensors.values())
 
 
 def test_sgd_agrees_before_the_drop():
@@ -134,6 +157,19 @@ def test_plateau_counts_gains_against_the_last_gain_that_counted():
     for epoch, err in enumerate([50.0, 49.95, 49.92, 49.91]):  # 0.09 in three epochs: not enough
         flat.end_epoch(epoch, err)
     assert flat.drops == 1
+
+
+def test_plateau_ignores_an_epoch_with_no_validation_image_scored():
+    sched = LRSchedule(OptimConfig(plateau_patience=3))
+    for epoch, err in enumerate([50.0, float("nan"), float("nan"), float("nan"), None]):
+        sched.end_epoch(epoch, err)
+    assert sched.drops == 0 and sched.best == 50.0
+
+
+def test_milestones_past_the_run_are_named():
+    cfg = OptimConfig(schedule="milestones")
+    assert unreached_milestones(cfg, 90) == [] and unreached_milestones(cfg, 30) == [51, 79]
+    assert unreached_milestones(cfg, 25) == [25, 51, 79] and unreached_milestones(OptimConfig(), 10) == []
 
 
 @pytest.mark.parametrize("field,value", [("momentum", 1.0), ("weight_decay", -1e-4), ("plateau_patience", 0),
