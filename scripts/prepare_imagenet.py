@@ -17,12 +17,13 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from repro.cli import run  # noqa: E402
 from repro.data.imagenet import imagenet_splits, imagenet_train  # noqa: E402
-from repro.data.store import write_store  # noqa: E402
+from repro.data.store import WorkerDiedError, write_store  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
     a("--quality", type=int, default=90, help="JPEG quality of the stored images (90: about 21 KB each)")
     a("--shard-size", type=int, default=5000, help="images per shard file")
-    a("--workers", type=int, default=None, help="encoding processes (default: all CPU cores; 0: none)")
+    a("--workers", type=int, default=None, help="encoding processes (default: every core this process may "
+      "use; 0: none)")
     a("--devkit", default=None, help="ILSVRC2012_devkit_t12 folder or tarball, for a flat val/")
     a("--val-solution", default=None, help="Kaggle LOC_val_solution.csv, for a flat val/")
     a("--max-shards", type=int, default=None, help="stop after writing this many new shards")
@@ -52,7 +54,22 @@ def open_sources(args: argparse.Namespace) -> dict:
     return {name: split for name, split in (("train", train), ("val", val)) if name in args.splits}
 
 
+def check_out(args: argparse.Namespace) -> None:
+    """--out must be a writable folder apart from --data; checked before the long scan of the sources."""
+    data, out = os.path.realpath(args.data), os.path.realpath(args.out)
+    if out == data or out.startswith(os.path.join(data, "")):
+        raise ValueError(f"--out {args.out} lies inside --data {args.data}: the store would be written into the "
+                         f"dataset's own folders; pass an --out outside it")
+    path = Path(os.path.abspath(args.out))
+    there = next(p for p in (path, *path.parents) if p.exists())  # the folder it is, or will be made in
+    if not there.is_dir():
+        raise ValueError(f"--out {args.out}: {there} is a file, not a folder; pass another --out")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {args.out}: {there} is not writable by this user; pass another --out")
+
+
 def prepare(args: argparse.Namespace) -> dict:
+    check_out(args)
     sources = open_sources(args)
     for name, source in sources.items():
         print(f"{name}: {len(source)} source images, {source.num_classes} classes", flush=True)
@@ -70,9 +87,22 @@ def prepare(args: argparse.Namespace) -> dict:
     return result
 
 
+AGAIN = "run the same command again to continue: complete shards are kept"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run(lambda: prepare(args))
+    try:
+        return run(lambda: prepare(args))
+    except WorkerDiedError as exc:
+        message = str(exc)
+    except OSError as exc:  # disk full, permissions, a file in the way: not a bug, and resumable
+        message = f"writing the store {args.out} failed: {exc}; free space or fix the cause, then {AGAIN}"
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\ninterrupted: {AGAIN}\n")
+        return 130
+    sys.stderr.write(f"error: {message}\n")
+    return 1
 
 
 if __name__ == "__main__":

@@ -198,13 +198,17 @@ def test_image_folder_order_and_filters(tmp_path):
     solid(tmp_path / "a" / "x.png", (0, 0, 0), fmt="PNG")
     solid(tmp_path / "a" / "._x.png", (0, 0, 0), fmt="PNG")  # macOS companion file: ignored
     (tmp_path / "a" / "notes.txt").write_text("skip me")
-    (tmp_path / "empty_class").mkdir()
+    (tmp_path / "b" / "sub").mkdir()
+    (tmp_path / "b" / "sub" / "loop").symlink_to("..")  # a link back up the tree: its images once
     src = image_folder(tmp_path, size=32)
-    assert src.classes == ["a", "b", "empty_class"] and src.num_classes == 3
+    assert src.classes == ["a", "b"] and src.num_classes == 2
     assert [Path(f).name for f in src.files] == ["x.png", "1.jpeg", "2.JPG"]
     assert src.labels.tolist() == [0, 1, 1] and src.labels.dtype == torch.int64
     assert src.name == tmp_path.name and src[0][0].shape == (32, 32, 3)
-    given = image_folder(tmp_path, name="f", classes=["z", "b", "a", "empty_class"])
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(ValueError, match="class folder .*empty_class has no image files"):
+        image_folder(tmp_path)  # a class no image teaches: a copy not finished, most likely
+    given = image_folder(tmp_path, name="f", classes=["z", "b", "a", "empty_class"])  # val: classes given
     assert given.labels.tolist() == [2, 1, 1] and given.num_classes == 4
 
 

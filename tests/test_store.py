@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -22,7 +23,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from repro.data.folder import decode_image
 from repro.data.imagenet import imagenet_splits
-from repro.data.store import STORE_MARKER, StoreSource, is_store, write_store
+from repro.data import store as store_module
+from repro.data.store import LOCK, STORE_MARKER, StoreSource, WorkerDiedError, is_store, write_store
 from scripts import prepare_imagenet
 from tests.test_data_folder_imagenet import VAL_LABELS, WNIDS, make_flat_val, write_devkit_dir
 
@@ -244,6 +246,11 @@ def test_script(tree, tmp_path, capsys):
     assert prepare_imagenet.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --data ") and "nowhere is not a folder" in err
+    assert prepare_imagenet.main(["--data", str(tree), "--out", str(tree / "store")]) == 2
+    assert "lies inside --data" in capsys.readouterr().err and not (tree / "store").exists()
+    (tmp_path / "file").write_text("")
+    assert prepare_imagenet.main(["--data", str(tree), "--out", str(tmp_path / "file" / "s")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
     out = tmp_path / "s"
     args = ["--data", str(tree), "--out", str(out), "--shard-size", "5", "--workers", "0", "--splits", "val"]
     assert prepare_imagenet.main(args) == 0
@@ -265,3 +272,65 @@ def test_training_and_evaluation_read_the_store(store, tmp_path):
     rows = run_evaluation(EvalOptions(checkpoints=[str(tmp_path / "run" / "latest.pt")], crops=(1,), workers=0,
                                       figures=False, device="cpu", out=str(tmp_path / "eval")))
     assert rows[0].images == len(StoreSource(store, "val")) and rows[0].dataset == "imagenet"
+
+
+def test_skipped_names_that_are_not_utf8_or_hold_tabs(tree, tmp_path):
+    """skipped.txt is UTF-8 with one name per line whatever the file names' bytes."""
+    root = shutil.copytree(tree, tmp_path / "odd", symlinks=True)
+    klass = os.fsencode(root / "train" / WNIDS[0])
+    for raw in (b"bad\xe9.JPEG", b"ta\tb.JPEG"):
+        with open(os.path.join(klass, raw), "wb") as f:
+            f.write(b"not an image")
+    out = tmp_path / "s"
+    result = write_store(splits_of(root), out, shard_size=4, workers=0, progress=lambda _m: None)
+    assert result["complete"] and result["splits"]["train"]["skipped"] == 4
+    lines = (out / "train" / "skipped.txt").read_text(encoding="utf-8").splitlines()
+    names = sorted(line.split("\t")[0] for line in lines)
+    assert len(lines) == 4 and f"{WNIDS[0]}/bad\\udce9.JPEG" in names and f"{WNIDS[0]}/ta\\tb.JPEG" in names
+
+
+def _encode_or_die(job):
+    """_encode, except that a file named die.JPEG kills its worker (as the kernel's OOM killer would)."""
+    if job[0].endswith("die.JPEG"):
+        os._exit(1)
+    return _ENCODE(job)
+
+
+_ENCODE = store_module._encode
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(tree, tmp_path, monkeypatch):
+    root = shutil.copytree(tree, tmp_path / "t", symlinks=True)
+    textured(root / "train" / WNIDS[1] / "die.JPEG", 0, (64, 64))
+    monkeypatch.setattr(store_module, "_encode", _encode_or_die)
+    with pytest.raises(WorkerDiedError, match="encoding process died.*run the same command again"):
+        write_store(splits_of(root), tmp_path / "s", shard_size=3, workers=2, progress=lambda _m: None)
+
+
+def test_one_writer_at_a_time(tree, tmp_path):
+    import fcntl
+
+    out = tmp_path / "s"
+    out.mkdir()
+    with open(out / LOCK, "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run, writing now
+        with pytest.raises(ValueError, match="another scripts/prepare_imagenet.py run is writing"):
+            write_store(splits_of(tree), out, shard_size=3, workers=0)
+    assert write_store(splits_of(tree), out, shard_size=3, workers=0, progress=lambda _m: None)["complete"]
+
+
+def test_open_shards_are_bounded(store, monkeypatch):
+    """Each mapped shard holds a file descriptor: a store of many small shards must not exhaust them."""
+    train = StoreSource(store, "train")
+    expected = [train.encoded_item(i) for i in range(len(train))]
+    monkeypatch.setattr(StoreSource, "max_open_shards", 2)
+    bounded = StoreSource(store, "train")
+    for i in [*range(len(train)), *reversed(range(len(train)))]:
+        assert torch.equal(bounded.encoded_item(i), expected[i]) and len(bounded._maps) <= 2
+
+
+def test_a_damaged_marker_is_named(store, tmp_path):
+    copy = shutil.copytree(store, tmp_path / "copy")
+    (copy / STORE_MARKER).write_text("{ not json")
+    with pytest.raises(ValueError, match="repro-store.json is damaged .*prepare_imagenet.py again"):
+        StoreSource(copy, "train")

@@ -139,8 +139,13 @@ def class_folders(root: str | Path) -> list[str]:
 def _image_files(folder: str) -> list[str]:
     """Image files under folder, recursively, in sorted path order. Hidden files are left out:
     macOS "._name.JPEG" companions carry the image extension but no image."""
-    found = []
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symbolic link back up the tree (or to a folder walked already): once only
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
                      if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
@@ -176,13 +181,19 @@ def image_folder(root: str | Path, name: str | None = None, size: int = 256,
         raise ValueError(f"{root} has no class subfolders; expected the layout "
                          f"{root}/<class name>/<image files>")
     index = _class_index(root, folders, classes)
-    files, labels = [], []
+    files, labels, empty = [], [], []
     for folder in folders:
         found = _image_files(str(root / folder))
         files += found
         labels += [index[folder]] * len(found)
+        if not found:
+            empty.append(folder)
     if not files:
         raise ValueError(f"no image files under {root} (looked in {len(folders)} class folders for "
                          f"{', '.join(IMAGE_EXTENSIONS)}); is this the right folder?")
+    if empty and classes is None:  # its folder would make a class that no image teaches
+        raise ValueError(f"class folder {root / empty[0]} has no image files ({len(empty)} such folders: "
+                         f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}); remove them or "
+                         f"finish copying the data set")
     names = list(classes) if classes is not None else folders
     return FolderSource(files, labels, names, name if name is not None else root.name, size)

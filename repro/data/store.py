@@ -15,6 +15,8 @@ Layout:
     STORE/<split>/shard-00000.bin       the shard's JPEG files, concatenated
     STORE/<split>/shard-00000.idx.npz   offsets, lengths, labels, names; skipped_names, skipped_reasons
     STORE/<split>/skipped.txt           "name<TAB>reason" for each source file that did not decode
+                                        (UTF-8; tabs, line breaks and undecodable bytes escaped)
+    STORE/.lock                         held (flock) by the run writing the store: one at a time
 
 A shard holds `shard_size` consecutive source images (the source's deterministic order), minus the
 unreadable ones. Names are source paths relative to the folder holding the whole split (for train
@@ -27,11 +29,12 @@ import contextlib
 import io
 import json
 import math
-import multiprocessing
 import os
 import re
 import time
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -42,10 +45,16 @@ from torch.utils.data import Dataset
 
 from repro.data.folder import FolderSource, ImageDecodeError, decode_image
 
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
+
 STORE_MARKER = "repro-store.json"
 FORMAT = "repro-store/1"
 SIZE = 256  # the paper's stored image side (SPEC 5)
 SKIPPED = "skipped.txt"
+LOCK = ".lock"  # held by the one run writing the store
 TMP = ".tmp"  # suffix of a file still being written; renamed into place when complete
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
@@ -76,8 +85,10 @@ def _tmp(path: Path) -> Path:
 
 @contextlib.contextmanager
 def _atomic(path: Path, mode: str = "wb"):
-    """Write to path + ".tmp", flush to disk, then rename: a reader sees the whole file or none."""
-    with open(_tmp(path), mode) as f:
+    """Write to path + ".tmp", flush to disk, then rename: a reader sees the whole file or none.
+    Text is UTF-8 whatever the locale; a file name that is not (undecodable bytes) is escaped."""
+    text = {} if "b" in mode else dict(encoding="utf-8", errors="backslashreplace")
+    with open(_tmp(path), mode, **text) as f:
         yield f
         f.flush()
         os.fsync(f.fileno())
@@ -208,17 +219,30 @@ def _write_split(out_dir: Path, split: str, source: FolderSource, quality: int, 
     if written < shards:
         progress(f"{split}: {shards - written} of {shards} shards were already complete")
     with _atomic(split_dir / SKIPPED, "w") as f:  # merged from the indexes: the same after a resume
-        f.writelines(f"{name}\t{' '.join(reason.split())}\n" for name, reason in skipped)
+        f.writelines(f"{_one_field(name)}\t{' '.join(reason.split())}\n" for name, reason in skipped)
     for leftover in split_dir.glob(f"shard-*{TMP}"):  # from an interrupted run
         leftover.unlink()
     return dict(name=source.name, images=images, shards=shards, skipped=len(skipped),
                 shard_size=shard_size), written
 
 
+def _one_field(name: str) -> str:
+    """A file name as one field of a tab-separated line: tabs and line breaks escaped."""
+    return name.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def _read_marker(out_dir: Path) -> dict | None:
     if not is_store(out_dir):
         return None
-    marker = json.loads((out_dir / STORE_MARKER).read_text())
+    path = out_dir / STORE_MARKER
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # written last and atomically: damaged from outside
+        raise ValueError(f"{path} is damaged ({exc}); delete it and run scripts/prepare_imagenet.py again "
+                         f"with the same arguments (complete shards are kept)") from exc
+    if not isinstance(marker, dict):
+        raise ValueError(f"{path} is not a store marker (not a JSON object); delete it and run "
+                         f"scripts/prepare_imagenet.py again with the same arguments")
     if marker.get("format") != FORMAT:
         raise ValueError(f"{out_dir / STORE_MARKER} has format {marker.get('format')!r}; this code reads "
                          f"{FORMAT!r}")
@@ -248,14 +272,55 @@ def _check_write_args(splits: dict, out_dir: Path, quality: int, shard_size: int
     return classes
 
 
+class WorkerDiedError(RuntimeError):
+    """An encoding process died (killed for memory, or a crash inside an image library)."""
+
+
 @contextlib.contextmanager
 def _encoder(workers: int) -> Iterator[Callable]:
-    """A function mapping _encode over jobs in order: in this process, or in a pool of workers."""
+    """A function mapping _encode over jobs in order: in this process, or in a pool of workers.
+    A worker that dies raises WorkerDiedError (multiprocessing.Pool would wait for it forever)."""
     if workers <= 1:
         yield lambda jobs: map(_encode, jobs)
         return
-    with multiprocessing.Pool(workers) as pool:  # one pool for the whole run: workers start once
-        yield lambda jobs: pool.imap(_encode, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers))))
+    pool = ProcessPoolExecutor(workers)  # one pool for the whole run: workers start once
+
+    def encode_all(jobs):
+        try:
+            yield from pool.map(_encode, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers))))
+        except BrokenProcessPool as exc:
+            raise WorkerDiedError("an encoding process died (out of memory, or a crash in an image library); "
+                                  "run the same command again, perhaps with fewer --workers: complete shards "
+                                  "are kept") from exc
+
+    try:
+        yield encode_all
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # an interruption does not wait for queued images
+        raise
+    pool.shutdown()
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _only_writer(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on out_dir for the whole write: two runs into one store would delete
+    each other's temporary files and lose one another's splits from the marker."""
+    if fcntl is None:  # no flock here (Windows): one writer at a time is up to the user
+        yield
+        return
+    with open(out_dir / LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another scripts/prepare_imagenet.py run is writing the store {out_dir} (it holds "
+                             f"{out_dir / LOCK}); wait for it to finish, then run again to add or finish "
+                             f"splits") from None
+        yield  # the lock goes with the file's closing, also when this process dies
 
 
 def write_store(splits: dict[str, FolderSource], out_dir: str | Path, quality: int = 90,
@@ -268,11 +333,18 @@ def write_store(splits: dict[str, FolderSource], out_dir: str | Path, quality: i
     written only once every shard of every split is complete. Returns the marker's content plus
     "complete" and "shards_written" (when incomplete, "splits" holds only the finished splits)."""
     out_dir = Path(out_dir)
-    classes = _check_write_args(splits, out_dir, quality, shard_size)
-    previous = _read_marker(out_dir)
+    _check_write_args(splits, out_dir, quality, shard_size)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _only_writer(out_dir):
+        return _write_locked(splits, out_dir, quality, shard_size, workers, progress, max_shards)
+
+
+def _write_locked(splits: dict[str, FolderSource], out_dir: Path, quality: int, shard_size: int,
+                  workers: int | None, progress: Callable[[str], None], max_shards: int | None) -> dict:
+    classes = _check_write_args(splits, out_dir, quality, shard_size)  # again: the marker may have changed
+    previous = _read_marker(out_dir)
     info, written = {}, 0
-    with _encoder((os.cpu_count() or 1) if workers is None else workers) as encode_all:
+    with _encoder(available_cores() if workers is None else workers) as encode_all:
         for split, source in splits.items():
             budget = None if max_shards is None else max_shards - written
             entry, n = _write_split(out_dir, split, source, quality, shard_size, encode_all, progress, budget)
@@ -322,6 +394,7 @@ class StoreSource(Dataset):
 
     in_memory = False
     encoded = True
+    max_open_shards = 256  # ImageNet's train split at the default 5000 images per shard has 257
 
     def __init__(self, store_dir: str | Path, split: str, classes: Sequence[str] | None = None):
         self.root = Path(store_dir)
@@ -340,7 +413,7 @@ class StoreSource(Dataset):
         self.name = entry.get("name", f"imagenet/{split}")
         self._shard, self._offsets, self._lengths, labels, self.files = _load_split(self.root / split, entry)
         self.labels = torch.from_numpy(labels.astype(np.int64))
-        self._maps: dict[int, np.memmap] = {}
+        self._maps: dict[int, np.memmap] = {}  # in order of use, least recent first
         self._pid = os.getpid()
 
     @property
@@ -351,11 +424,17 @@ class StoreSource(Dataset):
         return len(self.labels)
 
     def _map(self, k: int) -> np.memmap:
+        """Shard k mapped, from a cache of the most recently used: each mapping holds a file descriptor,
+        and a store of small shards would otherwise exceed the process's limit (often 1024)."""
         if self._pid != os.getpid():  # forked: map the shards afresh in this process
             self._maps, self._pid = {}, os.getpid()
-        if k not in self._maps:
-            self._maps[k] = np.memmap(_shard_paths(self.root / self.split, k)[0], dtype=np.uint8, mode="r")
-        return self._maps[k]
+        m = self._maps.pop(k, None)
+        if m is None:
+            if len(self._maps) >= self.max_open_shards:
+                del self._maps[next(iter(self._maps))]  # the least recently used; closes when unreferenced
+            m = np.memmap(_shard_paths(self.root / self.split, k)[0], dtype=np.uint8, mode="r")
+        self._maps[k] = m  # last in the dict's order: the most recently used
+        return m
 
     def content_probe(self, every: int) -> bytes:
         """The stored JPEG sizes of every `every`-th image, for the statistics cache's key."""
