@@ -79,6 +79,17 @@ def bf16_case(kernel: str) -> dict:
     return {"dtype": str(y.dtype), "forward": rel(y, y_ref), "backward": rel(dx, dx_ref)}
 
 
+def nan_case(kernel: str) -> dict:
+    """A NaN entering the fused ReLU: torch.relu keeps it, and LRN spreads it over its window."""
+    lrn_triton.set_kernel(kernel)
+    x = torch.randn(1, 8, 2, 2)
+    x[0, 3, 1, 0] = float("nan")
+    y_ref, _ = reference(x, torch.ones_like(x), 5, 1e-2, 0.75, 2.0, 1, relu=True)
+    y, _ = lrn_triton.lrn_forward(x, 5, 1e-2, 0.75, 2.0, 1, True)
+    return {"nan_expected": int(y_ref.isnan().sum()), "same_nans": bool(torch.equal(y.isnan(), y_ref.isnan())),
+            "covers_nans": bool(y.isnan()[y_ref.isnan()].all())}
+
+
 def compiled_case() -> dict:
     """The whole wiring a GPU uses: the autograd function calling the custom ops, under torch.compile
     (which must keep them as opaque calls), here with the kernels admitted on the CPU."""
@@ -107,4 +118,5 @@ if __name__ == "__main__":
         raise SystemExit("set TRITON_INTERPRET=1: these kernels run on the CPU only under Triton's interpreter")
     kernels = [k for k in lrn_triton.KERNELS if k != "torch"]
     print(json.dumps({"kernels": {k: kernel_cases(k) for k in kernels}, "bf16": {k: bf16_case(k) for k in kernels},
+                      "nan": {k: nan_case(k) for k in kernels},
                       "compiled": compiled_case()}))

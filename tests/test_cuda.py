@@ -256,6 +256,33 @@ def test_grouped_training_with_bf16_channels_last_and_compile(data_root, tmp_pat
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.skipif(not lrn_triton.AVAILABLE, reason="needs Triton")
+def test_lrn_kernels_run_on_their_tensors_gpu_not_the_current_one():
+    """Triton launches on the current device's stream; tower 1 on cuda:1 while cuda:0 is current
+    (evaluate.py --form towers, the benchmark's towers) must still run on cuda:1."""
+    cfg = LRNConfig()
+    x = torch.randn(4, 96, 27, 27, dtype=torch.float64) * 3
+    g = torch.randn_like(x)
+    x_ref = x.clone().requires_grad_()
+    y_ref = local_response_norm(torch.relu(x_ref), cfg, groups=2)
+    y_ref.backward(g)
+    second = torch.device("cuda", 1)
+    before = lrn_triton.current_kernel()
+    for kernel in [k for k in lrn_triton.KERNELS if k != "torch"]:
+        lrn_triton.set_kernel(kernel)
+        try:
+            with torch.cuda.device(0):
+                x_1 = x.to(second, torch.float32).requires_grad_()
+                y_1 = local_response_norm(x_1, cfg, groups=2, relu=True)
+                y_1.backward(g.to(second, torch.float32))
+                torch.cuda.synchronize(second)
+        finally:
+            lrn_triton.set_kernel(before)
+        assert relative_error(y_1.detach().cpu(), y_ref) < 1e-6, kernel
+        assert relative_error(x_1.grad.cpu(), x_ref.grad) < 1e-6, kernel
+
+
 # Last in the file: inductor's compiled ReLU + LRN backward faulted (illegal address) on torch 2.11 in an
 # earlier session, and a CUDA fault poisons every later test of the process.
 @pytest.mark.parametrize("channels_last,relu", [(False, False), (True, True)])

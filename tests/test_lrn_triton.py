@@ -50,6 +50,16 @@ def test_kernels_in_bf16_stay_within_its_rounding(interpreted, kernel):
     assert case["forward"] < 1e-2 and case["backward"] < 1e-2, case  # bf16 keeps 8 bits: 2^-8 = 3.9e-3
 
 
+@pytest.mark.parametrize("kernel", ["triton", "triton-dot"])
+def test_fused_relu_keeps_nan_as_torch_relu_does(interpreted, kernel):
+    """A diverged layer must show as NaN downstream, not be zeroed into a finite loss. "triton-dot"
+    sums its windows as a product with a band matrix, where NaN x 0 is NaN: the NaN reaches the whole
+    channel group of its pixel, a superset of the window torch's LRN gives."""
+    case = interpreted["nan"][kernel]
+    assert case["nan_expected"] == 5 and case["covers_nans"], case  # channels 1..5 of one pixel
+    assert case["same_nans"] or kernel == "triton-dot", case
+
+
 def test_compiled_autograd_function_calls_the_kernels(interpreted):
     """torch.compile(fullgraph=True) of local_response_norm, alone and with the ReLU fused, with the
     kernels admitted: the custom ops trace (schema and fake-tensor checks pass) and forward and

@@ -36,6 +36,7 @@ otherwise always take the torch path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -92,6 +93,12 @@ def supported(x: Tensor) -> bool:
 
 if AVAILABLE:
     @triton.jit
+    def _relu(v):
+        """max(v, 0) that keeps NaN, as torch.relu does (tl.maximum would lower to maxnum: NaN -> 0,
+        hiding a diverged layer behind a finite loss)."""
+        return tl.where(v < 0.0, 0.0, v)
+
+    @triton.jit
     def _tile(pid, P, HW, sN, sHW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
         c = tl.arange(0, BLOCK_C)
@@ -114,12 +121,12 @@ if AVAILABLE:
             ok = mask & ((in_group + d >= 0) & (in_group + d < CG))[None, :]
             v = tl.load(x_ptr + base[:, None] + ((c + d) * sC)[None, :], mask=ok, other=0.0).to(tl.float32)
             if RELU:
-                v = tl.maximum(v, 0.0)
+                v = _relu(v)
             acc += v * v
         offs = base[:, None] + (c * sC)[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if RELU:
-            x = tl.maximum(x, 0.0)
+            x = _relu(x)
         denom = k + scale * acc
         y = x * tl.exp2(-beta * tl.log2(denom))
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -133,7 +140,7 @@ if AVAILABLE:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         active = x > 0.0
         if RELU:
-            x = tl.maximum(x, 0.0)
+            x = _relu(x)
         den = tl.load(d_ptr + offs, mask=mask, other=1.0).to(tl.float32)
         inv = tl.exp2(-beta * tl.log2(den))
         return g, x, active, inv, g * x * inv / den
@@ -197,7 +204,7 @@ if AVAILABLE:
         offs, mask = _group_tile(P, HW, sN, sC, sHW, CG, BLOCK_P, BLOCK_C)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if RELU:
-            x = tl.maximum(x, 0.0)
+            x = _relu(x)
         acc = tl.dot(x * x, _window_band(CG, SIZE, BLOCK_C), input_precision=PRECISION)
         denom = k + scale * acc
         y = x * tl.exp2(-beta * tl.log2(denom))
@@ -267,7 +274,8 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     """Runs a kernel; a GPU or Triton build that cannot compile or launch it (Triton needs compute
     capability 7.0 or newer, for one) becomes an error that says how to do without it."""
     try:
-        kernel[grid](*args, **kwargs)
+        with torch.cuda.device(args[0].device) if args[0].is_cuda else contextlib.nullcontext():
+            kernel[grid](*args, **kwargs)  # Triton launches on the current device's current stream
     except Exception as exc:
         where = torch.cuda.get_device_name(args[0].device) if args[0].is_cuda else str(args[0].device)
         name = getattr(kernel, "__name__", kernel)
