@@ -6,7 +6,11 @@ import os
 import sys
 from typing import Callable
 
-USER_ERRORS = (ValueError, FileNotFoundError)  # wrong flags, missing or unfit files; bugs keep tracebacks
+class RunDiverged(RuntimeError):
+    """Training's loss stopped being finite: an outcome of the recipe, not a bug (no traceback)."""
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, RunDiverged)  # wrong flags, unfit files, a diverged run; bugs keep tracebacks
 
 
 def default_workers() -> int:

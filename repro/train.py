@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from repro.checkpoint import atomic_save, read
+from repro.cli import RunDiverged
 from repro.config import TrainConfig
 from repro.data.augment import Augment, Stats, draw_params, step_generator
 from repro.data.datasets import open_splits
@@ -101,6 +102,7 @@ class Trainer:
         self.optimizer = paper_optimizer(self.replica.net, cfg.optim, compiled=cfg.compile)
         self.schedule = LRSchedule(cfg.optim)
         self.progress = Progress()
+        self.saved_step: int | None = None  # the step of the last checkpoint written (or resumed from)
         self.best_top1 = math.inf
         self.log = MetricsLog(self.out / "metrics.jsonl", enabled=topo.is_main)
         if ckpt:
@@ -165,6 +167,7 @@ class Trainer:
         self.optimizer.load_velocities(r.net.named_parameters(), r.local_from_grouped(ckpt["velocity"]))
         self.schedule.load_state_dict(ckpt["schedule"])
         self.progress = Progress(**ckpt["progress"])
+        self.saved_step = self.progress.global_step
         self.best_top1 = ckpt.get("best_val_top1", math.inf)
         self.log.truncate_after(self.progress.global_step, self.progress.epoch)
         p = self.progress
@@ -176,6 +179,7 @@ class Trainer:
         """Collective over all ranks (the epoch's partial counts) and pair 0 (tower 1 sends its
         block); rank 0 writes."""
         inside_epoch = self.progress.step_in_epoch > 0  # the same on every rank
+        self.saved_step = self.progress.global_step
         partial = all_reduce_sum(self.meter.counts().as_list(), self.topo) if inside_epoch else None
         if self.topo.replica != 0:
             return
@@ -290,13 +294,17 @@ class Trainer:
         return logged.detach()
 
     def _log_steps(self, losses: list[torch.Tensor], tick: float) -> float:
+        """The progress line and the steps' metrics; collective (every rank calls it at the same steps),
+        so that all stop together where the loss stopped being finite."""
         now, p = time.perf_counter(), self.progress
         if not losses or not self.topo.is_main:
+            self._stop_if_diverged(None)
             return now
         values = torch.stack(losses).float().tolist()  # one device sync per log line
         first = p.global_step - len(values) + 1
         for i, loss in enumerate(values):
             self.log.write(kind="step", step=first + i, epoch=p.epoch, loss=loss, lr=self.optimizer.base_lr)
+        self._stop_if_diverged(next((first + i for i, v in enumerate(values) if not math.isfinite(v)), None))
         rate = len(values) * self.cfg.batch_size * self.topo.replicas / max(now - tick, 1e-9)
         total = self.steps_per_epoch * self.cfg.epochs
         if self.cfg.max_steps is not None:
@@ -306,6 +314,18 @@ class Trainer:
         self.say(f"epoch {p.epoch + 1}/{self.cfg.epochs} step {p.step_in_epoch}/{self.steps_per_epoch} "
                  f"loss {values[-1]:.4f} lr {self.optimizer.base_lr:.2e} {rate:.1f} img/s ETA {format_eta(eta)}")
         return now
+
+    def _stop_if_diverged(self, bad_step: int | None) -> None:
+        """Raise on every rank if rank 0 saw a loss that is NaN or infinite, before anything is saved:
+        latest.pt and best.pt keep the last state that trained, and a run does not go on for days
+        on NaN weights."""
+        bad = all_reduce_sum([float(bad_step or 0)], self.topo)[0]
+        if bad:
+            saved = (f"latest.pt holds step {self.saved_step}, best.pt is unchanged" if self.saved_step is not None
+                     else "no checkpoint had been written")
+            raise RunDiverged(f"training diverged: the loss is not finite from step {int(bad)} (lr "
+                              f"{self.optimizer.base_lr:.2e}; every step is in {self.out / 'metrics.jsonl'}). "
+                              f"Stopped without saving: {saved}. A lower --lr, or another --seed, may train")
 
     def _end_epoch(self) -> None:
         p = self.progress

@@ -3,6 +3,7 @@ exact resume, identical batches on both towers, stopping on SIGTERM, and the gro
 
 import dataclasses
 import json
+import math
 import os
 import signal
 
@@ -42,6 +43,19 @@ def _train(rank, world, cfg_dict, resume, hooks):
             raise FileNotFoundError(f"rank {rank} cannot see {path}")
 
         train_module.read = no_file
+    if "nan_loss_at" in hooks:  # rank 0's logged loss is NaN at that (1-based) step, as if diverged
+        real = train_module.Trainer._step
+
+        def nan_step(self, batch, params):
+            loss = real(self, batch, params)
+            return loss * float("nan") if self.progress.global_step + 1 == hooks["nan_loss_at"] else loss
+
+        train_module.Trainer._step = nan_step
+        try:
+            train_module.train(cfg, resume)
+        except train_module.RunDiverged as exc:
+            return str(exc)  # every rank must get here: none may wait for the others
+        return "trained on"
     if hooks.get("record") or "sigterm_rank" in hooks:
         original_init = train_module.Trainer.__init__
 
@@ -110,6 +124,19 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_p
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if '"kind": "step"' in line]
     assert steps == [1, 2, 3]  # step 3 falls between progress lines (every 2) but is in the checkpoint
+
+
+def test_a_non_finite_loss_stops_every_rank_before_anything_is_saved(tmp_path, data_root):
+    """Step 6 of 8 diverges: both ranks stop at the next log line (step 6), and latest.pt keeps the
+    epoch-end state of step 4 instead of NaN weights."""
+    cfg = tiny_config(data_root, tmp_path / "run", max_steps=8)  # 4 steps per epoch, a line every 2
+    messages = run(tmp_path / "r", cfg, hooks={"nan_loss_at": 6})
+    assert all("training diverged: the loss is not finite from step 6" in m for m in messages), messages
+    assert "latest.pt holds step 4" in messages[0]
+    assert read(tmp_path / "run" / "latest.pt")["progress"]["global_step"] == 4
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "step"' in line]
+    assert len(losses) == 6 and math.isnan(losses[5]) and all(math.isfinite(v) for v in losses[:5])
 
 
 def test_grouped_form_in_one_process_and_final_table(tmp_path, data_root, capsys):
