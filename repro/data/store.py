@@ -320,6 +320,8 @@ def _only_writer(out_dir: Path) -> Iterator[None]:
             raise ValueError(f"another scripts/prepare_imagenet.py run is writing the store {out_dir} (it holds "
                              f"{out_dir / LOCK}); wait for it to finish, then run again to add or finish "
                              f"splits") from None
+        except OSError:  # a file system without locks (some network mounts): one writer is up to the user
+            pass
         yield  # the lock goes with the file's closing, also when this process dies
 
 
