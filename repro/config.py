@@ -8,6 +8,7 @@ ablations are other instances of the same classes (see `MODEL_VARIANTS`), never 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -168,6 +169,16 @@ def variant_name(cfg: "ModelConfig") -> str:
     return next((name for name, make in MODEL_VARIANTS.items() if same(make)), "custom")
 
 
+def _number(x) -> bool:
+    """A finite number: NaN and infinity pass every comparison test the wrong way or poison a run."""
+    return math.isfinite(x)
+
+
+def _need(ok: bool, what: str, got) -> None:
+    if not ok:
+        raise ValueError(f"{what}, got {got}")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """Stochastic gradient descent with the paper's update rule, section 5 (SPEC section 4)."""
@@ -189,15 +200,18 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("plateau", "milestones"):
             raise ValueError(f"schedule must be 'plateau' or 'milestones', got {self.schedule!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.momentum < 1 or self.weight_decay < 0 or self.bias_lr_mult <= 0:
-            raise ValueError(f"need 0 <= momentum < 1, weight_decay >= 0 and bias_lr_mult > 0, got "
-                             f"{self.momentum}, {self.weight_decay}, {self.bias_lr_mult}")
-        if self.lr_drop <= 1 or self.max_drops < 0 or self.plateau_patience < 1 or self.plateau_threshold < 0:
-            raise ValueError(f"need lr_drop > 1, max_drops >= 0, plateau_patience >= 1 (--patience) and "
-                             f"plateau_threshold >= 0, got {self.lr_drop}, {self.max_drops}, "
-                             f"{self.plateau_patience}, {self.plateau_threshold}")
+        _need(_number(self.lr) and self.lr > 0, "--lr (lr) must be a positive number", self.lr)
+        _need(_number(self.momentum) and 0 <= self.momentum < 1, "--momentum (momentum) must be in [0, 1)",
+              self.momentum)
+        _need(_number(self.weight_decay) and self.weight_decay >= 0, "--weight-decay (weight_decay) must be a number "
+              ">= 0", self.weight_decay)
+        _need(_number(self.bias_lr_mult) and self.bias_lr_mult > 0, "--bias-lr-mult (bias_lr_mult) must be a "
+              "positive number", self.bias_lr_mult)
+        _need(_number(self.lr_drop) and self.lr_drop > 1, "lr_drop must be a number > 1", self.lr_drop)
+        _need(self.max_drops >= 0, "max_drops must be >= 0", self.max_drops)
+        _need(self.plateau_patience >= 1, "--patience (plateau_patience) must be >= 1", self.plateau_patience)
+        _need(_number(self.plateau_threshold) and self.plateau_threshold >= 0, "plateau_threshold must be a "
+              "number >= 0", self.plateau_threshold)
         if any(m < 0 for m in self.milestones) or list(self.milestones) != sorted(set(self.milestones)):
             raise ValueError(f"milestones must be distinct epochs >= 0 in increasing order, got {self.milestones}")
         if self.schedule == "milestones" and len(self.milestones) > self.max_drops:
@@ -277,13 +291,13 @@ class TrainConfig:
     stop_check_every: int = 0  # steps between checks for SIGTERM (0: 1 on CPU, 20 on GPU)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
-        if self.log_every < 1 or self.eval_batch_size < 1 or self.stop_check_every < 0:
-            raise ValueError(f"need log_every >= 1, eval_batch_size >= 1 and stop_check_every >= 0, got "
-                             f"{self.log_every}, {self.eval_batch_size}, {self.stop_check_every}")
+        _need(self.epochs >= 1, "--epochs (epochs) must be >= 1", self.epochs)
+        _need(self.batch_size >= 1, "--batch-size (batch_size) must be >= 1", self.batch_size)
+        _need(self.max_steps is None or self.max_steps >= 1, "--max-steps (max_steps) must be >= 1 (leave it out "
+              "for the whole schedule)", self.max_steps)
+        _need(self.log_every >= 1, "--log-every (log_every) must be >= 1", self.log_every)
+        _need(self.eval_batch_size >= 1, "--eval-batch-size (eval_batch_size) must be >= 1", self.eval_batch_size)
+        _need(self.stop_check_every >= 0, "stop_check_every must be >= 0", self.stop_check_every)
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.amp not in ("none", "bf16"):

@@ -178,6 +178,7 @@ class Trainer:
     def save(self, name: str, also_best: bool = False) -> None:
         """Collective over all ranks (the epoch's partial counts) and pair 0 (tower 1 sends its
         block); rank 0 writes."""
+        self._check_weights_finite()
         inside_epoch = self.progress.step_in_epoch > 0  # the same on every rank
         self.saved_step = self.progress.global_step
         partial = all_reduce_sum(self.meter.counts().as_list(), self.topo) if inside_epoch else None
@@ -321,11 +322,22 @@ class Trainer:
         on NaN weights."""
         bad = all_reduce_sum([float(bad_step or 0)], self.topo)[0]
         if bad:
-            saved = (f"latest.pt holds step {self.saved_step}, best.pt is unchanged" if self.saved_step is not None
-                     else "no checkpoint had been written")
-            raise RunDiverged(f"training diverged: the loss is not finite from step {int(bad)} (lr "
-                              f"{self.optimizer.base_lr:.2e}; every step is in {self.out / 'metrics.jsonl'}). "
-                              f"Stopped without saving: {saved}. A lower --lr, or another --seed, may train")
+            raise self._diverged(f"the loss is not finite from step {int(bad)}")
+
+    def _diverged(self, what: str) -> RunDiverged:
+        saved = (f"latest.pt holds step {self.saved_step}, best.pt is unchanged" if self.saved_step is not None
+                 else "no checkpoint had been written")
+        return RunDiverged(f"training diverged: {what} (lr {self.optimizer.base_lr:.2e}; every step's loss is in "
+                           f"{self.out / 'metrics.jsonl'}). Stopped without saving: {saved}. A lower --lr, or "
+                           f"another --seed, may train")
+
+    def _check_weights_finite(self) -> None:
+        """Collective: the last step's update can make the weights NaN while its loss (computed before
+        it) was finite, so a checkpoint checks the weights themselves."""
+        params = list(self.replica.net.parameters())
+        finite = bool(torch.stack([p.detach().isfinite().all() for p in params]).all()) if params else True
+        if all_reduce_sum([0.0 if finite else 1.0], self.topo)[0]:
+            raise self._diverged(f"the weights after step {self.progress.global_step} are not finite")
 
     def _end_epoch(self) -> None:
         p = self.progress

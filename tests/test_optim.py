@@ -173,7 +173,9 @@ def test_milestones_past_the_run_are_named():
 
 
 @pytest.mark.parametrize("field,value", [("momentum", 1.0), ("weight_decay", -1e-4), ("plateau_patience", 0),
-                                         ("milestones", (51, 25)), ("lr_drop", 1.0)])
+                                         ("milestones", (51, 25)), ("lr_drop", 1.0), ("lr", float("nan")),
+                                         ("lr", float("inf")), ("weight_decay", float("nan")),
+                                         ("bias_lr_mult", float("inf")), ("momentum", float("nan"))])
 def test_bad_optimiser_settings_fail_when_configured(field, value):
     with pytest.raises(ValueError):
         OptimConfig(**{field: value})

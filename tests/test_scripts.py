@@ -37,8 +37,12 @@ def test_bad_flags_give_a_clear_error(tmp_path, capsys):
     assert "error: --dataset imagenet needs --data DIR" in capsys.readouterr().err
     assert main(["--dataset", "folder", "--data", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
-    for flags, message in ((["--log-every", "0"], "log_every >= 1"), (["--eval-batch-size", "0"], "eval_batch_size"),
-                           (["--epochs", "0"], "epochs and batch_size must be >= 1"),
+    for flags, message in ((["--log-every", "0"], "--log-every (log_every) must be >= 1, got 0"),
+                           (["--eval-batch-size", "0"], "--eval-batch-size"),
+                           (["--epochs", "0"], "--epochs (epochs) must be >= 1, got 0"),
+                           (["--max-steps", "0"], "--max-steps (max_steps) must be >= 1"),
+                           (["--lr", "nan"], "--lr (lr) must be a positive number, got nan"),
+                           (["--weight-decay", "inf"], "--weight-decay"), (["--bias-lr-mult", "nan"], "--bias-lr-mult"),
                            (["--val-images", "0"], "val_images must be at least 1"),
                            (["--momentum", "1.5"], "momentum"), (["--patience", "0"], "--patience"),
                            (["--schedule", "milestones", "--patience", "2"], "--patience applies to --schedule plateau"),

@@ -43,12 +43,15 @@ def _train(rank, world, cfg_dict, resume, hooks):
             raise FileNotFoundError(f"rank {rank} cannot see {path}")
 
         train_module.read = no_file
-    if "nan_loss_at" in hooks:  # rank 0's logged loss is NaN at that (1-based) step, as if diverged
+    if "nan_loss_at" in hooks or "nan_weights_at" in hooks:  # as if diverged at that (1-based) step
         real = train_module.Trainer._step
 
         def nan_step(self, batch, params):
             loss = real(self, batch, params)
-            return loss * float("nan") if self.progress.global_step + 1 == hooks["nan_loss_at"] else loss
+            step = self.progress.global_step + 1
+            if step == hooks.get("nan_weights_at") and rank == 0:  # the update, not the loss, went bad
+                next(self.replica.net.parameters()).data.fill_(float("nan"))
+            return loss * float("nan") if step == hooks.get("nan_loss_at") else loss
 
         train_module.Trainer._step = nan_step
         try:
@@ -137,6 +140,15 @@ def test_a_non_finite_loss_stops_every_rank_before_anything_is_saved(tmp_path, d
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if '"kind": "step"' in line]
     assert len(losses) == 6 and math.isnan(losses[5]) and all(math.isfinite(v) for v in losses[:5])
+
+
+def test_weights_made_non_finite_by_the_last_step_are_not_saved(tmp_path, data_root):
+    """Step 7's update makes weights NaN while its loss was finite: the budget's end (step 7) must
+    not save them over the epoch-end checkpoint of step 4."""
+    cfg = tiny_config(data_root, tmp_path / "run", max_steps=7)
+    messages = run(tmp_path / "r", cfg, hooks={"nan_weights_at": 7})
+    assert all("the weights after step 7 are not finite" in m for m in messages), messages
+    assert read(tmp_path / "run" / "latest.pt")["progress"]["global_step"] == 4
 
 
 def test_grouped_form_in_one_process_and_final_table(tmp_path, data_root, capsys):
