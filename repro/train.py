@@ -58,22 +58,54 @@ def check_resumable(ckpt: dict, path: str, replicas: int) -> None:
                          f"{saved} pair(s) at least until the epoch ends")
 
 
-def read_on_main_rank(path: str, topo: Topology) -> dict:
-    """The checkpoint, read by rank 0 and sent to every rank, so that a multi-node run resumes
-    without its run directory on a shared filesystem (rank 0 alone writes it). A bad path or file
-    is the same clear error on every rank."""
+def on_main_rank(work, topo: Topology):
+    """work() run by rank 0 alone and its result sent to every rank; a user error it raises is raised
+    on every rank alike (rank 0 alone writes the run directory, which other nodes may not see)."""
     if topo.backend is None:
-        return read(path, "cpu")
+        return work()
     box: list = [None]
     if topo.is_main:
         try:
-            box[0] = read(path, "cpu")
+            box[0] = work()
         except (FileNotFoundError, ValueError) as exc:
             box[0] = exc
     torch.distributed.broadcast_object_list(box, src=0)
     if isinstance(box[0], Exception):
         raise box[0]
     return box[0]
+
+
+def read_on_main_rank(path: str, topo: Topology) -> dict:
+    """The checkpoint, read by rank 0 and sent to every rank, so that a multi-node run resumes
+    without its run directory on a shared filesystem. A bad path or file is the same clear error on
+    every rank."""
+    return on_main_rank(lambda: read(path, "cpu"), topo)
+
+
+RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl")
+
+
+def prepare_run_dir(out: Path, resume: str | None) -> None:
+    """Create the run directory, refusing one that holds another run: a fresh run there would
+    overwrite its checkpoints and interleave its metrics."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; pass another --out")
+    held = [f for f in RUN_FILES if (out / f).exists()]
+    resumed_here = resume is not None and Path(resume_dir_of(resume)).resolve() == out.resolve()
+    if held and not resumed_here:
+        how = (f"--resume {out} continues that run" if resume is None else
+               f"resuming {resume} into it would overwrite them")
+        raise ValueError(f"--out {out} already holds a run ({', '.join(held)}): {how}; or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the run folder ({exc.strerror or exc}); pass another "
+                         f"--out") from None
+
+
+def resume_dir_of(path: str) -> str:
+    """The run directory of a --resume argument (a run directory, or a checkpoint file in one)."""
+    return path if Path(path).is_dir() else str(Path(path).parent)
 
 
 class Trainer:
@@ -84,6 +116,7 @@ class Trainer:
             check_resumable(ckpt, resume, topo.replicas)
             cfg = resumed_config(cfg, ckpt["train_config"], keep_saved)
         self.topo, self.out = topo, Path(cfg.out)
+        on_main_rank(lambda: prepare_run_dir(self.out, resume), topo)
         if topo.towers == 2 and cfg.model.towers != 2:  # before the data is read: fail in seconds, not minutes
             raise ValueError(one_tower_message(cfg.model))
         if topo.device.type == "cuda":

@@ -84,10 +84,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resume_dir(path: str) -> str:
-    return path if os.path.isdir(path) else os.path.dirname(path) or "."
-
-
 def build_config(args: argparse.Namespace) -> TrainConfig:
     no_gpu = args.resume is None and (args.device == "cpu" or not torch.cuda.is_available())
     # Without a GPU: the short budget (steps, batch) unless --epochs/--max-steps say how long, and the
@@ -116,7 +112,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                       stats_images=pick(args.stats_images, "stats_images", None, no_gpu),
                       workers=args.workers, decode=args.decode, devkit=args.devkit,
                       val_solution=args.val_solution)
-    out = args.out or (resume_dir(args.resume) if args.resume else
+    from repro.train import resume_dir_of
+
+    out = args.out or (resume_dir_of(args.resume) if args.resume else
                        os.path.join("runs", f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"))
     if no_gpu and int(os.environ.get("RANK", "0")) == 0:
         said = []
