@@ -73,7 +73,28 @@ def run_dir(checkpoint: str) -> Path:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPU(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: evaluation runs on cpu or cuda")
+    return device
+
+
+def _out_dir(out: Path) -> Path:
+    """The output folder, made before the long evaluation, so that a bad --out fails first."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; pass another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); pass another --out") from None
+    return out
 
 
 def load_member(path: str, opts: EvalOptions, device: torch.device) -> Member:
@@ -121,9 +142,13 @@ def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
     members = [load_member(p, opts, device) for p in opts.checkpoints]
     _check_ensemble(members)
     split, dataset = _split(opts, members[0])
-    out = Path(opts.out) if opts.out else run_dir(opts.checkpoints[0]) / "evaluation"
+    origin = getattr(split, "origin", "") or getattr(split, "root", "")
+    print(f"{dataset} {split.name.split('/')[-1]}: {len(split)} images" + (f" (from {origin})" if origin else ""),
+          flush=True)
+    out = _out_dir(Path(opts.out) if opts.out else run_dir(opts.checkpoints[0]) / "evaluation")
     idx = eval_indices(len(split), 1, 0, opts.max_images)
-    spec = EvalSpec(crops=opts.crops, batch_size=opts.batch_size, amp=opts.amp, workers=opts.workers,
+    batch = max(1, min(opts.batch_size, len(idx)))  # a batch larger than the images only costs memory
+    spec = EvalSpec(crops=opts.crops, batch_size=batch, amp=opts.amp, workers=opts.workers,
                     pin=device.type == "cuda", decode_device=device)
     start = time.perf_counter()
     results = evaluate([m.model for m in members], split, idx, [m.augment for m in members], spec)

@@ -136,6 +136,14 @@ def test_wrong_dataset_for_the_network_is_a_clear_error(checkpoints, tmp_path, c
     assert code == 2 and "trained on 3 classes" in capsys.readouterr().err
     code = evaluate_main(["--checkpoint", str(tmp_path / "nothing.pt"), "--device", "cpu"])
     assert code == 2 and "no checkpoint" in capsys.readouterr().err
+    for device, message in (("gpu", "is not a device"), ("meta", "runs on cpu or cuda")) + (
+            () if torch.cuda.is_available() else (("cuda", "no CUDA GPU here"),)):
+        assert evaluate_main(["--checkpoint", checkpoints[0], "--device", device]) == 2, device
+        assert message in capsys.readouterr().err, device
+    (tmp_path / "a-file").write_text("")
+    code = evaluate_main(["--checkpoint", checkpoints[0], "--device", "cpu", "--workers", "0", "--out",
+                          str(tmp_path / "a-file")])
+    assert code == 2 and "is a file, not a folder" in capsys.readouterr().err
 
 
 def test_figure_4_names_the_images_it_shows_when_one_is_unreadable(trees, checkpoints, tmp_path):

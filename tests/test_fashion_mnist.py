@@ -47,6 +47,12 @@ def test_bad_files_are_clear_errors(tmp_path):
     (raw / "train-images-idx3-ubyte").write_bytes(b"PK\x03\x04junk")
     with pytest.raises(ValueError, match="not an IDX file"):
         fm.fashion_mnist(tmp_path, "train", download=False)
+    (raw / "train-images-idx3-ubyte").unlink()
+    write_idx(raw / "train-images-idx3-ubyte", np.zeros((12, 28, 28)), gz=True)
+    whole = (raw / "train-images-idx3-ubyte.gz").read_bytes()
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(whole[: len(whole) // 2])  # a cut-off download
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz is damaged .*fetch the file again"):
+        fm.fashion_mnist(tmp_path, "train", download=False)
 
 
 def test_missing_data_names_every_option(tmp_path, monkeypatch):
@@ -66,5 +72,7 @@ def test_a_fallback_from_the_given_folder_is_said_and_creates_nothing(tmp_path, 
     from repro.data.stats import default_cache_dirs
 
     assert tmp_path / "typo" not in default_cache_dirs(str(tmp_path / "typo"), tmp_path / "run")  # no cache there
+    (tmp_path / "a-file").write_text("")
+    assert "which is a file, not a folder" in fm.fashion_mnist(tmp_path / "a-file", "train", download=False).origin
     mine = fm.fashion_mnist(tmp_path / "debian", "train", download=False)
     assert "NOT" not in mine.origin

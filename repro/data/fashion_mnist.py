@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,11 @@ _FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format), optionally gzipped: big-endian dims, then uint8 data."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a cut-off download, say
+        raise ValueError(f"{path} is damaged ({type(exc).__name__}: {exc}); fetch the file again or remove it") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
         raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
     ndim = data[3]
@@ -94,6 +98,8 @@ def fashion_mnist(root: str | os.PathLike | None = None, split: str = "train", d
     used = found[0].parent  # --data, Debian's package or a download
     origin = str(used)
     if root is not None and Path(root).resolve() not in (used.resolve(), *used.resolve().parents):
-        origin += f"; NOT the given {root}, which {'has no such files' if Path(root).is_dir() else 'does not exist'}"
+        why = ("has no such files" if Path(root).is_dir() else "is a file, not a folder" if Path(root).exists()
+               else "does not exist")
+        origin += f"; NOT the given {root}, which {why}: Fashion-MNIST is one fixed data set, the same images"
     return TensorSource(torch.from_numpy(images.copy()).unsqueeze(-1), torch.from_numpy(labels.astype(np.int64)),
                         CLASSES, f"fashion-mnist/{split}", origin)
