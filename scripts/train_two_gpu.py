@@ -29,7 +29,7 @@ from repro.config import COMPILE_MODES, MODEL_VARIANTS, DataConfig, OptimConfig,
 CPU_BUDGET = dict(max_steps=60, batch_size=64, val_images=300, stats_images=10000)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     a = p.add_argument
@@ -59,8 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--seed", type=int, default=0)
     a("--out", default=None, help="run directory (default runs/<dataset>-<time>)")
     a("--resume", default=None, help="checkpoint file or run directory (its latest.pt); the run's recipe "
-      "comes from the checkpoint, where to run from the flags, and how long from --epochs/--max-steps if "
-      "given, else from the checkpoint")
+      "comes from the checkpoint (recipe flags are refused), where to run from the flags, and how long from "
+      "--epochs/--max-steps if given, else from the checkpoint")
     a("--max-steps", type=int, default=None, help="stop after N steps in all (smoke runs)")
     a("--val-images", type=int, default=None, help="validate on an evenly spaced subset")
     a("--stats-images", type=int, default=None, help="images for the mean image and PCA (default all)")
@@ -81,7 +81,34 @@ def parse_args(argv=None) -> argparse.Namespace:
       "optimiser's update")
     a("--compile-mode", default=None, choices=COMPILE_MODES,
       help="torch.compile's mode (implies --compile); reduce-overhead and max-autotune use CUDA graphs")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+# What a resumed run may change: where the data is and how it is read, how long and on what to run, what
+# to log and report. Every other flag is the run's recipe, which comes from the checkpoint.
+RESUME_FLAGS = {"resume", "data", "devkit", "val_solution", "workers", "decode", "epochs", "max_steps", "out",
+                "log_every", "eval_batch_size", "final_crops", "device", "backend", "amp", "channels_last",
+                "compile", "compile_mode"}
+
+
+def given_flags(argv=None) -> set[str]:
+    """The options the command line actually gave (not those left at their defaults)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def check_resume_flags(args: argparse.Namespace, given: set[str]) -> None:
+    recipe = sorted(given - RESUME_FLAGS)
+    if args.resume and recipe:
+        flags = ", ".join("--" + f.replace("_", "-") for f in recipe)
+        raise ValueError(f"{flags} with --resume: a resumed run keeps its recipe from the checkpoint, so these would "
+                         f"be ignored; leave them out, or start a new run (another --out) with them")
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -143,7 +170,13 @@ def main(argv=None) -> int:
 
     # On resume, how long to run is the run's own budget unless the command line says otherwise.
     keep_saved = tuple(f for f in ("epochs", "max_steps") if getattr(args, f) is None)
-    return run(lambda: train(build_config(args), resume=args.resume, keep_saved=keep_saved))
+    given = given_flags(argv)
+
+    def work():
+        check_resume_flags(args, given)
+        return train(build_config(args), resume=args.resume, keep_saved=keep_saved)
+
+    return run(work)
 
 
 if __name__ == "__main__":
