@@ -20,10 +20,15 @@ def default_workers() -> int:
     return max(1, min(4, per_rank))
 
 
-def run(work: Callable[[], object]) -> int:
-    """Exit code 0 when `work` succeeds; 2 with `error: ...` on stderr for a user error."""
+def run(work: Callable[[], object], interrupted: str = "interrupted") -> int:
+    """Exit code 0 when `work` succeeds; 2 with `error: ...` on stderr for a user error; 130 with
+    `interrupted` for Ctrl-C."""
     try:
         work()
+    except KeyboardInterrupt:  # no traceback: the user asked for it
+        sys.stderr.write(f"\n{interrupted}\n")
+        sys.stderr.flush()
+        return 130
     except USER_ERRORS as exc:
         sys.stderr.write(f"error: {exc}\n")  # one write: the lines of two ranks do not run together
         sys.stderr.flush()

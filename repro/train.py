@@ -142,7 +142,7 @@ class Trainer:
             self._restore(ckpt)
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.batch_size, topo.replicas)
         self.stop_requested = False
-        self.stopped_by_signal = False  # set on every rank when they stop for a SIGTERM
+        self.stopped_by_signal = False  # set on every rank when they stop for a SIGTERM or Ctrl-C
         self.pin = topo.device.type == "cuda"
         # Pairs' batches can differ in size only where images can be unreadable: files decoded on the CPU.
         gpu_decoded = getattr(self.train_set, "encoded", False) and self.decode_device is not None
@@ -235,8 +235,14 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def _on_sigterm(self, *_args) -> None:
+    def _on_signal(self, signum, _frame) -> None:
+        """SIGTERM (a batch system's cancel) or a first Ctrl-C: stop at the next step boundary that all
+        ranks agree on, and save. A second Ctrl-C stops at once, without saving."""
+        if signum == signal.SIGINT and self.stop_requested:
+            raise KeyboardInterrupt
         self.stop_requested = True
+        if signum == signal.SIGINT:
+            self.say("Ctrl-C: stopping after this step and saving latest.pt (Ctrl-C again: stop now, unsaved)")
 
     def _should_stop(self) -> bool:
         every = self.cfg.stop_check_every or (20 if self.topo.device.type == "cuda" else 1)
@@ -258,14 +264,15 @@ class Trainer:
             self.say(f"warning: milestones {', '.join(map(str, unreached))} lie at or past the run's last epoch "
                      f"(--epochs {self.cfg.epochs}; milestone m divides the rate from 0-based epoch m): the rate "
                      f"is not divided there; pass --milestones within the run, or more --epochs")
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             while self.progress.epoch < self.cfg.epochs and self._budget_left():
                 if not self._train_epoch():
                     return
                 self._end_epoch()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _train_epoch(self) -> bool:
         """One epoch from the saved position; False if the run stopped inside it."""
@@ -292,7 +299,7 @@ class Trainer:
                 losses = []
             if self._should_stop():
                 self._log_steps(losses, tick)  # the steps since the last line: the checkpoint holds them
-                self.say("SIGTERM: saving latest.pt and stopping")
+                self.say("SIGTERM or Ctrl-C: saving latest.pt and stopping")
                 self.stopped_by_signal = True
                 self.save("latest.pt")
                 return False

@@ -93,14 +93,11 @@ AGAIN = "run the same command again to continue: complete shards are kept"
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        return run(lambda: prepare(args))
+        return run(lambda: prepare(args), interrupted=f"interrupted: {AGAIN}")
     except WorkerDiedError as exc:
         message = str(exc)
     except OSError as exc:  # disk full, permissions, a file in the way: not a bug, and resumable
         message = f"writing the store {args.out} failed: {exc}; free space or fix the cause, then {AGAIN}"
-    except KeyboardInterrupt:
-        sys.stderr.write(f"\ninterrupted: {AGAIN}\n")
-        return 130
     sys.stderr.write(f"error: {message}\n")
     return 1
 

@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         check_resume_flags(args, given)
         return train(build_config(args), resume=args.resume, keep_saved=keep_saved)
 
-    return run(work)
+    return run(work, interrupted="interrupted: stopped without saving (any latest.pt written before is intact)")
 
 
 if __name__ == "__main__":

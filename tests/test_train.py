@@ -208,7 +208,8 @@ def test_unreadable_training_images_are_skipped_and_counted(tmp_path):
     assert epochs[0]["unreadable_skipped"] == 1 and epochs[0]["val_images"] == 4
 
 
-def test_sigterm_to_the_whole_process_group_still_saves_the_last_step(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])  # a batch system's cancel; Ctrl-C in a terminal
+def test_a_stop_signal_to_the_whole_process_group_still_saves_the_last_step(tmp_path, stop):
     """A batch system's cancel signals every process of the job, loader workers included. The run
     must still stop at a step boundary with that step saved and logged, not die in the save."""
     import subprocess
@@ -238,12 +239,12 @@ def test_sigterm_to_the_whole_process_group_still_saves_the_last_step(tmp_path):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.stdout.read()
-        os.killpg(proc.pid, signal.SIGTERM)  # the main process and its loader workers alike
+        os.killpg(proc.pid, getattr(signal, stop))  # the main process and its loader workers alike
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0 and "SIGTERM: saving latest.pt" in out, out[-3000:]
+    assert proc.returncode == 0 and "SIGTERM or Ctrl-C: saving latest.pt" in out, out[-3000:]
     saved = read(run_dir / "latest.pt")["progress"]["global_step"]
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"kind": "step"' in line]
     assert steps == list(range(1, saved + 1))  # every step up to the saved one is logged, none beyond

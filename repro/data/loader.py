@@ -61,11 +61,12 @@ def _collate(items: list) -> Batch:
     return Batch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), len(items) - len(good), kept)
 
 
-def _ignore_sigterm(_worker_id: int) -> None:
-    """Workers outlive a SIGTERM sent to the whole process group (a batch system's cancel or
-    preemption): the trainer then stops at a step boundary and saves, and it needs its workers
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers outlive a SIGTERM or Ctrl-C sent to the whole process group (a batch system's cancel,
+    a terminal): the trainer then stops at a step boundary and saves, and it needs its workers
     alive until it shuts them down; a dead worker would raise in the middle of that save."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def decode_on_device(encoded: list[Tensor], device: torch.device) -> Tensor:
@@ -92,7 +93,7 @@ def iterate(source, index_lists: Sequence[Tensor], workers: int = 0, pin: bool =
         return
     loader = DataLoader(source, batch_sampler=[idx.tolist() for idx in index_lists], num_workers=workers,
                         collate_fn=_collate, pin_memory=pin, persistent_workers=False,
-                        prefetch_factor=4 if workers else None, worker_init_fn=_ignore_sigterm)
+                        prefetch_factor=4 if workers else None, worker_init_fn=_ignore_stop_signals)
     yield from loader
 
 
