@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable
@@ -11,6 +12,16 @@ class RunDiverged(RuntimeError):
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, RunDiverged)  # wrong flags, unfit files, a diverged run; bugs keep tracebacks
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= low, refused at parse time with the flag's name."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
 
 
 def default_workers() -> int:

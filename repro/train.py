@@ -24,6 +24,7 @@ from repro.data.stats import cached_stats, default_cache_dirs
 from repro.dist import Topology, all_reduce_sum, init_topology, shutdown
 from repro.evaluate import Counts, EvalSpec, RunningCounts, autocast, evaluate
 from repro.metrics import MetricsLog, Progress, format_eta
+from repro.model import lrn_triton
 from repro.optim import LRSchedule, paper_optimizer, unreached_milestones
 from repro.parallel import Replica, one_tower_message
 from repro.run_report import final_report
@@ -111,6 +112,7 @@ def resume_dir_of(path: str) -> str:
 class Trainer:
     def __init__(self, cfg: TrainConfig, topo: Topology, resume: str | None = None,
                  keep_saved: tuple[str, ...] = ()):
+        lrn_triton.check_choice()  # a bad REPRO_LRN_KERNEL fails in seconds, not after the data is read
         ckpt = read_on_main_rank(resume, topo) if resume else None
         if ckpt:
             check_resumable(ckpt, resume, topo.replicas)

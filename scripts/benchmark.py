@@ -41,6 +41,7 @@ from repro.bench import (  # noqa: E402
     run_case,
     train_flops_per_image,
 )
+from repro.cli import at_least  # noqa: E402
 from repro.model import lrn_triton  # noqa: E402
 
 PIPELINES = ("fashion-mnist", "imagenet", "folder", "jpeg-folder", "jpeg-store", "jpeg-store-cpu")
@@ -65,40 +66,64 @@ def pipeline_data(spec: str, args) -> tuple[str, str, str | None, str]:
     return name, name, path or args.data, decode
 
 
+def writable_file(text: str) -> str:
+    """An argparse type: a file path whose folder exists, checked before hours of timing."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not a file this user can write (a folder, or its "
+                                         f"folder is missing or read-only)")
+    return text
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     a = p.add_argument
     a("--device", default="auto")
     a("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    a("--batch-sizes", type=int, nargs="+", default=[128, 256])
+    a("--batch-sizes", type=at_least(1), nargs="+", default=[128, 256])
     a("--variants", nargs="+", default=["fp32", "bf16-cl", "bf16-cl-compile", "bf16-cl-compile-graph"],
       choices=list(VARIANTS), help="precision / memory format / compilation / CUDA-graph combinations; "
       "'graph' captures the whole step (forward, backward, optimiser) in one CUDA graph")
-    a("--steps", type=int, default=20)
-    a("--warmup", type=int, default=5)
-    a("--repeats", type=int, default=3, help="timings per case; the median is reported")
+    a("--steps", type=at_least(1), default=20)
+    a("--warmup", type=at_least(0), default=5)
+    a("--repeats", type=at_least(1), default=3, help="timings per case; the median is reported")
     a("--no-numerics", action="store_true", help="skip the bf16-vs-fp32 check")
-    a("--numerics-batch", type=int, default=32)
+    a("--numerics-batch", type=at_least(1), default=32)
     a("--pipeline", nargs="+", default=[], metavar="NAME[=DIR]",
       help=f"also time end-to-end training on these data against the synthetic batch; NAME one of {PIPELINES}")
     a("--data", default=None, help="the data of a pipeline given without =DIR (Fashion-MNIST's for jpeg-*)")
-    a("--workers", type=int, default=8, help="loader processes decoding image files, and processes writing the "
+    a("--workers", type=at_least(0), default=8, help="loader processes decoding image files, and processes writing the "
       "JPEG tree (0: in this process)")
     a("--jpeg-dir", default="runs/bench-jpeg", help="where jpeg-folder and jpeg-store are built (once)")
-    a("--jpeg-images", type=int, default=20000, help="training images in the JPEG tree (validation: 1000)")
-    a("--lrn-kernel", default=lrn_triton.current_kernel(), choices=lrn_triton.KERNELS,
+    a("--jpeg-images", type=at_least(1), default=20000, help="training images in the JPEG tree (validation: 1000)")
+    a("--lrn-kernel", default=None, choices=lrn_triton.KERNELS,
       help="LRN code on the GPU: triton (repro/model/lrn_triton.py; the default where installed), triton-dot "
            "(its window sums as band-matrix products) or torch (layers.py's code, fused by inductor); default "
            "from REPRO_LRN_KERNEL")
     a("--eager-update", action="store_true", help="compiled rows keep the optimiser's update eager (by default "
       "they compile it too, as training's --compile does)")
-    a("--json", default=None)
-    a("--markdown", default=None, help="append a section with the table to this file")
+    a("--json", default=None, type=writable_file)
+    a("--markdown", default=None, type=writable_file, help="append a section with the table to this file")
     args = p.parse_args(argv)
     for spec in args.pipeline:
-        if spec.partition("=")[0] not in PIPELINES:
+        name, _, path = spec.partition("=")
+        if name not in PIPELINES:
             p.error(f"--pipeline {spec}: unknown pipeline; one of {', '.join(PIPELINES)} (optionally NAME=DIR)")
+        if name in ("imagenet", "folder") and not (path or args.data):
+            p.error(f"--pipeline {name} needs its data: {name}=DIR or --data DIR")
+    try:
+        device = torch.device("cuda" if args.device == "auto" else args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if args.device != "auto" and device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA GPU here")
+    if args.lrn_kernel is None:  # from REPRO_LRN_KERNEL, checked here rather than at the first LRN
+        try:
+            lrn_triton.check_choice()
+        except ValueError as exc:
+            p.error(str(exc))
+        args.lrn_kernel = lrn_triton.current_kernel()
     return args
 
 

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from repro.cli import at_least  # noqa: E402
 from repro.config import LRNConfig  # noqa: E402
 from repro.model.grouped import AlexNet  # noqa: E402
 from repro.model.layers import local_response_norm  # noqa: E402
@@ -40,11 +41,11 @@ def median_seconds(fn, repeats: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--lrn-batch", type=int, default=32)
-    p.add_argument("--train-batch", type=int, default=16)
-    p.add_argument("--eval-batch", type=int, default=80)
+    p.add_argument("--threads", type=at_least(1), default=1)
+    p.add_argument("--repeats", type=at_least(1), default=5)
+    p.add_argument("--lrn-batch", type=at_least(1), default=32)
+    p.add_argument("--train-batch", type=at_least(1), default=16)
+    p.add_argument("--eval-batch", type=at_least(1), default=80)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from repro.cli import run  # noqa: E402
+from repro.cli import at_least, run  # noqa: E402
 from repro.data.imagenet import imagenet_splits, imagenet_train  # noqa: E402
 from repro.data.store import WorkerDiedError, write_store  # noqa: E402
 
@@ -35,11 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
     a("--quality", type=int, default=90, help="JPEG quality of the stored images (90: about 21 KB each)")
     a("--shard-size", type=int, default=5000, help="images per shard file")
-    a("--workers", type=int, default=None, help="encoding processes (default: every core this process may "
+    a("--workers", type=at_least(0), default=None, help="encoding processes (default: every core this process may "
       "use; 0: none)")
     a("--devkit", default=None, help="ILSVRC2012_devkit_t12 folder or tarball, for a flat val/")
     a("--val-solution", default=None, help="Kaggle LOC_val_solution.csv, for a flat val/")
-    a("--max-shards", type=int, default=None, help="stop after writing this many new shards")
+    a("--max-shards", type=at_least(1), default=None, help="stop after writing this many new shards")
     return p.parse_args(argv)
 
 

@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from scripts.benchmark import main, parse_args, pipeline_data
 
 
@@ -22,7 +24,6 @@ def test_benchmark_runs_every_form_on_cpu(tmp_path, capsys):
 
 
 def test_impossible_cases_are_clear_errors():
-    import pytest
     import torch
 
     from repro.bench import Case, check_case
@@ -52,7 +53,6 @@ def test_pipelines_from_memory_jpeg_files_and_the_store(tmp_path, capsys):
     """--pipeline times the training loop on Fashion-MNIST's images as JPEG files and on their stored
     form; the tree and store are built once and hold what the source holds."""
     import numpy as np
-    import pytest
     from PIL import Image
 
     from repro.data.fashion_mnist import fashion_mnist
@@ -89,11 +89,21 @@ def test_pipelines_from_memory_jpeg_files_and_the_store(tmp_path, capsys):
 
 
 def test_unknown_pipeline_is_a_clear_error(capsys):
-    import pytest
 
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--pipeline", "cifar"])
     assert "unknown pipeline" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "0"], "--steps: must be >= 1"), (["--repeats", "0"], "--repeats: must be >= 1"),
+    (["--batch-sizes", "8", "0"], "--batch-sizes: must be >= 1"), (["--warmup", "-1"], "--warmup: must be >= 0"),
+    (["--json", "."], "not a file this user can write"), (["--markdown", "no/such/dir/b.md"], "not a file"),
+    (["--pipeline", "imagenet"], "--pipeline imagenet needs its data"), (["--device", "gpu"], "is not a device")])
+def test_bad_flags_fail_before_any_timing(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", *flags])
+    assert message in capsys.readouterr().err
 
 
 def test_flops_per_image_match_the_layer_table():

@@ -68,25 +68,37 @@ def _dense_format(x: Tensor) -> torch.memory_format | None:
 
 def set_kernel(name: str) -> None:
     """Which LRN code runs on a GPU from now on in this process (child processes read KERNEL_ENV)."""
-    global _kernel
+    global _kernel, _env_error
     if name not in KERNELS:
         raise ValueError(f"LRN kernel {name!r} (set_kernel or {KERNEL_ENV}): choose one of {KERNELS}")
     if name != "torch" and not AVAILABLE:
         raise ValueError(f"LRN kernel {name!r} (set_kernel or {KERNEL_ENV}) needs the triton package, "
                          "which is not installed")
     _kernel = name
+    _env_error = None  # a valid choice replaces an invalid environment's
 
 
 def current_kernel() -> str:
     return _kernel
 
 
-set_kernel(os.environ.get(KERNEL_ENV, DEFAULT_KERNEL))
+try:
+    set_kernel(os.environ.get(KERNEL_ENV, DEFAULT_KERNEL))
+    _env_error = None
+except ValueError as exc:  # raised at the first LRN instead, where the scripts turn it into one line
+    _env_error = str(exc)
+
+
+def check_choice() -> None:
+    """Raise the environment's bad kernel choice now (a script calls it before its long setup)."""
+    if _env_error is not None:
+        raise ValueError(_env_error)
 
 
 def supported(x: Tensor) -> bool:
     """Whether the Triton kernels are chosen and take this tensor: a CUDA float tensor (not float64,
     which stays on the exact torch path the equivalence tests use), 4-D, contiguous or channels_last."""
+    check_choice()
     return (_kernel != "torch" and AVAILABLE and x.is_cuda and x.dim() == 4
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _dense_format(x) is not None)
 
