@@ -18,7 +18,10 @@ def imagenet_year(dataset: str, classes: int, images: int) -> str | None:
 
 def final_report(trainer) -> dict[int, Counts]:
     cfg, topo = trainer.cfg, trainer.topo
-    results = trainer.validate(cfg.final_crops) if cfg.final_crops else {}
+    if not cfg.final_crops:
+        trainer.say("no closing table: --final-crops named no protocol (1 and/or 10)")
+        return {}
+    results = trainer.validate(cfg.final_crops)
     if not topo.is_main or not results:
         return results
     split = "test" if cfg.data.dataset == "fashion-mnist" else "val"

@@ -159,6 +159,9 @@ class Trainer:
 
     def _fit_classes(self, cfg: TrainConfig, ckpt: dict | None) -> TrainConfig:
         n = self.train_set.num_classes
+        if n < 2:
+            raise ValueError(f"{self.train_set.name} has {n} class ({', '.join(self.train_set.classes)}): a classifier "
+                             f"needs at least two (for --dataset folder, one subfolder of images per class)")
         if ckpt and ckpt.get("classes") and list(ckpt["classes"]) != list(self.train_set.classes):
             raise ValueError(f"the checkpoint was trained on other classes than {self.train_set.name} "
                              f"({len(ckpt['classes'])} vs {n}); resume with the same --data")
@@ -261,7 +264,10 @@ class Trainer:
                      f"epochs of its budget (--max-steps {self.cfg.max_steps}, --epochs {self.cfg.epochs}); "
                      f"pass a larger one with --resume to continue")
             return
-        unreached = unreached_milestones(self.cfg.optim, self.cfg.epochs)
+        o = self.cfg.optim
+        if o.schedule == "milestones" and not o.milestones:
+            self.say(f"note: --milestones gave no epoch: the rate stays {o.lr:g} for the whole run")
+        unreached = unreached_milestones(o, self.cfg.epochs)
         if unreached:
             self.say(f"warning: milestones {', '.join(map(str, unreached))} lie at or past the run's last epoch "
                      f"(--epochs {self.cfg.epochs}; milestone m divides the rate from 0-based epoch m): the rate "

@@ -219,8 +219,9 @@ def main(argv=None) -> int:
         ceiling = f"; compute ceiling for this network {peak * 1e12 / flops['ours']:,.0f} img/s" if "ours" in flops else ""
         extra.append(f"measured here: bf16 8192^3 matrix product {peak:.0f} TFLOP/s, "
                      f"copy {limits['copy_gbps']:.0f} GB/s{ceiling}")
+    lrn = ("torch" if device.type != "cuda" else args.lrn_kernel)  # the kernels run on CUDA tensors only
     env = environment(device) + {"triton": "; LRN: Triton kernels", "triton-dot": "; LRN: Triton band-matrix kernels",
-                                 "torch": "; LRN: torch code fused by inductor"}[args.lrn_kernel]
+                                 "torch": "; LRN: torch code (fused by inductor where compiled)"}[lrn]
     env += "; compiled rows: eager optimiser update" if args.eager_update else "; compiled rows: compiled update"
     lines = table(results, best_tv, flops, peak)
     print("\n" + env + "\n" + "\n".join(lines + [""] + extra), flush=True)

@@ -293,3 +293,18 @@ def test_a_step_budget_that_ends_on_an_epochs_last_step_ends_that_epoch(tmp_path
     train(cfg, resume=str(tmp_path / "e"), keep_saved=("max_steps", "epochs"))  # the budget is spent
     assert "nothing to train" in capsys.readouterr().out
     assert read(tmp_path / "e" / "latest.pt")["progress"]["global_step"] == 4
+
+
+def test_a_single_class_is_a_clear_error(tmp_path):
+    from PIL import Image
+
+    from repro.train import train
+
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "only").mkdir(parents=True)
+        Image.new("RGB", (40, 30)).save(tmp_path / "data" / split / "only" / "0.jpg")
+    cfg = TrainConfig(model=ModelConfig(num_classes=10, image_size=67, widths=SMALL_FC),
+                      data=DataConfig(dataset="folder", root=str(tmp_path / "data"), base_size=76, crop_size=67,
+                                      workers=0), max_steps=1, out=str(tmp_path / "run"), device="cpu")
+    with pytest.raises(ValueError, match=r"folder/train has 1 class \(only\): a classifier needs at least two"):
+        train(cfg)
