@@ -55,3 +55,23 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
     assert batches[0].labels.tolist() == [0, 0, 0, 1, 1, 1]
     with_workers = list(iterate(src, [torch.arange(4), torch.arange(4, len(src))], workers=2))
     assert sum(b.skipped for b in with_workers) == 2 and sum(len(b.labels) for b in with_workers) == 6
+
+
+def test_loader_workers_ignore_both_stop_signals():
+    """A SIGTERM or Ctrl-C to the process group must leave the workers alive for the trainer's save
+    (tests/test_train.py signals a whole group with SIGTERM; this checks the handler both get)."""
+    import multiprocessing
+    import signal
+
+    from repro.data import loader
+
+    def child(queue):
+        loader._ignore_stop_signals(0)
+        queue.put([signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGINT)])
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=child, args=(queue,))
+    proc.start()
+    assert queue.get(timeout=30) == [True, True]
+    proc.join()
