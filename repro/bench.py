@@ -348,5 +348,7 @@ def pipeline_rate(dataset: str, data: str | None, device: str, batch: int, steps
         trainer = Trainer(cfg, init_topology(device))
         trainer.save = lambda *_args, **_kw: None  # timing only: no checkpoint to write at the end
         trainer.fit()
+        if trainer.stopped_by_signal:  # a Ctrl-C meant for the benchmark: not a short pipeline's rate
+            raise KeyboardInterrupt
         speeds = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"speed"' in line]
     return speeds[-1]["img_per_s"]

@@ -21,6 +21,7 @@ def at_least(low: int) -> Callable[[str], int]:
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'abc'"
     return parse
 
 

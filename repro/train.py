@@ -89,18 +89,25 @@ RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl")
 def prepare_run_dir(out: Path, resume: str | None) -> None:
     """Create the run directory, refusing one that holds another run: a fresh run there would
     overwrite its checkpoints and interleave its metrics."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder; pass another --out")
-    held = [f for f in RUN_FILES if (out / f).exists()]
-    resumed_here = resume is not None and Path(resume_dir_of(resume)).resolve() == out.resolve()
-    if held and not resumed_here:
-        how = (f"--resume {out} continues that run" if resume is None else
-               f"resuming {resume} into it would overwrite them")
-        raise ValueError(f"--out {out} already holds a run ({', '.join(held)}): {how}; or choose another --out")
     try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder; pass another --out")
+        held = [f for f in RUN_FILES if (out / f).exists()]
+        resumed_here = resume is not None and Path(resume_dir_of(resume)).resolve() == out.resolve()
+        if held and not resumed_here:
+            if held == ["metrics.jsonl"]:  # a run that ended before its first checkpoint: nothing to continue
+                kept = out / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+                (out / "metrics.jsonl").rename(kept)
+                print(f"--out {out} held the metrics of a run that saved no checkpoint: kept as {kept.name}",
+                      flush=True)
+            else:
+                how = (f"--resume {out} continues that run" if resume is None else
+                       f"resuming {resume} into it would overwrite them")
+                raise ValueError(f"--out {out} already holds a run ({', '.join(held)}): {how}; or choose another "
+                                 f"--out")
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"--out {out}: cannot create the run folder ({exc.strerror or exc}); pass another "
+    except OSError as exc:  # permissions, a file in the path: the same one line on every rank
+        raise ValueError(f"--out {out}: cannot use it as the run folder ({exc.strerror or exc}); pass another "
                          f"--out") from None
 
 
@@ -137,13 +144,15 @@ class Trainer:
         self.optimizer = paper_optimizer(self.replica.net, cfg.optim, compiled=cfg.compile)
         self.schedule = LRSchedule(cfg.optim)
         self.progress = Progress()
-        self.saved_step: int | None = None  # the step of the last checkpoint written (or resumed from)
+        self.saved_step: int | None = None  # the step of the last checkpoint this process wrote
+        self.resumed_from = resume
         self.best_top1 = math.inf
         self.log = MetricsLog(self.out / "metrics.jsonl", enabled=topo.is_main)
         if ckpt:
             self._restore(ckpt)
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.batch_size, topo.replicas)
         self.stop_requested = False
+        self.stop_signal: int | None = None  # the signal that asked for the stop
         self.stopped_by_signal = False  # set on every rank when they stop for a SIGTERM or Ctrl-C
         self.pin = topo.device.type == "cuda"
         # Pairs' batches can differ in size only where images can be unreadable: files decoded on the CPU.
@@ -205,7 +214,6 @@ class Trainer:
         self.optimizer.load_velocities(r.net.named_parameters(), r.local_from_grouped(ckpt["velocity"]))
         self.schedule.load_state_dict(ckpt["schedule"])
         self.progress = Progress(**ckpt["progress"])
-        self.saved_step = self.progress.global_step
         self.best_top1 = ckpt.get("best_val_top1", math.inf)
         self.log.truncate_after(self.progress.global_step, self.progress.epoch)
         p = self.progress
@@ -242,12 +250,17 @@ class Trainer:
 
     def _on_signal(self, signum, _frame) -> None:
         """SIGTERM (a batch system's cancel) or a first Ctrl-C: stop at the next step boundary that all
-        ranks agree on, and save. A second Ctrl-C stops at once, without saving."""
-        if signum == signal.SIGINT and self.stop_requested:
+        ranks agree on, and save. A Ctrl-C after a stop request, or any signal after a Ctrl-C, stops at
+        once without saving: torchrun passes a terminal's second Ctrl-C on as SIGTERM. (SIGTERM twice,
+        as a batch system and torchrun may both send, still saves.)"""
+        if self.stop_signal is not None and signal.SIGINT in (self.stop_signal, signum):
             raise KeyboardInterrupt
+        if self.stop_signal is None:
+            self.stop_signal = signum
         self.stop_requested = True
         if signum == signal.SIGINT:
-            self.say("Ctrl-C: stopping after this step and saving latest.pt (Ctrl-C again: stop now, unsaved)")
+            self.say("Ctrl-C: stopping at the next step all ranks agree on, and saving latest.pt (Ctrl-C again: "
+                     "stop now, unsaved)")
 
     def _should_stop(self) -> bool:
         every = self.cfg.stop_check_every or (20 if self.topo.device.type == "cuda" else 1)
@@ -271,7 +284,8 @@ class Trainer:
         if unreached:
             self.say(f"warning: milestones {', '.join(map(str, unreached))} lie at or past the run's last epoch "
                      f"(--epochs {self.cfg.epochs}; milestone m divides the rate from 0-based epoch m): the rate "
-                     f"is not divided there; pass --milestones within the run, or more --epochs")
+                     f"is not divided there; " + ("more --epochs reach them" if self.resumed_from else
+                                                    "pass --milestones within the run, or more --epochs"))
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             while self.progress.epoch < self.cfg.epochs and self._budget_left():
@@ -373,11 +387,12 @@ class Trainer:
             raise self._diverged(f"the loss is not finite from step {int(bad)}")
 
     def _diverged(self, what: str) -> RunDiverged:
-        saved = (f"latest.pt holds step {self.saved_step}, best.pt is unchanged" if self.saved_step is not None
+        saved = (f"{self.out / 'latest.pt'} holds step {self.saved_step}" if self.saved_step is not None
+                 else f"the checkpoint it resumed from ({self.resumed_from}) is untouched" if self.resumed_from
                  else "no checkpoint had been written")
         return RunDiverged(f"training diverged: {what} (lr {self.optimizer.base_lr:.2e}; every step's loss is in "
-                           f"{self.out / 'metrics.jsonl'}). Stopped without saving: {saved}. A lower --lr, or "
-                           f"another --seed, may train")
+                           f"{self.out / 'metrics.jsonl'}). Stopped without saving: {saved}. A new run with a lower "
+                           f"--lr or another --seed may train")
 
     def _check_weights_finite(self) -> None:
         """Collective: the last step's update can make the weights NaN while its loss (computed before

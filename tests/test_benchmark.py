@@ -145,3 +145,19 @@ def test_a_failure_after_the_cases_still_writes_their_table(tmp_path, capsys, mo
     assert any(n.startswith("grouped numerics failed: RuntimeError: CUDA error") for n in doc["notes"])
     assert any(n.startswith("ceilings failed") for n in doc["notes"])
     assert "| grouped b2 fp32 |" in capsys.readouterr().out
+
+
+def test_a_small_jpeg_tree_still_gives_every_class_an_image(tmp_path):
+    """Three evenly spaced images cannot cover ten classes: each class gets its first image, so that
+    no training class folder is empty (an error when the tree is read)."""
+    from repro.data.fashion_mnist import fashion_mnist
+    from repro.data.folder import image_folder
+    from repro.data.jpeg_tree import write_jpeg_tree
+    from tests.test_fashion_mnist import make_tree
+
+    make_tree(tmp_path / "fm", n_train=20, n_test=4)
+    splits = {"train": fashion_mnist(tmp_path / "fm", "train", download=False),
+              "val": fashion_mnist(tmp_path / "fm", "test", download=False)}
+    tree = write_jpeg_tree(splits, tmp_path / "tree", {"train": 3, "val": 2}, workers=0)
+    train = image_folder(tree / "train")
+    assert train.num_classes == 10 and sorted(set(train.labels.tolist())) == list(range(10))

@@ -52,9 +52,9 @@ def test_bad_flags_give_a_clear_error(tmp_path, capsys):
         assert message in capsys.readouterr().err, flags
     old = tmp_path / "old-run"
     old.mkdir()
-    (old / "metrics.jsonl").write_text("")
+    (old / "latest.pt").write_text("")
     assert main(["--max-steps", "1", "--out", str(old)]) == 2  # a fresh run would overwrite it
-    assert f"--out {old} already holds a run (metrics.jsonl): --resume {old} continues" in capsys.readouterr().err
+    assert f"--out {old} already holds a run (latest.pt): --resume {old} continues" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("")
     assert main(["--max-steps", "1", "--out", str(tmp_path / "a-file")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err

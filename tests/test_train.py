@@ -308,3 +308,41 @@ def test_a_single_class_is_a_clear_error(tmp_path):
                                       workers=0), max_steps=1, out=str(tmp_path / "run"), device="cpu")
     with pytest.raises(ValueError, match=r"folder/train has 1 class \(only\): a classifier needs at least two"):
         train(cfg)
+
+
+def test_a_folder_whose_run_saved_no_checkpoint_is_reused_keeping_its_log(tmp_path):
+    """A run that diverged or was killed before its first checkpoint leaves only metrics.jsonl: a new
+    run may use the folder (nothing there to resume), and the old log is kept under a dated name."""
+    from repro.train import prepare_run_dir
+
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "step"}\n')
+    prepare_run_dir(tmp_path, None)
+    kept = list(tmp_path.glob("metrics.*.jsonl"))
+    assert not (tmp_path / "metrics.jsonl").exists() and len(kept) == 1 and kept[0].read_text()
+    (tmp_path / "best.pt").write_text("")
+    with pytest.raises(ValueError, match=r"already holds a run \(best.pt\)"):
+        prepare_run_dir(tmp_path, None)
+    prepare_run_dir(tmp_path, str(tmp_path / "best.pt"))  # resuming it in place is what the folder is for
+
+
+def test_any_signal_after_a_ctrl_c_stops_at_once_but_sigterm_twice_still_saves():
+    """torchrun passes a terminal's second Ctrl-C to the workers as SIGTERM; a batch system and
+    torchrun may both send SIGTERM."""
+    from types import SimpleNamespace
+
+    from repro.train import Trainer
+
+    def trainer():
+        return SimpleNamespace(stop_signal=None, stop_requested=False, say=lambda _m: None)
+
+    t = trainer()
+    Trainer._on_signal(t, signal.SIGINT, None)
+    assert t.stop_requested
+    with pytest.raises(KeyboardInterrupt):
+        Trainer._on_signal(t, signal.SIGTERM, None)
+    t = trainer()
+    Trainer._on_signal(t, signal.SIGTERM, None)
+    Trainer._on_signal(t, signal.SIGTERM, None)
+    assert t.stop_requested
+    with pytest.raises(KeyboardInterrupt):  # a Ctrl-C after a batch system's SIGTERM: now
+        Trainer._on_signal(t, signal.SIGINT, None)

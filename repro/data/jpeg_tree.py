@@ -57,7 +57,13 @@ def write_jpeg_tree(splits: dict, root: str | Path, images: dict[str, int], work
         names = class_dir_names(src.classes)
         for name in names:
             (root / split / name).mkdir(parents=True, exist_ok=True)
-        for i in np.linspace(0, len(src) - 1, want[split]).round().astype(int).tolist():
+        picked = np.linspace(0, len(src) - 1, want[split]).round().astype(int).tolist()
+        labels = torch.as_tensor(src.labels)
+        for c in sorted(set(range(len(names))) - set(labels[picked].tolist())):  # a small sample can miss one:
+            first = (labels == c).nonzero()  # its folder would be an empty class (an error for a training tree)
+            if len(first):
+                picked.append(int(first[0]))
+        for i in picked:
             image, label = src[i]
             jobs.append((str(root / split / names[int(label)] / f"{i:06d}.jpg"), torch.as_tensor(image).numpy()))
     workers = workers if workers is not None else (os.cpu_count() or 1)
