@@ -200,6 +200,8 @@ def test_image_folder_order_and_filters(tmp_path):
     (tmp_path / "a" / "notes.txt").write_text("skip me")
     (tmp_path / "b" / "sub").mkdir()
     (tmp_path / "b" / "sub" / "loop").symlink_to("..")  # a link back up the tree: its images once
+    (tmp_path / "b" / "up").symlink_to(tmp_path)  # to the root, or into another class: not entered
+    (tmp_path / "b" / "side").symlink_to(tmp_path / "a")
     src = image_folder(tmp_path, size=32)
     assert src.classes == ["a", "b"] and src.num_classes == 2
     assert [Path(f).name for f in src.files] == ["x.png", "1.jpeg", "2.JPG"]

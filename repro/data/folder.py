@@ -136,10 +136,11 @@ def class_folders(root: str | Path) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def _image_files(folder: str) -> list[str]:
+def _image_files(folder: str, outside: set[str] = frozenset()) -> list[str]:
     """Image files under folder, recursively, in sorted path order. Hidden files are left out:
-    macOS "._name.JPEG" companions carry the image extension but no image."""
-    found, seen = [], set()
+    macOS "._name.JPEG" companions carry the image extension but no image. Folders whose real path
+    is in `outside` (the tree's root, the other classes) are not entered through a symbolic link."""
+    found, seen = [], set(outside)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symbolic link back up the tree (or to a folder walked already): once only
@@ -182,8 +183,9 @@ def image_folder(root: str | Path, name: str | None = None, size: int = 256,
                          f"{root}/<class name>/<image files>")
     index = _class_index(root, folders, classes)
     files, labels, empty = [], [], []
-    for folder in folders:
-        found = _image_files(str(root / folder))
+    real = {f: os.path.realpath(root / f) for f in folders}
+    for folder in folders:  # a link up to the root, or into another class, would mislabel images
+        found = _image_files(str(root / folder), {os.path.realpath(root)} | (set(real.values()) - {real[folder]}))
         files += found
         labels += [index[folder]] * len(found)
         if not found:
