@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 class RunDiverged(RuntimeError):
@@ -30,6 +31,38 @@ def default_workers() -> int:
     (more workers than cores only adds switching, and PyTorch warns about it)."""
     per_rank = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(4, per_rank))
+
+
+def device_from_flag(name: str, flag: str = "--device"):
+    """A torch.device from a command line's device flag ("auto": CUDA where torch sees a GPU), or a
+    ValueError that says what to pass instead."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{flag} {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{flag} {name}: this runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {name}: torch sees no CUDA GPU here; use {flag} cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {name}: there are {torch.cuda.device_count()} CUDA GPU(s) here")
+    return device
+
+
+def make_out_dir(out: Path, flag: str = "--out") -> Path:
+    """Create an output folder up front, so that a bad one fails in one line before the long work."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{flag} {out} is a file, not a folder; pass another {flag}")
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # permissions, a file in the path
+        raise ValueError(f"{flag} {out}: cannot create the folder ({exc.strerror or exc}); pass another "
+                         f"{flag}") from None
+    return out
 
 
 def run(work: Callable[[], object], interrupted: str = "interrupted") -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from repro.checkpoint import network, read
+from repro.cli import device_from_flag, make_out_dir
 from repro.config import TrainConfig, variant_name
 from repro.data.augment import Augment, Stats
 from repro.data.datasets import open_eval_split
@@ -70,33 +71,6 @@ def run_dir(checkpoint: str) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPU(s) here")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: evaluation runs on cpu or cuda")
-    return device
-
-
-def _out_dir(out: Path) -> Path:
-    """The output folder, made before the long evaluation, so that a bad --out fails first."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder; pass another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); pass another --out") from None
-    return out
-
-
 def load_member(path: str, opts: EvalOptions, device: torch.device) -> Member:
     ckpt = read(path)
     if not ckpt.get("train_config"):
@@ -138,14 +112,14 @@ def _split(opts: EvalOptions, first: Member):
 
 
 def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
-    device = _device(opts.device)
+    device = device_from_flag(opts.device)
     members = [load_member(p, opts, device) for p in opts.checkpoints]
     _check_ensemble(members)
     split, dataset = _split(opts, members[0])
     origin = getattr(split, "origin", "") or getattr(split, "root", "")
     print(f"{dataset} {split.name.split('/')[-1]}: {len(split)} images" + (f" (from {origin})" if origin else ""),
           flush=True)
-    out = _out_dir(Path(opts.out) if opts.out else run_dir(opts.checkpoints[0]) / "evaluation")
+    out = make_out_dir(Path(opts.out) if opts.out else run_dir(opts.checkpoints[0]) / "evaluation")
     idx = eval_indices(len(split), 1, 0, opts.max_images)
     batch = max(1, min(opts.batch_size, len(idx)))  # a batch larger than the images only costs memory
     spec = EvalSpec(crops=opts.crops, batch_size=batch, amp=opts.amp, workers=opts.workers,

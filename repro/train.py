@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from repro.checkpoint import atomic_save, read
-from repro.cli import RunDiverged
+from repro.cli import RunDiverged, make_out_dir
 from repro.config import TrainConfig
 from repro.data.augment import Augment, Stats, draw_params, step_generator
 from repro.data.datasets import open_splits
@@ -90,8 +90,6 @@ def prepare_run_dir(out: Path, resume: str | None) -> None:
     """Create the run directory, refusing one that holds another run: a fresh run there would
     overwrite its checkpoints and interleave its metrics."""
     try:
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file, not a folder; pass another --out")
         held = [f for f in RUN_FILES if (out / f).exists()]
         resumed_here = resume is not None and Path(resume_dir_of(resume)).resolve() == out.resolve()
         if held and not resumed_here:
@@ -105,10 +103,10 @@ def prepare_run_dir(out: Path, resume: str | None) -> None:
                        f"resuming {resume} into it would overwrite them")
                 raise ValueError(f"--out {out} already holds a run ({', '.join(held)}): {how}; or choose another "
                                  f"--out")
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # permissions, a file in the path: the same one line on every rank
+    except OSError as exc:  # permissions: the same one line on every rank
         raise ValueError(f"--out {out}: cannot use it as the run folder ({exc.strerror or exc}); pass another "
                          f"--out") from None
+    make_out_dir(out)
 
 
 def resume_dir_of(path: str) -> str:
@@ -151,8 +149,7 @@ class Trainer:
         if ckpt:
             self._restore(ckpt)
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.batch_size, topo.replicas)
-        self.stop_requested = False
-        self.stop_signal: int | None = None  # the signal that asked for the stop
+        self.stop_signal: int | None = None  # the signal that asked for a stop (None: none did)
         self.stopped_by_signal = False  # set on every rank when they stop for a SIGTERM or Ctrl-C
         self.pin = topo.device.type == "cuda"
         # Pairs' batches can differ in size only where images can be unreadable: files decoded on the CPU.
@@ -257,7 +254,6 @@ class Trainer:
             raise KeyboardInterrupt
         if self.stop_signal is None:
             self.stop_signal = signum
-        self.stop_requested = True
         if signum == signal.SIGINT:
             self.say("Ctrl-C: stopping at the next step all ranks agree on, and saving latest.pt (Ctrl-C again: "
                      "stop now, unsaved)")
@@ -266,7 +262,7 @@ class Trainer:
         every = self.cfg.stop_check_every or (20 if self.topo.device.type == "cuda" else 1)
         if self.progress.global_step % every:
             return False
-        return all_reduce_sum([float(self.stop_requested)], self.topo)[0] > 0  # all ranks agree
+        return all_reduce_sum([float(self.stop_signal is not None)], self.topo)[0] > 0  # all ranks agree
 
     def _budget_left(self) -> bool:
         return self.cfg.max_steps is None or self.progress.global_step < self.cfg.max_steps

@@ -41,7 +41,7 @@ from repro.bench import (  # noqa: E402
     run_case,
     train_flops_per_image,
 )
-from repro.cli import at_least  # noqa: E402
+from repro.cli import at_least, device_from_flag  # noqa: E402
 from repro.model import lrn_triton  # noqa: E402
 
 PIPELINES = ("fashion-mnist", "imagenet", "folder", "jpeg-folder", "jpeg-store", "jpeg-store-cpu")
@@ -113,11 +113,9 @@ def parse_args(argv=None):
         if name in ("imagenet", "folder") and not (path or args.data):
             p.error(f"--pipeline {name} needs its data: {name}=DIR or --data DIR")
     try:
-        device = torch.device("cuda" if args.device == "auto" else args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device!r} is not a device: use auto, cpu, cuda or cuda:N")
-    if args.device != "auto" and device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: torch sees no CUDA GPU here")
+        device_from_flag(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.lrn_kernel is None:  # from REPRO_LRN_KERNEL, checked here rather than at the first LRN
         try:
             lrn_triton.check_choice()
@@ -159,7 +157,7 @@ def main(argv=None) -> int:
     lrn_triton.set_kernel(args.lrn_kernel)
     os.environ[lrn_triton.KERNEL_ENV] = args.lrn_kernel  # the two-process case's children
     os.environ[EAGER_UPDATE_ENV] = "1" if args.eager_update else "0"
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = device_from_flag(args.device)
     results: list[Result] = []
     for batch in args.batch_sizes:
         for model in args.models:
