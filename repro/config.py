@@ -169,12 +169,8 @@ def variant_name(cfg: "ModelConfig") -> str:
     return next((name for name, make in MODEL_VARIANTS.items() if same(make)), "custom")
 
 
-def _number(x) -> bool:
-    """A finite number: NaN and infinity pass every comparison test the wrong way or poison a run."""
-    return math.isfinite(x)
-
-
 def _need(ok: bool, what: str, got) -> None:
+    """Refuse a setting (math.isfinite guards floats: NaN passes every comparison the wrong way)."""
     if not ok:
         raise ValueError(f"{what}, got {got}")
 
@@ -200,17 +196,17 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("plateau", "milestones"):
             raise ValueError(f"schedule must be 'plateau' or 'milestones', got {self.schedule!r}")
-        _need(_number(self.lr) and self.lr > 0, "--lr (lr) must be a positive number", self.lr)
-        _need(_number(self.momentum) and 0 <= self.momentum < 1, "--momentum (momentum) must be in [0, 1)",
+        _need(math.isfinite(self.lr) and self.lr > 0, "--lr (lr) must be a positive number", self.lr)
+        _need(math.isfinite(self.momentum) and 0 <= self.momentum < 1, "--momentum (momentum) must be in [0, 1)",
               self.momentum)
-        _need(_number(self.weight_decay) and self.weight_decay >= 0, "--weight-decay (weight_decay) must be a number "
+        _need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay (weight_decay) must be a number "
               ">= 0", self.weight_decay)
-        _need(_number(self.bias_lr_mult) and self.bias_lr_mult > 0, "--bias-lr-mult (bias_lr_mult) must be a "
+        _need(math.isfinite(self.bias_lr_mult) and self.bias_lr_mult > 0, "--bias-lr-mult (bias_lr_mult) must be a "
               "positive number", self.bias_lr_mult)
-        _need(_number(self.lr_drop) and self.lr_drop > 1, "lr_drop must be a number > 1", self.lr_drop)
+        _need(math.isfinite(self.lr_drop) and self.lr_drop > 1, "lr_drop must be a number > 1", self.lr_drop)
         _need(self.max_drops >= 0, "max_drops must be >= 0", self.max_drops)
         _need(self.plateau_patience >= 1, "--patience (plateau_patience) must be >= 1", self.plateau_patience)
-        _need(_number(self.plateau_threshold) and self.plateau_threshold >= 0, "plateau_threshold must be a "
+        _need(math.isfinite(self.plateau_threshold) and self.plateau_threshold >= 0, "plateau_threshold must be a "
               "number >= 0", self.plateau_threshold)
         if any(m < 0 for m in self.milestones) or list(self.milestones) != sorted(set(self.milestones)):
             raise ValueError(f"milestones must be distinct epochs >= 0 in increasing order, got {self.milestones}")
