@@ -70,7 +70,12 @@ def run_distributed(fn, world: int, tmp_path, *args) -> list:
     except Exception as exc:
         errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
         raise AssertionError("distributed worker failed:\n" + "\n".join(errors)) from exc
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    results = []
+    for r in range(world):  # read, then removed: a full-size rank's results are ~1 GB, and pytest keeps
+        path = os.path.join(out_dir, f"rank{r}.pt")  # three runs' temporary folders
+        results.append(torch.load(path, weights_only=False))
+        os.remove(path)
+    return results
 
 
 @pytest.fixture(scope="session")

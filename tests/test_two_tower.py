@@ -15,6 +15,8 @@ def towers_result(result_by_tower: dict, cfg: ModelConfig) -> dict:
     """Map an `exercise` result of TwoTowerAlexNet (keys "0.conv1.weight", ...) to the grouped form."""
     out = {k: v for k, v in result_by_tower.items() if k.endswith("logits") or k == "log"}
     for key in ("grads", "state", "velocity"):
+        if key not in result_by_tower:  # a network whose training no test compares (compares_training)
+            continue
         per_tower = [{k[2:]: v for k, v in result_by_tower[key].items() if k.startswith(f"{t}.")} for t in (0, 1)]
         out[key] = towers_to_grouped(per_tower, cfg)
     return out
