@@ -11,6 +11,7 @@ import math
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -116,11 +117,13 @@ def resume_dir_of(path: str) -> str:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, topo: Topology, resume: str | None = None,
-                 keep_saved: tuple[str, ...] = ()):
+                 keep_saved: tuple[str, ...] = (), check_recipe: Callable[[TrainConfig], None] | None = None):
         lrn_triton.check_choice()  # a bad REPRO_LRN_KERNEL fails in seconds, not after the data is read
         ckpt = read_on_main_rank(resume, topo) if resume else None
         if ckpt:
             check_resumable(ckpt, resume, topo.replicas)
+            if check_recipe:  # every rank has the checkpoint: all raise alike
+                check_recipe(TrainConfig.from_dict(ckpt["train_config"]))
             cfg = resumed_config(cfg, ckpt["train_config"], keep_saved)
         self.topo, self.out = topo, Path(cfg.out)
         on_main_rank(lambda: prepare_run_dir(self.out, resume), topo)
@@ -435,12 +438,14 @@ class Trainer:
         return {c: Counts.from_list(totals[i * width:(i + 1) * width]) for i, c in enumerate(crops)}
 
 
-def train(cfg: TrainConfig, resume: str | None = None, keep_saved: tuple[str, ...] = ()) -> dict[int, Counts]:
+def train(cfg: TrainConfig, resume: str | None = None, keep_saved: tuple[str, ...] = (),
+          check_recipe: Callable[[TrainConfig], None] | None = None) -> dict[int, Counts]:
     """Run (or resume) training, then the closing evaluation; returns its counts by crops. On resume,
-    the fields named in `keep_saved` (e.g. "epochs", "max_steps") keep the checkpoint's values."""
+    the fields named in `keep_saved` (e.g. "epochs", "max_steps") keep the checkpoint's values, and
+    `check_recipe` (if given) sees the checkpoint's config first and may refuse it with a ValueError."""
     topo = init_topology(cfg.device, cfg.backend)
     try:
-        trainer = Trainer(cfg, topo, resume, keep_saved)
+        trainer = Trainer(cfg, topo, resume, keep_saved, check_recipe)
         origin = getattr(trainer.train_set, "origin", None) or trainer.cfg.data.root
         trainer.say(f"{trainer.cfg.data.dataset} (from {origin}): {len(trainer.train_set)} training images, "
                     f"{trainer.steps_per_epoch} steps per epoch; {topo.replicas} replica(s) of "

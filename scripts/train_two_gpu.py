@@ -18,13 +18,15 @@ import dataclasses
 import os
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import torch  # noqa: E402
 
 from repro.cli import default_workers, run  # noqa: E402
-from repro.config import COMPILE_MODES, MODEL_VARIANTS, DataConfig, OptimConfig, TrainConfig  # noqa: E402
+from repro.config import (  # noqa: E402
+    COMPILE_MODES, MODEL_VARIANTS, DataConfig, ModelConfig, OptimConfig, TrainConfig)
 
 CPU_BUDGET = dict(max_steps=60, batch_size=64, val_images=300, stats_images=10000)
 
@@ -59,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0)
     a("--out", default=None, help="run directory (default runs/<dataset>-<time>)")
     a("--resume", default=None, help="checkpoint file or run directory (its latest.pt); the run's recipe "
-      "comes from the checkpoint (recipe flags are refused), where to run from the flags, and how long from "
-      "--epochs/--max-steps if given, else from the checkpoint")
+      "comes from the checkpoint (recipe flags that differ from it are refused), where to run from the flags, "
+      "and how long from --epochs/--max-steps if given, else from the checkpoint")
     a("--max-steps", type=int, default=None, help="stop after N steps in all (smoke runs)")
     a("--val-images", type=int, default=None, help="validate on an evenly spaced subset")
     a("--stats-images", type=int, default=None, help="images for the mean image and PCA (default all)")
@@ -95,20 +97,60 @@ RESUME_FLAGS = {"resume", "data", "devkit", "val_solution", "workers", "decode",
                 "compile", "compile_mode"}
 
 
+def _network_core(model: ModelConfig) -> ModelConfig:
+    """The network apart from what --lrn-alpha and --dropout-scaling choose and the data sets (classes,
+    input size): what --variant chooses."""
+    return dataclasses.replace(model, num_classes=1000, image_size=227, dropout_scaling="paper",
+                               lrn=dataclasses.replace(model.lrn, alpha_convention="paper"))
+
+
+# Each recipe flag's setting, read alike from the command line's config and the checkpoint's, so that a
+# resumed command may repeat the run's own flags (a batch system's requeue reruns the same line).
+RECIPE_SETTINGS: dict[str, Callable[[TrainConfig], object]] = {
+    "dataset": lambda c: c.data.dataset, "batch_size": lambda c: c.batch_size, "seed": lambda c: c.seed,
+    "lr": lambda c: c.optim.lr, "momentum": lambda c: c.optim.momentum,
+    "weight_decay": lambda c: c.optim.weight_decay, "schedule": lambda c: c.optim.schedule,
+    "milestones": lambda c: tuple(c.optim.milestones), "patience": lambda c: c.optim.plateau_patience,
+    "bias_lr_mult": lambda c: c.optim.bias_lr_mult, "bias_decay": lambda c: c.optim.bias_weight_decay,
+    "variant": lambda c: _network_core(c.model), "lrn_alpha": lambda c: c.model.lrn.alpha_convention,
+    "dropout_scaling": lambda c: c.model.dropout_scaling, "pca": lambda c: c.data.pca,
+    "pca_scale": lambda c: c.data.pca_scale, "no_flip": lambda c: not c.data.flip,
+    "val_images": lambda c: c.data.val_images, "stats_images": lambda c: c.data.stats_images,
+}
+
+
 def given_flags(argv=None) -> set[str]:
     """The options the command line actually gave (not those left at their defaults)."""
-    p = build_parser()
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(p.parse_args(argv)))
+    p, unset = build_parser(), object()
+    # argparse fills in a default only where the namespace lacks the attribute: a marker shows which it left
+    marked = argparse.Namespace(**dict.fromkeys(vars(p.parse_args([])), unset))
+    return {flag for flag, value in vars(p.parse_args(argv, namespace=marked)).items() if value is not unset}
 
 
-def check_resume_flags(args: argparse.Namespace, given: set[str]) -> None:
-    recipe = sorted(given - RESUME_FLAGS)
-    if args.resume and recipe:
-        flags = ", ".join("--" + f.replace("_", "-") for f in recipe)
-        raise ValueError(f"{flags} with --resume: a resumed run keeps its recipe from the checkpoint, so these would "
-                         f"be ignored; leave them out, or start a new run (another --out) with them")
+def _as_flag(flag: str, value) -> str:
+    """A setting as the command line writes it: `--lr 0.02`, `--no-flip`, `--milestones 25 51 79`."""
+    name = "--" + flag.replace("_", "-")
+    if isinstance(value, bool):
+        return name if value else f"no {name}"
+    if isinstance(value, ModelConfig):  # the network --variant names
+        core = _network_core(value)
+        value = next((v for v, make in MODEL_VARIANTS.items() if _network_core(make(1000)) == core), "(custom)")
+    if isinstance(value, tuple):
+        return " ".join([name, *map(str, value)]) if value else f"{name} (none)"
+    return f"{name} {'(all)' if value is None else format(value, 'g') if isinstance(value, float) else value}"
+
+
+def check_resume_flags(requested: TrainConfig, saved: TrainConfig, given: set[str]) -> None:
+    """A resumed run keeps the checkpoint's recipe: refuse recipe flags that would change it (and so be
+    ignored), naming what the run used. Flags equal to the run's own are fine."""
+    differ = [f for f in sorted(given & RECIPE_SETTINGS.keys())
+              if RECIPE_SETTINGS[f](requested) != RECIPE_SETTINGS[f](saved)]
+    if differ:
+        ours = ", ".join(_as_flag(f, RECIPE_SETTINGS[f](requested)) for f in differ)
+        theirs = ", ".join(_as_flag(f, RECIPE_SETTINGS[f](saved)) for f in differ)
+        raise ValueError(f"{ours} with --resume: the checkpoint's run has {theirs}, and a resumed run keeps its "
+                         f"recipe; leave these flags out (or give the run's own values), or start a new run "
+                         f"(another --out) with them")
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -123,10 +165,11 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.lrn_alpha:
         model = dataclasses.replace(model, lrn=dataclasses.replace(model.lrn, alpha_convention=args.lrn_alpha))
     model = dataclasses.replace(model, dropout_scaling=args.dropout_scaling)
-    # A flag of the other schedule would do nothing: say so rather than ignore it.
-    if args.schedule == "plateau" and args.milestones is not None:
+    # A flag of the other schedule would do nothing: say so rather than ignore it. (On resume the schedule
+    # is the checkpoint's, and check_resume_flags compares each given flag with it.)
+    if args.resume is None and args.schedule == "plateau" and args.milestones is not None:
         raise ValueError("--milestones applies to --schedule milestones; the plateau schedule drops on its own")
-    if args.schedule == "milestones" and args.patience is not None:
+    if args.resume is None and args.schedule == "milestones" and args.patience is not None:
         raise ValueError("--patience applies to --schedule plateau, not to fixed milestones")
     paper = OptimConfig()  # the defaults the two schedule flags fall back to
     optim = OptimConfig(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
@@ -173,8 +216,9 @@ def main(argv=None) -> int:
     given = given_flags(argv)
 
     def work():
-        check_resume_flags(args, given)
-        return train(build_config(args), resume=args.resume, keep_saved=keep_saved)
+        cfg = build_config(args)
+        check = (lambda saved: check_resume_flags(cfg, saved, given)) if args.resume else None
+        return train(cfg, resume=args.resume, keep_saved=keep_saved, check_recipe=check)
 
     return run(work, interrupted="interrupted: stopped without saving (any latest.pt written before is intact)")
 

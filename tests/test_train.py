@@ -295,6 +295,54 @@ def test_a_step_budget_that_ends_on_an_epochs_last_step_ends_that_epoch(tmp_path
     assert read(tmp_path / "e" / "latest.pt")["progress"]["global_step"] == 4
 
 
+def test_resuming_with_the_runs_own_recipe_flags_works_and_other_values_are_refused(tmp_path, data_root, capsys):
+    """A batch system's requeue reruns the launch line plus --resume: recipe flags equal to the
+    checkpoint's pass; different ones are refused with the run's values, before anything is written."""
+    from repro.train import train
+    from scripts.train_two_gpu import main
+
+    train(tiny_config(data_root, tmp_path / "e", max_steps=4))  # lr 0.01, batch 24, seed 0, milestones (1,)
+    log = (tmp_path / "e" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    rest = ["--resume", str(tmp_path / "e"), "--device", "cpu", "--workers", "0", "--final-crops"]
+    same = ["--lr", "0.01", "--batch-size", "24", "--seed", "0", "--schedule", "milestones", "--milestones", "1",
+            "--pca", "dataset", "--dataset", "fashion-mnist"]
+    for flags in (same, ["--milestones", "1"]):  # the schedule is the checkpoint's: --milestones alone is fine
+        assert main(flags + rest) == 0
+        assert "nothing to train" in capsys.readouterr().out  # resumed: the budget of 4 steps is spent
+    assert main(["--lr", "0.02", "--seed", "1", "--batch-size", "24", "--no-flip", "--variant", "paper"] + rest) == 2
+    assert ("error: --lr 0.02, --no-flip, --seed 1, --variant paper with --resume: the checkpoint's run has "
+            "--lr 0.01, no --no-flip, --seed 0, --variant (custom), and a resumed run keeps its recipe") \
+        in capsys.readouterr().err  # (custom): the test network's narrow fc layers
+    assert (tmp_path / "e" / "metrics.jsonl").read_text() == log
+
+
+def test_recipe_flags_compare_what_each_flag_sets():
+    from scripts.train_two_gpu import (RECIPE_SETTINGS, RESUME_FLAGS, build_config, check_resume_flags, given_flags,
+                                       parse_args)
+
+    every_flag = set(vars(parse_args([])))  # each is either where/how long to run, or the recipe
+    assert every_flag == RESUME_FLAGS | RECIPE_SETTINGS.keys() and not RESUME_FLAGS & RECIPE_SETTINGS.keys()
+    assert given_flags(["--lr", "0.01", "--no-flip", "--out", "x"]) == {"lr", "no_flip", "out"}  # defaults too
+
+    def config(*flags):
+        return build_config(parse_args([*flags, "--max-steps", "1", "--out", "unused"]))
+
+    saved = config("--lrn-alpha", "divided", "--schedule", "milestones")  # the paper's network, 2012 code's alpha
+    check_resume_flags(config("--variant", "paper", "--lrn-alpha", "divided"), saved, {"variant", "lrn_alpha"})
+    check_resume_flags(config("--variant", "paper"), saved, {"variant"})  # --variant leaves the alpha to its flag
+    check_resume_flags(config("--schedule", "milestones", "--milestones", "25", "51", "79"), saved, {"milestones"})
+    with pytest.raises(ValueError, match=r"--variant cuda-convnet-2012 with --resume: the checkpoint's run has "
+                                         r"--variant paper"):  # it differs in conv3-5's init too
+        check_resume_flags(config("--variant", "cuda-convnet-2012"), saved, {"variant"})
+    with pytest.raises(ValueError, match=r"--lrn-alpha paper with --resume: the checkpoint's run has --lrn-alpha "
+                                         r"divided"):
+        check_resume_flags(config("--lrn-alpha", "paper"), saved, {"lrn_alpha"})
+    with pytest.raises(ValueError, match=r"--milestones \(none\) with --resume: the checkpoint's run has "
+                                         r"--milestones 25 51 79"):
+        check_resume_flags(config("--schedule", "milestones", "--milestones"), saved, {"milestones"})
+
+
 def test_a_single_class_is_a_clear_error(tmp_path):
     from PIL import Image
 
