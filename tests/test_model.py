@@ -89,6 +89,18 @@ def test_paper_initialisation():
         assert torch.equal(b, torch.full_like(b, expected))
 
 
+def test_a_seed_gives_the_paper_draws_and_nothing_else():
+    """The weights are the seed's first normal draws, layer by layer in the table's order: no default
+    initialisation runs first (it would shift the stream), and no parameter is left unwritten."""
+    cfg = ModelConfig(num_classes=10, image_size=67)
+    torch.manual_seed(3)
+    model = AlexNet(config=cfg)
+    torch.manual_seed(3)
+    for name in WEIGHT_SHAPES:  # the table's order; every std is 0.01 in the paper's config
+        w = getattr(model, name).weight
+        assert torch.equal(w, torch.empty_like(w).normal_(0.0, 0.01)), name
+
+
 def test_bad_configurations_fail_clearly():
     with pytest.raises(ValueError, match="too small.*at least 67"):
         ModelConfig(image_size=66)

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from repro.config import ModelConfig
 from repro.model.layers import LocalResponseNorm, SharedMaskDropout
-from repro.model.spec import classifier_inputs, init_paper_, make_layer, tower_layers
+from repro.model.spec import init_paper_, make_classifier, make_layer, tower_layers
 
 
 def resolve_config(num_classes: int | None, config: ModelConfig | None) -> ModelConfig:
@@ -33,7 +33,7 @@ class AlexNet(nn.Module):
         specs = tower_layers(cfg)
         for spec in specs:
             self.add_module(spec.name, make_layer(spec, t))
-        self.fc8 = nn.Linear(classifier_inputs(cfg), cfg.num_classes)
+        self.fc8 = make_classifier(cfg)
         self.lrn1 = LocalResponseNorm(cfg.lrn, groups=t, relu=True)  # ReLU, then LRN: one pass (layers.py)
         self.lrn2 = LocalResponseNorm(cfg.lrn, groups=t, relu=True)
         self.pool = nn.MaxPool2d(cfg.pool_kernel, cfg.pool_stride)

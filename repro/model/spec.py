@@ -8,6 +8,7 @@ layer; a layer reads either the image, its own tower's previous block ("own"), o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,13 +48,27 @@ def classifier_inputs(cfg: ModelConfig) -> int:
     return cfg.towers * cfg.widths.fc7
 
 
+def _unset(build: Callable[[], nn.Module]) -> nn.Module:
+    """A layer with its parameters allocated but not drawn: init_paper_ or a loaded state fills them.
+    torch's default initialisation would be overwritten anyway; skipping it saves ~1 s of CPU per
+    full-size network and starts the paper's draws at the seed's first number."""
+    with torch.device("meta"):
+        layer = build()
+    return layer.to_empty(device="cpu")
+
+
 def make_layer(spec: LayerSpec, towers: int) -> nn.Module:
-    """The layer for all `towers` at once (the grouped form) or, with towers=1, for one tower."""
+    """The layer for all `towers` at once (the grouped form) or, with towers=1, for one tower (unset)."""
     if spec.kind == "fc":
-        return nn.Linear(spec.in_per_tower, towers * spec.out_per_tower)
+        return _unset(lambda: nn.Linear(spec.in_per_tower, towers * spec.out_per_tower))
     groups = towers if spec.reads == "own" else 1
-    return nn.Conv2d(spec.in_per_tower * groups, towers * spec.out_per_tower, spec.kernel,
-                     stride=spec.stride, padding=spec.padding, groups=groups)
+    return _unset(lambda: nn.Conv2d(spec.in_per_tower * groups, towers * spec.out_per_tower, spec.kernel,
+                                    stride=spec.stride, padding=spec.padding, groups=groups))
+
+
+def make_classifier(cfg: ModelConfig) -> nn.Linear:
+    """fc8 (unset, as make_layer's)."""
+    return _unset(lambda: nn.Linear(classifier_inputs(cfg), cfg.num_classes))
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from repro.config import ModelConfig
 from repro.model.layers import LocalResponseNorm, SharedMaskDropout
-from repro.model.spec import classifier_inputs, make_layer, tower_layers
+from repro.model.spec import make_classifier, make_layer, tower_layers
 
 
 class Tower(nn.Module):
@@ -24,7 +24,7 @@ class Tower(nn.Module):
         self.config, self.index = config, index
         for spec in tower_layers(config):
             self.add_module(spec.name, make_layer(spec, towers=1))
-        self.fc8 = nn.Linear(classifier_inputs(config), config.num_classes) if index == 0 else None
+        self.fc8 = make_classifier(config) if index == 0 else None
         self.lrn1 = LocalResponseNorm(config.lrn, relu=True)  # ReLU, then LRN: one pass (layers.py)
         self.lrn2 = LocalResponseNorm(config.lrn, relu=True)
         self.pool = nn.MaxPool2d(config.pool_kernel, config.pool_stride)
