@@ -15,6 +15,13 @@ class RunDiverged(RuntimeError):
 USER_ERRORS = (ValueError, FileNotFoundError, RunDiverged)  # wrong flags, unfit files, a diverged run; bugs keep tracebacks
 
 
+def raised_on_every_rank(exc: Exception) -> Exception:
+    """Mark a user error that every process of a launch raises alike (it follows from the flags, or
+    rank 0 sent it): `run` prints it on rank 0 alone rather than once per process."""
+    exc.raised_on_every_rank = True
+    return exc
+
+
 def at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an int >= low, refused at parse time with the flag's name."""
     def parse(text: str) -> int:
@@ -66,8 +73,8 @@ def make_out_dir(out: Path, flag: str = "--out") -> Path:
 
 
 def run(work: Callable[[], object], interrupted: str = "interrupted") -> int:
-    """Exit code 0 when `work` succeeds; 2 with `error: ...` on stderr for a user error; 130 with
-    `interrupted` for Ctrl-C."""
+    """Exit code 0 when `work` succeeds; 2 with `error: ...` on stderr for a user error (under torchrun,
+    one that every rank raises is printed by rank 0 alone); 130 with `interrupted` for Ctrl-C."""
     try:
         work()
     except KeyboardInterrupt:  # no traceback: the user asked for it
@@ -75,6 +82,8 @@ def run(work: Callable[[], object], interrupted: str = "interrupted") -> int:
         sys.stderr.flush()
         return 130
     except USER_ERRORS as exc:
+        if getattr(exc, "raised_on_every_rank", False) and os.environ.get("RANK", "0") != "0":
+            return 2  # rank 0 says it
         sys.stderr.write(f"error: {exc}\n")  # one write: the lines of two ranks do not run together
         sys.stderr.flush()
         return 2

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from repro.cli import raised_on_every_rank
+
 
 @dataclass
 class Topology:
@@ -62,9 +64,10 @@ def init_topology(device: str = "auto", backend: str = "auto") -> Topology:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if world > 1 and world % 2:
-        raise ValueError(f"world size {world} is odd: each model replica is a pair of processes (one "
-                         f"tower each). Launch with --nproc_per_node=2 (k pairs: 2k processes in all), "
-                         f"or --nproc_per_node=1 on one node for the grouped single-device form.")
+        raise raised_on_every_rank(ValueError(
+            f"world size {world} is odd: each model replica is a pair of processes (one tower each). Launch "
+            f"with --nproc_per_node=2 (k pairs: 2k processes in all), or --nproc_per_node=1 on one node for "
+            f"the grouped single-device form."))
     dev, own_gpus = _pick_device(local_rank, local_world, device)
     if world == 1:
         return Topology(0, 1, 0, dev, None, 1, 0, 0, 1)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from repro.checkpoint import atomic_save, read
-from repro.cli import RunDiverged, make_out_dir
+from repro.cli import RunDiverged, make_out_dir, raised_on_every_rank
 from repro.config import TrainConfig
 from repro.data.augment import Augment, Stats, draw_params, step_generator
 from repro.data.datasets import open_splits
@@ -73,7 +73,7 @@ def on_main_rank(work, topo: Topology):
             box[0] = exc
     torch.distributed.broadcast_object_list(box, src=0)
     if isinstance(box[0], Exception):
-        raise box[0]
+        raise raised_on_every_rank(box[0])
     return box[0]
 
 
@@ -123,7 +123,10 @@ class Trainer:
         if ckpt:
             check_resumable(ckpt, resume, topo.replicas)
             if check_recipe:  # every rank has the checkpoint: all raise alike
-                check_recipe(TrainConfig.from_dict(ckpt["train_config"]))
+                try:
+                    check_recipe(TrainConfig.from_dict(ckpt["train_config"]))
+                except ValueError as exc:
+                    raise raised_on_every_rank(exc) from None
             cfg = resumed_config(cfg, ckpt["train_config"], keep_saved)
         self.topo, self.out = topo, Path(cfg.out)
         on_main_rank(lambda: prepare_run_dir(self.out, resume), topo)
@@ -389,9 +392,10 @@ class Trainer:
         saved = (f"{self.out / 'latest.pt'} holds step {self.saved_step}" if self.saved_step is not None
                  else f"the checkpoint it resumed from ({self.resumed_from}) is untouched" if self.resumed_from
                  else "no checkpoint had been written")
-        return RunDiverged(f"training diverged: {what} (lr {self.optimizer.base_lr:.2e}; every step's loss is in "
-                           f"{self.out / 'metrics.jsonl'}). Stopped without saving: {saved}. A new run with a lower "
-                           f"--lr or another --seed may train")
+        message = (f"training diverged: {what} (lr {self.optimizer.base_lr:.2e}; every step's loss is in "
+                   f"{self.out / 'metrics.jsonl'}). Stopped without saving: {saved}. A new run with a lower --lr "
+                   f"or another --seed may train")
+        return raised_on_every_rank(RunDiverged(message))  # every rank stops here alike
 
     def _check_weights_finite(self) -> None:
         """Collective: the last step's update can make the weights NaN while its loss (computed before

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from repro.cli import default_workers, run  # noqa: E402
+from repro.cli import default_workers, raised_on_every_rank, run  # noqa: E402
 from repro.config import (  # noqa: E402
     COMPILE_MODES, MODEL_VARIANTS, DataConfig, ModelConfig, OptimConfig, TrainConfig)
 
@@ -216,7 +216,10 @@ def main(argv=None) -> int:
     given = given_flags(argv)
 
     def work():
-        cfg = build_config(args)
+        try:
+            cfg = build_config(args)
+        except ValueError as exc:  # from the flags alone: every rank of the launch raises it
+            raise raised_on_every_rank(exc) from None
         check = (lambda saved: check_resume_flags(cfg, saved, given)) if args.resume else None
         return train(cfg, resume=args.resume, keep_saved=keep_saved, check_recipe=check)
 

@@ -166,10 +166,26 @@ def test_grouped_form_in_one_process_and_final_table(tmp_path, data_root, capsys
         assert (tmp_path / "g" / name).exists(), name
 
 
-def test_odd_world_size_is_a_clear_error(monkeypatch):
+def test_odd_world_size_is_a_clear_error_said_once(monkeypatch, capsys):
+    """Every rank raises it: rank 0 alone prints it, not each of the launch's processes."""
+    from scripts.train_two_gpu import main
+
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="world size 3 is odd.*--nproc_per_node=2"):
         init_topology("cpu")
+    for rank, says in (("0", True), ("2", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["--device", "cpu", "--max-steps", "1", "--out", "unused"]) == 2
+        assert ("error: world size 3 is odd" in capsys.readouterr().err) == says, rank
+        assert main(["--lr", "-1", "--out", "unused"]) == 2  # a bad flag: also raised by every rank
+        assert ("error: --lr" in capsys.readouterr().err) == says, rank
+    from repro.cli import run as run_script
+
+    def own_error():  # one rank's own (its node's files, its GPU): not marked, so always printed
+        raise FileNotFoundError("no such folder on this node")
+
+    monkeypatch.setenv("RANK", "1")
+    assert run_script(own_error) == 2 and "error: no such folder on this node" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_checkpoints_recipe(tmp_path):
