@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 class RunDiverged(RuntimeError):
     """Training's loss stopped being finite: an outcome of the recipe, not a bug (no traceback)."""
@@ -58,6 +59,19 @@ def device_from_flag(name: str, flag: str = "--device"):
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"{flag} {name}: there are {torch.cuda.device_count()} CUDA GPU(s) here")
     return device
+
+
+@contextmanager
+def out_of_memory_advice(work: str, advice: str) -> Iterator[None]:
+    """A device running out of memory in `work` becomes one line that says what to lower, not a
+    traceback (`work`: e.g. "scoring 128 images x 10 patches"; `advice`: the flag to change)."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        detail = next((line for line in str(exc).splitlines() if line.strip()), "out of memory")
+        raise ValueError(f"out of device memory {work} ({detail.rstrip('.')}); {advice}") from None
 
 
 def make_out_dir(out: Path, flag: str = "--out") -> Path:

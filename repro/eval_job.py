@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from repro.checkpoint import network, read
-from repro.cli import device_from_flag, make_out_dir
+from repro.cli import device_from_flag, make_out_dir, out_of_memory_advice
 from repro.config import TrainConfig, variant_name
 from repro.data.augment import Augment, Stats
 from repro.data.datasets import open_eval_split
@@ -125,7 +125,9 @@ def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
     spec = EvalSpec(crops=opts.crops, batch_size=batch, amp=opts.amp, workers=opts.workers,
                     pin=device.type == "cuda", decode_device=device)
     start = time.perf_counter()
-    results = evaluate([m.model for m in members], split, idx, [m.augment for m in members], spec)
+    with out_of_memory_advice(f"scoring {batch} images x {max(opts.crops)} patch(es) through {len(members)} "
+                              f"network(s) per step", "pass a smaller --batch-size"):
+        results = evaluate([m.model for m in members], split, idx, [m.augment for m in members], spec)
     seconds = time.perf_counter() - start
     scored = next(iter(results.values()))
     if scored.images == 0:

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from repro.checkpoint import atomic_save, read
-from repro.cli import RunDiverged, make_out_dir, raised_on_every_rank
+from repro.cli import RunDiverged, make_out_dir, out_of_memory_advice, raised_on_every_rank
 from repro.config import TrainConfig
 from repro.data.augment import Augment, Stats, draw_params, step_generator
 from repro.data.datasets import open_splits
@@ -313,7 +313,9 @@ class Trainer:
             if topo.holds_logits:  # one tower per pair counts what both dropped
                 self.meter.skipped += batch.skipped  # unreadable images, dropped from the batch
             if len(batch.labels) or self.uneven_batches:  # an empty batch still joins the other pairs' step
-                loss = self._step(batch, params)
+                with out_of_memory_advice(f"in a training step of {cfg.batch_size} images per pair",
+                                          "pass --amp bf16, or start a new run with a smaller --batch-size"):
+                    loss = self._step(batch, params)
                 if len(batch.labels):
                     losses.append(loss)
             p.step_in_epoch += 1
@@ -432,7 +434,10 @@ class Trainer:
         spec = EvalSpec(crops=crops, batch_size=self.cfg.eval_batch_size, amp=self.cfg.amp,
                         workers=self.cfg.data.workers, pin=self.pin, decode_device=self.decode_device)
         net = self.replica.net.eval()
-        results = evaluate([net], self.val_set, idx, self.augment, spec)
+        patches = max(crops)
+        with out_of_memory_advice(f"validating {spec.batch_size} images x {patches} patch(es) per forward",
+                                  "pass a smaller --eval-batch-size"):
+            results = evaluate([net], self.val_set, idx, self.augment, spec)
         net.train()
         if not self.topo.holds_logits:
             for counts in results.values():

@@ -99,6 +99,19 @@ def test_ensemble_and_tower_form(trees, checkpoints, tmp_path):
     assert [(r.top1_error, r.top5_error) for r in towers] == [(r.top1_error, r.top5_error) for r in ensemble]
 
 
+def test_running_out_of_device_memory_names_the_flag_to_lower(trees, checkpoints, tmp_path, monkeypatch):
+    import repro.eval_job
+
+    def too_big(*_args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.\nmore detail")
+
+    monkeypatch.setattr(repro.eval_job, "evaluate", too_big)
+    with pytest.raises(ValueError, match=r"out of device memory scoring 4 images x 10 patch\(es\) through 2 "
+                                         r"network\(s\) per step \(CUDA out of memory. Tried to allocate 9.00 GiB\); "
+                                         r"pass a smaller --batch-size"):
+        run_evaluation(options(checkpoints, trees["folders"], tmp_path))
+
+
 def test_figures_are_written(trees, checkpoints, tmp_path):
     run_evaluation(EvalOptions(checkpoints=checkpoints[:1], crops=(1,), workers=0, out=str(tmp_path / "f"),
                                device="cpu", neighbours=2))

@@ -359,6 +359,24 @@ def test_recipe_flags_compare_what_each_flag_sets():
         check_resume_flags(config("--schedule", "milestones", "--milestones"), saved, {"milestones"})
 
 
+def test_running_out_of_device_memory_names_the_flag_to_lower(tmp_path, data_root, monkeypatch):
+    from repro import train as train_module
+
+    def too_big(*_args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.")
+
+    monkeypatch.setattr(train_module.Trainer, "_step", too_big)
+    with pytest.raises(ValueError, match=r"out of device memory in a training step of 24 images per pair \(CUDA "
+                                         r"out of memory. Tried to allocate 9.00 GiB\); pass --amp bf16, or start a "
+                                         r"new run with a smaller --batch-size"):
+        train_module.train(tiny_config(data_root, tmp_path / "a", max_steps=1))
+    monkeypatch.undo()
+    monkeypatch.setattr(train_module, "evaluate", too_big)
+    with pytest.raises(ValueError, match=r"validating 16 images x 1 patch\(es\) per forward .*; pass a smaller "
+                                         r"--eval-batch-size"):
+        train_module.train(tiny_config(data_root, tmp_path / "b", max_steps=4))  # validates after epoch 1
+
+
 def test_a_single_class_is_a_clear_error(tmp_path):
     from PIL import Image
 
