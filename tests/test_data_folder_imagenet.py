@@ -212,6 +212,9 @@ def test_image_folder_order_and_filters(tmp_path):
         image_folder(tmp_path)  # a class no image teaches: a copy not finished, most likely
     given = image_folder(tmp_path, name="f", classes=["z", "b", "a", "empty_class"])  # val: classes given
     assert given.labels.tolist() == [2, 1, 1] and given.num_classes == 4
+    (tmp_path / "c").symlink_to(tmp_path / "a")  # a class folder that is another class's
+    with pytest.raises(ValueError, match=r"class folders .*/a and .*/c are one folder \(a link\)"):
+        image_folder(tmp_path, name="f", classes=["a", "b", "c", "empty_class"])
 
 
 def test_image_folder_errors(tmp_path):

@@ -184,6 +184,12 @@ def image_folder(root: str | Path, name: str | None = None, size: int = 256,
     index = _class_index(root, folders, classes)
     files, labels, empty = [], [], []
     real = {f: os.path.realpath(root / f) for f in folders}
+    seen: dict[str, str] = {}
+    for folder in folders:  # two class names for one folder (a link): every image would be both classes
+        first = seen.setdefault(real[folder], folder)
+        if first != folder:
+            raise ValueError(f"class folders {root / first} and {root / folder} are one folder (a link): its "
+                             f"images would belong to both classes; remove the link or copy the images")
     for folder in folders:  # a link up to the root, or into another class, would mislabel images
         found = _image_files(str(root / folder), {os.path.realpath(root)} | (set(real.values()) - {real[folder]}))
         files += found
