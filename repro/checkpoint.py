@@ -70,7 +70,8 @@ def network(ckpt: dict, path: str | os.PathLike) -> AlexNet:
         warnings.warn(f"{path} holds bare weights without a config: loaded as the paper's network with "
                       f"{cfg.num_classes} classes. A variant's weights (no-lrn, cuda-convnet-2012, ...) give "
                       f"another function here; load its training checkpoint instead", stacklevel=3)
-    model = AlexNet(config=cfg)
+    with torch.random.fork_rng(devices=[]):  # its drawn initialisation is overwritten: leave the caller's stream
+        model = AlexNet(config=cfg)
     try:
         model.load_state_dict(grouped_state(state, cfg))
     except (RuntimeError, KeyError) as exc:

@@ -45,7 +45,9 @@ def test_either_form_loads_as_grouped(tmp_path):
     ck.atomic_save(dict(format=ck.FORMAT, model=grouped.state_dict(), model_config=CFG.to_dict()), tmp_path / "g.pt")
     x = torch.randn(2, 3, 67, 67)
     expected = grouped.eval()(x)
+    stream = torch.get_rng_state()
     model = load_checkpoint(tmp_path / "g.pt")
+    assert torch.equal(torch.get_rng_state(), stream)  # the caller's seeded stream is left where it was
     assert not model.training
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     towers = TwoTowerAlexNet.from_grouped(grouped, devices=("cpu", "cpu"))
