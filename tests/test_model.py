@@ -99,6 +99,13 @@ def test_a_seed_gives_the_paper_draws_and_nothing_else():
     for name in WEIGHT_SHAPES:  # the table's order; every std is 0.01 in the paper's config
         w = getattr(model, name).weight
         assert torch.equal(w, torch.empty_like(w).normal_(0.0, 0.01)), name
+    torch.manual_seed(4)
+    tower = Tower(cfg, 1)  # built alone (not from a grouped draw): its own layers' paper draws
+    torch.manual_seed(4)
+    for name in list(WEIGHT_SHAPES)[:-1]:  # tower 1 holds no fc8
+        w = getattr(tower, name).weight
+        assert torch.equal(w, torch.empty_like(w).normal_(0.0, 0.01)), name
+    assert torch.equal(tower.conv2.bias, torch.ones(128)) and torch.equal(tower.conv1.bias, torch.zeros(48))
 
 
 def test_bad_configurations_fail_clearly():

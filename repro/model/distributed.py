@@ -32,7 +32,7 @@ class DistributedTowerAlexNet(nn.Module):
         # Every rank draws the full grouped network from the same seed and keeps its own block, so
         # the distributed network equals AlexNet(config) drawn with that seed.
         state = grouped_state if grouped_state is not None else AlexNet(config=config).state_dict()
-        self.tower = Tower(config, self.exchange.tower)
+        self.tower = Tower(config, self.exchange.tower, init=False)  # its block of the grouped draw, next
         self.tower.load_state_dict(grouped_to_towers(state, config)[self.exchange.tower])
         self.tower.to(device)
 

@@ -54,7 +54,7 @@ def _unset(build: Callable[[], nn.Module]) -> nn.Module:
     full-size network and starts the paper's draws at the seed's first number."""
     with torch.device("meta"):
         layer = build()
-    return layer.to_empty(device="cpu")
+    return layer.to_empty(device=torch.get_default_device())  # where nn.Linear itself would have put it
 
 
 def make_layer(spec: LayerSpec, towers: int) -> nn.Module:

@@ -7,17 +7,19 @@ from torch import Tensor, nn
 
 from repro.config import ModelConfig
 from repro.model.layers import LocalResponseNorm, SharedMaskDropout
-from repro.model.spec import make_classifier, make_layer, tower_layers
+from repro.model.spec import init_paper_, make_classifier, make_layer, tower_layers
 
 
 class Tower(nn.Module):
     """Tower `index` of the paper's Figure 2: its own block of every layer and nothing else.
 
     The forward pass is cut at the four exchanges (SPEC section 1); the model that owns the towers
-    calls these stages and the exchanges between them. fc8 exists on tower 0 only.
+    calls these stages and the exchanges between them. fc8 exists on tower 0 only. Built alone, it
+    draws the paper's initialisation for its own layers; the two-tower forms pass `init=False` and
+    load their block of one grouped draw instead (so one seed gives the same network in every form).
     """
 
-    def __init__(self, config: ModelConfig, index: int):
+    def __init__(self, config: ModelConfig, index: int, *, init: bool = True):
         super().__init__()
         if not 0 <= index < config.towers:
             raise ValueError(f"tower index {index} out of range for {config.towers} towers")
@@ -31,6 +33,9 @@ class Tower(nn.Module):
         w, t, p, scaling = config.widths, config.towers, config.dropout, config.dropout_scaling
         self.drop6 = SharedMaskDropout(p, 6, t * w.fc6, index * w.fc6, w.fc6, scaling)
         self.drop7 = SharedMaskDropout(p, 7, t * w.fc7, index * w.fc7, w.fc7, scaling)
+        if init:
+            init_paper_({s.name: getattr(self, s.name) for s in tower_layers(config)}
+                        | ({"fc8": self.fc8} if self.fc8 is not None else {}), config)
 
     def conv1_to_pool2(self, image: Tensor) -> Tensor:
         x = self.pool(self.lrn1(self.conv1(image)))  # ReLU + LRN + pool: (B, 48, 27, 27)

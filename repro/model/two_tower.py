@@ -31,7 +31,7 @@ class TwoTowerAlexNet(nn.Module):
                              f"{cfg.towers} towers and devices {list(devices)}")
         self.devices = [torch.device(d) for d in devices]
         initial = AlexNet(config=cfg).state_dict() if _init else None  # first: it draws from the seed
-        self.towers = nn.ModuleList(Tower(cfg, t) for t in range(2))
+        self.towers = nn.ModuleList(Tower(cfg, t, init=False) for t in range(2))  # filled below or by the caller
         self.exchange = LocalExchange(self.devices)
         if initial is not None:
             self.load_grouped_state(initial)
