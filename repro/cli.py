@@ -70,8 +70,10 @@ def out_of_memory_advice(work: str, advice: str) -> Iterator[None]:
     try:
         yield
     except torch.cuda.OutOfMemoryError as exc:
-        detail = next((line for line in str(exc).splitlines() if line.strip()), "out of memory")
-        raise ValueError(f"out of device memory {work} ({detail.rstrip('.')}); {advice}") from None
+        # torch's message is one long line: "CUDA out of memory. Tried to allocate X. GPU 0 has ..."
+        text = str(exc).strip() or "out of memory"
+        detail = text.split(". GPU")[0].splitlines()[0].rstrip(".")
+        raise ValueError(f"out of device memory {work} ({detail}); {advice}") from None
 
 
 def make_out_dir(out: Path, flag: str = "--out") -> Path:
@@ -96,7 +98,8 @@ def run(work: Callable[[], object], interrupted: str = "interrupted") -> int:
         sys.stderr.flush()
         return 130
     except USER_ERRORS as exc:
-        if getattr(exc, "raised_on_every_rank", False) and os.environ.get("RANK", "0") != "0":
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if launched and getattr(exc, "raised_on_every_rank", False) and os.environ.get("RANK", "0") != "0":
             return 2  # rank 0 says it
         sys.stderr.write(f"error: {exc}\n")  # one write: the lines of two ranks do not run together
         sys.stderr.flush()

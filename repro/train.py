@@ -314,7 +314,8 @@ class Trainer:
                 self.meter.skipped += batch.skipped  # unreadable images, dropped from the batch
             if len(batch.labels) or self.uneven_batches:  # an empty batch still joins the other pairs' step
                 with out_of_memory_advice(f"in a training step of {cfg.batch_size} images per pair",
-                                          "pass --amp bf16, or start a new run with a smaller --batch-size"):
+                                          ("" if cfg.amp == "bf16" else "pass --amp bf16, or ") +
+                                          "start a new run with a smaller --batch-size"):
                     loss = self._step(batch, params)
                 if len(batch.labels):
                     losses.append(loss)

@@ -103,12 +103,13 @@ def test_running_out_of_device_memory_names_the_flag_to_lower(trees, checkpoints
     import repro.eval_job
 
     def too_big(*_args):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.\nmore detail")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total capacity "
+                                          "of 79.19 GiB of which 1.00 GiB is free. See PYTORCH_CUDA_ALLOC_CONF.")
 
     monkeypatch.setattr(repro.eval_job, "evaluate", too_big)
     with pytest.raises(ValueError, match=r"out of device memory scoring 4 images x 10 patch\(es\) through 2 "
                                          r"network\(s\) per step \(CUDA out of memory. Tried to allocate 9.00 GiB\); "
-                                         r"pass a smaller --batch-size"):
+                                         r"pass a smaller --batch-size$"):  # torch's first two sentences only
         run_evaluation(options(checkpoints, trees["folders"], tmp_path))
 
 
