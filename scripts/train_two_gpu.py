@@ -143,11 +143,14 @@ def _as_flag(flag: str, value) -> str:
 def check_resume_flags(requested: TrainConfig, saved: TrainConfig, given: set[str]) -> None:
     """A resumed run keeps the checkpoint's recipe: refuse recipe flags that would change it (and so be
     ignored), naming what the run used. Flags equal to the run's own are fine."""
+    # A checkpoint stores both schedules' settings; the one its schedule does not read is no match.
+    unread = {"milestones": saved.optim.schedule != "milestones", "patience": saved.optim.schedule != "plateau"}
     differ = [f for f in sorted(given & RECIPE_SETTINGS.keys())
-              if RECIPE_SETTINGS[f](requested) != RECIPE_SETTINGS[f](saved)]
+              if unread.get(f) or RECIPE_SETTINGS[f](requested) != RECIPE_SETTINGS[f](saved)]
     if differ:
         ours = ", ".join(_as_flag(f, RECIPE_SETTINGS[f](requested)) for f in differ)
-        theirs = ", ".join(_as_flag(f, RECIPE_SETTINGS[f](saved)) for f in differ)
+        theirs = ", ".join(f"--schedule {saved.optim.schedule}" if unread.get(f) else _as_flag(f, RECIPE_SETTINGS[f](saved))
+                           for f in differ)
         raise ValueError(f"{ours} with --resume: the checkpoint's run has {theirs}, and a resumed run keeps its "
                          f"recipe; leave these flags out (or give the run's own values), or start a new run "
                          f"(another --out) with them")

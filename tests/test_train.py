@@ -186,6 +186,8 @@ def test_odd_world_size_is_a_clear_error_said_once(monkeypatch, capsys):
 
     monkeypatch.setenv("RANK", "1")
     assert run_script(own_error) == 2 and "error: no such folder on this node" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")  # RANK without a launch: one process, which must say it
+    assert main(["--lr", "-1", "--out", "unused"]) == 2 and "error: --lr" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_checkpoints_recipe(tmp_path):
@@ -357,6 +359,13 @@ def test_recipe_flags_compare_what_each_flag_sets():
     with pytest.raises(ValueError, match=r"--milestones \(none\) with --resume: the checkpoint's run has "
                                          r"--milestones 25 51 79"):
         check_resume_flags(config("--schedule", "milestones", "--milestones"), saved, {"milestones"})
+    with pytest.raises(ValueError, match=r"--patience 3 with --resume: the checkpoint's run has --schedule milestones"):
+        check_resume_flags(config("--patience", "3"), saved, {"patience"})  # the default, but not read by that run
+    plateau = config()
+    with pytest.raises(ValueError, match=r"--milestones 25 51 79 with --resume: the checkpoint's run has --schedule "
+                                         r"plateau"):
+        check_resume_flags(config("--schedule", "milestones", "--milestones", "25", "51", "79"), plateau, {"milestones"})
+    check_resume_flags(config("--patience", "3"), plateau, {"patience"})
 
 
 def test_running_out_of_device_memory_names_the_flag_to_lower(tmp_path, data_root, monkeypatch):
