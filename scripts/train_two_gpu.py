@@ -189,11 +189,15 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
     out = args.out or (resume_dir_of(args.resume) if args.resume else
                        os.path.join("runs", f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    batch_size = pick(args.batch_size, "batch_size", 128)
     if no_gpu and int(os.environ.get("RANK", "0")) == 0:
         said = []
         if cpu_budget:
             said.append(f"a short CPU budget instead of the paper's schedule ({CPU_BUDGET['max_steps']} steps of "
-                        f"{CPU_BUDGET['batch_size']} images; --epochs or --max-steps to choose)")
+                        f"{batch_size} images; --epochs or --max-steps to choose)")
+        elif args.batch_size is None:  # out of the budget, the recipe is the paper's: say what that costs here
+            said.append(f"the paper's batch of {batch_size} images per step (--batch-size to choose; the short "
+                        f"budget uses {CPU_BUDGET['batch_size']})")
         if args.val_images is None:
             said.append(f"validation on {CPU_BUDGET['val_images']} evenly spaced held-out images (--val-images)")
         if args.stats_images is None:
@@ -202,7 +206,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         if said:
             print("No GPU: " + "; ".join(said) + ".", flush=True)
     return TrainConfig(model=model, optim=optim, data=data, epochs=90 if args.epochs is None else args.epochs,
-                       batch_size=pick(args.batch_size, "batch_size", 128), seed=args.seed,
+                       batch_size=batch_size, seed=args.seed,
                        max_steps=pick(args.max_steps, "max_steps", None), out=out, log_every=args.log_every,
                        eval_batch_size=args.eval_batch_size, final_crops=tuple(args.final_crops),
                        device=args.device, backend=args.backend, amp=args.amp,

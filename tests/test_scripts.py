@@ -35,8 +35,9 @@ def test_bad_flags_give_a_clear_error(tmp_path, capsys):
 
     assert main(["--dataset", "imagenet", "--out", str(tmp_path)]) == 2
     assert "error: --dataset imagenet needs --data DIR" in capsys.readouterr().err
-    assert main(["--dataset", "folder", "--data", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert main(["--dataset", "folder", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "new")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # a launch that failed in setup leaves no empty run folder
     for flags, message in ((["--log-every", "0"], "--log-every (log_every) must be >= 1, got 0"),
                            (["--eval-batch-size", "0"], "--eval-batch-size"),
                            (["--epochs", "0"], "--epochs (epochs) must be >= 1, got 0"),
@@ -109,3 +110,6 @@ def test_without_a_gpu_the_budget_and_the_evaluation_size_default_separately(cap
     assert (full.max_steps, full.epochs, full.data.val_images) == (None, 2, 10000)
     out = capsys.readouterr().out
     assert "validation on 300" in out and "short CPU budget" in out
+    assert "the paper's batch of 128 images per step (--batch-size to choose" in out  # the --max-steps 5 run's
+    build_config(parse_args(["--device", "cpu", "--batch-size", "4", "--out", "unused"]))
+    assert "(60 steps of 4 images;" in capsys.readouterr().out  # the budget's steps, the given batch
