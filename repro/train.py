@@ -6,6 +6,7 @@ step, replica) and the checkpointed state, so an interrupted run resumes to the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -121,17 +122,17 @@ class Trainer:
         lrn_triton.check_choice()  # a bad REPRO_LRN_KERNEL fails in seconds, not after the data is read
         ckpt = read_on_main_rank(resume, topo) if resume else None
         if ckpt:
-            check_resumable(ckpt, resume, topo.replicas)
-            if check_recipe:  # every rank has the checkpoint: all raise alike
-                try:
+            try:  # every rank has the checkpoint: all raise alike
+                check_resumable(ckpt, resume, topo.replicas)
+                if check_recipe:
                     check_recipe(TrainConfig.from_dict(ckpt["train_config"]))
-                except ValueError as exc:
-                    raise raised_on_every_rank(exc) from None
+            except ValueError as exc:
+                raise raised_on_every_rank(exc) from None
             cfg = resumed_config(cfg, ckpt["train_config"], keep_saved)
         self.topo, self.out = topo, Path(cfg.out)
         on_main_rank(lambda: prepare_run_dir(self.out, resume), topo)
         if topo.towers == 2 and cfg.model.towers != 2:  # before the data is read: fail in seconds, not minutes
-            raise ValueError(one_tower_message(cfg.model))
+            raise raised_on_every_rank(ValueError(one_tower_message(cfg.model)))
         if topo.device.type == "cuda":
             # Every training batch has one shape, so cuDNN's autotuner pays off after the first step.
             # (GPU runs are not bit-repeatable anyway: some CUDA backward kernels sum with atomics.)
@@ -455,7 +456,14 @@ def train(cfg: TrainConfig, resume: str | None = None, keep_saved: tuple[str, ..
     `check_recipe` (if given) sees the checkpoint's config first and may refuse it with a ValueError."""
     topo = init_topology(cfg.device, cfg.backend)
     try:
-        trainer = Trainer(cfg, topo, resume, keep_saved, check_recipe)
+        new_folder = not Path(cfg.out).exists()
+        try:
+            trainer = Trainer(cfg, topo, resume, keep_saved, check_recipe)
+        except Exception:
+            if new_folder and topo.is_main:  # a launch that failed in setup leaves no empty run folder behind
+                with contextlib.suppress(OSError):
+                    Path(cfg.out).rmdir()  # only if still empty
+            raise
         origin = getattr(trainer.train_set, "origin", None) or trainer.cfg.data.root
         trainer.say(f"{trainer.cfg.data.dataset} (from {origin}): {len(trainer.train_set)} training images, "
                     f"{trainer.steps_per_epoch} steps per epoch; {topo.replicas} replica(s) of "
