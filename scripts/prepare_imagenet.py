@@ -3,12 +3,14 @@
     python scripts/prepare_imagenet.py --data /data/imagenet --out /data/imagenet-256
     python scripts/prepare_imagenet.py --data /data/imagenet --out /data/imagenet-256 --splits val \\
         --devkit /data/ILSVRC2012_devkit_t12.tar.gz
+    python scripts/prepare_imagenet.py --dataset folder --data /data/mytree --out /data/mytree-256
 
 Each image is rescaled to shorter side 256, its central 256x256 patch cut out (the paper's only fixed
 preprocessing), re-encoded as JPEG and packed into shards (repro/data/store.py). Resumable: after an
 interruption run the same command again; complete shards are kept and the result is the same as one
 uninterrupted run. The store is usable once repro-store.json appears in --out; train from it with
-`--dataset imagenet --data STORE` (or `--dataset folder` for a converted ImageFolder tree).
+`--dataset imagenet --data STORE` (`--dataset folder --data STORE` for a converted ImageFolder tree,
+given here with --dataset folder: train/<class>/ and val/<class>/).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from repro.cli import at_least, run  # noqa: E402
+from repro.data.datasets import folder_split  # noqa: E402
 from repro.data.imagenet import imagenet_splits, imagenet_train  # noqa: E402
 from repro.data.store import WorkerDiedError, write_store  # noqa: E402
 
@@ -30,7 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     a = p.add_argument
-    a("--data", required=True, help="ImageNet root, holding train/<wnid>/*.JPEG and val/")
+    a("--data", required=True, help="ImageNet root, holding train/<wnid>/*.JPEG and val/ (or, with --dataset "
+      "folder, any tree of train/<class>/ and val/<class>/)")
+    a("--dataset", default="imagenet", choices=["imagenet", "folder"])
     a("--out", required=True, help="store folder to write (or to finish, after an interruption)")
     a("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
     a("--quality", type=int, default=90, help="JPEG quality of the stored images (90: about 21 KB each)")
@@ -44,10 +49,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def open_sources(args: argparse.Namespace) -> dict:
-    """The requested splits; val is always labelled with train's class index (sorted wnids)."""
+    """The requested splits; val is always labelled with train's class index (sorted wnids, or sorted
+    class folders)."""
     if not os.path.isdir(args.data):
-        raise FileNotFoundError(f"--data {args.data} is not a folder; pass the ImageNet root that "
+        raise FileNotFoundError(f"--data {args.data} is not a folder; pass the dataset root that "
                                 f"holds train/ and val/")
+    if args.dataset == "folder":
+        if "val" in args.splits and not os.path.isdir(os.path.join(args.data, "val")):
+            folder_split(args.data, "val")  # its clear error, before the long scan of train/
+        train = folder_split(args.data, "train")  # val's labels need train's class index in any case
+        val = folder_split(args.data, "val", classes=train.classes) if "val" in args.splits else None
+        return {name: split for name, split in (("train", train), ("val", val)) if name in args.splits}
     if "val" not in args.splits:
         return {"train": imagenet_train(args.data)}
     train, val = imagenet_splits(args.data, devkit=args.devkit, solution_csv=args.val_solution)

@@ -259,6 +259,23 @@ def test_script(tree, tmp_path, capsys):
     assert len(StoreSource(out, "val")) == 6
 
 
+def test_script_converts_any_class_folder_tree(tmp_path, capsys):
+    from PIL import Image
+
+    for split, n in (("train", 3), ("val", 2)):
+        for c, cls in enumerate(("dog", "cat")):
+            (tmp_path / "t" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (70, 50), (30 * i, 90 * c, 9)).save(tmp_path / "t" / split / cls / f"{i}.jpg")
+    args = ["--data", str(tmp_path / "t"), "--out", str(tmp_path / "s"), "--workers", "0"]
+    assert prepare_imagenet.main(args) == 2  # ImageNet's layout expected by default
+    assert "is not a WordNet id" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    assert prepare_imagenet.main(args + ["--dataset", "folder"]) == 0
+    train, val = StoreSource(tmp_path / "s", "train"), StoreSource(tmp_path / "s", "val", classes=["cat", "dog"])
+    assert train.classes == ["cat", "dog"] and len(train) == 6 and len(val) == 4
+    assert sorted(train.labels.tolist()) == [0, 0, 0, 1, 1, 1] and sorted(val.labels.tolist()) == [0, 0, 1, 1]
+
+
 def test_training_and_evaluation_read_the_store(store, tmp_path):
     """--dataset imagenet --data STORE trains and evaluates from the stored 256x256 form."""
     from repro.config import DataConfig, ModelConfig, TrainConfig

@@ -25,15 +25,21 @@ def open_splits(cfg: DataConfig):
         from repro.data.imagenet import imagenet_splits
 
         return imagenet_splits(cfg.root, cfg.base_size, devkit=cfg.devkit, solution_csv=cfg.val_solution)
+    if not (Path(cfg.root) / "val").is_dir():  # before the long scan of train/
+        folder_split(cfg.root, "val", cfg.base_size)
+    train = folder_split(cfg.root, "train", cfg.base_size)
+    return train, folder_split(cfg.root, "val", cfg.base_size, classes=train.classes)
+
+
+def folder_split(root: str | Path, split: str, size: int = 256, classes: list[str] | None = None):
+    """root/<split>/<class>/<images> of an ImageFolder tree (--dataset folder); val takes train's
+    class index through `classes`."""
     from repro.data.folder import image_folder
 
-    root = Path(cfg.root)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise FileNotFoundError(f"--dataset folder expects {root / split}/<class>/<images>; "
-                                    f"{root / split} does not exist")
-    train = image_folder(root / "train", name="folder/train", size=cfg.base_size)
-    return train, image_folder(root / "val", name="folder/val", size=cfg.base_size, classes=train.classes)
+    path = Path(root) / split
+    if not path.is_dir():
+        raise FileNotFoundError(f"--dataset folder expects {path}/<class>/<images>; {path} does not exist")
+    return image_folder(path, name=f"folder/{split}", size=size, classes=classes)
 
 
 def open_eval_split(cfg: DataConfig, classes: list[str]):
@@ -64,9 +70,4 @@ def _held_out_split(cfg: DataConfig, classes: list[str]):
         from repro.data.imagenet import imagenet_val
 
         return imagenet_val(cfg.root, classes, cfg.base_size, devkit=cfg.devkit, solution_csv=cfg.val_solution)
-    from repro.data.folder import image_folder
-
-    val = Path(cfg.root) / "val"
-    if not val.is_dir():
-        raise FileNotFoundError(f"--dataset folder expects {val}/<class>/<images>; {val} does not exist")
-    return image_folder(val, name="folder/val", size=cfg.base_size, classes=classes)
+    return folder_split(cfg.root, "val", cfg.base_size, classes=classes)

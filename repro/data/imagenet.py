@@ -47,7 +47,7 @@ def imagenet_train(root: str | Path, size: int = 256) -> FolderSource:
     if not_wnid:
         raise ValueError(f"folder {train / not_wnid[0]} is not a WordNet id (n + 8 digits): this "
                          f"does not look like ImageNet's train/; for any other class-folder tree "
-                         f"use --dataset folder")
+                         f"use --dataset folder (training and prepare_imagenet.py both take it)")
     return image_folder(train, name="imagenet/train", size=size)
 
 
