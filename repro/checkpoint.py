@@ -30,6 +30,9 @@ def read(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     if path.is_dir():
         path = path / "latest.pt"
     if not path.is_file():
+        if path.name == "best.pt" and (path.parent / "latest.pt").is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}: best.pt is written when an epoch ends, and this run "
+                                    f"has not finished one; pass {path.parent} (its latest.pt) instead")
         raise FileNotFoundError(f"no checkpoint at {path}: pass a checkpoint file or a run directory "
                                 f"that holds latest.pt")
     try:

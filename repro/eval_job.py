@@ -71,6 +71,23 @@ def run_dir(checkpoint: str) -> Path:
     return path if path.is_dir() else path.parent
 
 
+def default_out(checkpoints: list[str]) -> Path:
+    """<run>/evaluation for one network; an ensemble's own folder beside it, so that it does not
+    replace the first member's single-network evaluation."""
+    n = len(checkpoints)
+    return run_dir(checkpoints[0]) / ("evaluation" if n == 1 else f"evaluation-{n}-cnns")
+
+
+def _say_if_replacing(previous: Path, run: str) -> None:
+    """A note before the work, when the folder holds the evaluation of other checkpoints (or steps)."""
+    try:
+        before = json.loads(previous.read_text())["rows"][0]["run"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return  # none there (or unreadable): nothing worth keeping is replaced
+    if before != run:
+        print(f"note: replacing the evaluation in {previous.parent} of {before} (--out keeps both)", flush=True)
+
+
 def load_member(path: str, opts: EvalOptions, device: torch.device) -> Member:
     ckpt = read(path)
     if not ckpt.get("train_config"):
@@ -119,7 +136,9 @@ def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
     origin = getattr(split, "origin", "") or getattr(split, "root", "")
     print(f"{dataset} {split.name.split('/')[-1]}: {len(split)} images" + (f" (from {origin})" if origin else ""),
           flush=True)
-    out = make_out_dir(Path(opts.out) if opts.out else run_dir(opts.checkpoints[0]) / "evaluation")
+    run = ", ".join(f"{m.file} (step {m.step})" for m in members)
+    out = make_out_dir(Path(opts.out) if opts.out else default_out(opts.checkpoints))
+    _say_if_replacing(out / "evaluation.json", run)
     idx = eval_indices(len(split), 1, 0, opts.max_images)
     batch = max(1, min(opts.batch_size, len(idx)))  # a batch larger than the images only costs memory
     spec = EvalSpec(crops=opts.crops, batch_size=batch, amp=opts.amp, workers=opts.workers,
@@ -137,7 +156,6 @@ def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
     rows = []
     variants = sorted({variant_name(m.grouped.config) for m in members} - {"paper"})
     nets = f"{n} CNN{'s' if n > 1 else ''}" + (f" ({', '.join(variants)})" if variants else "")
-    run = ", ".join(f"{m.file} (step {m.step})" for m in members)
     for crops, counts in results.items():
         rows.append(EvalRow(label=f"{nets}, {'centre patch' if crops == 1 else '10 patches'}",
                             dataset=dataset, split=split.name.split("/")[-1], images=counts.images, crops=crops,

@@ -24,7 +24,9 @@ def parse_args(argv=None) -> EvalOptions:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     a = p.add_argument
-    a("--checkpoint", action="append", required=True, help="checkpoint file or run directory (repeat for an ensemble)")
+    a("--checkpoint", action="append", required=True,
+      help="checkpoint file, or run directory (its latest.pt; name RUN/best.pt for the epoch with the best "
+           "validation error); repeat for an ensemble")
     a("--dataset", default=None, choices=["fashion-mnist", "imagenet", "folder"], help="default: the training data")
     a("--data", default=None, help="dataset folder (default: the training run's)")
     a("--devkit", default=None, help="ImageNet devkit dir or tarball, for a flat val/ folder")
@@ -36,7 +38,8 @@ def parse_args(argv=None) -> EvalOptions:
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     a("--amp", default="none", choices=["none", "bf16"])
     a("--workers", type=int, default=default_workers(), help="decoding processes (default: 4, or the cores)")
-    a("--out", default=None, help="output folder (default: <run>/evaluation)")
+    a("--out", default=None, help="output folder (default: <run>/evaluation; an ensemble: <first run>/"
+      "evaluation-<n>-cnns)")
     a("--no-figures", action="store_true")
     a("--neighbours", type=int, default=5, help="Figure 4 query images (0: none)")
     args = p.parse_args(argv)

@@ -38,6 +38,9 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     torch.save({"epoch": 3}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a repro checkpoint"):
         ck.read(tmp_path / "other.pt")
+    (tmp_path / "latest.pt").write_bytes(b"")  # a run stopped before its first epoch ended
+    with pytest.raises(FileNotFoundError, match=r"best.pt is written when an epoch ends.*pass .* \(its latest.pt\)"):
+        ck.read(tmp_path / "best.pt")
 
 
 def test_either_form_loads_as_grouped(tmp_path):

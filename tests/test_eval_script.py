@@ -2,6 +2,7 @@
 form of the network gives the same numbers, ensembles average softmaxes, bad inputs fail clearly."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +112,18 @@ def test_running_out_of_device_memory_names_the_flag_to_lower(trees, checkpoints
                                          r"network\(s\) per step \(CUDA out of memory. Tried to allocate 9.00 GiB\); "
                                          r"pass a smaller --batch-size$"):  # torch's first two sentences only
         run_evaluation(options(checkpoints, trees["folders"], tmp_path))
+
+
+def test_an_ensemble_does_not_replace_a_single_networks_evaluation_unasked(trees, checkpoints, tmp_path, capsys):
+    from repro.eval_job import default_out
+
+    run = Path(checkpoints[0]).parent
+    assert default_out(checkpoints[:1]) == run / "evaluation" and default_out(checkpoints) == run / "evaluation-2-cnns"
+    run_evaluation(options(checkpoints[:1], trees["folders"], tmp_path))
+    run_evaluation(options(checkpoints[:1], trees["folders"], tmp_path))  # the same again: no note
+    assert "note: replacing" not in capsys.readouterr().out
+    run_evaluation(options(checkpoints[1:], trees["folders"], tmp_path))  # another network, same --out
+    assert f"note: replacing the evaluation in {tmp_path / 'eval'} of {checkpoints[0]} (step 2)" in capsys.readouterr().out
 
 
 def test_figures_are_written(trees, checkpoints, tmp_path):
