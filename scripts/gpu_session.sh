@@ -24,8 +24,22 @@
 # the python3 on PATH; set PYTHON to choose another.
 set -uo pipefail
 
-stage=${1:?"stage: check, bench, bench128, train, recipes, profile, lrn or lrn-step"}
-out=${2:?"OUT_DIR: where logs and results go"}
+STAGES="check bench bench128 train recipes profile lrn lrn-step"
+usage() { sed -n '2,16p' "$0" | cut -c3-; }
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+  "") usage >&2; exit 2 ;;
+esac
+if [[ " $STAGES " != *" $1 "* ]]; then  # before anything is created
+  echo "unknown stage '$1': one of $STAGES (--help for what each runs)" >&2
+  exit 2
+fi
+if [ -z "${2:-}" ]; then
+  echo "stage $1 needs OUT_DIR, the folder for its logs and results (--help for usage)" >&2
+  exit 2
+fi
+stage=$1
+out=$2
 data=${3:-}
 py=${PYTHON:-python3}
 mkdir -p "$out"
