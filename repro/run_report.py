@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from repro.config import variant_name
 from repro.evaluate import Counts
 from repro.report import EvalRow, plot_learning_curves, read_metrics, results_markdown, write_results
@@ -16,6 +18,22 @@ def imagenet_year(dataset: str, classes: int, images: int) -> str | None:
     return "2012" if dataset == "imagenet" and (classes, images) == ILSVRC2012_VAL else None
 
 
+def run_label(trainer) -> str:
+    """The table's run column: the run folder and the step scored."""
+    return f"{trainer.cfg.out} (step {trainer.progress.global_step})"
+
+
+def closing_table_written(trainer) -> bool:
+    """Whether results.json already holds this step's closing table under these protocols (a resume
+    with nothing left to train need not score it again)."""
+    try:
+        rows = json.loads((trainer.out / "results.json").read_text())["rows"]
+        return (all(r["run"] == run_label(trainer) for r in rows)
+                and sorted(r["crops"] for r in rows) == sorted(trainer.cfg.final_crops))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def final_report(trainer) -> dict[int, Counts]:
     cfg, topo = trainer.cfg, trainer.topo
     if not cfg.final_crops:
@@ -25,7 +43,7 @@ def final_report(trainer) -> dict[int, Counts]:
     if not topo.is_main or not results:
         return results
     split = "test" if cfg.data.dataset == "fashion-mnist" else "val"
-    run = f"{cfg.out} (step {trainer.progress.global_step})"
+    run = run_label(trainer)
     variant = variant_name(cfg.model)
     net = "1 CNN" if variant == "paper" else f"1 CNN ({variant})"  # an ablation's row says which
     rows = [EvalRow(label=f"{net}, {'centre patch' if c == 1 else '10 patches'}", dataset=cfg.data.dataset,

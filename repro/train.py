@@ -29,7 +29,7 @@ from repro.metrics import MetricsLog, Progress, format_eta
 from repro.model import lrn_triton
 from repro.optim import LRSchedule, paper_optimizer, unreached_milestones
 from repro.parallel import Replica, one_tower_message
-from repro.run_report import final_report
+from repro.run_report import closing_table_written, final_report
 
 
 # How and how long to run: taken from the command line when resuming. Everything else (the network,
@@ -158,6 +158,7 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.batch_size, topo.replicas)
         self.stop_signal: int | None = None  # the signal that asked for a stop (None: none did)
         self.stopped_by_signal = False  # set on every rank when they stop for a SIGTERM or Ctrl-C
+        self.nothing_to_train = False  # the run's budget was spent before this launch
         self.pin = topo.device.type == "cuda"
         # Pairs' batches can differ in size only where images can be unreadable: files decoded on the CPU.
         gpu_decoded = getattr(self.train_set, "encoded", False) and self.decode_device is not None
@@ -279,6 +280,7 @@ class Trainer:
             self.say(f"nothing to train: the run has taken {self.progress.global_step} steps and {self.progress.epoch} "
                      f"epochs of its budget (--max-steps {self.cfg.max_steps}, --epochs {self.cfg.epochs}); "
                      f"pass a larger one with --resume to continue")
+            self.nothing_to_train = True
             return
         o = self.cfg.optim
         if o.schedule == "milestones" and not o.milestones:
@@ -471,6 +473,10 @@ def train(cfg: TrainConfig, resume: str | None = None, keep_saved: tuple[str, ..
         trainer.fit()
         if trainer.stopped_by_signal:  # a preempted job should end now, not start an evaluation
             trainer.say(f"stopped: no closing table; --resume {trainer.out} continues the run")
+            return {}
+        if trainer.nothing_to_train and on_main_rank(lambda: closing_table_written(trainer), topo):
+            trainer.say(f"the closing table of step {trainer.progress.global_step} is already in "
+                        f"{trainer.out / 'results.md'}: not scored again (scripts/evaluate.py scores a checkpoint anew)")
             return {}
         return final_report(trainer)
     finally:

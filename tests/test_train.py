@@ -164,6 +164,11 @@ def test_grouped_form_in_one_process_and_final_table(tmp_path, data_root, capsys
     assert "NOT comparable" in out and "10 patches" in out
     for name in ("results.md", "results.json", "results.csv", "learning_curves.png", "best.pt"):
         assert (tmp_path / "g" / name).exists(), name
+    # A requeue of the finished run: nothing to train, and this step's table is there already.
+    assert train(cfg, resume=str(tmp_path / "g"), keep_saved=("max_steps",)) == {}
+    assert "the closing table of step 5 is already in" in capsys.readouterr().out
+    again = dataclasses.replace(cfg, final_crops=(1,))  # other protocols: scored
+    assert train(again, resume=str(tmp_path / "g"), keep_saved=("max_steps",))[1].images == 30
 
 
 def test_odd_world_size_is_a_clear_error_said_once(monkeypatch, capsys):
