@@ -126,6 +126,33 @@ def test_an_ensemble_does_not_replace_a_single_networks_evaluation_unasked(trees
     assert f"note: replacing the evaluation in {tmp_path / 'eval'} of {checkpoints[0]} (step 2)" in capsys.readouterr().out
 
 
+def test_a_checkpoints_preprocessing_reproduces_the_evaluation(trees, checkpoints, tmp_path):
+    """repro.load_checkpoint + repro.load_preprocessing on the val files give evaluate.py's errors."""
+    from PIL import Image
+
+    import repro
+    from repro.checkpoint import read
+    from repro.data.folder import decode_image, image_folder
+
+    files = image_folder(trees["folders"] / "val", classes=read(checkpoints[0])["classes"])
+    rows = run_evaluation(options(checkpoints[:1], trees["folders"], tmp_path))
+    net, prep = repro.load_checkpoint(checkpoints[0]), repro.load_preprocessing(checkpoints[0])
+    with torch.no_grad():
+        for crops, row in zip((1, 10), rows):
+            probs = net(prep(files.files, crops)).softmax(1).view(len(files), crops, -1).mean(1)
+            wrong = 100 * (probs.argmax(1) != files.labels).sum().item() / len(files)
+            assert wrong == pytest.approx(row.top1_error, abs=1e-9), crops
+    # By hand: the file at 76 pixels, its centre 67x67, minus the mean image's same pixels.
+    mid, ckpt = (76 - 67) // 2, read(checkpoints[0])
+    pixels = decode_image(files.files[0], 76).float()[mid:mid + 67, mid:mid + 67]
+    mean = torch.as_tensor(ckpt["stats"]["mean_image"]).float()[mid:mid + 67, mid:mid + 67]
+    torch.testing.assert_close(prep(files.files[:1])[0], (pixels - mean).permute(2, 0, 1), rtol=0, atol=1e-4)
+    pil = [Image.open(f) for f in files.files[:2]]
+    assert torch.equal(prep(pil), prep(files.files[:2]))
+    with pytest.raises(ValueError, match="uint8 \\(B, H, W, C\\)"):
+        prep(torch.zeros(2, 3, 8, 8))
+
+
 def test_figures_are_written(trees, checkpoints, tmp_path):
     run_evaluation(EvalOptions(checkpoints=checkpoints[:1], crops=(1,), workers=0, out=str(tmp_path / "f"),
                                device="cpu", neighbours=2))

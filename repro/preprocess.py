@@ -1,0 +1,51 @@
+"""A checkpoint's test-time input pipeline, for users of `repro.load_checkpoint`: images in, the
+network's input out (paper section 2: shorter side 256, central 256x256 patch, the training set's
+mean image subtracted; section 4.1: the centre 227x227 patch, or the ten patches)."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from repro.checkpoint import read
+from repro.config import TrainConfig
+from repro.data.augment import Augment, Stats
+from repro.data.folder import _shorter_side_then_centre, _to_rgb, decode_image
+
+
+class Preprocessing:
+    """Call it with image files, PIL images, or a uint8 (B, H, W, C) tensor (C = 1 or 3, any size:
+    rescaled like the training data); get float (B * crops, 3, crop, crop) on its device, image-major."""
+
+    def __init__(self, augment: Augment):
+        self.augment = augment
+        self.base_size = augment.cfg.base_size
+
+    def __call__(self, images: Tensor | Sequence[str | os.PathLike | Image.Image], crops: int = 1) -> Tensor:
+        batch = images if isinstance(images, Tensor) else torch.stack([self._load(im) for im in images])
+        if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[-1] not in (1, 3):
+            raise ValueError(f"images must be uint8 (B, H, W, C) with C = 1 or 3, got {batch.dtype} "
+                             f"{tuple(batch.shape)}; or pass a list of files or PIL images")
+        return self.augment.eval_batch(batch.to(self.augment.device), crops)
+
+    def _load(self, image: str | os.PathLike | Image.Image) -> Tensor:
+        if isinstance(image, Image.Image):
+            square = _shorter_side_then_centre(_to_rgb(image), self.base_size)
+            return torch.from_numpy(np.array(square, dtype=np.uint8))
+        return decode_image(image, self.base_size)
+
+
+def load_preprocessing(path: str | os.PathLike, device: str | torch.device = "cpu") -> Preprocessing:
+    """The preprocessing a training checkpoint's network was trained for (its mean image and sizes)."""
+    ckpt = read(path)
+    if not ckpt.get("train_config"):
+        raise ValueError(f"{path} holds weights only: the preprocessing (the training set's mean image) is in a "
+                         f"training run's latest.pt or best.pt")
+    data = TrainConfig.from_dict(ckpt["train_config"]).data
+    stats = Stats(**ckpt["stats"]) if ckpt.get("stats") else None
+    return Preprocessing(Augment(data, stats, device))
