@@ -37,6 +37,8 @@ def test_reads_torchvision_layout(tmp_path, gz):
     assert train.images.shape == (12, 28, 28, 1) and train.images.dtype == torch.uint8
     assert test.labels.tolist() == [0, 1, 2, 3, 4] and train.classes[9] == "Ankle boot"
     assert train.name == "fashion-mnist/train"
+    inner = fm.fashion_mnist(tmp_path / "FashionMNIST", "test", download=False)  # --data naming torchvision's folder
+    assert inner.origin == str(tmp_path / "FashionMNIST" / "raw") and len(inner) == 5
 
 
 def test_bad_files_are_clear_errors(tmp_path):

@@ -53,7 +53,7 @@ def _find(folder: Path, stem: str) -> Path | None:
 def _candidates(root: str | os.PathLike | None) -> list[Path]:
     dirs = []
     if root is not None:
-        dirs += [Path(root) / "FashionMNIST" / "raw", Path(root)]
+        dirs += [Path(root) / "FashionMNIST" / "raw", Path(root) / "raw", Path(root)]  # raw: --data .../FashionMNIST
     return dirs + [DEBIAN_DIR]
 
 
