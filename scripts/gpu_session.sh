@@ -30,25 +30,20 @@ case "${1:-}" in
   -h|--help) usage; exit 0 ;;
   "") usage >&2; exit 2 ;;
 esac
-if [[ " $STAGES " != *" $1 "* ]]; then  # before anything is created
+known=0
+for s in $STAGES; do [ "$1" = "$s" ] && known=1; done
+if [ "$known" = 0 ]; then  # before anything is created
   echo "unknown stage '$1': one of $STAGES (--help for what each runs)" >&2
   exit 2
 fi
-if [ -z "${2:-}" ]; then
-  echo "stage $1 needs OUT_DIR, the folder for its logs and results (--help for usage)" >&2
-  exit 2
-fi
+case "${2:-}" in
+  "") echo "stage $1 needs OUT_DIR, the folder for its logs and results (--help for usage)" >&2; exit 2 ;;
+  -*) echo "OUT_DIR '$2' looks like a flag; name a folder (--help for usage)" >&2; exit 2 ;;
+esac
 stage=$1
 out=$2
 data=${3:-}
 py=${PYTHON:-python3}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-if [ -n "$data" ] && [ -d "$data" ]; then data=$(cd "$data" && pwd); fi  # before the cd below
-export PYTHONUNBUFFERED=1
-cd "$(dirname "$0")/.."
-runs=runs/gpu-session
-mkdir -p "$runs"
 
 need_data() {
   if [ -z "$data" ] || [ ! -d "$data" ]; then
@@ -56,6 +51,16 @@ need_data() {
     exit 2
   fi
 }
+case "$stage" in check|bench|train|recipes) need_data ;; esac  # before anything is created
+if ! mkdir -p -- "$out" || ! out=$(cd -- "$out" && pwd); then
+  echo "cannot create or enter OUT_DIR '$2'" >&2
+  exit 2
+fi
+if [ -n "$data" ] && [ -d "$data" ]; then data=$(cd -- "$data" && pwd); fi  # absolute, before the cd below
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+runs=runs/gpu-session
+mkdir -p "$runs"
 
 header() {
   "$py" - <<'EOF'
@@ -68,7 +73,6 @@ EOF
 
 case "$stage" in
   check)
-    need_data
     header | tee "$out/check.log"
     "$py" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee -a "$out/check.log"
     tests=${PIPESTATUS[0]}
@@ -81,7 +85,6 @@ case "$stage" in
     echo "== check: CUDA tests exit $tests; torchrun 2-process smoke exit $smoke"
     ;;
   bench)
-    need_data
     # Pipelines: Fashion-MNIST in memory; the same images as 256x256 JPEG files (CPU decoding in 14 of
     # the 16 cores) and as the stored form (nvJPEG batches; then CPU workers), against the synthetic rate.
     "$py" scripts/benchmark.py --batch-sizes 256 --no-numerics --data "$data" --workers 14 \
@@ -93,7 +96,6 @@ case "$stage" in
       --json "$out/bench128.json" --markdown "$out/bench.md" 2>&1 | tee "$out/bench128.log"
     ;;
   train)
-    need_data
     # The paper's recipe (section 5, SPEC section 4) on Fashion-MNIST, grouped form on one GPU, float32.
     start=$(date +%s)
     rm -rf "$runs/fmnist-10ep"
@@ -106,7 +108,6 @@ case "$stage" in
     echo "== train: exit $code, wall $(( $(date +%s) - start )) s"
     ;;
   recipes)
-    need_data
     # Three 10-epoch runs at once on the one GPU (accuracy only: their img/s and wall time are shared
     # and not reportable as speeds). Seed 1 of the paper's recipe says how much the seed moves the
     # result; the 2012 code's recipe (SPEC sections 2, 4, 5, 7: LRN alpha divided by n, conv3-5 init
