@@ -316,6 +316,21 @@ def test_a_step_budget_that_ends_on_an_epochs_last_step_ends_that_epoch(tmp_path
     train(cfg, resume=str(tmp_path / "e"), keep_saved=("max_steps", "epochs"))  # the budget is spent
     assert "nothing to train" in capsys.readouterr().out
     assert read(tmp_path / "e" / "latest.pt")["progress"]["global_step"] == 4
+    # The checkpoint's preprocessing, given the test images as files, is what validation fed the network.
+    from PIL import Image
+
+    import repro
+    from repro.data.augment import Augment, Stats
+    from repro.data.fashion_mnist import fashion_mnist
+
+    test, ckpt = fashion_mnist(data_root, "test", download=False), read(tmp_path / "e" / "latest.pt")
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(test.images[i, :, :, 0].numpy()).save(files[-1])
+    cfg = TrainConfig.from_dict(ckpt["train_config"])
+    fed = Augment(cfg.data, Stats(**ckpt["stats"])).eval_batch(test.images[:3], 10)
+    torch.testing.assert_close(repro.load_preprocessing(tmp_path / "e")(files, crops=10), fed, rtol=0, atol=1e-4)
 
 
 def test_resuming_with_the_runs_own_recipe_flags_works_and_other_values_are_refused(tmp_path, data_root, capsys):
