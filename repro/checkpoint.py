@@ -31,8 +31,8 @@ def read(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         path = path / "latest.pt"
     if not path.is_file():
         if path.name == "best.pt" and (path.parent / "latest.pt").is_file():
-            raise FileNotFoundError(f"no checkpoint at {path}: best.pt is written when an epoch ends, and this run "
-                                    f"has not finished one; pass {path.parent} (its latest.pt) instead")
+            raise FileNotFoundError(f"no checkpoint at {path}: this run has none (best.pt is written when an epoch "
+                                    f"ends with the best validation error so far); pass {path.parent} (its latest.pt) instead")
         raise FileNotFoundError(f"no checkpoint at {path}: pass a checkpoint file or a run directory "
                                 f"that holds latest.pt")
     try:
@@ -73,7 +73,9 @@ def network(ckpt: dict, path: str | os.PathLike) -> AlexNet:
         warnings.warn(f"{path} holds bare weights without a config: loaded as the paper's network with "
                       f"{cfg.num_classes} classes. A variant's weights (no-lrn, cuda-convnet-2012, ...) give "
                       f"another function here; load its training checkpoint instead", stacklevel=3)
-    with torch.random.fork_rng(devices=[]):  # its drawn initialisation is overwritten: leave the caller's stream
+    # Built on the CPU whatever torch's default device (the weights then load from map_location's
+    # tensors), and its drawn initialisation is overwritten: the caller's random stream is left alone.
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         model = AlexNet(config=cfg)
     try:
         model.load_state_dict(grouped_state(state, cfg))

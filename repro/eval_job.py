@@ -26,6 +26,7 @@ from repro.report import (
     plot_learning_curves,
     read_metrics,
     results_markdown,
+    same_run_labels,
     write_results,
 )
 from repro.run_report import imagenet_year
@@ -84,7 +85,7 @@ def _say_if_replacing(previous: Path, run: str) -> None:
         before = json.loads(previous.read_text())["rows"][0]["run"]
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return  # none there (or unreadable): nothing worth keeping is replaced
-    if before != run:
+    if not same_run_labels(before, run):
         print(f"note: replacing the evaluation in {previous.parent} of {before} (--out keeps both)", flush=True)
 
 

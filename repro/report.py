@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -183,6 +184,19 @@ def results_markdown(rows: list[EvalRow], imagenet_year: str | None) -> str:
     for t in (TABLE1, TABLE2):
         out += [f"### {t.name}: {t.title}", "", *_paper_only(t), "", t.footnote, ""]
     return "\n".join(out)
+
+
+def same_run_labels(a: str, b: str) -> bool:
+    """Whether two tables' run labels ("PATH (step N)", comma-separated for an ensemble) name the same
+    checkpoints at the same steps, however the paths were written (relative, absolute, "./", "a/")."""
+    def key(label: str) -> list[tuple[str, str]]:
+        members = []
+        for part in label.split("), "):
+            path, _, step = part.removesuffix(")").rpartition(" (step ")
+            members.append((os.path.realpath(path), step))
+        return members
+
+    return key(a) == key(b)
 
 
 def write_results(rows: list[EvalRow], out_dir, imagenet_year: str | None = None,

@@ -6,7 +6,8 @@ import json
 
 from repro.config import variant_name
 from repro.evaluate import Counts
-from repro.report import EvalRow, plot_learning_curves, read_metrics, results_markdown, write_results
+from repro.report import (EvalRow, plot_learning_curves, read_metrics, results_markdown, same_run_labels,
+                          write_results)
 
 
 ILSVRC2012_VAL = (1000, 50_000)  # classes and images of the set behind the paper's Table 2 (SPEC section 6)
@@ -28,7 +29,7 @@ def closing_table_written(trainer) -> bool:
     with nothing left to train need not score it again)."""
     try:
         rows = json.loads((trainer.out / "results.json").read_text())["rows"]
-        return (all(r["run"] == run_label(trainer) for r in rows)
+        return (all(same_run_labels(r["run"], run_label(trainer)) for r in rows)
                 and sorted(r["crops"] for r in rows) == sorted(trainer.cfg.final_crops))
     except (OSError, ValueError, KeyError, TypeError):
         return False

@@ -458,7 +458,9 @@ def train(cfg: TrainConfig, resume: str | None = None, keep_saved: tuple[str, ..
     `check_recipe` (if given) sees the checkpoint's config first and may refuse it with a ValueError."""
     topo = init_topology(cfg.device, cfg.backend)
     try:
-        new_folder = not Path(cfg.out).exists()
+        new_folder = False  # unknown (say, an unsearchable parent): prepare_run_dir gives the clear error
+        with contextlib.suppress(OSError):
+            new_folder = not Path(cfg.out).exists()
         try:
             trainer = Trainer(cfg, topo, resume, keep_saved, check_recipe)
         except Exception:

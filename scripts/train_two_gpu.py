@@ -149,8 +149,9 @@ def check_resume_flags(requested: TrainConfig, saved: TrainConfig, given: set[st
               if unread.get(f) or RECIPE_SETTINGS[f](requested) != RECIPE_SETTINGS[f](saved)]
     if differ:
         ours = ", ".join(_as_flag(f, RECIPE_SETTINGS[f](requested)) for f in differ)
-        theirs = ", ".join(f"--schedule {saved.optim.schedule}" if unread.get(f) else _as_flag(f, RECIPE_SETTINGS[f](saved))
-                           for f in differ)
+        theirs = ", ".join(dict.fromkeys(  # once, where two flags point at the run's schedule
+            f"--schedule {saved.optim.schedule}" if unread.get(f) else _as_flag(f, RECIPE_SETTINGS[f](saved))
+            for f in differ))
         raise ValueError(f"{ours} with --resume: the checkpoint's run has {theirs}, and a resumed run keeps its "
                          f"recipe; leave these flags out (or give the run's own values), or start a new run "
                          f"(another --out) with them")

@@ -39,7 +39,8 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not a repro checkpoint"):
         ck.read(tmp_path / "other.pt")
     (tmp_path / "latest.pt").write_bytes(b"")  # a run stopped before its first epoch ended
-    with pytest.raises(FileNotFoundError, match=r"best.pt is written when an epoch ends.*pass .* \(its latest.pt\)"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"this run has none \(best.pt is written when an epoch ends.*pass .* \(its latest.pt\)"):
         ck.read(tmp_path / "best.pt")
 
 
@@ -51,6 +52,8 @@ def test_either_form_loads_as_grouped(tmp_path):
     stream = torch.get_rng_state()
     model = load_checkpoint(tmp_path / "g.pt")
     assert torch.equal(torch.get_rng_state(), stream)  # the caller's seeded stream is left where it was
+    with torch.device("meta"):  # another default device: still the checkpoint's weights, on the CPU
+        assert torch.equal(load_checkpoint(tmp_path / "g.pt").fc8.weight, model.fc8.weight)
     assert not model.training
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     towers = TwoTowerAlexNet.from_grouped(grouped, devices=("cpu", "cpu"))

@@ -282,3 +282,16 @@ def test_neighbours_of_some_bank_images_skip_themselves():
     q = torch.tensor([1, 3])
     idx = nearest_neighbours(bank[q], bank, 2, self_index=q)
     assert idx.tolist() == [[2, 0], [4, 2]]
+
+
+def test_run_labels_compare_paths_however_written(tmp_path, monkeypatch):
+    from repro.report import same_run_labels
+
+    monkeypatch.chdir(tmp_path)
+    assert same_run_labels("runs/a (step 5)", "./runs/a/ (step 5)")
+    assert same_run_labels("runs/a (step 5)", f"{tmp_path}/runs/a (step 5)")
+    assert not same_run_labels("runs/a (step 5)", "runs/a (step 6)") and not same_run_labels("runs/a (step 5)", "runs/b (step 5)")
+    pair = "runs/a/latest.pt (step 5), runs/b/best.pt (step 9)"
+    assert same_run_labels(pair, "./runs/a/latest.pt (step 5), runs//b/best.pt (step 9)")
+    assert not same_run_labels(pair, "runs/a/latest.pt (step 5)")
+
