@@ -16,7 +16,7 @@ from torch import Tensor
 from repro.checkpoint import read
 from repro.config import TrainConfig
 from repro.data.augment import Augment, Stats, to_base
-from repro.data.folder import _shorter_side_then_centre, _to_rgb, decode_image
+from repro.data.folder import base_image, decode_image
 
 
 class Preprocessing:
@@ -49,8 +49,7 @@ class Preprocessing:
                 pixels = torch.from_numpy(np.array(img.convert("L"), dtype=np.uint8))
             return to_base(pixels[None, :, :, None], self.base_size)[0].float()  # float: one dtype to stack
         if isinstance(image, Image.Image):
-            square = _shorter_side_then_centre(_to_rgb(image), self.base_size)
-            return torch.from_numpy(np.array(square, dtype=np.uint8))
+            return base_image(image, self.base_size)
         return decode_image(image, self.base_size)
 
 

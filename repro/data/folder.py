@@ -59,6 +59,13 @@ def _shorter_side_then_centre(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def base_image(img: Image.Image, size: int = 256) -> torch.Tensor:
+    """One decoded image in the stored form: RGB, shorter side `size`, central square; (size, size, 3)
+    uint8 HWC."""
+    out = _shorter_side_then_centre(_to_rgb(img), size)
+    return torch.from_numpy(np.array(out, dtype=np.uint8))  # np.array copies: writable, contiguous
+
+
 def decode_image(path: str | Path, size: int = 256) -> torch.Tensor:
     """One file as a (size, size, 3) uint8 HWC tensor; raises ImageDecodeError if it is not an image.
 
@@ -70,12 +77,11 @@ def decode_image(path: str | Path, size: int = 256) -> torch.Tensor:
             img.load()
             if min(img.size) < 1:
                 raise ImageDecodeError(path, f"empty image of size {img.size}")
-            out = _shorter_side_then_centre(_to_rgb(img), size)
+            return base_image(img, size)
     except FileNotFoundError:
         raise ImageDecodeError(path, "file not found") from None
     except _DECODE_ERRORS as e:
         raise ImageDecodeError(path, f"{type(e).__name__}: {e}"[:200]) from e
-    return torch.from_numpy(np.array(out, dtype=np.uint8))  # np.array copies: writable, contiguous
 
 
 def _file_size(path: str) -> int:
