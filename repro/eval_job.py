@@ -13,7 +13,7 @@ import torch
 from repro.checkpoint import network, read
 from repro.cli import device_from_flag, make_out_dir, out_of_memory_advice
 from repro.config import TrainConfig, variant_name
-from repro.data.augment import Augment, Stats
+from repro.data.augment import Augment
 from repro.data.datasets import open_eval_split
 from repro.data.loader import eval_indices, iterate
 from repro.evaluate import EvalSpec, evaluate
@@ -29,6 +29,7 @@ from repro.report import (
     same_run_labels,
     write_results,
 )
+from repro.preprocess import checkpoint_augment
 from repro.run_report import imagenet_year
 
 
@@ -101,11 +102,9 @@ def load_member(path: str, opts: EvalOptions, device: torch.device) -> Member:
         model = TwoTowerAlexNet.from_grouped(grouped, devices=(device, second)).eval()
     else:
         model = grouped.to(device)
-    stats = Stats(**ckpt["stats"]) if ckpt.get("stats") else None
-    data = dataclasses.replace(train.data, workers=opts.workers)
     file = str(Path(path) / "latest.pt") if Path(path).is_dir() else str(path)
     step = (ckpt.get("progress") or {}).get("global_step")
-    return Member(path, train, model, grouped, list(ckpt["classes"]), Augment(data, stats, device), file, step)
+    return Member(path, train, model, grouped, list(ckpt["classes"]), checkpoint_augment(ckpt, device), file, step)
 
 
 def _check_ensemble(members: list[Member]) -> None:

@@ -53,12 +53,18 @@ class Preprocessing:
         return decode_image(image, self.base_size)
 
 
+def checkpoint_augment(ckpt: dict, device: str | torch.device = "cpu") -> Augment:
+    """A training checkpoint's preprocessing on `device`: its data config's sizes, and the mean image
+    and colour statistics it stored (evaluation uses no colour noise)."""
+    data = TrainConfig.from_dict(ckpt["train_config"]).data
+    return Augment(data, Stats(**ckpt["stats"]) if ckpt.get("stats") else None, device)
+
+
 def load_preprocessing(path: str | os.PathLike, device: str | torch.device = "cpu") -> Preprocessing:
     """The preprocessing a training checkpoint's network was trained for (its mean image and sizes)."""
     ckpt = read(path)
     if not ckpt.get("train_config"):
         raise ValueError(f"{path} holds weights only: the preprocessing (the training set's mean image) is in a "
                          f"training run's latest.pt or best.pt")
-    data = TrainConfig.from_dict(ckpt["train_config"]).data
-    stats = Stats(**ckpt["stats"]) if ckpt.get("stats") else None
-    return Preprocessing(Augment(data, stats, device), grey=data.dataset == "fashion-mnist")
+    augment = checkpoint_augment(ckpt, device)
+    return Preprocessing(augment, grey=augment.cfg.dataset == "fashion-mnist")
