@@ -292,11 +292,13 @@ class Trainer:
                      f"is not divided there; " + ("more --epochs reach them" if self.resumed_from else
                                                     "pass --milestones within the run, or more --epochs"))
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            while self.progress.epoch < self.cfg.epochs and self._budget_left():
-                if not self._train_epoch():
-                    return
-                self._end_epoch()
+        advice = ("" if self.cfg.amp == "bf16" else "pass --amp bf16, or ") + "start a new run with a smaller --batch-size"
+        try:  # once around the loop, not per step; validation names its own flag (validate)
+            with out_of_memory_advice(f"in a training step of {self.cfg.batch_size} images per pair", advice):
+                while self.progress.epoch < self.cfg.epochs and self._budget_left():
+                    if not self._train_epoch():
+                        return
+                    self._end_epoch()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -316,10 +318,7 @@ class Trainer:
             if topo.holds_logits:  # one tower per pair counts what both dropped
                 self.meter.skipped += batch.skipped  # unreadable images, dropped from the batch
             if len(batch.labels) or self.uneven_batches:  # an empty batch still joins the other pairs' step
-                with out_of_memory_advice(f"in a training step of {cfg.batch_size} images per pair",
-                                          ("" if cfg.amp == "bf16" else "pass --amp bf16, or ") +
-                                          "start a new run with a smaller --batch-size"):
-                    loss = self._step(batch, params)
+                loss = self._step(batch, params)
                 if len(batch.labels):
                     losses.append(loss)
             p.step_in_epoch += 1
