@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+
 class RunDiverged(RuntimeError):
     """Training's loss stopped being finite: an outcome of the recipe, not a bug (no traceback)."""
 

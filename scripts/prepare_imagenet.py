@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from repro.cli import at_least, run  # noqa: E402
-from repro.data.datasets import folder_split  # noqa: E402
+from repro.data.datasets import folder_split, split_dir  # noqa: E402
 from repro.data.imagenet import imagenet_splits, imagenet_train  # noqa: E402
 from repro.data.store import WorkerDiedError, write_store  # noqa: E402
 
@@ -55,8 +55,8 @@ def open_sources(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"--data {args.data} is not a folder; pass the dataset root that "
                                 f"holds train/ and val/")
     if args.dataset == "folder":
-        if "val" in args.splits and not os.path.isdir(os.path.join(args.data, "val")):
-            folder_split(args.data, "val")  # its clear error, before the long scan of train/
+        if "val" in args.splits:
+            split_dir(args.data, "val")  # there, before the long scan of train/
         train = folder_split(args.data, "train")  # val's labels need train's class index in any case
         val = folder_split(args.data, "val", classes=train.classes) if "val" in args.splits else None
         return {name: split for name, split in (("train", train), ("val", val)) if name in args.splits}

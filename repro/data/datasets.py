@@ -25,8 +25,7 @@ def open_splits(cfg: DataConfig):
         from repro.data.imagenet import imagenet_splits
 
         return imagenet_splits(cfg.root, cfg.base_size, devkit=cfg.devkit, solution_csv=cfg.val_solution)
-    if not (Path(cfg.root) / "val").is_dir():  # before the long scan of train/
-        folder_split(cfg.root, "val", cfg.base_size)
+    split_dir(cfg.root, "val")  # there, before the long scan of train/
     train = folder_split(cfg.root, "train", cfg.base_size)
     return train, folder_split(cfg.root, "val", cfg.base_size, classes=train.classes)
 
@@ -36,10 +35,15 @@ def folder_split(root: str | Path, split: str, size: int = 256, classes: list[st
     class index through `classes`."""
     from repro.data.folder import image_folder
 
+    return image_folder(split_dir(root, split), name=f"folder/{split}", size=size, classes=classes)
+
+
+def split_dir(root: str | Path, split: str) -> Path:
+    """root/<split> of an ImageFolder tree, or a clear error if it is missing."""
     path = Path(root) / split
     if not path.is_dir():
         raise FileNotFoundError(f"--dataset folder expects {path}/<class>/<images>; {path} does not exist")
-    return image_folder(path, name=f"folder/{split}", size=size, classes=classes)
+    return path
 
 
 def open_eval_split(cfg: DataConfig, classes: list[str]):
