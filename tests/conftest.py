@@ -98,6 +98,44 @@ def grouped_reference():
     return get
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity, capped by a cgroup v2 CPU quota (a container's
+    `--cpus`), which the affinity does not show."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def available_memory_gib() -> float | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return None
+
+
+# A worker that runs the two-tower equivalence files holds the full-size float64 reference results
+# and peaks near 7 GiB (measured on the 2-core, 24 GiB machine with /usr/bin/time -v).
+GIB_PER_WORKER = 8
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`pytest -n auto` (the README's test command): one worker per usable CPU, at most one per
+    GIB_PER_WORKER of available memory. xdist's own count ignores CPU quotas and memory."""
+    workers = usable_cpus()
+    memory = available_memory_gib()
+    if memory is not None:
+        workers = min(workers, max(1, int(memory // GIB_PER_WORKER)))
+    return workers
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
