@@ -126,6 +126,7 @@ def available_memory_gib() -> float | None:
 GIB_PER_WORKER = 8
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest without xdist (the lent GPU machines) must still load this file
 def pytest_xdist_auto_num_workers(config):
     """`pytest -n auto` (the README's test command): one worker per usable CPU, at most one per
     GIB_PER_WORKER of available memory. xdist's own count ignores CPU quotas and memory."""
