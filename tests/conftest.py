@@ -6,6 +6,7 @@ import datetime
 import os
 import socket
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,27 +99,13 @@ def grouped_reference():
     return get
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity, capped by a cgroup v2 CPU quota (a container's
-    `--cpus`), which the affinity does not show."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return cpus
-
-
 def available_memory_gib() -> float | None:
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2 ** 20
+        lines = Path("/proc/meminfo").read_text().splitlines()
     except OSError:
-        pass
-    return None
+        return None
+    kib = [int(line.split()[1]) for line in lines if line.startswith("MemAvailable:")]
+    return kib[0] / 2 ** 20 if kib else None
 
 
 # A worker that runs the two-tower equivalence files holds the full-size float64 reference results
@@ -128,9 +115,11 @@ GIB_PER_WORKER = 8
 
 @pytest.hookimpl(optionalhook=True)  # pytest without xdist (the lent GPU machines) must still load this file
 def pytest_xdist_auto_num_workers(config):
-    """`pytest -n auto` (the README's test command): one worker per usable CPU, at most one per
+    """`pytest -n auto` (the README's test command): one worker per core this process may use (available_cores), at most one per
     GIB_PER_WORKER of available memory. xdist's own count ignores CPU quotas and memory."""
-    workers = usable_cpus()
+    from repro.data.store import available_cores
+
+    workers = available_cores()
     memory = available_memory_gib()
     if memory is not None:
         workers = min(workers, max(1, int(memory // GIB_PER_WORKER)))
