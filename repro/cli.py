@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from repro.cores import available_cores
+
 
 class RunDiverged(RuntimeError):
     """Training's loss stopped being finite: an outcome of the recipe, not a bug (no traceback)."""
@@ -38,7 +40,7 @@ def at_least(low: int) -> Callable[[str], int]:
 def default_workers() -> int:
     """Decoding processes per rank: 4, or fewer where this machine's cores are shared by fewer per rank
     (more workers than cores only adds switching, and PyTorch warns about it)."""
-    per_rank = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    per_rank = available_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(4, per_rank))
 
 

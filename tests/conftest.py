@@ -117,7 +117,7 @@ GIB_PER_WORKER = 8
 def pytest_xdist_auto_num_workers(config):
     """`pytest -n auto` (the README's test command): one worker per core this process may use (available_cores), at most one per
     GIB_PER_WORKER of available memory. xdist's own count ignores CPU quotas and memory."""
-    from repro.data.store import available_cores
+    from repro.cores import available_cores
 
     workers = available_cores()
     memory = available_memory_gib()

@@ -9,12 +9,13 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from repro.cores import available_cores
 
 SIZE, QUALITY = 256, 90
 _DONE = "tree.json"  # written last: its presence means the tree is complete (a crashed run rewrites it all)
@@ -66,7 +67,7 @@ def write_jpeg_tree(splits: dict, root: str | Path, images: dict[str, int], work
         for i in picked:
             image, label = src[i]
             jobs.append((str(root / split / names[int(label)] / f"{i:06d}.jpg"), torch.as_tensor(image).numpy()))
-    workers = workers if workers is not None else (os.cpu_count() or 1)
+    workers = workers if workers is not None else available_cores()
     if workers <= 1:
         for job in jobs:
             _write(job)

@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from repro.cores import available_cores
 from repro.data.folder import FolderSource, ImageDecodeError, decode_image
 
 try:
@@ -299,19 +300,6 @@ def _encoder(workers: int) -> Iterator[Callable]:
         pool.shutdown(wait=False, cancel_futures=True)  # an interruption does not wait for queued images
         raise
     pool.shutdown()
-
-
-def available_cores() -> int:
-    """The cores this process may run on: its affinity mask (which taskset and cpusets narrow), capped
-    by a cgroup v2 CPU quota (a container's --cpus), which the mask does not show."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return cores
 
 
 @contextlib.contextmanager
