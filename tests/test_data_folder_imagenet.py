@@ -158,6 +158,22 @@ def test_decode_modes_to_rgb(tmp_path, mode, colour, expected):
     assert np.abs(got - np.array(expected)).max() <= 3, got
 
 
+def test_exif_orientation_is_not_applied(tmp_path):
+    """The stored pixel grid, as torchvision's ImageFolder loader and decode_jpeg's default read it
+    (docs/fidelity.md, Data): a tag that asks for a quarter turn changes nothing."""
+    img = np.zeros((30, 40, 3), np.uint8)
+    img[:, :20], img[:, 20:] = (255, 0, 0), (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(img).save(tmp_path / "tagged.jpg", quality=95, exif=exif)
+    Image.fromarray(img).save(tmp_path / "plain.jpg", quality=95)
+    with Image.open(tmp_path / "tagged.jpg") as check:
+        assert check.getexif().get(0x0112) == 6
+    tagged = decode_image(tmp_path / "tagged.jpg")
+    assert torch.equal(tagged, decode_image(tmp_path / "plain.jpg"))
+    assert tagged[128, 40, 0] > 200 and tagged[128, 215, 2] > 200  # red left, blue right: not turned
+
+
 def test_png_named_jpeg_decodes(tmp_path):
     path = solid(tmp_path / "n01_2933.JPEG", (12, 34, 56), fmt="PNG")
     assert path.read_bytes()[:4] == b"\x89PNG"
