@@ -299,6 +299,11 @@ class Trainer:
                     if not self._train_epoch():
                         return
                     self._end_epoch()
+            # A signal after the last stop check (the last epoch's validation, the last steps between
+            # checks): latest.pt is saved already, and a preempted job ends without the closing evaluation.
+            if all_reduce_sum([float(self.stop_signal is not None)], self.topo)[0] > 0:
+                self.say("SIGTERM or Ctrl-C after the last step: latest.pt holds the run; stopping")
+                self.stopped_by_signal = True
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -130,6 +130,30 @@ def test_a_stop_signal_on_one_rank_stops_both_at_the_same_step_with_a_checkpoint
     assert steps == [1, 2, 3]  # step 3 falls between progress lines (every 2) but is in the checkpoint
 
 
+def test_a_signal_during_the_last_validation_ends_the_job_without_the_closing_evaluation(
+        tmp_path, data_root, monkeypatch, capsys):
+    """After the last stop check there is no step left to stop at: the job still ends (a preempted
+    job gets about 30 s), latest.pt already holds the run, and a resume writes the closing table."""
+    from repro import train as train_module
+
+    cfg = dataclasses.replace(tiny_config(data_root, tmp_path / "v"), epochs=1, final_crops=(1,))
+    real_validate, calls = train_module.Trainer.validate, []
+
+    def validate_then_signal(self, crops):
+        calls.append(crops)
+        if len(calls) == 1:  # the epoch's validation, not the closing table's
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_validate(self, crops)
+
+    monkeypatch.setattr(train_module.Trainer, "validate", validate_then_signal)
+    assert train_module.train(cfg) == {}
+    assert len(calls) == 1 and not (tmp_path / "v" / "results.md").exists()
+    assert "latest.pt holds the run; stopping" in capsys.readouterr().out
+    assert read(tmp_path / "v" / "latest.pt")["progress"] == {"epoch": 1, "step_in_epoch": 0, "global_step": 4}
+    assert train_module.train(cfg, resume=str(tmp_path / "v"))[1].images == 30  # nothing to train: scored
+    assert (tmp_path / "v" / "results.md").exists()
+
+
 def test_a_non_finite_loss_stops_every_rank_before_anything_is_saved(tmp_path, data_root):
     """Step 6 of 8 diverges: both ranks stop at the next log line (step 6), and latest.pt keeps the
     epoch-end state of step 4 instead of NaN weights."""
