@@ -15,7 +15,7 @@ from repro.cli import device_from_flag, make_out_dir, out_of_memory_advice
 from repro.config import TrainConfig, variant_name
 from repro.data.augment import Augment
 from repro.data.datasets import open_eval_split
-from repro.data.loader import eval_indices, iterate
+from repro.data.loader import eval_indices, evenly_spaced, iterate
 from repro.evaluate import EvalSpec, evaluate
 from repro.model.grouped import AlexNet
 from repro.model.two_tower import TwoTowerAlexNet
@@ -183,7 +183,7 @@ def figures(member: Member, split, idx: torch.Tensor, opts: EvalOptions, out: Pa
     if log.exists():
         paths["curves"] = plot_learning_curves(read_metrics(log), out / "learning_curves.png")
     if opts.neighbours > 0:
-        bank = idx[torch.linspace(0, len(idx) - 1, min(opts.neighbour_bank, len(idx))).round().long()]
+        bank = idx[evenly_spaced(len(idx), min(opts.neighbour_bank, len(idx)))]
         images, feats, read_ok = [], [], []
         with torch.no_grad():
             index_lists = bank.split(opts.batch_size)
@@ -197,7 +197,7 @@ def figures(member: Member, split, idx: torch.Tensor, opts: EvalOptions, out: Pa
         if not feats:
             return paths
         images, feats, bank = torch.cat(images), torch.cat(feats), torch.cat(read_ok)
-        q = torch.linspace(0, len(feats) - 1, min(opts.neighbours, len(feats))).round().long()
+        q = evenly_spaced(len(feats), min(opts.neighbours, len(feats)))
         k = min(6, len(feats) - 1)
         if k >= 1:
             path, nn_idx = nearest_neighbours_figure(images[q], feats[q], images, feats, out / "fc7_neighbours.png",

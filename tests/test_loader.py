@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from repro.data.folder import image_folder
-from repro.data.loader import eval_indices, iterate, steps_per_epoch, train_batches
+from repro.data.loader import eval_indices, evenly_spaced, iterate, steps_per_epoch, train_batches
 
 
 def test_pairs_read_disjoint_shards_of_one_shuffle():
@@ -39,6 +39,23 @@ def test_evaluation_scores_every_image_exactly_once(n, replicas, limit):
     expected = min(n, limit) if limit else n
     assert len(allidx) == len(set(allidx)) == expected
     assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
+
+
+def test_an_evenly_spaced_subset_has_no_repeats_even_where_float32_rounding_would_make_them():
+    # 49807 of 50000: a float32 linspace puts 39765.498 and 39766.502 both on 39766.
+    assert len(torch.linspace(0, 49999, 49807).round().unique()) < 49807  # the trap is real here
+    for n, limit in ((50000, 49807), (50000, 49810), (10000, 300), (7, 2), (7, 7), (1281167, 50000)):
+        idx = evenly_spaced(n, limit)
+        assert len(idx) == len(idx.unique()) == limit and idx[0] == 0 and idx[-1] == n - 1
+        exact = [round(i * (n - 1) / (limit - 1) + 1e-9) for i in range(0, limit, max(1, limit // 97))]
+        assert idx[::max(1, limit // 97)].tolist() == exact  # the nearest index to each even position
+    assert evenly_spaced(10, 1).tolist() == [0]
+    assert torch.equal(evenly_spaced(10000, 300), torch.linspace(0, 9999, 300).round().long())  # earlier runs' subset
+
+
+def test_a_large_seed_still_gives_an_epoch_order():
+    order = train_batches(50, 5, 1, 0, seed=2 ** 63 - 1, epoch=3)
+    assert len(order) == 10 and len(torch.cat(order).unique()) == 50
 
 
 def test_unreadable_files_are_skipped_and_counted(tmp_path):

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     """The epoch's permutation of the training set, the same in every process."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return torch.randperm(n, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2 ** 63))
 
 
 def steps_per_epoch(n: int, batch: int, replicas: int) -> int:
@@ -34,10 +34,20 @@ def train_batches(n: int, batch: int, replicas: int, replica: int, seed: int, ep
             for s in range(start_step, steps)]
 
 
+def evenly_spaced(n: int, limit: int) -> Tensor:
+    """`limit` distinct indices of range(n), first and last included: round(i (n-1) / (limit-1)) in
+    integers. (A float32 linspace rounds neighbours that lie just over 1 apart onto one index, which
+    would score an image twice and skip the next.)"""
+    if limit <= 1:
+        return torch.zeros(limit, dtype=torch.long)
+    i = torch.arange(limit, dtype=torch.long)
+    return (2 * i * (n - 1) + (limit - 1)) // (2 * (limit - 1))  # round half up, exactly
+
+
 def eval_indices(n: int, replicas: int, replica: int, limit: int | None = None) -> Tensor:
     """A contiguous shard per replica, sizes differing by at most one: every image once, no padding.
     `limit` keeps an evenly spaced subset of the split first (smoke runs)."""
-    idx = torch.arange(n) if limit is None or limit >= n else torch.linspace(0, n - 1, limit).round().long()
+    idx = torch.arange(n) if limit is None or limit >= n else evenly_spaced(n, limit)
     bounds = [len(idx) * r // replicas for r in range(replicas + 1)]
     return idx[bounds[replica]:bounds[replica + 1]]
 
