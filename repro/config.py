@@ -294,6 +294,7 @@ class TrainConfig:
         _need(self.log_every >= 1, "--log-every (log_every) must be >= 1", self.log_every)
         _need(self.eval_batch_size >= 1, "--eval-batch-size (eval_batch_size) must be >= 1", self.eval_batch_size)
         _need(self.stop_check_every >= 0, "stop_check_every must be >= 0", self.stop_check_every)
+        _need(0 <= self.seed < 2 ** 63, "--seed (seed) must be in [0, 2^63), a torch generator's range", self.seed)
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.amp not in ("none", "bf16"):

@@ -48,7 +48,9 @@ def test_bad_flags_give_a_clear_error(tmp_path, capsys):
                            (["--momentum", "1.5"], "momentum"), (["--patience", "0"], "--patience"),
                            (["--schedule", "milestones", "--patience", "2"], "--patience applies to --schedule plateau"),
                            (["--milestones", "5"], "--milestones applies to --schedule milestones"),
-                           (["--schedule", "milestones", "--milestones", "1", "2", "3", "4"], "at most 3 drops")):
+                           (["--schedule", "milestones", "--milestones", "1", "2", "3", "4"], "at most 3 drops"),
+                           (["--seed", str(2 ** 63)], "--seed (seed) must be in [0, 2^63)"),
+                           (["--seed", "-1"], "--seed (seed) must be in [0, 2^63)")):
         assert main(flags + ["--out", str(tmp_path)]) == 2, flags  # before any data is read
         assert message in capsys.readouterr().err, flags
     old = tmp_path / "old-run"
