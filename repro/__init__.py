@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """The trained network of a checkpoint (either form's) as a grouped `repro.AlexNet`."""
+    """The trained network of a checkpoint (either form's) as a grouped `repro.AlexNet` in eval mode,
+    on the device map_location names ("cpu", "cuda", "cuda:1", ...)."""
     from repro.checkpoint import load_model
 
     return load_model(path, map_location=map_location)

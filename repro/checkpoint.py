@@ -85,5 +85,6 @@ def network(ckpt: dict, path: str | os.PathLike) -> AlexNet:
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> AlexNet:
-    """The network stored in a checkpoint (either form's), as a grouped AlexNet in eval mode."""
-    return network(read(path, map_location), path)
+    """The network stored in a checkpoint (either form's), as a grouped AlexNet in eval mode, on the
+    device map_location names."""
+    return network(read(path, map_location), path).to(map_location)

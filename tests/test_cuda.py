@@ -254,6 +254,9 @@ def test_grouped_training_with_bf16_channels_last_and_compile(data_root, tmp_pat
     assert isinstance(net, AlexNet)
     out = net.eval()(torch.randn(2, 3, 67, 67))
     assert torch.isfinite(out).all()
+    on_gpu = load_checkpoint(tmp_path / "run" / "latest.pt", map_location="cuda")  # the network itself moves
+    assert {p.device.type for p in on_gpu.parameters()} == {"cuda"}
+    assert on_gpu(torch.randn(2, 3, 67, 67, device="cuda")).shape == out.shape
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
