@@ -270,7 +270,11 @@ class Trainer:
         every = self.cfg.stop_check_every or (20 if self.topo.device.type == "cuda" else 1)
         if self.progress.global_step % every:
             return False
-        return all_reduce_sum([float(self.stop_signal is not None)], self.topo)[0] > 0  # all ranks agree
+        return self._signal_pending()
+
+    def _signal_pending(self) -> bool:
+        """Collective: whether any rank was asked to stop (so that all ranks agree)."""
+        return all_reduce_sum([float(self.stop_signal is not None)], self.topo)[0] > 0
 
     def _budget_left(self) -> bool:
         return self.cfg.max_steps is None or self.progress.global_step < self.cfg.max_steps
@@ -301,7 +305,7 @@ class Trainer:
                     self._end_epoch()
             # A signal after the last stop check (the last epoch's validation, the last steps between
             # checks): latest.pt is saved already, and a preempted job ends without the closing evaluation.
-            if all_reduce_sum([float(self.stop_signal is not None)], self.topo)[0] > 0:
+            if self._signal_pending():
                 self.say("SIGTERM or Ctrl-C after the last step: latest.pt holds the run; stopping")
                 self.stopped_by_signal = True
         finally:
