@@ -210,9 +210,10 @@ class OptimConfig:
     schedule: str = "plateau"
     lr_drop: float = 10.0
     max_drops: int = 3  # "reduced three times prior to termination"
-    # The 2012 run's drops, logged at its (1-based) epochs 25, 51 and 79 (layer-params-145.cfg:169,174,180):
-    # 0-based epochs 24, 50, 78, so that 24 epochs run at the first rate as in the log.
-    milestones: tuple[int, ...] = (24, 50, 78)
+    # 0-based epochs. The 2012 run's drops are logged at its 1-based epochs 25, 51 and 79
+    # (layer-params-145.cfg:169,174,180), i.e. 0-based 24, 50, 78 (24 epochs at the first rate), which the
+    # cuda-convnet-2012 preset uses; this default drops one epoch later than that log.
+    milestones: tuple[int, ...] = (25, 51, 79)
     # Per-layer rates from a 0-based epoch on: (layer, epoch, weight rate, bias rate), absolute rates that
     # replace the schedule's for that layer. The 2012 run set conv1's epsW to 1e-5 at its epoch 67 and to 0
     # at 72 (layer-params-145.cfg:177,179); its final file has conv1's epsB 0 too (lines 2-3).
