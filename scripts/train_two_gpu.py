@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from repro.cli import default_workers, raised_on_every_rank, run  # noqa: E402
 from repro.config import (  # noqa: E402
-    COMPILE_MODES, MODEL_VARIANTS, DataConfig, ModelConfig, OptimConfig, TrainConfig)
+    COMPILE_MODES, MODEL_VARIANTS, DataConfig, ModelConfig, OptimConfig, TrainConfig, apply_variant)
 
 CPU_BUDGET = dict(max_steps=60, batch_size=64, val_images=300, stats_images=10000)
 
@@ -181,7 +181,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                         plateau_patience=paper.plateau_patience if args.patience is None else args.patience,
                         bias_lr_mult=args.bias_lr_mult, bias_weight_decay=args.bias_decay)
     data = DataConfig(dataset=args.dataset, root=args.data, pca=args.pca, pca_scale=args.pca_scale,
-                      flip=not args.no_flip,
+                      flip=not args.no_flip, crop_size=model.image_size,
                       val_images=pick(args.val_images, "val_images", None, no_gpu),
                       stats_images=pick(args.stats_images, "stats_images", None, no_gpu),
                       workers=args.workers, decode=args.decode, devkit=args.devkit,
@@ -206,13 +206,14 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                         f"(--stats-images)")
         if said:
             print("No GPU: " + "; ".join(said) + ".", flush=True)
-    return TrainConfig(model=model, optim=optim, data=data, epochs=90 if args.epochs is None else args.epochs,
-                       batch_size=batch_size, seed=args.seed,
-                       max_steps=pick(args.max_steps, "max_steps", None), out=out, log_every=args.log_every,
-                       eval_batch_size=args.eval_batch_size, final_crops=tuple(args.final_crops),
-                       device=args.device, backend=args.backend, amp=args.amp,
-                       channels_last=args.channels_last, compile=args.compile or args.compile_mode is not None,
-                       compile_mode=args.compile_mode or "default")
+    cfg = TrainConfig(model=model, optim=optim, data=data, epochs=90 if args.epochs is None else args.epochs,
+                      batch_size=batch_size, seed=args.seed,
+                      max_steps=pick(args.max_steps, "max_steps", None), out=out, log_every=args.log_every,
+                      eval_batch_size=args.eval_batch_size, final_crops=tuple(args.final_crops),
+                      device=args.device, backend=args.backend, amp=args.amp,
+                      channels_last=args.channels_last, compile=args.compile or args.compile_mode is not None,
+                      compile_mode=args.compile_mode or "default")
+    return apply_variant(cfg, args.variant, network=False)  # a preset's optimiser, schedule and data
 
 
 def main(argv=None) -> int:

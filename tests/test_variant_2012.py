@@ -103,3 +103,17 @@ def test_same_map_norm_against_a_loop_over_the_clipped_window():
                 window = x[0, c, max(0, i - 2):i + 3, max(0, j - 2):j + 3]
                 expected[0, c, i, j] = x[0, c, i, j] * (1 + 0.001 / 25 * window.square().sum()) ** -0.75
     torch.testing.assert_close(same_map_response_norm(x), expected, rtol=1e-14, atol=0)
+
+
+def test_the_script_flag_gives_the_whole_preset(tmp_path):
+    from scripts.train_two_gpu import build_config, build_parser
+
+    args = build_parser().parse_args(["--variant", "cuda-convnet-2012", "--device", "cpu", "--max-steps", "1",
+                                      "--out", str(tmp_path)])
+    cfg = build_config(args)
+    preset = apply_variant(TrainConfig(), "cuda-convnet-2012")
+    assert cfg.model == cuda_convnet_2012(1000) and cfg.optim == preset.optim
+    assert cfg.data.crop_size == 224 and cfg.data.mean_crop == "centre" and cfg.data.crop_chunk == 32
+    paper = build_config(build_parser().parse_args(["--device", "cpu", "--max-steps", "1", "--out", str(tmp_path)]))
+    assert paper.optim == dataclasses.replace(paper.optim, bias_lr_fixed=False, layer_lr_changes=())
+    assert paper.data.mean_crop == "same" and paper.data.crop_chunk == 1 and paper.data.crop_size == 227
