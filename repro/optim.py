@@ -23,8 +23,9 @@ class PaperSGD(torch.optim.Optimizer):
     Param groups carry `lr_mult` (the group's rate is `lr * lr_mult`) so one base rate drives weights
     and biases; `set_lr` changes it. A group may also carry `fixed` (its rate stays `lr_mult` times the
     first rate: the 2012 code's bias rate) and `lr_changes`, ((0-based epoch, rate), ...) absolute rates
-    from that epoch on (the 2012 code's conv1), applied by `set_lr(lr, epoch)`. `compiled=True` runs the same update through torch.compile, which
-    fuses its four passes over the parameters into one (read w, g, v; write w, v).
+    from that epoch on (the 2012 code's conv1), applied by `set_lr(lr, epoch)`. `compiled=True` runs the
+    same update through torch.compile, which fuses its four passes over the parameters into one (read w,
+    g, v; write w, v).
     """
 
     def __init__(self, params: Iterable, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,

@@ -213,7 +213,24 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                       device=args.device, backend=args.backend, amp=args.amp,
                       channels_last=args.channels_last, compile=args.compile or args.compile_mode is not None,
                       compile_mode=args.compile_mode or "default")
-    return apply_variant(cfg, args.variant, network=False)  # a preset's optimiser, schedule and data
+    return _with_preset(cfg, args)
+
+
+# Flags that also set a field of a preset (apply_variant): given with a value other than their default, the
+# flag wins over the preset (e.g. --variant cuda-convnet-2012 --milestones 7); otherwise the preset's value.
+_PRESET_FLAGS = {"schedule": ("optim", "schedule"), "milestones": ("optim", "milestones"),
+                 "bias_lr_mult": ("optim", "bias_lr_mult"), "pca_scale": ("data", "pca_scale")}
+
+
+def _with_preset(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """cfg with the optimiser, schedule and data of --variant's preset (the network is already the variant's)."""
+    preset, defaults = apply_variant(cfg, args.variant, network=False), build_parser().parse_args([])
+    keep = {"optim": {}, "data": {}}
+    for flag, (part, name) in _PRESET_FLAGS.items():
+        if getattr(args, flag) != getattr(defaults, flag):
+            keep[part][name] = getattr(getattr(cfg, part), name)
+    return dataclasses.replace(preset, optim=dataclasses.replace(preset.optim, **keep["optim"]),
+                               data=dataclasses.replace(preset.data, **keep["data"]))
 
 
 def main(argv=None) -> int:

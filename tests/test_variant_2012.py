@@ -114,6 +114,48 @@ def test_the_script_flag_gives_the_whole_preset(tmp_path):
     preset = apply_variant(TrainConfig(), "cuda-convnet-2012")
     assert cfg.model == cuda_convnet_2012(1000) and cfg.optim == preset.optim
     assert cfg.data.crop_size == 224 and cfg.data.mean_crop == "centre" and cfg.data.crop_chunk == 32
+    given = build_config(build_parser().parse_args(["--variant", "cuda-convnet-2012", "--device", "cpu", "--out",
+                                                    str(tmp_path), "--schedule", "milestones", "--milestones", "7"]))
+    assert given.optim.milestones == (7,) and given.optim.bias_lr_fixed  # a flag given wins over the preset
     paper = build_config(build_parser().parse_args(["--device", "cpu", "--max-steps", "1", "--out", str(tmp_path)]))
     assert paper.optim == dataclasses.replace(paper.optim, bias_lr_fixed=False, layer_lr_changes=())
     assert paper.data.mean_crop == "same" and paper.data.crop_chunk == 1 and paper.data.crop_size == 227
+
+
+def test_training_loop_gives_the_epoch_to_the_late_switches(tmp_path, monkeypatch):
+    """The 2012 preset shrunk to a 67-pixel input and two epochs: in epoch 1 the colour noise (and its
+    divide by 1.1) is off and conv1's rate is 0, which needs the loop to pass each epoch along."""
+    from repro import train as train_module
+    from repro.optim import PaperSGD
+    from tests.test_fashion_mnist import make_tree
+
+    make_tree(tmp_path / "data", n_train=48, n_test=8)
+    preset = apply_variant(TrainConfig(), "cuda-convnet-2012")
+    cfg = dataclasses.replace(
+        preset, model=dataclasses.replace(preset.model, num_classes=10, image_size=67, widths=SMALL_FC),
+        optim=dataclasses.replace(preset.optim, milestones=(1,), layer_lr_changes=(("conv1", 1, 0.0, 0.0),)),
+        data=dataclasses.replace(preset.data, root=str(tmp_path / "data"), base_size=76, crop_size=67, workers=0,
+                                 pca_off_epoch=1, crop_chunk=8),
+        epochs=2, batch_size=24, out=str(tmp_path / "run"), eval_batch_size=16, final_crops=(), device="cpu")
+    draws, rates = [], []
+    real_draw, real_set_lr = train_module.draw_params, PaperSGD.set_lr
+
+    def draw(*args, **kw):
+        draws.append(real_draw(*args, **kw))
+        return draws[-1]
+
+    def set_lr(self, lr, epoch=None):
+        real_set_lr(self, lr, epoch)
+        rates.append((epoch, [g["lr"] for g in self.param_groups]))
+
+    monkeypatch.setattr(train_module, "draw_params", draw)
+    monkeypatch.setattr(PaperSGD, "set_lr", set_lr)
+    train_module.train(cfg)
+    assert len(draws) == 4  # two steps per epoch
+    assert all(d.gain is not None and d.alpha.abs().sum() > 0 for d in draws[:2])
+    assert all(d.gain is None and not d.alpha.any() for d in draws[2:])
+    assert all(d.top[:8].unique().numel() == 1 for d in draws)  # chunks of 8 share a crop
+    epochs = [e for e, _ in rates]
+    assert 0 in epochs and 1 in epochs
+    first, second = rates[epochs.index(0)][1], rates[epochs.index(1)][1]
+    assert 0.0 not in first and second.count(0.0) == 2  # conv1's weights and biases stop in epoch 1
