@@ -1,8 +1,10 @@
 """The paper's constants, as frozen configuration objects.
 
-Every default is the paper's value; the section of the paper (and of SPEC.md, the project's fact
-sheet) that it comes from is named beside it. Variants such as the 2012 code's choices or the paper's
-ablations are other instances of the same classes (see `MODEL_VARIANTS`), never forks of the model.
+Every default is the paper's value, with the paper's section beside it (docs/paper.md restates them).
+Variants such as the 2012 code's choices or the paper's ablations are other instances of the same
+classes (see `MODEL_VARIANTS` and `apply_variant`), never forks of the model. Each field that models the
+2012 code (cuda-convnet, layers/layers-145.cfg and its neighbours) names the file; docs/fidelity.md
+has them all in one table.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Callable
 
 @dataclass(frozen=True)
 class LRNConfig:
-    """Local response normalisation, paper section 3.3 (SPEC section 2)."""
+    """Local response normalisation, paper section 3.3."""
 
     enabled: bool = True
     size: int = 5  # n, channels in the window (odd: the window is centred)
@@ -40,7 +42,7 @@ class LRNConfig:
 
 @dataclass(frozen=True)
 class TowerWidths:
-    """Kernels (conv) and units (fc) held by ONE tower, paper Figure 2 (SPEC section 1).
+    """Kernels (conv) and units (fc) held by ONE tower, paper Figure 2 (section 3.5).
 
     The only table of layer sizes: the towers and the grouped form both read it.
     """
@@ -56,10 +58,10 @@ class TowerWidths:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The network, paper section 3 and 5 (SPEC sections 1-3)."""
+    """The network, paper sections 3, 4.2 and 5."""
 
     num_classes: int = 1000
-    image_size: int = 227  # input crop; the paper's "224" only works with padding (SPEC section 1, 7)
+    image_size: int = 227  # input crop; the paper's "224" gives conv1 55x55 only with padding (docs/paper.md)
     in_channels: int = 3
     towers: int = 2  # the paper's two GPUs; 1 = the one-GPU ablation of section 3.2
     widths: TowerWidths = field(default_factory=TowerWidths)
@@ -71,9 +73,20 @@ class ModelConfig:
     # "inverted": divide by (1 - p) in training, identity at test (torch.nn.Dropout); same in expectation.
     dropout_scaling: str = "paper"
     init_std: float = 0.01  # N(0, 0.01^2) for every weight, section 5
-    init_std_conv3_5: float = 0.01  # the 2012 code used 0.03 here (SPEC section 7)
+    init_std_conv3_5: float = 0.01  # the 2012 code: initW=0.03 for conv3-conv5 (layers-145.cfg:143,172,200)
     # Layers whose biases start at 1 ("provides the ReLUs with positive inputs"); the rest start at 0.
     unit_bias_layers: tuple[str, ...] = ("conv2", "conv4", "conv5", "fc6", "fc7")
+    # conv1's output size by ceil((size - 11) / 4) + 1 with zero pixels added on the right and bottom, as
+    # the 2012 code sized its convolutions (layer.py:1004, modulesX): 224 -> 55 with 3 padded pixels.
+    # False: floor, no padding (the paper's 227 needs none).
+    conv1_ceil: bool = False
+    # The 2012 code's layer 1: conv1 -> LRN -> max-pool -> ReLU (layers-145.cfg:9-63: conv1 has no
+    # neuron, pool1 has neuron=relu). False: ReLU -> LRN -> pool, section 3.3's order.
+    relu1_after_pool: bool = False
+    # The 2012 code's extra same-map response normalisation after conv2's cross-map LRN (type=rnorm,
+    # layers-145.cfg:107-117; size 5, scale 0.001, pow 0.75 in layer-params-145.cfg:157-163).
+    # repro.model.layers.same_map_response_norm. Not in the paper.
+    same_map_norm2: bool = False
 
     def __post_init__(self) -> None:
         if self.towers < 1:
@@ -99,10 +112,16 @@ class ModelConfig:
         def pool(n: int) -> int:
             return (n - self.pool_kernel) // self.pool_stride + 1 if n >= self.pool_kernel else 0
 
-        conv1 = (size - 11) // 4 + 1 if size >= 11 else 0
+        conv1 = (-(-(size - 11) // 4) if self.conv1_ceil else (size - 11) // 4) + 1 if size >= 11 else 0
         pool1 = pool(conv1)
         pool2 = pool(pool1)  # conv2..conv5 keep the size (padding 2, 1, 1, 1)
         return conv1, pool1, pool2, pool2, pool(pool2)
+
+    def conv1_padding(self, image_size: int | None = None) -> int:
+        """Zero pixels added on the right and bottom of the input so that conv1 gives feature_sizes()[0]
+        outputs (3 for the 2012 code's 224; 0 without conv1_ceil)."""
+        size = self.image_size if image_size is None else image_size
+        return max(0, (self.feature_sizes(size)[0] - 1) * 4 + 11 - size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,13 +141,12 @@ def paper(num_classes: int = 1000) -> ModelConfig:
 
 
 def cuda_convnet_2012(num_classes: int = 1000) -> ModelConfig:
-    """The 2012 code's numerical choices that this model expresses (SPEC section 7).
-
-    Not modelled: the ReLU order of conv1, layer 2's extra spatial normalisation, the 224 input with
-    one-sided padding. docs/fidelity.md lists them.
-    """
-    return ModelConfig(num_classes=num_classes, lrn=LRNConfig(alpha_convention="divided"),
-                       init_std_conv3_5=0.03)
+    """The network as the 2012 code built it (layers/layers-145.cfg, layer-params-145.cfg, layer.py):
+    the 224 input with conv1 sized by ceil, conv1 -> LRN -> pool -> ReLU, LRN's alpha divided by its
+    size (layer.py:1183), conv2's extra same-map normalisation, conv3-conv5 drawn with std 0.03.
+    `apply_variant(cfg, "cuda-convnet-2012")` adds the run's optimiser, schedule and data."""
+    return ModelConfig(num_classes=num_classes, image_size=224, conv1_ceil=True, relu1_after_pool=True,
+                       same_map_norm2=True, lrn=LRNConfig(alpha_convention="divided"), init_std_conv3_5=0.03)
 
 
 def no_lrn(num_classes: int = 1000) -> ModelConfig:
@@ -177,19 +195,29 @@ def _need(ok: bool, what: str, got) -> None:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Stochastic gradient descent with the paper's update rule, section 5 (SPEC section 4)."""
+    """Stochastic gradient descent with the paper's update rule, section 5."""
 
     lr: float = 0.01  # epsilon, equal for all layers
     momentum: float = 0.9
     weight_decay: float = 5e-4
     bias_weight_decay: bool = False  # the rule is stated for weights; the 2012 code did not decay biases
-    bias_lr_mult: float = 1.0  # the 2012 code used 2
+    bias_lr_mult: float = 1.0  # the 2012 code started biases at epsB 0.02, twice epsW (layer-params-145.cfg:19)
+    # True: the biases keep lr * bias_lr_mult of the first epoch, never divided, as the 2012 code's epsB
+    # (still 0.02 beside epsW 0.00001 in the final layer-params-145.cfg:18-19). False: divided with the rest.
+    bias_lr_fixed: bool = False
     # "plateau": divide by lr_drop when validation error stops improving (the paper);
-    # "milestones": divide at fixed epochs (the 2012 code's 25, 51, 79).
+    # "milestones": divide at fixed 0-based epochs.
     schedule: str = "plateau"
     lr_drop: float = 10.0
     max_drops: int = 3  # "reduced three times prior to termination"
+    # 0-based epochs. The 2012 run's drops are logged at its 1-based epochs 25, 51 and 79
+    # (layer-params-145.cfg:169,174,180), i.e. 0-based 24, 50, 78 (24 epochs at the first rate), which the
+    # cuda-convnet-2012 preset uses; this default drops one epoch later than that log.
     milestones: tuple[int, ...] = (25, 51, 79)
+    # Per-layer rates from a 0-based epoch on: (layer, epoch, weight rate, bias rate), absolute rates that
+    # replace the schedule's for that layer. The 2012 run set conv1's epsW to 1e-5 at its epoch 67 and to 0
+    # at 72 (layer-params-145.cfg:177,179); its final file has conv1's epsB 0 too (lines 2-3).
+    layer_lr_changes: tuple[tuple[str, int, float, float], ...] = ()
     plateau_patience: int = 3  # epochs without enough improvement before a drop
     plateau_threshold: float = 0.1  # top-1 error points that count as an improvement
 
@@ -208,6 +236,13 @@ class OptimConfig:
         _need(self.plateau_patience >= 1, "--patience (plateau_patience) must be >= 1", self.plateau_patience)
         _need(math.isfinite(self.plateau_threshold) and self.plateau_threshold >= 0, "plateau_threshold must be a "
               "number >= 0", self.plateau_threshold)
+        # JSON and checkpoints give lists back: store tuples, so equal configs compare equal
+        object.__setattr__(self, "layer_lr_changes", tuple(tuple(c) for c in self.layer_lr_changes))
+        for change in self.layer_lr_changes:
+            ok = (len(change) == 4 and isinstance(change[0], str) and int(change[1]) == change[1] >= 0
+                  and all(math.isfinite(r) and r >= 0 for r in change[2:]))
+            _need(ok, "each layer_lr_changes entry must be (layer name, 0-based epoch, weight rate >= 0, bias rate "
+                  ">= 0)", change)
         if any(m < 0 for m in self.milestones) or list(self.milestones) != sorted(set(self.milestones)):
             raise ValueError(f"milestones must be distinct epochs >= 0 in increasing order, got {self.milestones}")
         if self.schedule == "milestones" and len(self.milestones) > self.max_drops:
@@ -217,19 +252,32 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The data pipeline, paper section 2 and 4.1 (SPEC section 5)."""
+    """The data pipeline, paper sections 2 and 4.1."""
 
     dataset: str = "fashion-mnist"  # "fashion-mnist", "imagenet" or "folder" (root/train/<class>/, root/val/<class>/)
     root: str | None = None  # --data DIR
     base_size: int = 256  # shorter side rescaled to 256, central 256x256 patch kept
-    crop_size: int = 227  # random crops of the 256x256 image (paper: 224; SPEC section 1)
+    crop_size: int = 227  # random crops of the 256x256 image (paper: 224, see ModelConfig.image_size)
     flip: bool = True  # horizontal reflections
     mean: str = "image"  # subtract the per-pixel mean image of the training set; "none" to skip
     # PCA colour noise, section 4.1: "dataset" (eigen-decomposition of this training set's RGB
-    # covariance), "imagenet" (the published constants, SPEC section 5) or "none".
+    # covariance), "imagenet" (published ImageNet constants, docs/paper.md) or "none".
     pca: str = "dataset"
     pca_std: float = 0.1  # alpha_i ~ N(0, 0.1)
-    pca_scale: str = "eigenvalue"  # "eigenvalue" as printed; "sqrt" as the 2012 code (SPEC section 5)
+    # "eigenvalue" as printed; "sqrt" as the 2012 code, whose noise multiplies "color_stdevs" (convdata.py:41,113)
+    pca_scale: str = "eigenvalue"
+    # The 2012 code switched the colour noise off at its epoch 67 (layer-params-145.cfg:178): 0-based 66.
+    # None: on for the whole run.
+    pca_off_epoch: int | None = None
+    # True: divide the noisy crop by 1 + pca_std while the noise is on, as the 2012 code did so that the
+    # training data's scale stays near the test data's (convdata.py:205). Not in the paper.
+    pca_rescale: bool = False
+    # "same": subtract the mean image cropped (and reflected) like the image. "centre": subtract its central
+    # crop_size patch whatever the crop's offset or reflection, as the 2012 code (convdata.py:137,225).
+    mean_crop: str = "same"
+    # Consecutive images sharing one crop offset and reflection: 1 draws per image; the 2012 code drew once
+    # per 32 (crop_chunk, convdata.py:125,252-260).
+    crop_chunk: int = 1
     stats_images: int | None = None  # images used for the mean and covariance (None: all)
     val_images: int | None = None  # evaluate on an evenly spaced subset (None: all); for smoke runs
     workers: int = 4  # decoding processes per rank, for image files
@@ -249,6 +297,11 @@ class DataConfig:
             raise ValueError(f"decode must be 'gpu' or 'cpu' (--decode), got {self.decode!r}")
         if self.pca_scale not in ("eigenvalue", "sqrt"):
             raise ValueError(f"pca_scale must be 'eigenvalue' or 'sqrt', got {self.pca_scale!r}")
+        if self.mean_crop not in ("same", "centre"):
+            raise ValueError(f"mean_crop must be 'same' or 'centre', got {self.mean_crop!r}")
+        _need(self.crop_chunk >= 1, "crop_chunk must be >= 1 (images sharing one crop)", self.crop_chunk)
+        _need(self.pca_off_epoch is None or self.pca_off_epoch >= 0, "pca_off_epoch must be a 0-based epoch >= 0 "
+              "(or None: noise on throughout)", self.pca_off_epoch)
         if not 0 < self.crop_size <= self.base_size:
             raise ValueError(f"crop_size {self.crop_size} must be in (0, base_size={self.base_size}]")
         for name in ("stats_images", "val_images"):
@@ -257,6 +310,30 @@ class DataConfig:
                                  f"all images), got {getattr(self, name)}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (--workers), got {self.workers}")
+
+
+# The 2012 run's optimiser, schedule and data beside its network (cuda_convnet_2012): each value cites
+# the 2012 file it comes from in the field's comment above.
+CUDA_CONVNET_2012_OPTIM = dict(bias_lr_mult=2.0, bias_lr_fixed=True, schedule="milestones",
+                               milestones=(24, 50, 78), layer_lr_changes=(("conv1", 66, 1e-5, 0.02),
+                                                                          ("conv1", 71, 0.0, 0.0)))
+CUDA_CONVNET_2012_DATA = dict(crop_size=224, pca_scale="sqrt", pca_off_epoch=66, pca_rescale=True,
+                              mean_crop="centre", crop_chunk=32)
+
+
+def apply_variant(cfg: "TrainConfig", name: str, network: bool = True) -> "TrainConfig":
+    """`cfg` with the variant `name`: the network of MODEL_VARIANTS[name] (keeping cfg's classes) and, for
+    "cuda-convnet-2012", the 2012 run's optimiser, schedule and data as well (the run as it ran). The
+    ablations change the network only. `network=False` leaves cfg's network as it is (a caller that
+    already built it, with its own flags) and applies the rest."""
+    if name not in MODEL_VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(MODEL_VARIANTS)}")
+    model = MODEL_VARIANTS[name](cfg.model.num_classes) if network else cfg.model
+    optim, data = cfg.optim, dataclasses.replace(cfg.data, crop_size=model.image_size)
+    if name == "cuda-convnet-2012":
+        optim = dataclasses.replace(optim, **CUDA_CONVNET_2012_OPTIM)
+        data = dataclasses.replace(data, **CUDA_CONVNET_2012_DATA)
+    return dataclasses.replace(cfg, model=model, optim=optim, data=data)
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

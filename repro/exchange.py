@@ -1,4 +1,4 @@
-"""The four exchanges between towers, and nothing else (paper section 3.2, SPEC section 1).
+"""The four exchanges between towers, and nothing else (paper section 3.2; docs/architecture.md).
 
 "The GPUs communicate only in certain layers": pool2 -> conv3, pool5 -> fc6, fc6 -> fc7 (each tower
 receives the other's block) and fc7 -> fc8 (tower 1 sends to tower 0, where fc8 and the loss live).

@@ -1,4 +1,4 @@
-"""The paper's optimiser and learning-rate schedules (paper section 5, SPEC section 4)."""
+"""The paper's optimiser and learning-rate schedules (paper section 5)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ class PaperSGD(torch.optim.Optimizer):
     learning rate drops: the two agree only while the learning rate is constant.
 
     Param groups carry `lr_mult` (the group's rate is `lr * lr_mult`) so one base rate drives weights
-    and biases; `set_lr` changes it. `compiled=True` runs the same update through torch.compile, which
-    fuses its four passes over the parameters into one (read w, g, v; write w, v).
+    and biases; `set_lr` changes it. A group may also carry `fixed` (its rate stays `lr_mult` times the
+    first rate: the 2012 code's bias rate) and `lr_changes`, ((0-based epoch, rate), ...) absolute rates
+    from that epoch on (the 2012 code's conv1), applied by `set_lr(lr, epoch)`. `compiled=True` runs the
+    same update through torch.compile, which fuses its four passes over the parameters into one (read w,
+    g, v; write w, v).
     """
 
     def __init__(self, params: Iterable, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
@@ -30,17 +33,18 @@ class PaperSGD(torch.optim.Optimizer):
         if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0:
             raise ValueError(f"bad PaperSGD settings: lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lr_mult=1.0))
-        self.base_lr = lr
+        self.base_lr = self.initial_lr = lr
         self.compiled = compiled
         # (id(param group), device, dtype) -> the group's rate as a tensor there (compiled update)
         self._lr_tensors: dict[tuple, Tensor] = {}
         self._lr_values: dict[tuple, float] = {}  # the rate each of those holds
         self.set_lr(lr)
 
-    def set_lr(self, lr: float) -> None:
+    def set_lr(self, lr: float, epoch: int | None = None) -> None:
+        """The base rate `lr` for the 0-based `epoch` (None: before any group's lr_changes)."""
         self.base_lr = lr
         for group in self.param_groups:
-            group["lr"] = lr * group["lr_mult"]
+            group["lr"] = group_rate(group, lr, self.initial_lr, epoch)
             self._refresh_lr_tensor(group)  # now, not at the next step(): a CUDA graph replay runs no Python
 
     @torch.no_grad()
@@ -97,6 +101,16 @@ class PaperSGD(torch.optim.Optimizer):
             self.state[p]["velocity"] = velocities[name].to(device=p.device, dtype=p.dtype).clone()
 
 
+def group_rate(group: dict, lr: float, initial_lr: float, epoch: int | None) -> float:
+    """A param group's rate: lr_mult times the base rate (the first one if the group is `fixed`), unless
+    one of its `lr_changes` has been reached by `epoch` (the latest one reached wins)."""
+    rate = (initial_lr if group.get("fixed") else lr) * group["lr_mult"]
+    for start, value in group.get("lr_changes", ()):
+        if epoch is not None and epoch >= start:
+            rate = value
+    return rate
+
+
 def _by_device(params: list[Tensor]) -> list[list[int]]:
     """Indices of `params` split by (device, dtype), in first-seen order."""
     parts: dict[tuple, list[int]] = {}
@@ -140,21 +154,36 @@ def _compiled_update():
 
 
 def paper_optimizer(model: nn.Module, cfg: OptimConfig, compiled: bool = False) -> PaperSGD:
-    """Weights decay at `cfg.weight_decay`; biases (1-d parameters) follow the config's bias rules.
+    """Weights decay at `cfg.weight_decay`; biases (1-d parameters) follow the config's bias rules; a layer
+    named in `cfg.layer_lr_changes` gets groups of its own carrying its changes.
     `compiled`: fuse the update with torch.compile (training's and the benchmark's --compile)."""
-    weights, biases = [], []
-    for _, p in sorted(model.named_parameters()):
-        (biases if p.ndim == 1 else weights).append(p)
-    groups = [dict(params=weights)]
-    if biases:
-        groups.append(dict(params=biases, lr_mult=cfg.bias_lr_mult,
-                           weight_decay=cfg.weight_decay if cfg.bias_weight_decay else 0.0))
+    changed = {layer for layer, *_ in cfg.layer_lr_changes}
+    parts: dict[tuple[str | None, bool], list] = {}  # (own layer or None, is bias) -> parameters
+    for name, p in sorted(model.named_parameters()):
+        layer = name.split(".")[-2] if "." in name else name  # "towers.0.conv1.weight" -> "conv1"
+        parts.setdefault((layer if layer in changed else None, p.ndim == 1), []).append(p)
+    if not parts.get((None, False)):
+        parts[(None, False)] = []  # the weights' group comes first, even when empty
+    missing = changed - {layer for layer, _ in parts}
+    if missing:
+        raise ValueError(f"layer_lr_changes names {sorted(missing)}, which the model does not have")
+    groups = []
+    for (layer, bias), params in sorted(parts.items(), key=lambda kv: (kv[0][0] is not None, kv[0][0] or "",
+                                                                         kv[0][1])):
+        group = dict(params=params)
+        if bias:
+            group.update(lr_mult=cfg.bias_lr_mult, fixed=cfg.bias_lr_fixed,
+                         weight_decay=cfg.weight_decay if cfg.bias_weight_decay else 0.0)
+        if layer is not None:
+            group["lr_changes"] = tuple((epoch, b if bias else w) for name, epoch, w, b in cfg.layer_lr_changes
+                                        if name == layer)
+        groups.append(group)
     return PaperSGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, compiled=compiled)
 
 
 def unreached_milestones(cfg: OptimConfig, epochs: int) -> list[int]:
     """Milestones a run of `epochs` epochs never reaches (milestone m divides the rate from 0-based
-    epoch m), for a warning: a short run with the 2012 code's 25, 51, 79 would never drop."""
+    epoch m), for a warning: a short run with milestones 25, 51, 79 would never drop."""
     return [m for m in cfg.milestones if m >= epochs] if cfg.schedule == "milestones" else []
 
 
@@ -163,7 +192,8 @@ class LRSchedule:
 
     "plateau" (the paper): divide by `lr_drop` when the validation top-1 error has not improved by
     `plateau_threshold` points for `plateau_patience` epochs, at most `max_drops` times.
-    "milestones" (the 2012 code): divide at the start of each listed epoch (0-based epochs 25, 51, 79).
+    "milestones" (the 2012 code): divide at the start of each listed 0-based epoch (the 2012 run's log
+    has 1-based 25, 51, 79, i.e. 0-based 24, 50, 78: the cuda-convnet-2012 preset's).
     """
 
     def __init__(self, cfg: OptimConfig):

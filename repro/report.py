@@ -61,8 +61,10 @@ TABLE2 = PaperTable(
      ("5 CNNs", (38.1, 16.4, 16.4)),
      ("1 CNN*", (39.0, 16.6, None)),
      ("7 CNNs*", (36.7, 15.4, 15.3))),
-    "Models marked * have one more (sixth) convolutional layer and were pretrained on ImageNet Fall "
-    "2011, then fine-tuned on ILSVRC-2012. \"5 CNNs\" averages the predictions of five similar networks.",
+    "\"5 CNNs\" averages the predictions of five similar networks. \"1 CNN*\" is one network with a sixth "
+    "convolutional layer after the last pooling layer, pretrained on the whole ImageNet Fall 2011 release "
+    "(about 15M images, 22K categories) and fine-tuned on ILSVRC-2012; \"7 CNNs*\" averages the five plain "
+    "networks of \"5 CNNs\" with two such pretrained networks (paper section 6.1).",
 )
 
 PAPER_TABLES = {"2010": TABLE1, "2012": TABLE2}

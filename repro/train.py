@@ -315,7 +315,7 @@ class Trainer:
     def _train_epoch(self) -> bool:
         """One epoch from the saved position; False if the run stopped inside it."""
         cfg, topo, p = self.cfg, self.topo, self.progress
-        self.optimizer.set_lr(self.schedule.start_epoch(p.epoch))
+        self.optimizer.set_lr(self.schedule.start_epoch(p.epoch), p.epoch)
         self.replica.train_module.train()
         index_lists = train_batches(len(self.train_set), cfg.batch_size, topo.replicas, topo.replica,
                                     cfg.seed, p.epoch, p.step_in_epoch)
@@ -323,7 +323,8 @@ class Trainer:
         self.carried_counts = None
         tick, losses = time.perf_counter(), []
         for batch in iterate(self.train_set, index_lists, cfg.data.workers, self.pin, self.decode_device):
-            params = draw_params(cfg.batch_size, cfg.data, step_generator(cfg.seed, p.epoch, p.step_in_epoch, topo.replica))
+            params = draw_params(cfg.batch_size, cfg.data,
+                                 step_generator(cfg.seed, p.epoch, p.step_in_epoch, topo.replica), p.epoch)
             if topo.holds_logits:  # one tower per pair counts what both dropped
                 self.meter.skipped += batch.skipped  # unreadable images, dropped from the batch
             if len(batch.labels) or self.uneven_batches:  # an empty batch still joins the other pairs' step

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from repro.cli import default_workers, raised_on_every_rank, run  # noqa: E402
 from repro.config import (  # noqa: E402
-    COMPILE_MODES, MODEL_VARIANTS, DataConfig, ModelConfig, OptimConfig, TrainConfig)
+    COMPILE_MODES, MODEL_VARIANTS, DataConfig, ModelConfig, OptimConfig, TrainConfig, apply_variant)
 
 CPU_BUDGET = dict(max_steps=60, batch_size=64, val_images=300, stats_images=10000)
 
@@ -181,7 +181,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                         plateau_patience=paper.plateau_patience if args.patience is None else args.patience,
                         bias_lr_mult=args.bias_lr_mult, bias_weight_decay=args.bias_decay)
     data = DataConfig(dataset=args.dataset, root=args.data, pca=args.pca, pca_scale=args.pca_scale,
-                      flip=not args.no_flip,
+                      flip=not args.no_flip, crop_size=model.image_size,
                       val_images=pick(args.val_images, "val_images", None, no_gpu),
                       stats_images=pick(args.stats_images, "stats_images", None, no_gpu),
                       workers=args.workers, decode=args.decode, devkit=args.devkit,
@@ -206,13 +206,31 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                         f"(--stats-images)")
         if said:
             print("No GPU: " + "; ".join(said) + ".", flush=True)
-    return TrainConfig(model=model, optim=optim, data=data, epochs=90 if args.epochs is None else args.epochs,
-                       batch_size=batch_size, seed=args.seed,
-                       max_steps=pick(args.max_steps, "max_steps", None), out=out, log_every=args.log_every,
-                       eval_batch_size=args.eval_batch_size, final_crops=tuple(args.final_crops),
-                       device=args.device, backend=args.backend, amp=args.amp,
-                       channels_last=args.channels_last, compile=args.compile or args.compile_mode is not None,
-                       compile_mode=args.compile_mode or "default")
+    cfg = TrainConfig(model=model, optim=optim, data=data, epochs=90 if args.epochs is None else args.epochs,
+                      batch_size=batch_size, seed=args.seed,
+                      max_steps=pick(args.max_steps, "max_steps", None), out=out, log_every=args.log_every,
+                      eval_batch_size=args.eval_batch_size, final_crops=tuple(args.final_crops),
+                      device=args.device, backend=args.backend, amp=args.amp,
+                      channels_last=args.channels_last, compile=args.compile or args.compile_mode is not None,
+                      compile_mode=args.compile_mode or "default")
+    return _with_preset(cfg, args)
+
+
+# Flags that also set a field of a preset (apply_variant): given with a value other than their default, the
+# flag wins over the preset (e.g. --variant cuda-convnet-2012 --milestones 7); otherwise the preset's value.
+_PRESET_FLAGS = {"schedule": ("optim", "schedule"), "milestones": ("optim", "milestones"),
+                 "bias_lr_mult": ("optim", "bias_lr_mult"), "pca_scale": ("data", "pca_scale")}
+
+
+def _with_preset(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """cfg with the optimiser, schedule and data of --variant's preset (the network is already the variant's)."""
+    preset, defaults = apply_variant(cfg, args.variant, network=False), build_parser().parse_args([])
+    keep = {"optim": {}, "data": {}}
+    for flag, (part, name) in _PRESET_FLAGS.items():
+        if getattr(args, flag) != getattr(defaults, flag):
+            keep[part][name] = getattr(getattr(cfg, part), name)
+    return dataclasses.replace(preset, optim=dataclasses.replace(preset.optim, **keep["optim"]),
+                               data=dataclasses.replace(preset.data, **keep["data"]))
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,5 @@
-"""The device-side pipeline (SPEC section 5) against plain slicing: crops, reflections, mean image,
-PCA noise, the ten test patches, and the 256x256 stage."""
+"""The device-side pipeline (paper sections 2, 4.1) against plain slicing: crops, reflections, mean image,
+PCA noise, the ten test patches, and the 256x256 stage. The 2012 code's switches: tests/test_augment_2012.py."""
 
 import pytest
 import torch
@@ -38,6 +38,13 @@ def test_random_crops_and_reflections_match_slicing():
         expected = reference_crop(images[i], int(params.top[i]), int(params.left[i]), bool(params.flip[i]))
         assert torch.equal(out[i], expected)
     assert 0 <= params.top.min() and params.top.max() <= 29 and params.left.max() <= 29
+
+
+def test_every_one_of_the_30_offsets_is_drawn_from_0_to_29():
+    """227 of 256: offsets 0..29 on each axis, both ends reached (an off-by-one would lose 29 or add 30)."""
+    params = draw_params(3000, PLAIN, torch.Generator().manual_seed(0))
+    for axis in (params.top, params.left):
+        assert sorted(axis.unique().tolist()) == list(range(30))
 
 
 def test_mean_image_is_subtracted_at_the_crop_position():
@@ -106,7 +113,7 @@ def test_base_stage_rescales_shorter_side_and_centres():
 def test_step_randomness_is_a_function_of_position():
     a = draw_params(8, DataConfig(), step_generator(0, 2, 5, 0))
     b = draw_params(8, DataConfig(), step_generator(0, 2, 5, 0))
-    assert all(torch.equal(x, y) for x, y in zip(vars(a).values(), vars(b).values()))
+    assert all(x is y is None or torch.equal(x, y) for x, y in zip(vars(a).values(), vars(b).values()))
     for other in (step_generator(0, 2, 6, 0), step_generator(0, 3, 5, 0), step_generator(0, 2, 5, 1),
                   step_generator(1, 2, 5, 0)):
         c = draw_params(8, DataConfig(), other)

@@ -1,4 +1,5 @@
-"""Shapes and parameters of the network against SPEC section 1, and its initialisation (section 3)."""
+"""Shapes and parameters of the network against the paper's Figure 2 (section 3.5, docs/paper.md), and its
+initialisation (section 5)."""
 
 import pytest
 import torch
@@ -7,13 +8,13 @@ from repro import AlexNet, ModelConfig, TwoTowerAlexNet
 from repro.config import MODEL_VARIANTS
 from repro.model.tower import Tower
 
-GROUPED_SHAPES = {  # per image, after each layer (SPEC section 1)
+GROUPED_SHAPES = {  # per image, after each layer (paper section 3.5)
     "conv1": (96, 55, 55), "lrn1": (96, 55, 55), "pool1": (96, 27, 27),
     "conv2": (256, 27, 27), "lrn2": (256, 27, 27), "pool2": (256, 13, 13),
     "conv3": (384, 13, 13), "conv4": (384, 13, 13), "conv5": (256, 13, 13), "pool5": (256, 6, 6),
     "fc6": (4096,), "fc7": (4096,), "fc8": (1000,),
 }
-WEIGHT_SHAPES = {  # grouped form (SPEC section 1 table)
+WEIGHT_SHAPES = {  # grouped form (paper section 3.5, both towers side by side)
     "conv1": (96, 3, 11, 11), "conv2": (256, 48, 5, 5), "conv3": (384, 256, 3, 3),
     "conv4": (384, 192, 3, 3), "conv5": (256, 192, 3, 3), "fc6": (4096, 9216),
     "fc7": (4096, 4096), "fc8": (1000, 4096),

@@ -1,9 +1,10 @@
-"""The paper's update rule (SPEC section 4), checked by hand, and the learning-rate schedules."""
+"""The paper's update rule (paper section 5), checked by hand, the learning-rate schedules, and the 2012
+code's per-layer and bias rates."""
 
 import pytest
 import torch
 
-from repro.config import OptimConfig
+from repro.config import OptimConfig, TrainConfig, apply_variant
 from repro.optim import LRSchedule, PaperSGD, paper_optimizer, unreached_milestones
 
 
@@ -120,12 +121,22 @@ def test_velocities_round_trip_by_name():
         fresh.load_velocities(model.named_parameters(), {"weight": saved["weight"]})
 
 
-def test_milestones_match_2012_code():
+def test_milestones_drop_from_their_0_based_epoch():
     sched = LRSchedule(OptimConfig(schedule="milestones"))
     lrs = [sched.start_epoch(e) for e in range(91)]
     assert lrs[24] == 0.01 and lrs[25] == pytest.approx(0.001)
     assert lrs[50] == pytest.approx(0.001) and lrs[51] == pytest.approx(1e-4)
     assert lrs[79] == pytest.approx(1e-5) and lrs[90] == pytest.approx(1e-5)
+
+
+def test_2012_preset_drops_where_the_2012_log_does():
+    """layer-params-145.cfg's log: 0.001 from (1-based) epoch 25, 1e-4 from 51, 1e-5 from 79: 24, 26 and 28
+    epochs at the first three rates, counting epochs from 1 as cuda-convnet does."""
+    optim = apply_variant(TrainConfig(), "cuda-convnet-2012").optim
+    sched = LRSchedule(optim)
+    lrs = [sched.start_epoch(e) for e in range(90)]  # 0-based
+    first_at = {rate: 1 + lrs.index(pytest.approx(rate)) for rate in (0.001, 1e-4, 1e-5)}  # 1-based
+    assert first_at == {0.001: 25, 1e-4: 51, 1e-5: 79} and lrs[0] == 0.01
 
 
 def test_plateau_drops_at_most_three_times():
@@ -179,3 +190,49 @@ def test_milestones_past_the_run_are_named():
 def test_bad_optimiser_settings_fail_when_configured(field, value):
     with pytest.raises(ValueError):
         OptimConfig(**{field: value})
+
+
+def _two_layer_model() -> torch.nn.Module:
+    """Parameters named like a tower's ("towers.0.conv1.weight"), so the layer is found by its name."""
+    tower = torch.nn.ModuleDict({"conv1": torch.nn.Linear(3, 2), "fc6": torch.nn.Linear(2, 2)})
+    return torch.nn.ModuleDict({"towers": torch.nn.ModuleList([tower])})
+
+
+def test_fixed_bias_rate_is_never_divided():
+    """The 2012 code's epsB stayed 0.02 while epsW fell to 1e-5 (layer-params-145.cfg:18-19)."""
+    model = _two_layer_model()
+    fixed = paper_optimizer(model, OptimConfig(bias_lr_mult=2.0, bias_lr_fixed=True))
+    divided = paper_optimizer(model, OptimConfig(bias_lr_mult=2.0))
+    for opt in (fixed, divided):
+        opt.set_lr(1e-5, epoch=80)
+    assert fixed.param_groups[0]["lr"] == 1e-5 and fixed.param_groups[1]["lr"] == 0.02
+    assert divided.param_groups[1]["lr"] == pytest.approx(2e-5)
+
+
+def test_conv1_rate_changes_at_its_epochs_and_stops_the_layer():
+    cfg = apply_variant(TrainConfig(), "cuda-convnet-2012").optim
+    model = _two_layer_model()
+    opt = paper_optimizer(model, cfg)
+    conv1 = model["towers"][0]["conv1"]
+    rates = {}
+    for epoch, lr in ((0, 0.01), (65, 1e-4), (66, 1e-4), (70, 1e-4), (71, 1e-4), (80, 1e-5)):
+        opt.set_lr(lr, epoch)
+        rates[epoch] = {(len(g["params"]), g.get("lr_changes") is not None, g["lr_mult"]): g["lr"]
+                        for g in opt.param_groups if any(p is conv1.weight or p is conv1.bias for p in g["params"])}
+    weight, bias = (1, True, 1.0), (1, True, 2.0)
+    assert [rates[e][weight] for e in (0, 65, 66, 70, 71, 80)] == [0.01, 1e-4, 1e-5, 1e-5, 0.0, 0.0]
+    assert [rates[e][bias] for e in (0, 65, 66, 70, 71, 80)] == [0.02, 0.02, 0.02, 0.02, 0.0, 0.0]
+    # at rate 0 with no velocity yet, a step leaves conv1 as it is and still moves fc6
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model["towers"][0]["fc6"](model["towers"][0]["conv1"](torch.randn(4, 3))).square().sum().backward()
+    opt.step()
+    after = model.state_dict()
+    assert torch.equal(after["towers.0.conv1.weight"], before["towers.0.conv1.weight"])
+    assert not torch.equal(after["towers.0.fc6.weight"], before["towers.0.fc6.weight"])
+
+
+def test_layer_rate_changes_must_name_a_layer_of_the_model():
+    with pytest.raises(ValueError, match="conv9"):
+        paper_optimizer(_two_layer_model(), OptimConfig(layer_lr_changes=(("conv9", 3, 0.0, 0.0),)))
+    with pytest.raises(ValueError, match="layer_lr_changes"):
+        OptimConfig(layer_lr_changes=(("conv1", -1, 0.0, 0.0),))

@@ -58,6 +58,8 @@ def test_2012_rows_share_table_2():
         ("imagenet", "val", "50000", "10", "1", "run-01/epoch-90")
     assert rows["this run, centre crop"]["top-5 val"] in ("20.12", "20.13")  # 20.125 has no exact binary form
     assert "Fall 2011" in md
+    # the starred ensemble is five plain networks and two pretrained ones, not seven six-layer networks
+    assert '"7 CNNs*" averages the five plain networks of "5 CNNs" with two such pretrained networks' in md
 
 
 def test_2010_rows_share_table_1_and_test_split_gets_its_columns():

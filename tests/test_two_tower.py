@@ -1,4 +1,4 @@
-"""Towers in one process against the grouped form (SPEC section 1): same function, same training."""
+"""Towers in one process against the grouped form (paper section 3.2): same function, same training."""
 
 import pytest
 import torch
@@ -98,7 +98,7 @@ def test_mapping_rejects_foreign_state():
 
 
 def expected_bytes(batch: int, itemsize: int) -> dict:
-    """SPEC section 1: per image forward, tower 1 sends 21,632 + 4,608 + 2,048 + 2,048 values and
+    """Paper section 3.5's sizes: per image forward, tower 1 sends 21,632 + 4,608 + 2,048 + 2,048 values and
     tower 0 sends 21,632 + 4,608 + 2,048; backward mirrors this with gradients."""
     t1 = (21_632 + 4_608 + 2_048 + 2_048) * batch * itemsize
     t0 = (21_632 + 4_608 + 2_048) * batch * itemsize

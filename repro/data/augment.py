@@ -1,4 +1,4 @@
-"""The paper's image pipeline after decoding, batched on the training device (SPEC section 5).
+"""The paper's image pipeline after decoding, batched on the training device (paper sections 2, 4.1).
 
 uint8 images go to the device as they are stored; there they are brought to 256x256 (shorter side
 256, central patch: paper section 2), cropped to 227x227 at random offsets with random horizontal
@@ -6,6 +6,8 @@ reflections, have the training set's per-pixel mean image subtracted (cropped at
 and get the PCA colour noise of section 4.1. The random numbers (a few per image) are drawn on the
 CPU from a generator seeded by (seed, epoch, step, replica), so the two towers of a pair, on two
 devices, build bit-identical batches and a resumed run draws what the interrupted one would have.
+DataConfig's 2012 switches (mean_crop, crop_chunk, pca_off_epoch, pca_rescale) reproduce the 2012
+code's convdata.py instead; docs/fidelity.md.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from repro.config import DataConfig
 
-# Published ImageNet colour statistics, RGB in [0, 1] (SPEC section 5): eigenvalues and eigenvectors
+# Published ImageNet colour statistics, RGB in [0, 1] (docs/paper.md): eigenvalues and eigenvectors
 # (as columns) of the 3x3 covariance of RGB pixel values.
 IMAGENET_EIGVALS = (0.2175, 0.0188, 0.0045)
 IMAGENET_EIGVECS = ((-0.5675, 0.7192, 0.4009),
@@ -43,13 +45,16 @@ class CropParams:
     left: Tensor  # (B,) int64
     flip: Tensor  # (B,) bool
     alpha: Tensor  # (B, 3) float32, the PCA noise coefficients
+    gain: Tensor | None = None  # (B,) float32, multiplies the finished crop (the 2012 code's 1 / 1.1); None: 1
 
     def subset(self, n: int) -> "CropParams":
         """The first n images' parameters (a batch that lost unreadable images)."""
-        return CropParams(self.top[:n], self.left[:n], self.flip[:n], self.alpha[:n])
+        return CropParams(self.top[:n], self.left[:n], self.flip[:n], self.alpha[:n],
+                          None if self.gain is None else self.gain[:n])
 
     def to(self, device: torch.device) -> "CropParams":
-        return CropParams(*(t.to(device, non_blocking=True) for t in (self.top, self.left, self.flip, self.alpha)))
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return CropParams(*(move(t) for t in (self.top, self.left, self.flip, self.alpha, self.gain)))
 
 
 def step_generator(seed: int, epoch: int, step: int, replica: int) -> torch.Generator:
@@ -58,13 +63,29 @@ def step_generator(seed: int, epoch: int, step: int, replica: int) -> torch.Gene
     return torch.Generator().manual_seed(key % (2 ** 63))
 
 
-def draw_params(batch: int, cfg: DataConfig, generator: torch.Generator) -> CropParams:
-    span = cfg.base_size - cfg.crop_size + 1  # 30 offsets per axis for 227 out of 256
-    top = torch.randint(0, span, (batch,), generator=generator)
-    left = torch.randint(0, span, (batch,), generator=generator)
-    flip = torch.randint(0, 2, (batch,), generator=generator).bool() & cfg.flip
+def noise_on(cfg: DataConfig, epoch: int | None) -> bool:
+    """Whether the colour noise is drawn in the 0-based `epoch` (None: an epoch before any switch-off)."""
+    return cfg.pca != "none" and (cfg.pca_off_epoch is None or epoch is None or epoch < cfg.pca_off_epoch)
+
+
+def draw_params(batch: int, cfg: DataConfig, generator: torch.Generator, epoch: int | None = None) -> CropParams:
+    """One training batch's crops, reflections and colour noise. With cfg.crop_chunk = k, each run of k
+    consecutive images shares one offset and reflection (the 2012 code's crop_chunk)."""
+    span = cfg.base_size - cfg.crop_size + 1  # 30 offsets per axis for 227 out of 256; 33 for 224
+    draws = -(-batch // cfg.crop_chunk)  # one per chunk (per image when crop_chunk is 1)
+    top = torch.randint(0, span, (draws,), generator=generator)
+    left = torch.randint(0, span, (draws,), generator=generator)
+    flip = torch.randint(0, 2, (draws,), generator=generator).bool() & cfg.flip
+    if cfg.crop_chunk > 1:
+        top, left, flip = (t.repeat_interleave(cfg.crop_chunk)[:batch] for t in (top, left, flip))
     alpha = torch.randn(batch, 3, generator=generator) * cfg.pca_std
-    return CropParams(top, left, flip, alpha)
+    on = noise_on(cfg, epoch)
+    gain = None
+    if not on:
+        alpha = torch.zeros_like(alpha)
+    elif cfg.pca_rescale:  # the 2012 code divides by 1 + its noise coefficient while the noise is on
+        gain = torch.full((batch,), 1.0 / (1.0 + cfg.pca_std))
+    return CropParams(top, left, flip, alpha, gain)
 
 
 TEN_CROP_CENTRE = 4  # the unreflected centre patch's place among an image's ten (the centre-patch protocol)
@@ -140,8 +161,18 @@ class Augment:
         x = base[batch, rows, cols].float()  # (B, n, n, C)
         if c == 1:
             x = x.expand(-1, -1, -1, 3)  # grey images: the same value in R, G and B
-        x = x - self.mean[rows, cols] + (p.alpha @ self.pca_basis.T)[:, None, None, :]
+        x = x - self._mean_patch(rows, cols) + (p.alpha @ self.pca_basis.T)[:, None, None, :]
+        if p.gain is not None:
+            x = x * p.gain[:, None, None, None]
         return x.permute(0, 3, 1, 2)
+
+    def _mean_patch(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """The mean image where the crop was cut (mean_crop "same"), or its central patch, unreflected,
+        for every crop ("centre", the 2012 code: convdata.py:137 and 225)."""
+        if self.cfg.mean_crop == "same":
+            return self.mean[rows, cols]
+        n, mid = self.cfg.crop_size, (self.cfg.base_size - self.cfg.crop_size) // 2
+        return self.mean[mid:mid + n, mid:mid + n]
 
     def train_batch(self, images: Tensor, params: CropParams) -> Tensor:
         return self.crop(images, params)

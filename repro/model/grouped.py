@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repro.config import ModelConfig
-from repro.model.layers import LocalResponseNorm, SharedMaskDropout
+from repro.model.layers import LocalResponseNorm, SameMapResponseNorm, SharedMaskDropout, pad_for_conv1
 from repro.model.spec import init_paper_, make_classifier, make_layer, tower_layers
 
 
@@ -19,7 +19,7 @@ def resolve_config(num_classes: int | None, config: ModelConfig | None) -> Model
 
 
 class AlexNet(nn.Module):
-    """The 2012 network on one device (SPEC section 1, "grouped form").
+    """The 2012 network on one device (paper section 3.5, Figure 2), in its "grouped form".
 
     conv2, conv4 and conv5 are grouped convolutions (groups = towers) and LRN never crosses a group
     boundary, so channel block [t*C/2, (t+1)*C/2) of every layer is exactly tower t of
@@ -34,8 +34,10 @@ class AlexNet(nn.Module):
         for spec in specs:
             self.add_module(spec.name, make_layer(spec, t))
         self.fc8 = make_classifier(cfg)
-        self.lrn1 = LocalResponseNorm(cfg.lrn, groups=t, relu=True)  # ReLU, then LRN: one pass (layers.py)
+        # ReLU, then LRN: one pass (layers.py); the 2012 code's layer 1 has its ReLU after the pool instead
+        self.lrn1 = LocalResponseNorm(cfg.lrn, groups=t, relu=not cfg.relu1_after_pool)
         self.lrn2 = LocalResponseNorm(cfg.lrn, groups=t, relu=True)
+        self.norm2 = SameMapResponseNorm() if cfg.same_map_norm2 else nn.Identity()  # the 2012 code's cnorm2
         self.pool = nn.MaxPool2d(cfg.pool_kernel, cfg.pool_stride)
         fc6, fc7 = t * cfg.widths.fc6, t * cfg.widths.fc7
         self.drop6 = SharedMaskDropout(cfg.dropout, 6, fc6, 0, fc6, cfg.dropout_scaling)
@@ -44,8 +46,10 @@ class AlexNet(nn.Module):
 
     def fc7_activations(self, x: Tensor) -> Tensor:
         """The 4096-d hidden code of the paper's Figure 4 (after ReLU, before fc7's dropout)."""
-        x = self.pool(self.lrn1(self.conv1(x)))  # ReLU + LRN + pool: (B, 96, 27, 27)
-        x = self.pool(self.lrn2(self.conv2(x)))  # ReLU + LRN + pool: (B, 256, 13, 13)
+        cfg = self.config
+        x = self.pool(self.lrn1(self.conv1(pad_for_conv1(x, cfg))))  # ReLU + LRN + pool: (B, 96, 27, 27)
+        x = F.relu(x) if cfg.relu1_after_pool else x  # the 2012 order: LRN + pool + ReLU
+        x = self.pool(self.norm2(self.lrn2(self.conv2(x))))  # ReLU + LRN (+ same-map norm) + pool: (B, 256, 13, 13)
         x = F.relu(self.conv3(x))  # (B, 384, 13, 13): reads both towers
         x = F.relu(self.conv4(x))  # (B, 384, 13, 13)
         x = self.pool(F.relu(self.conv5(x)))  # (B, 256, 6, 6)

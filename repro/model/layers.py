@@ -199,3 +199,38 @@ def set_dropout_stream(model: nn.Module, stream: int) -> None:
     for m in model.modules():
         if isinstance(m, SharedMaskDropout):
             m.stream = stream
+
+
+# The 2012 code's same-map ("rnorm") response normalisation after conv2's cross-map LRN: not in the paper.
+# Constants from layers-145.cfg:107-117 and layer-params-145.cfg:157-163; layer.py:1183 divides the
+# scale by size^2; the kernel adds 1 (cuda-convnet2 cudaconv3/src/conv_util.cu kCNorm_fewfilter).
+SAME_MAP_NORM_SIZE = 5
+SAME_MAP_NORM_SCALE = 0.001
+SAME_MAP_NORM_POWER = 0.75
+
+
+def same_map_response_norm(x: Tensor, size: int = SAME_MAP_NORM_SIZE, scale: float = SAME_MAP_NORM_SCALE,
+                           power: float = SAME_MAP_NORM_POWER) -> Tensor:
+    """x / (1 + scale / size^2 * sum of x^2 over a size x size window of the same map) ^ power.
+
+    The window is centred on the pixel (from -size//2) and clipped at the map's edges: zero padding in a
+    sum of squares is the clipped sum. Each channel alone, so towers and groups do not matter."""
+    window_sum = F.avg_pool2d(x * x, size, stride=1, padding=size // 2, count_include_pad=True) * (size * size)
+    return x * (1.0 + (scale / (size * size)) * window_sum).pow(-power)
+
+
+class SameMapResponseNorm(nn.Module):
+    """`same_map_response_norm` as a layer (the 2012 code's cnorm2 in layers-145.cfg)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return same_map_response_norm(x)
+
+    def extra_repr(self) -> str:
+        return f"size={SAME_MAP_NORM_SIZE}, scale={SAME_MAP_NORM_SCALE}/size^2, power={SAME_MAP_NORM_POWER}, k=1"
+
+
+def pad_for_conv1(image: Tensor, cfg) -> Tensor:
+    """Zero pixels on the right and bottom so that conv1 gives cfg's output size (ModelConfig.conv1_ceil:
+    the 2012 code's 224 input reads 3 pixels past the image); the image itself without conv1_ceil."""
+    pad_h, pad_w = cfg.conv1_padding(image.shape[-2]), cfg.conv1_padding(image.shape[-1])
+    return F.pad(image, (0, pad_w, 0, pad_h)) if pad_h or pad_w else image

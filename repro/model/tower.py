@@ -6,14 +6,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repro.config import ModelConfig
-from repro.model.layers import LocalResponseNorm, SharedMaskDropout
+from repro.model.layers import LocalResponseNorm, SameMapResponseNorm, SharedMaskDropout, pad_for_conv1
 from repro.model.spec import init_paper_, make_classifier, make_layer, tower_layers
 
 
 class Tower(nn.Module):
     """Tower `index` of the paper's Figure 2: its own block of every layer and nothing else.
 
-    The forward pass is cut at the four exchanges (SPEC section 1); the model that owns the towers
+    The forward pass is cut at the four exchanges (docs/architecture.md); the model that owns the towers
     calls these stages and the exchanges between them. fc8 exists on tower 0 only. Built alone, it
     draws the paper's initialisation for its own layers; the two-tower forms pass `init=False` and
     load their block of one grouped draw instead (so one seed gives the same network in every form).
@@ -27,8 +27,10 @@ class Tower(nn.Module):
         for spec in tower_layers(config):
             self.add_module(spec.name, make_layer(spec, towers=1))
         self.fc8 = make_classifier(config) if index == 0 else None
-        self.lrn1 = LocalResponseNorm(config.lrn, relu=True)  # ReLU, then LRN: one pass (layers.py)
+        # ReLU, then LRN: one pass (layers.py); the 2012 code's layer 1 has its ReLU after the pool instead
+        self.lrn1 = LocalResponseNorm(config.lrn, relu=not config.relu1_after_pool)
         self.lrn2 = LocalResponseNorm(config.lrn, relu=True)
+        self.norm2 = SameMapResponseNorm() if config.same_map_norm2 else nn.Identity()  # the 2012 code's cnorm2
         self.pool = nn.MaxPool2d(config.pool_kernel, config.pool_stride)
         w, t, p, scaling = config.widths, config.towers, config.dropout, config.dropout_scaling
         self.drop6 = SharedMaskDropout(p, 6, t * w.fc6, index * w.fc6, w.fc6, scaling)
@@ -38,8 +40,10 @@ class Tower(nn.Module):
                         | ({"fc8": self.fc8} if self.fc8 is not None else {}), config)
 
     def conv1_to_pool2(self, image: Tensor) -> Tensor:
-        x = self.pool(self.lrn1(self.conv1(image)))  # ReLU + LRN + pool: (B, 48, 27, 27)
-        return self.pool(self.lrn2(self.conv2(x)))  # ReLU + LRN + pool: (B, 128, 13, 13) = pool2_local
+        cfg = self.config
+        x = self.pool(self.lrn1(self.conv1(pad_for_conv1(image, cfg))))  # ReLU + LRN + pool: (B, 48, 27, 27)
+        x = F.relu(x) if cfg.relu1_after_pool else x  # the 2012 order: LRN + pool + ReLU
+        return self.pool(self.norm2(self.lrn2(self.conv2(x))))  # (B, 128, 13, 13) = pool2_local
 
     def conv3_to_pool5(self, pool2_full: Tensor) -> Tensor:
         x = F.relu(self.conv3(pool2_full))  # (B, 192, 13, 13)
@@ -57,5 +61,5 @@ class Tower(nn.Module):
 
     def classify(self, fc7_full: Tensor) -> Tensor:
         if self.fc8 is None:
-            raise RuntimeError("fc8 lives on tower 0 only (SPEC section 1)")
+            raise RuntimeError("fc8 lives on tower 0 only (as in the 2012 code; docs/fidelity.md)")
         return self.fc8(fc7_full)  # (B, num_classes)
