@@ -248,45 +248,137 @@ def _series(records: list[dict], x: str, y: str) -> tuple[list, list]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _panel(ax, records, x, curves, title, empty: str = "no data", **style) -> None:
-    for key, label in curves:
-        xs, ys = _series(records, x, key)
+def _running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the window - 1 before it (fewer at the start): the trend under the noise
+    of single steps' losses."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _closing_evaluations(metrics: list[dict]) -> list[dict]:
+    """The run's closing evaluations ("final" records, one per protocol), the last of each (step, crops):
+    a resume that scores the same step again replaces its points rather than doubling them."""
+    latest = {(r.get("step"), r.get("crops")): r for r in metrics if r.get("kind") == "final"}
+    return sorted(latest.values(), key=lambda r: (r.get("step", 0), r.get("crops", 0)))
+
+
+def _error_panel(ax, epochs: list[dict], finals: list[dict], x: str, which: str, span: float) -> None:
+    """top-`which` error: per epoch (train and val), and the closing evaluation's points, each labelled
+    with its value (a run shorter than an epoch has only those)."""
+    for key, label in ((f"train_top{which}_error", "train (epoch)"), (f"val_top{which}_error", "val (epoch)")):
+        xs, ys = _series(epochs, "epochs_trained" if x == "epochs trained" else "step", key)
         if xs:
-            ax.plot(xs, ys, label=label, **({"marker": "o"} | style))  # a marker shows a single epoch
-    ax.set_title(title)
+            ax.plot(xs, ys, marker="o", label=label)
+    for i, (rec, marker) in enumerate(zip(finals, "Ds^v")):
+        value = rec.get(f"val_top{which}_error")
+        if value is None:
+            continue
+        at = rec.get("epochs_trained") if x == "epochs trained" else rec.get("step")
+        patches = "centre patch" if rec.get("crops") == 1 else f"{rec.get('crops')} patches"
+        ax.plot([at], [value], marker=marker, linestyle="", markersize=8,
+                label=f"closing val, {patches} ({rec.get('images')} images)")
+        ax.annotate(f"{value:.1f}%", (at, value), textcoords="offset points",
+                    xytext=(-40 if i % 2 else 6, 6 if i % 2 else -14))  # two protocols' labels apart
+    classes = next((r["classes"] for r in finals if r.get("classes")), None)
+    if classes and int(which) < classes:  # guessing: the error a network that learnt nothing makes
+        ax.axhline(100.0 * (1 - int(which) / classes), color="0.6", linestyle="--", linewidth=0.8,
+                   label=f"chance ({classes} classes)")
+    ax.set_title(f"top-{which} error %")
     ax.set_xlabel(x)
+    ax.set_ylim(0, 100)
+    if span:
+        ax.set_xlim(0, span * 1.05)  # the whole run, not just the points: a budget run's one evaluation at its end
     if ax.get_lines():
-        ax.legend()
+        ax.legend(fontsize="small")
     else:
-        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=ax.transAxes)
 
 
-def plot_learning_curves(metrics: list[dict], out_png) -> Path:
-    """Top-1, top-5, loss and learning-rate panels from read_metrics() records."""
-    epochs = [m for m in metrics if m.get("kind") == "epoch"]
+def _loss_panel(ax, steps: list[dict], epochs: list[dict], finals: list[dict]) -> None:
+    xs, ys = _series(steps, "step", "loss")
+    if xs:
+        ax.plot(xs, ys, color="0.75", linewidth=0.6, label="train (step)")
+        window = max(2, min(50, len(ys) // 10))
+        ax.plot(xs, _running_mean(ys, window), color="C0", linewidth=1.5, label=f"train, mean of {window} steps")
+    for key, label in (("train_loss", "train (epoch)"), ("val_loss", "val (epoch)")):
+        ex, ey = _series(epochs, "step", key)
+        if ex:
+            ax.plot(ex, ey, marker="o", label=label)
+    fx, fy = _series([r for r in finals if r.get("crops") == min(f.get("crops", 1) for f in finals)], "step",
+                     "val_loss")
+    if fx:
+        ax.plot(fx, fy, marker="D", linestyle="", markersize=8, color="C3", label="closing val")
+    ax.set_title("loss")
+    ax.set_xlabel("step")
+    if ax.get_lines():
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+
+
+def _rate_panel(ax, steps: list[dict], speeds: list[dict]) -> None:
+    """The learning rate of every step (log scale: the paper divides it by 10, section 5) and, on a
+    second axis, the training speed the progress lines reported."""
+    xs, ys = _series(steps, "step", "lr")
+    if xs:
+        ax.plot(xs, ys, color="C0", label="learning rate")
+        if any(y > 0 for y in ys):
+            ax.set_yscale("log")
+    ax.set_title("learning rate and speed")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    sx, sy = _series(speeds, "step", "img_per_s")
+    if sx:
+        twin = ax.twinx()
+        twin.plot(sx, sy, color="C1", marker=".", linewidth=0.8, label="images/s")
+        twin.set_ylabel("images/s (training)")
+        twin.set_ylim(bottom=0)
+        twin.legend(loc="lower right", fontsize="small")
+    if xs:
+        ax.legend(loc="upper right", fontsize="small")
+    elif not sx:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+
+
+def draw_learning_curves(metrics: list[dict], title: str | None = None):
+    """A matplotlib figure of four panels from read_metrics() records: top-1 and top-5 error (per epoch,
+    and the closing evaluation's points), the loss (every step, its running mean, epochs' and the closing
+    validation's), the learning rate and the training speed. The error panels' axis is epochs trained
+    where an epoch ended, else steps (a budget run shorter than an epoch). The caller closes it."""
+    epochs = [dict(m, epochs_trained=m["epoch"] + 1) for m in metrics
+              if m.get("kind") == "epoch" and m.get("epoch") is not None]
     steps = [m for m in metrics if m.get("kind") == "step"]
-    if not epochs and not steps:
-        raise ValueError("no 'epoch' or 'step' records to plot")
+    speeds = [m for m in metrics if m.get("kind") == "speed"]
+    finals = _closing_evaluations(metrics)
+    if not epochs and not steps and not finals:
+        raise ValueError("no 'epoch', 'step' or 'final' records to plot")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ((a1, a5), (al, ar)) = plt.subplots(2, 2, figsize=(11, 8))
+    x = "epochs trained" if epochs else "step"
+    key = "epochs_trained" if epochs else "step"
+    span = max((r[key] for r in epochs + steps + finals if r.get(key) is not None), default=0)
+    _error_panel(a1, epochs, finals, x, "1", span)
+    _error_panel(a5, epochs, finals, x, "5", span)
+    _loss_panel(al, steps, epochs, finals)
+    _rate_panel(ar, steps or epochs, speeds)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_learning_curves(metrics: list[dict], out_png, title: str | None = None) -> Path:
+    """draw_learning_curves() written to `out_png` (atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_learning_curves(metrics, title)
     try:
-        none = "no epoch has ended yet"  # errors are counted per epoch
-        _panel(a1, epochs, "epoch", [("train_top1_error", "train"), ("val_top1_error", "val")], "top-1 error %", none)
-        _panel(a5, epochs, "epoch", [("train_top5_error", "train"), ("val_top5_error", "val")], "top-5 error %", none)
-        xs, ys = _series(steps, "step", "loss")
-        if xs:
-            al.plot(xs, ys, color="0.7", linewidth=0.5, label="train (step)")
-        _panel(al, epochs, "step", [("train_loss", "train (epoch)"), ("val_loss", "val (epoch)")], "loss")
-        if epochs:
-            _panel(ar, epochs, "epoch", [("lr", "lr")], "learning rate")
-        else:  # a run shorter than an epoch: the rate of every step
-            _panel(ar, steps, "step", [("lr", "lr")], "learning rate", marker="")
-        if any(y > 0 for y in _series(epochs or steps, "epoch" if epochs else "step", "lr")[1]):
-            ar.set_yscale("log")  # the paper divides by 10 at each plateau (section 5)
-        fig.tight_layout()
         return atomic_write(Path(out_png), lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
     finally:
         plt.close(fig)

@@ -35,6 +35,25 @@ def closing_table_written(trainer) -> bool:
         return False
 
 
+def record_closing_evaluation(trainer, results: dict[int, Counts]) -> None:
+    """The closing evaluation in metrics.jsonl ("final" records, one per protocol), so that the learning
+    curves show it: in a run shorter than an epoch (the CPU budget) it is the only validation made."""
+    p = trainer.progress
+    for crops, n in sorted(results.items()):
+        trainer.log.write(kind="final", step=p.global_step, epoch=p.epoch,
+                          epochs_trained=p.global_step / trainer.steps_per_epoch, crops=crops, images=n.images,
+                          classes=trainer.cfg.model.num_classes, val_loss=n.loss, val_top1_error=n.top1_error, val_top5_error=n.top5_error)
+
+
+def curves_title(trainer) -> str:
+    """What the run was, above its curves: network, data, and how much training the curves cover."""
+    cfg, p = trainer.cfg, trainer.progress
+    seen = p.global_step * cfg.batch_size * trainer.topo.replicas
+    return (f"{variant_name(cfg.model)} network on {cfg.data.dataset}: {p.global_step} steps of {cfg.batch_size} "
+            f"images x {trainer.topo.replicas} pair(s) = {seen:,} images "
+            f"({p.global_step / trainer.steps_per_epoch:.2f} epochs)")
+
+
 def final_report(trainer) -> dict[int, Counts]:
     cfg, topo = trainer.cfg, trainer.topo
     if not cfg.final_crops:
@@ -53,9 +72,10 @@ def final_report(trainer) -> dict[int, Counts]:
             for c, n in results.items()]
     year = imagenet_year(cfg.data.dataset, cfg.model.num_classes, next(iter(results.values())).images)
     write_results(rows, trainer.out, imagenet_year=year)
+    record_closing_evaluation(trainer, results)
     metrics = read_metrics(trainer.out / "metrics.jsonl") if (trainer.out / "metrics.jsonl").exists() else []
     if metrics:
-        plot_learning_curves(metrics, trainer.out / "learning_curves.png")
+        plot_learning_curves(metrics, trainer.out / "learning_curves.png", title=curves_title(trainer))
     print(results_markdown(rows, year), flush=True)
     print(f"written: {trainer.out}/results.md, results.json, results.csv"
           + (", learning_curves.png" if metrics else ""), flush=True)

@@ -17,6 +17,7 @@ from repro.report import (
     conv1_kernel_grid,
     nearest_neighbours,
     nearest_neighbours_figure,
+    draw_learning_curves,
     plot_learning_curves,
     read_metrics,
     results_markdown,
@@ -176,8 +177,59 @@ def test_learning_curves_png(tmp_path, epochs):
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size[0] > 0 and img.size[1] > 0
     assert plot_learning_curves(log[:3], tmp_path / "steps_only.png").stat().st_size > 0
-    with pytest.raises(ValueError, match="no 'epoch' or 'step'"):
+    with pytest.raises(ValueError, match="no 'epoch', 'step' or 'final'"):
         plot_learning_curves([{"kind": "other"}], tmp_path / "x.png")
+
+
+def _lines(ax) -> dict[str, tuple[list, list]]:
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def test_learning_curves_of_a_budget_run_show_its_closing_validation():
+    """A run shorter than an epoch (the CPU budget) has no epoch records: its error panels show the
+    closing evaluation at the step it was made, and the loss panel the steps, their trend and the
+    closing validation loss."""
+    import matplotlib.pyplot as plt
+
+    steps = [dict(kind="step", step=s, epoch=0, loss=2.3 - 0.01 * s, lr=0.01) for s in range(1, 61)]
+    speeds = [dict(kind="speed", step=s, img_per_s=14.0) for s in range(10, 61, 10)]
+    finals = [dict(kind="final", step=60, epoch=0, epochs_trained=0.064, crops=c, images=300, val_loss=1.2 + c / 100,
+                   val_top1_error=51.67 + c / 10, val_top5_error=5.33) for c in (1, 10)]
+    stale = dict(finals[0], val_top1_error=99.0)  # the same step and protocol scored earlier: replaced
+    fig = draw_learning_curves(steps + speeds + [stale] + finals, title="a budget run")
+    try:
+        top1, top5, loss, rate = fig.axes[:4]
+        assert top1.get_xlabel() == "step"
+        points = _lines(top1)
+        assert points["closing val, centre patch (300 images)"] == ([60], [pytest.approx(51.77)])
+        assert points["closing val, 10 patches (300 images)"] == ([60], [pytest.approx(52.67)])
+        assert _lines(top5)["closing val, centre patch (300 images)"] == ([60], [5.33])
+        curves = _lines(loss)
+        assert curves["train (step)"][0] == list(range(1, 61))
+        trend = curves["train, mean of 6 steps"][1]
+        assert trend[0] == pytest.approx(2.29) and trend[-1] == pytest.approx(2.3 - 0.01 * 57.5)
+        assert curves["closing val"] == ([60], [pytest.approx(1.21)])
+        assert rate.get_yscale() == "log" and _lines(rate)["learning rate"][1] == [0.01] * 60
+        assert _lines(fig.axes[4])["images/s"] == (list(range(10, 61, 10)), [14.0] * 6)  # the speed axis
+        assert fig._suptitle.get_text() == "a budget run"
+    finally:
+        plt.close(fig)
+
+
+def test_learning_curves_of_epochs_plot_against_epochs_trained():
+    import matplotlib.pyplot as plt
+
+    epochs = [dict(EPOCH, epoch=e, step=468 * (e + 1), val_top1_error=35.0 - e) for e in range(3)]
+    final = dict(kind="final", step=3 * 468, epoch=3, epochs_trained=3.0, crops=10, images=10000, val_loss=0.8,
+                 val_top1_error=31.5, val_top5_error=2.0)
+    fig = draw_learning_curves(epochs + [final])
+    try:
+        points = _lines(fig.axes[0])
+        assert fig.axes[0].get_xlabel() == "epochs trained"
+        assert points["val (epoch)"] == ([1, 2, 3], [35.0, 34.0, 33.0])
+        assert points["closing val, 10 patches (10000 images)"] == ([3.0], [31.5])
+    finally:
+        plt.close(fig)
 
 
 def tower_weight() -> torch.Tensor:
