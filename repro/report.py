@@ -24,7 +24,7 @@ from PIL import Image
 from repro.atomic import atomic_write
 
 # ---------------------------------------------------------------------------------------------------
-# The paper's numbers (SPEC section 6). A column is (metric, split); None is the paper's "-".
+# The paper's numbers (its Tables 1 and 2, section 6; docs/paper.md). A column is (metric, split); None is the paper's "-".
 
 
 @dataclass(frozen=True)

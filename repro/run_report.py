@@ -10,7 +10,7 @@ from repro.report import (EvalRow, plot_learning_curves, read_metrics, results_m
                           write_results)
 
 
-ILSVRC2012_VAL = (1000, 50_000)  # classes and images of the set behind the paper's Table 2 (SPEC section 6)
+ILSVRC2012_VAL = (1000, 50_000)  # classes and images of the set behind the paper's Table 2 (section 6)
 
 
 def imagenet_year(dataset: str, classes: int, images: int) -> str | None:
