@@ -246,7 +246,7 @@ class Trainer:
                     best_val_top1=self.best_top1, classes=list(self.train_set.classes), epoch_train_counts=partial,
                     stats=dataclasses.asdict(self.stats) if self.stats else None,
                     topology=dict(towers=self.topo.towers, replicas=self.topo.replicas),
-                    torch_version=torch.__version__)
+                    torch_version=str(torch.__version__))
         atomic_save(ckpt, self.out / name)
         if also_best:
             atomic_save(ckpt, self.out / "best.pt")
