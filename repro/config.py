@@ -362,6 +362,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each tower stage (or the grouped network) and the optimiser's update
     compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead"/"max-autotune" add CUDA graphs
     stop_check_every: int = 0  # steps between checks for SIGTERM (0: 1 on CPU, 20 on GPU)
+    comm_timeout: float = 600.0  # seconds a process-group start or a collective waits for a peer, then fails
 
     def __post_init__(self) -> None:
         _need(self.epochs >= 1, "--epochs (epochs) must be >= 1", self.epochs)
@@ -370,6 +371,7 @@ class TrainConfig:
               "for the whole schedule)", self.max_steps)
         _need(self.log_every >= 1, "--log-every (log_every) must be >= 1", self.log_every)
         _need(self.eval_batch_size >= 1, "--eval-batch-size (eval_batch_size) must be >= 1", self.eval_batch_size)
+        _need(self.comm_timeout > 0, "--comm-timeout (comm_timeout) must be > 0 seconds", self.comm_timeout)
         _need(self.stop_check_every >= 0, "stop_check_every must be >= 0", self.stop_check_every)
         _need(0 <= self.seed < 2 ** 63, "--seed (seed) must be in [0, 2^63), a torch generator's range", self.seed)
         if self.compile_mode not in COMPILE_MODES:

@@ -23,7 +23,7 @@ from repro.data.augment import Augment, Stats, draw_params, step_generator
 from repro.data.datasets import open_splits
 from repro.data.loader import eval_indices, iterate, steps_per_epoch, train_batches
 from repro.data.stats import cached_stats, default_cache_dirs
-from repro.dist import Topology, all_reduce_sum, init_topology, shutdown
+from repro.dist import Topology, all_reduce_sum, init_topology, restart_round, shutdown
 from repro.evaluate import Counts, EvalSpec, RunningCounts, autocast, evaluate
 from repro.metrics import MetricsLog, Progress, format_eta
 from repro.model import lrn_triton
@@ -35,7 +35,7 @@ from repro.run_report import closing_table_written, final_report
 # How and how long to run: taken from the command line when resuming. Everything else (the network,
 # optimiser, data pipeline, batch size, seed) is the run's recipe and comes from its checkpoint.
 RUNTIME_FIELDS = ("epochs", "max_steps", "out", "log_every", "eval_batch_size", "final_crops", "device",
-                  "backend", "amp", "channels_last", "compile", "compile_mode", "stop_check_every")
+                  "backend", "amp", "channels_last", "compile", "compile_mode", "stop_check_every", "comm_timeout")
 
 
 def resumed_config(requested: TrainConfig, saved: dict, keep_saved: tuple[str, ...] = ()) -> TrainConfig:
@@ -465,8 +465,14 @@ def train(cfg: TrainConfig, resume: str | None = None, keep_saved: tuple[str, ..
     """Run (or resume) training, then the closing evaluation; returns its counts by crops. On resume,
     the fields named in `keep_saved` (e.g. "epochs", "max_steps") keep the checkpoint's values, and
     `check_recipe` (if given) sees the checkpoint's config first and may refuse it with a ValueError."""
-    topo = init_topology(cfg.device, cfg.backend)
+    topo = init_topology(cfg.device, cfg.backend, cfg.comm_timeout)
     try:
+        if resume is None and restart_round() and on_main_rank(lambda: (Path(cfg.out) / "latest.pt").is_file(), topo):
+            # torchelastic restarted the processes with the first launch's command line: continue its run
+            resume = cfg.out
+            if topo.is_main:
+                print(f"torchelastic restart {restart_round()}: resuming the run in {cfg.out} from its latest.pt",
+                      flush=True)
         new_folder = False  # unknown (say, an unsearchable parent): prepare_run_dir gives the clear error
         with contextlib.suppress(OSError):
             new_folder = not Path(cfg.out).exists()

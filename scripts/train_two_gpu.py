@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--final-crops", type=int, nargs="*", default=[1, 10], help="closing table protocols: 1 and/or 10")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--backend", default="auto", choices=["auto", "nccl", "gloo"])
+    a("--comm-timeout", type=float, default=600.0, help="seconds the process group's start and each collective "
+      "wait for a peer before failing with an error (a dead or missing process)")
     a("--amp", default="none", choices=["none", "bf16"])
     a("--channels-last", action="store_true")
     a("--compile", action="store_true", help="torch.compile each tower stage (or the grouped network) and the "
@@ -94,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # to log and report. Every other flag is the run's recipe, which comes from the checkpoint.
 RESUME_FLAGS = {"resume", "data", "devkit", "val_solution", "workers", "decode", "epochs", "max_steps", "out",
                 "log_every", "eval_batch_size", "final_crops", "device", "backend", "amp", "channels_last",
-                "compile", "compile_mode"}
+                "compile", "compile_mode", "comm_timeout"}
 
 
 def _network_core(model: ModelConfig) -> ModelConfig:
@@ -210,7 +212,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                       batch_size=batch_size, seed=args.seed,
                       max_steps=pick(args.max_steps, "max_steps", None), out=out, log_every=args.log_every,
                       eval_batch_size=args.eval_batch_size, final_crops=tuple(args.final_crops),
-                      device=args.device, backend=args.backend, amp=args.amp,
+                      device=args.device, backend=args.backend, amp=args.amp, comm_timeout=args.comm_timeout,
                       channels_last=args.channels_last, compile=args.compile or args.compile_mode is not None,
                       compile_mode=args.compile_mode or "default")
     return _with_preset(cfg, args)
@@ -246,7 +248,8 @@ def main(argv=None) -> int:
             cfg = build_config(args)
         except ValueError as exc:  # from the flags alone: every rank of the launch raises it
             raise raised_on_every_rank(exc) from None
-        check = (lambda saved: check_resume_flags(cfg, saved, given)) if args.resume else None
+        # a --resume, or torchelastic's restart of this same command line, compares its flags with the run's
+        check = lambda saved: check_resume_flags(cfg, saved, given)  # noqa: E731
         return train(cfg, resume=args.resume, keep_saved=keep_saved, check_recipe=check)
 
     return run(work, interrupted="interrupted: stopped without saving (any latest.pt written before is intact)")
