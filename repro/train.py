@@ -391,9 +391,17 @@ class Trainer:
             total = min(total, self.cfg.max_steps)
         eta = (total - p.global_step) * self.cfg.batch_size * self.topo.replicas / rate
         self.log.write(kind="speed", step=p.global_step, img_per_s=rate)
-        self.say(f"epoch {p.epoch + 1}/{self.cfg.epochs} step {p.step_in_epoch}/{self.steps_per_epoch} "
-                 f"loss {values[-1]:.4f} lr {self.optimizer.base_lr:.2e} {rate:.1f} img/s ETA {format_eta(eta)}")
+        self.say(f"{self._position(total)} loss {values[-1]:.4f} lr {self.optimizer.base_lr:.2e} {rate:.1f} img/s "
+                 f"ETA {format_eta(eta)}")
         return now
+
+    def _position(self, total: int) -> str:
+        """Where the run is, against the budget it runs: "step 10/60" for a step budget that ends before
+        the epochs do (the CPU budget), else "epoch 1/90 step 10/937"."""
+        p = self.progress
+        if total < self.steps_per_epoch * self.cfg.epochs:
+            return f"step {p.global_step}/{total}" + (f" (epoch {p.epoch + 1})" if p.epoch else "")
+        return f"epoch {p.epoch + 1}/{self.cfg.epochs} step {p.step_in_epoch}/{self.steps_per_epoch}"
 
     def _stop_if_diverged(self, bad_step: int | None) -> None:
         """Raise on every rank if rank 0 saw a loss that is NaN or infinite, before anything is saved:

@@ -186,6 +186,9 @@ def test_grouped_form_in_one_process_and_final_table(tmp_path, data_root, capsys
     assert results[1].images == results[10].images == 30
     out = capsys.readouterr().out
     assert "NOT comparable" in out and "10 patches" in out
+    # the progress line names the budget it runs: 5 steps, not the 3 epochs of 4 steps it cuts short
+    lines = [line.split(" loss ")[0] for line in out.splitlines() if " loss " in line and " img/s" in line]
+    assert lines == ["step 2/5", "step 4/5", "step 5/5 (epoch 2)"], out
     for name in ("results.md", "results.json", "results.csv", "learning_curves.png", "best.pt"):
         assert (tmp_path / "g" / name).exists(), name
     # A requeue of the finished run: nothing to train, and this step's table is there already.
