@@ -30,7 +30,7 @@ def _torchrun(args: list[str], kills: str = "", restarts: int = 0) -> subprocess
                           capture_output=True, text=True, timeout=400)
 
 
-def test_a_killed_rank_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tmp_path):
+def test_a_killed_rank_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tmp_path, capsys):
     make_tree(tmp_path / "data", n_train=16, n_test=6)
     plain = _torchrun(_flags(tmp_path / "data", tmp_path / "plain"))
     assert plain.returncode == 0, plain.stdout + plain.stderr
@@ -46,8 +46,10 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tmp
     for name in a["velocity"]:
         assert torch.equal(a["velocity"][name], b["velocity"][name]), name
     # a fresh launch (not a restart) onto the folder is still refused
-    again = _torchrun(_flags(tmp_path / "data", tmp_path / "killed"))
-    assert again.returncode != 0 and "already holds a run" in again.stderr
+    from scripts.train_two_gpu import main
+
+    assert main(_flags(tmp_path / "data", tmp_path / "killed")) == 2
+    assert "already holds a run" in capsys.readouterr().err
 
 
 def _free_port() -> int:
