@@ -30,22 +30,13 @@ from repro.model import lrn_triton
 from repro.optim import LRSchedule, paper_optimizer, unreached_milestones
 from repro.parallel import Replica, one_tower_message
 from repro.run_report import closing_table_written, final_report
-
-
-# How and how long to run: taken from the command line when resuming. Everything else (the network,
-# optimiser, data pipeline, batch size, seed) is the run's recipe and comes from its checkpoint.
-RUNTIME_FIELDS = ("epochs", "max_steps", "out", "log_every", "eval_batch_size", "final_crops", "device",
-                  "backend", "amp", "channels_last", "compile", "compile_mode", "stop_check_every", "comm_timeout")
+from repro.settings import merge_runtime
 
 
 def resumed_config(requested: TrainConfig, saved: dict, keep_saved: tuple[str, ...] = ()) -> TrainConfig:
-    """The checkpoint's recipe with the requested runtime fields, except those in `keep_saved` (how
-    long to run, when the command line did not say: the run's own budget)."""
-    base = TrainConfig.from_dict(saved)
-    where = {k: getattr(requested.data, k) or getattr(base.data, k) for k in ("root", "devkit", "val_solution")}
-    data = dataclasses.replace(base.data, workers=requested.data.workers, decode=requested.data.decode, **where)
-    runtime = {f: getattr(requested, f) for f in RUNTIME_FIELDS if f not in keep_saved}
-    return dataclasses.replace(base, data=data, **runtime)
+    """The checkpoint's recipe with the requested runtime fields (declared in repro/config.py), except
+    those in `keep_saved` (how long to run, when the command line did not say: the run's own budget)."""
+    return merge_runtime(TrainConfig.from_dict(saved), requested, keep_saved)
 
 
 def check_resumable(ckpt: dict, path: str, replicas: int) -> None:

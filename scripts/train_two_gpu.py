@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from repro.cli import default_workers, raised_on_every_rank, run  # noqa: E402
 from repro.config import (  # noqa: E402
     COMPILE_MODES, MODEL_VARIANTS, DataConfig, ModelConfig, OptimConfig, TrainConfig, apply_variant)
+from repro.settings import add_declared_flags, apply_declared_flags, recipe_flag_settings, runtime_fields  # noqa: E402
 
 CPU_BUDGET = dict(max_steps=60, batch_size=64, val_images=300, stats_images=10000)
 
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
       "optimiser's update")
     a("--compile-mode", default=None, choices=COMPILE_MODES,
       help="torch.compile's mode (implies --compile); reduce-overhead and max-autotune use CUDA graphs")
+    add_declared_flags(p, TrainConfig)  # the flags declared on config fields (repro/settings.py)
     return p
 
 
@@ -92,11 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-# What a resumed run may change: where the data is and how it is read, how long and on what to run, what
-# to log and report. Every other flag is the run's recipe, which comes from the checkpoint.
-RESUME_FLAGS = {"resume", "data", "devkit", "val_solution", "workers", "decode", "epochs", "max_steps", "out",
-                "log_every", "eval_batch_size", "final_crops", "device", "backend", "amp", "channels_last",
-                "compile", "compile_mode", "comm_timeout"}
+# What a resumed run may change: the runtime settings declared in repro/config.py (--data sets the data's
+# root). Every other flag is the run's recipe, which comes from the checkpoint.
+RESUME_FLAGS = ({"resume", "data"} | set(runtime_fields(TrainConfig)) | set(runtime_fields(DataConfig))) & set(
+    vars(build_parser().parse_args([])))  # those with a flag
 
 
 def _network_core(model: ModelConfig) -> ModelConfig:
@@ -118,6 +119,7 @@ RECIPE_SETTINGS: dict[str, Callable[[TrainConfig], object]] = {
     "dropout_scaling": lambda c: c.model.dropout_scaling, "pca": lambda c: c.data.pca,
     "pca_scale": lambda c: c.data.pca_scale, "no_flip": lambda c: not c.data.flip,
     "val_images": lambda c: c.data.val_images, "stats_images": lambda c: c.data.stats_images,
+    **recipe_flag_settings(TrainConfig),  # the flags declared on config fields
 }
 
 
@@ -215,7 +217,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                       device=args.device, backend=args.backend, amp=args.amp, comm_timeout=args.comm_timeout,
                       channels_last=args.channels_last, compile=args.compile or args.compile_mode is not None,
                       compile_mode=args.compile_mode or "default")
-    return _with_preset(cfg, args)
+    return apply_declared_flags(_with_preset(cfg, args), args)  # a declared flag given wins over the preset
 
 
 # Flags that also set a field of a preset (apply_variant): given with a value other than their default, the
