@@ -12,10 +12,12 @@ in full, which the user runs knowingly on a file they trust:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pickle
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 
 from repro.atomic import atomic_write
-from repro.config import ModelConfig
+from repro.config import ModelConfig, TrainConfig
 from repro.model.convert import towers_to_grouped
 from repro.model.grouped import AlexNet
 
@@ -130,6 +132,58 @@ def _main(argv: list[str]) -> int:
     safe_load(out)  # the converted file reads as plain data
     print(f"wrote {out}: it loads with weights_only=True", flush=True)
     return 0
+
+
+@dataclass
+class ResumePoint:
+    """Everything a training checkpoint holds to continue its run exactly. The checkpoint's keys are known
+    here alone: `write_training` writes them and `resume_point` reads them back."""
+
+    train_config: dict  # TrainConfig.to_dict(): the run's recipe (and its last runtime settings)
+    model: dict[str, Tensor]  # the grouped form's state dict
+    velocity: dict[str, Tensor]  # the momentum buffers, by the grouped form's parameter names
+    schedule: dict  # LRSchedule.state_dict()
+    progress: dict  # repro.metrics.Progress as a dict: epoch, step_in_epoch, global_step
+    best_val_top1: float
+    classes: list[str] | None
+    stats: dict | None  # repro.data.augment.Stats as a dict of tensors and a count
+    epoch_train_counts: list[float] | None  # the interrupted epoch's training counts so far (None: at its end)
+    replicas: int  # tower pairs of the launch that wrote it (an interrupted epoch's batches depend on it)
+
+
+def write_training(point: ResumePoint, paths: list[Path], towers: int) -> None:
+    """A training checkpoint, atomically, at each of `paths` (latest.pt, and best.pt when it is the best)."""
+    ckpt = dict(format=FORMAT, model=point.model, velocity=point.velocity,
+                model_config=TrainConfig.from_dict(point.train_config).model.to_dict(),
+                train_config=point.train_config, schedule=point.schedule, progress=point.progress,
+                best_val_top1=point.best_val_top1, classes=point.classes, epoch_train_counts=point.epoch_train_counts,
+                stats=point.stats, topology=dict(towers=towers, replicas=point.replicas),
+                torch_version=str(torch.__version__))
+    for path in paths:
+        atomic_save(ckpt, path)
+
+
+def check_resumable(ckpt: dict, path: str, replicas: int) -> None:
+    """A training checkpoint, and one this many pairs can continue exactly."""
+    missing = [k for k in ("train_config", "velocity", "schedule", "progress") if not ckpt.get(k)]
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint (no {', '.join(missing)}): --resume needs a run's "
+                         f"latest.pt or best.pt; to start from bare weights, load them with repro.load_checkpoint")
+    saved = (ckpt.get("topology") or {}).get("replicas", replicas)
+    if ckpt["progress"]["step_in_epoch"] and saved != replicas:
+        raise ValueError(f"{path} was written in the middle of an epoch by {saved} tower pair(s); this launch has "
+                         f"{replicas}. The rest of that epoch's batches depend on the pair count: resume with "
+                         f"{saved} pair(s) at least until the epoch ends")
+
+
+def resume_point(ckpt: dict, path: str, replicas: int) -> ResumePoint:
+    """The run state of a checkpoint that `read` returned, checked to be one `replicas` pairs can continue."""
+    check_resumable(ckpt, path, replicas)
+    return ResumePoint(train_config=ckpt["train_config"], model=ckpt["model"], velocity=ckpt["velocity"],
+                       schedule=ckpt["schedule"], progress=ckpt["progress"],
+                       best_val_top1=ckpt.get("best_val_top1", math.inf), classes=ckpt.get("classes"),
+                       stats=ckpt.get("stats"), epoch_train_counts=ckpt.get("epoch_train_counts"),
+                       replicas=(ckpt.get("topology") or {}).get("replicas", replicas))
 
 
 def grouped_state(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:

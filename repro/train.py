@@ -6,7 +6,6 @@ step, replica) and the checkpointed state, so an interrupted run resumes to the 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import signal
@@ -16,19 +15,20 @@ from typing import Callable
 
 import torch
 
-from repro.checkpoint import atomic_save, read
-from repro.cli import RunDiverged, make_out_dir, out_of_memory_advice, raised_on_every_rank
+from repro.checkpoint import ResumePoint, read, resume_point, write_training
+from repro.cli import RunDiverged, out_of_memory_advice, raised_on_every_rank
 from repro.config import TrainConfig
 from repro.data.augment import Augment, Stats, draw_params, step_generator
 from repro.data.datasets import open_splits
 from repro.data.loader import eval_indices, iterate, steps_per_epoch, train_batches
 from repro.data.stats import cached_stats, default_cache_dirs
-from repro.dist import Topology, all_reduce_sum, init_topology, restart_round, shutdown
+from repro.dist import Topology, all_reduce_sum, init_topology, shutdown
 from repro.evaluate import Counts, EvalSpec, RunningCounts, autocast, evaluate
 from repro.metrics import MetricsLog, Progress, format_eta
 from repro.model import lrn_triton
 from repro.optim import LRSchedule, paper_optimizer, unreached_milestones
 from repro.parallel import Replica, one_tower_message
+from repro.run_folder import on_main_rank, prepare_run_dir, removed_if_setup_fails, restart_resume
 from repro.run_report import closing_table_written, final_report
 from repro.settings import merge_runtime
 
@@ -39,36 +39,6 @@ def resumed_config(requested: TrainConfig, saved: dict, keep_saved: tuple[str, .
     return merge_runtime(TrainConfig.from_dict(saved), requested, keep_saved)
 
 
-def check_resumable(ckpt: dict, path: str, replicas: int) -> None:
-    """A training checkpoint, and one this many pairs can continue exactly."""
-    missing = [k for k in ("train_config", "velocity", "schedule", "progress") if not ckpt.get(k)]
-    if missing:
-        raise ValueError(f"{path} is not a training checkpoint (no {', '.join(missing)}): --resume needs a run's "
-                         f"latest.pt or best.pt; to start from bare weights, load them with repro.load_checkpoint")
-    saved = (ckpt.get("topology") or {}).get("replicas", replicas)
-    if ckpt["progress"]["step_in_epoch"] and saved != replicas:
-        raise ValueError(f"{path} was written in the middle of an epoch by {saved} tower pair(s); this launch has "
-                         f"{replicas}. The rest of that epoch's batches depend on the pair count: resume with "
-                         f"{saved} pair(s) at least until the epoch ends")
-
-
-def on_main_rank(work, topo: Topology):
-    """work() run by rank 0 alone and its result sent to every rank; a user error it raises is raised
-    on every rank alike (rank 0 alone writes the run directory, which other nodes may not see)."""
-    if topo.backend is None:
-        return work()
-    box: list = [None]
-    if topo.is_main:
-        try:
-            box[0] = work()
-        except (FileNotFoundError, ValueError) as exc:
-            box[0] = exc
-    torch.distributed.broadcast_object_list(box, src=0)
-    if isinstance(box[0], Exception):
-        raise raised_on_every_rank(box[0])
-    return box[0]
-
-
 def read_on_main_rank(path: str, topo: Topology) -> dict:
     """The checkpoint, read by rank 0 and sent to every rank, so that a multi-node run resumes
     without its run directory on a shared filesystem. A bad path or file is the same clear error on
@@ -76,50 +46,28 @@ def read_on_main_rank(path: str, topo: Topology) -> dict:
     return on_main_rank(lambda: read(path, "cpu"), topo)
 
 
-RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl")
-
-
-def prepare_run_dir(out: Path, resume: str | None) -> None:
-    """Create the run directory, refusing one that holds another run: a fresh run there would
-    overwrite its checkpoints and interleave its metrics."""
-    try:
-        held = [f for f in RUN_FILES if (out / f).exists()]
-        resumed_here = resume is not None and Path(resume_dir_of(resume)).resolve() == out.resolve()
-        if held and not resumed_here:
-            if held == ["metrics.jsonl"]:  # a run that ended before its first checkpoint: nothing to continue
-                kept = out / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-                (out / "metrics.jsonl").rename(kept)
-                print(f"--out {out} held the metrics of a run that saved no checkpoint: kept as {kept.name}",
-                      flush=True)
-            else:
-                how = (f"--resume {out} continues that run" if resume is None else
-                       f"resuming {resume} into it would overwrite them")
-                raise ValueError(f"--out {out} already holds a run ({', '.join(held)}): {how}; or choose another "
-                                 f"--out")
-    except OSError as exc:  # permissions: the same one line on every rank
-        raise ValueError(f"--out {out}: cannot use it as the run folder ({exc.strerror or exc}); pass another "
-                         f"--out") from None
-    make_out_dir(out)
-
-
-def resume_dir_of(path: str) -> str:
-    """The run directory of a --resume argument (a run directory, or a checkpoint file in one)."""
-    return path if Path(path).is_dir() else str(Path(path).parent)
+def resume_point_on_every_rank(path: str, topo: Topology) -> ResumePoint:
+    """The run state to continue from `path`; a checkpoint this launch cannot continue is the same
+    clear error on every rank."""
+    ckpt = read_on_main_rank(path, topo)
+    try:  # every rank has the checkpoint: all raise alike
+        return resume_point(ckpt, path, topo.replicas)
+    except ValueError as exc:
+        raise raised_on_every_rank(exc) from None
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, topo: Topology, resume: str | None = None,
                  keep_saved: tuple[str, ...] = (), check_recipe: Callable[[TrainConfig], None] | None = None):
         lrn_triton.check_choice()  # a bad REPRO_LRN_KERNEL fails in seconds, not after the data is read
-        ckpt = read_on_main_rank(resume, topo) if resume else None
+        ckpt = resume_point_on_every_rank(resume, topo) if resume else None
         if ckpt:
             try:  # every rank has the checkpoint: all raise alike
-                check_resumable(ckpt, resume, topo.replicas)
                 if check_recipe:
-                    check_recipe(TrainConfig.from_dict(ckpt["train_config"]))
+                    check_recipe(TrainConfig.from_dict(ckpt.train_config))
             except ValueError as exc:
                 raise raised_on_every_rank(exc) from None
-            cfg = resumed_config(cfg, ckpt["train_config"], keep_saved)
+            cfg = resumed_config(cfg, ckpt.train_config, keep_saved)
         self.topo, self.out = topo, Path(cfg.out)
         on_main_rank(lambda: prepare_run_dir(self.out, resume), topo)
         if topo.towers == 2 and cfg.model.towers != 2:  # before the data is read: fail in seconds, not minutes
@@ -135,7 +83,7 @@ class Trainer:
         self.stats = self._stats(ckpt)
         self.augment = Augment(cfg.data, self.stats, topo.device)
         torch.manual_seed(cfg.seed)  # the initial weights
-        self.replica = Replica(topo, cfg.model, ckpt["model"] if ckpt else None, cfg.channels_last,
+        self.replica = Replica(topo, cfg.model, ckpt.model if ckpt else None, cfg.channels_last,
                                cfg.compile_mode if cfg.compile else None)
         self.optimizer = paper_optimizer(self.replica.net, cfg.optim, compiled=cfg.compile)
         self.schedule = LRSchedule(cfg.optim)
@@ -162,21 +110,21 @@ class Trainer:
 
     # --- setup ---------------------------------------------------------------------------------
 
-    def _fit_classes(self, cfg: TrainConfig, ckpt: dict | None) -> TrainConfig:
+    def _fit_classes(self, cfg: TrainConfig, ckpt: ResumePoint | None) -> TrainConfig:
         n = self.train_set.num_classes
         if n < 2:
             raise ValueError(f"{self.train_set.name} has {n} class ({', '.join(self.train_set.classes)}): a classifier "
                              f"needs at least two (for --dataset folder, one subfolder of images per class)")
-        if ckpt and ckpt.get("classes") and list(ckpt["classes"]) != list(self.train_set.classes):
+        if ckpt and ckpt.classes and list(ckpt.classes) != list(self.train_set.classes):
             raise ValueError(f"the checkpoint was trained on other classes than {self.train_set.name} "
-                             f"({len(ckpt['classes'])} vs {n}); resume with the same --data")
+                             f"({len(ckpt.classes)} vs {n}); resume with the same --data")
         if cfg.model.num_classes != n:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=n))
         return cfg
 
-    def _stats(self, ckpt: dict | None) -> Stats | None:
-        if ckpt and ckpt.get("stats"):
-            return Stats(**ckpt["stats"])
+    def _stats(self, ckpt: ResumePoint | None) -> Stats | None:
+        if ckpt and ckpt.stats:
+            return Stats(**ckpt.stats)
         d = self.cfg.data
         if d.mean == "none" and d.pca != "dataset":
             return None
@@ -198,19 +146,19 @@ class Trainer:
             torch.distributed.barrier()
         return stats
 
-    def _carried_counts(self, ckpt: dict | None) -> Counts | None:
+    def _carried_counts(self, ckpt: ResumePoint | None) -> Counts | None:
         """Training errors counted in the interrupted epoch before the checkpoint, kept on rank 0 (the
         epoch's counts are summed over all ranks), so a resumed epoch reports the whole epoch."""
-        if ckpt and ckpt.get("epoch_train_counts") and self.topo.is_main:
-            return Counts.from_list(ckpt["epoch_train_counts"])
+        if ckpt and ckpt.epoch_train_counts and self.topo.is_main:
+            return Counts.from_list(ckpt.epoch_train_counts)
         return None
 
-    def _restore(self, ckpt: dict) -> None:
+    def _restore(self, ckpt: ResumePoint) -> None:
         r = self.replica
-        self.optimizer.load_velocities(r.net.named_parameters(), r.local_from_grouped(ckpt["velocity"]))
-        self.schedule.load_state_dict(ckpt["schedule"])
-        self.progress = Progress(**ckpt["progress"])
-        self.best_top1 = ckpt.get("best_val_top1", math.inf)
+        self.optimizer.load_velocities(r.net.named_parameters(), r.local_from_grouped(ckpt.velocity))
+        self.schedule.load_state_dict(ckpt.schedule)
+        self.progress = Progress(**ckpt.progress)
+        self.best_top1 = ckpt.best_val_top1
         self.log.truncate_after(self.progress.global_step, self.progress.epoch)
         p = self.progress
         self.say(f"resumed in epoch {p.epoch + 1} after its step {p.step_in_epoch} (global step {p.global_step})")
@@ -231,16 +179,12 @@ class Trainer:
         velocity = r.grouped(self.optimizer.velocities(r.net.named_parameters()))
         if not self.topo.is_main:
             return
-        ckpt = dict(format="repro-checkpoint/1", model=model, velocity=velocity,
-                    model_config=self.cfg.model.to_dict(), train_config=self.cfg.to_dict(),
-                    schedule=self.schedule.state_dict(), progress=dataclasses.asdict(self.progress),
-                    best_val_top1=self.best_top1, classes=list(self.train_set.classes), epoch_train_counts=partial,
-                    stats=dataclasses.asdict(self.stats) if self.stats else None,
-                    topology=dict(towers=self.topo.towers, replicas=self.topo.replicas),
-                    torch_version=str(torch.__version__))
-        atomic_save(ckpt, self.out / name)
-        if also_best:
-            atomic_save(ckpt, self.out / "best.pt")
+        point = ResumePoint(train_config=self.cfg.to_dict(), model=model, velocity=velocity,
+                            schedule=self.schedule.state_dict(), progress=dataclasses.asdict(self.progress),
+                            best_val_top1=self.best_top1, classes=list(self.train_set.classes),
+                            stats=dataclasses.asdict(self.stats) if self.stats else None,
+                            epoch_train_counts=partial, replicas=self.topo.replicas)
+        write_training(point, [self.out / name] + ([self.out / "best.pt"] if also_best else []), self.topo.towers)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -466,22 +410,9 @@ def train(cfg: TrainConfig, resume: str | None = None, keep_saved: tuple[str, ..
     `check_recipe` (if given) sees the checkpoint's config first and may refuse it with a ValueError."""
     topo = init_topology(cfg.device, cfg.backend, cfg.comm_timeout)
     try:
-        if resume is None and restart_round() and on_main_rank(lambda: (Path(cfg.out) / "latest.pt").is_file(), topo):
-            # torchelastic restarted the processes with the first launch's command line: continue its run
-            resume = cfg.out
-            if topo.is_main:
-                print(f"torchelastic restart {restart_round()}: resuming the run in {cfg.out} from its latest.pt",
-                      flush=True)
-        new_folder = False  # unknown (say, an unsearchable parent): prepare_run_dir gives the clear error
-        with contextlib.suppress(OSError):
-            new_folder = not Path(cfg.out).exists()
-        try:
+        resume = restart_resume(cfg.out, resume, topo)
+        with removed_if_setup_fails(cfg.out, topo):
             trainer = Trainer(cfg, topo, resume, keep_saved, check_recipe)
-        except Exception:
-            if new_folder and topo.is_main:  # a launch that failed in setup leaves no empty run folder behind
-                with contextlib.suppress(OSError):
-                    Path(cfg.out).rmdir()  # only if still empty
-            raise
         origin = getattr(trainer.train_set, "origin", None) or trainer.cfg.data.root
         trainer.say(f"{trainer.cfg.data.dataset} (from {origin}): {len(trainer.train_set)} training images, "
                     f"{trainer.steps_per_epoch} steps per epoch; {topo.replicas} replica(s) of "

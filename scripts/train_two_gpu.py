@@ -190,7 +190,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                       stats_images=pick(args.stats_images, "stats_images", None, no_gpu),
                       workers=args.workers, decode=args.decode, devkit=args.devkit,
                       val_solution=args.val_solution)
-    from repro.train import resume_dir_of
+    from repro.run_folder import resume_dir_of
 
     out = args.out or (resume_dir_of(args.resume) if args.resume else
                        os.path.join("runs", f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"))

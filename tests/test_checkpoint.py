@@ -108,7 +108,7 @@ def test_metrics_log_resume_drops_what_the_checkpoint_does_not_hold(tmp_path):
 
 
 def test_resume_checks(tmp_path):
-    from repro.train import check_resumable
+    from repro.checkpoint import check_resumable
 
     ckpt = {"train_config": {"x": 1}, "velocity": {"w": 1}, "schedule": {"drops": 0},
             "progress": {"epoch": 2, "step_in_epoch": 5, "global_step": 25}, "topology": {"towers": 2, "replicas": 2}}

@@ -451,7 +451,7 @@ def test_a_single_class_is_a_clear_error(tmp_path):
 def test_a_folder_whose_run_saved_no_checkpoint_is_reused_keeping_its_log(tmp_path):
     """A run that diverged or was killed before its first checkpoint leaves only metrics.jsonl: a new
     run may use the folder (nothing there to resume), and the old log is kept under a dated name."""
-    from repro.train import prepare_run_dir
+    from repro.run_folder import prepare_run_dir
 
     (tmp_path / "metrics.jsonl").write_text('{"kind": "step"}\n')
     prepare_run_dir(tmp_path, None)
