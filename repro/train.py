@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,6 +30,7 @@ from repro.parallel import Replica, one_tower_message
 from repro.run_folder import on_main_rank, prepare_run_dir, removed_if_setup_fails, restart_resume
 from repro.run_report import closing_table_written, final_report
 from repro.settings import merge_runtime
+from repro.stop import StopAgreement
 
 
 def resumed_config(requested: TrainConfig, saved: dict, keep_saved: tuple[str, ...] = ()) -> TrainConfig:
@@ -95,7 +95,7 @@ class Trainer:
         if ckpt:
             self._restore(ckpt)
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.batch_size, topo.replicas)
-        self.stop_signal: int | None = None  # the signal that asked for a stop (None: none did)
+        self.stop = StopAgreement(topo, self.say)
         self.stopped_by_signal = False  # set on every rank when they stop for a SIGTERM or Ctrl-C
         self.nothing_to_train = False  # the run's budget was spent before this launch
         self.pin = topo.device.type == "cuda"
@@ -188,28 +188,11 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def _on_signal(self, signum, _frame) -> None:
-        """SIGTERM (a batch system's cancel) or a first Ctrl-C: stop at the next step boundary that all
-        ranks agree on, and save. A Ctrl-C after a stop request, or any signal after a Ctrl-C, stops at
-        once without saving: torchrun passes a terminal's second Ctrl-C on as SIGTERM. (SIGTERM twice,
-        as a batch system and torchrun may both send, still saves.)"""
-        if self.stop_signal is not None and signal.SIGINT in (self.stop_signal, signum):
-            raise KeyboardInterrupt
-        if self.stop_signal is None:
-            self.stop_signal = signum
-        if signum == signal.SIGINT:
-            self.say("Ctrl-C: stopping at the next step all ranks agree on, and saving latest.pt (Ctrl-C again: "
-                     "stop now, unsaved)")
-
     def _should_stop(self) -> bool:
         every = self.cfg.stop_check_every or (20 if self.topo.device.type == "cuda" else 1)
         if self.progress.global_step % every:
             return False
-        return self._signal_pending()
-
-    def _signal_pending(self) -> bool:
-        """Collective: whether any rank was asked to stop (so that all ranks agree)."""
-        return all_reduce_sum([float(self.stop_signal is not None)], self.topo)[0] > 0
+        return self.stop.agree().signalled
 
     def _budget_left(self) -> bool:
         return self.cfg.max_steps is None or self.progress.global_step < self.cfg.max_steps
@@ -230,22 +213,19 @@ class Trainer:
                      f"(--epochs {self.cfg.epochs}; milestone m divides the rate from 0-based epoch m): the rate "
                      f"is not divided there; " + ("more --epochs reach them" if self.resumed_from else
                                                     "pass --milestones within the run, or more --epochs"))
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         advice = ("" if self.cfg.amp == "bf16" else "pass --amp bf16, or ") + "start a new run with a smaller --batch-size"
-        try:  # once around the loop, not per step; validation names its own flag (validate)
-            with out_of_memory_advice(f"in a training step of {self.cfg.batch_size} images per pair", advice):
-                while self.progress.epoch < self.cfg.epochs and self._budget_left():
-                    if not self._train_epoch():
-                        return
-                    self._end_epoch()
+        # once around the loop, not per step; validation names its own flag (validate)
+        with self.stop.listening(), out_of_memory_advice(
+                f"in a training step of {self.cfg.batch_size} images per pair", advice):
+            while self.progress.epoch < self.cfg.epochs and self._budget_left():
+                if not self._train_epoch():
+                    return
+                self._end_epoch()
             # A signal after the last stop check (the last epoch's validation, the last steps between
             # checks): latest.pt is saved already, and a preempted job ends without the closing evaluation.
-            if self._signal_pending():
+            if self.stop.agree().signalled:
                 self.say("SIGTERM or Ctrl-C after the last step: latest.pt holds the run; stopping")
                 self.stopped_by_signal = True
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def _train_epoch(self) -> bool:
         """One epoch from the saved position; False if the run stopped inside it."""
@@ -342,9 +322,9 @@ class Trainer:
         """Raise on every rank if rank 0 saw a loss that is NaN or infinite, before anything is saved:
         latest.pt and best.pt keep the last state that trained, and a run does not go on for days
         on NaN weights."""
-        bad = all_reduce_sum([float(bad_step or 0)], self.topo)[0]
+        bad = self.stop.agree(bad_loss_step=bad_step).bad_loss_step
         if bad:
-            raise self._diverged(f"the loss is not finite from step {int(bad)}")
+            raise self._diverged(f"the loss is not finite from step {bad}")
 
     def _diverged(self, what: str) -> RunDiverged:
         saved = (f"{self.out / 'latest.pt'} holds step {self.saved_step}" if self.saved_step is not None
@@ -360,7 +340,7 @@ class Trainer:
         it) was finite, so a checkpoint checks the weights themselves."""
         params = list(self.replica.net.parameters())
         finite = bool(torch.stack([p.detach().isfinite().all() for p in params]).all()) if params else True
-        if all_reduce_sum([0.0 if finite else 1.0], self.topo)[0]:
+        if self.stop.agree(bad_weights=not finite).bad_weights:
             raise self._diverged(f"the weights after step {self.progress.global_step} are not finite")
 
     def _end_epoch(self) -> None:

@@ -466,21 +466,19 @@ def test_a_folder_whose_run_saved_no_checkpoint_is_reused_keeping_its_log(tmp_pa
 def test_any_signal_after_a_ctrl_c_stops_at_once_but_sigterm_twice_still_saves():
     """torchrun passes a terminal's second Ctrl-C to the workers as SIGTERM; a batch system and
     torchrun may both send SIGTERM."""
-    from types import SimpleNamespace
-
-    from repro.train import Trainer
+    from repro.stop import StopAgreement
 
     def trainer():
-        return SimpleNamespace(stop_signal=None, say=lambda _m: None)
+        return StopAgreement(topo=None, say=lambda _m: None)
 
     t = trainer()
-    Trainer._on_signal(t, signal.SIGINT, None)
-    assert t.stop_signal is not None  # a stop is requested
+    t.on_signal(signal.SIGINT, None)
+    assert t.signal is not None  # a stop is requested
     with pytest.raises(KeyboardInterrupt):
-        Trainer._on_signal(t, signal.SIGTERM, None)
+        t.on_signal(signal.SIGTERM, None)
     t = trainer()
-    Trainer._on_signal(t, signal.SIGTERM, None)
-    Trainer._on_signal(t, signal.SIGTERM, None)
-    assert t.stop_signal is not None  # a stop is requested
+    t.on_signal(signal.SIGTERM, None)
+    t.on_signal(signal.SIGTERM, None)
+    assert t.signal is not None  # a stop is requested
     with pytest.raises(KeyboardInterrupt):  # a Ctrl-C after a batch system's SIGTERM: now
-        Trainer._on_signal(t, signal.SIGINT, None)
+        t.on_signal(signal.SIGINT, None)
