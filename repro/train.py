@@ -1,4 +1,5 @@
-"""The paper's training (section 5): the loop, validation, checkpoints and exact resume.
+"""The paper's training (section 5): the loop and validation, around the owners of the checkpoint format
+(repro.checkpoint), the run folder (repro.run_folder) and the stop agreement (repro.stop).
 
 Launched by scripts/train_two_gpu.py. Everything a step does is a pure function of (seed, epoch,
 step, replica) and the checkpointed state, so an interrupted run resumes to the same weights.
