@@ -1,10 +1,23 @@
 """Checkpoints: always the grouped form's weights and velocities, so either form resumes from them,
-written atomically so that a crash mid-write never damages the last good file."""
+written atomically so that a crash mid-write never damages the last good file.
+
+Reading never runs code from the file: torch.load(weights_only=True) accepts tensors, numbers, strings,
+lists, tuples and dicts only, so a crafted file is refused, not executed (configs are stored as dicts,
+statistics as tensors). A file it refuses gets a message naming `upgrade`, the one reader that unpickles
+in full, which the user runs knowingly on a file they trust:
+
+    python -m repro.checkpoint upgrade OLD.pt NEW.pt
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import pickle
+import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +25,7 @@ import torch
 from torch import Tensor
 
 from repro.atomic import atomic_write
-from repro.config import ModelConfig
+from repro.config import ModelConfig, TrainConfig
 from repro.model.convert import towers_to_grouped
 from repro.model.grouped import AlexNet
 
@@ -36,7 +49,12 @@ def read(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         raise FileNotFoundError(f"no checkpoint at {path}: pass a checkpoint file or a run directory "
                                 f"that holds latest.pt")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = safe_load(path, map_location)
+    except pickle.UnpicklingError as exc:
+        if _names_an_object(exc):  # else a damaged file, below
+            raise ValueError(refused_message(path, exc)) from None
+        raise ValueError(f"{path} could not be read as a checkpoint ({_why(exc)}); it may be truncated or not "
+                         f"a torch file") from None
     except Exception as exc:
         raise ValueError(f"{path} could not be read as a checkpoint ({type(exc).__name__}: {exc}); "
                          f"it may be truncated or not a torch file") from exc
@@ -45,6 +63,127 @@ def read(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     if isinstance(ckpt, dict) and all(isinstance(v, Tensor) for v in ckpt.values()):
         return {"format": FORMAT, "model": ckpt, "model_config": None}  # a bare state dict
     raise ValueError(f"{path} is not a repro checkpoint (expected a dict with format {FORMAT!r})")
+
+
+# Checkpoints written before this reader stored torch.__version__ as torch's TorchVersion, a str subclass
+# whose construction runs no code: allowed, so that those files load without conversion.
+_SAFE_GLOBALS = [torch.torch_version.TorchVersion]
+
+
+def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """torch.load that unpickles plain data only (pickle.UnpicklingError for anything else)."""
+    with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _why(exc: Exception) -> str:
+    """The weights-only unpickler's own reason, without torch's general advice around it."""
+    return str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+
+
+def _names_an_object(exc: Exception) -> bool:
+    """Whether the weights-only unpickler stopped at a Python object (a global or class it does not allow)."""
+    why = _why(exc).lower()
+    return "global" in why or "class" in why
+
+
+def refused_message(path: str | os.PathLike, exc: Exception) -> str:
+    """Why a file was not loaded, and the one-line conversion for a file the user trusts."""
+    why = _why(exc)
+    return (f"{path} was refused: it holds Python objects other than tensors, numbers, strings, lists and dicts "
+            f"({why}), and loading them could run code from the file. Nothing from it was executed. If you trust "
+            f"the file (e.g. a checkpoint of an older repro you wrote), convert it once with "
+            f"`python -m repro.checkpoint upgrade {path} NEW.pt` and load NEW.pt")
+
+
+def _plain(value: Any) -> Any:
+    """value with every object that is not plain data (dataclasses, str subclasses, ...) made plain."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value) if type(value) in (list, tuple) else list(map(_plain, value))
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (Tensor, int, float, bool)) or value is None:
+        return value
+    raise ValueError(f"cannot store a {type(value).__name__} in a checkpoint as plain data")
+
+
+def upgrade(old: str | os.PathLike, new: str | os.PathLike) -> Path:
+    """Rewrite a trusted checkpoint as plain data that `read` accepts. The ONLY full unpickling here:
+    it can run code from `old`, which is why it is a command the user runs by name."""
+    ckpt = torch.load(old, map_location="cpu", weights_only=False)
+    return atomic_save(_plain(ckpt), new)
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] != "upgrade":
+        sys.stderr.write("usage: python -m repro.checkpoint upgrade OLD.pt NEW.pt\n")
+        return 2
+    print(f"unpickling {argv[1]} in full (weights_only=False): this runs any code the file holds; do this only "
+          f"for a file you trust", flush=True)
+    try:
+        out = upgrade(argv[1], argv[2])
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    safe_load(out)  # the converted file reads as plain data
+    print(f"wrote {out}: it loads with weights_only=True", flush=True)
+    return 0
+
+
+@dataclass
+class ResumePoint:
+    """Everything a training checkpoint holds to continue its run exactly. The checkpoint's keys are known
+    here alone: `write_training` writes them and `resume_point` reads them back."""
+
+    train_config: dict  # TrainConfig.to_dict(): the run's recipe (and its last runtime settings)
+    model: dict[str, Tensor]  # the grouped form's state dict
+    velocity: dict[str, Tensor]  # the momentum buffers, by the grouped form's parameter names
+    schedule: dict  # LRSchedule.state_dict()
+    progress: dict  # repro.metrics.Progress as a dict: epoch, step_in_epoch, global_step
+    best_val_top1: float
+    classes: list[str] | None
+    stats: dict | None  # repro.data.augment.Stats as a dict of tensors and a count
+    epoch_train_counts: list[float] | None  # the interrupted epoch's training counts so far (None: at its end)
+    replicas: int  # tower pairs of the launch that wrote it (an interrupted epoch's batches depend on it)
+
+
+def write_training(point: ResumePoint, paths: list[Path], towers: int) -> None:
+    """A training checkpoint, atomically, at each of `paths` (latest.pt, and best.pt when it is the best)."""
+    ckpt = dict(format=FORMAT, model=point.model, velocity=point.velocity,
+                model_config=TrainConfig.from_dict(point.train_config).model.to_dict(),
+                train_config=point.train_config, schedule=point.schedule, progress=point.progress,
+                best_val_top1=point.best_val_top1, classes=point.classes, epoch_train_counts=point.epoch_train_counts,
+                stats=point.stats, topology=dict(towers=towers, replicas=point.replicas),
+                torch_version=str(torch.__version__))
+    for path in paths:
+        atomic_save(ckpt, path)
+
+
+def check_resumable(ckpt: dict, path: str, replicas: int) -> None:
+    """A training checkpoint, and one this many pairs can continue exactly."""
+    missing = [k for k in ("train_config", "velocity", "schedule", "progress") if not ckpt.get(k)]
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint (no {', '.join(missing)}): --resume needs a run's "
+                         f"latest.pt or best.pt; to start from bare weights, load them with repro.load_checkpoint")
+    saved = (ckpt.get("topology") or {}).get("replicas", replicas)
+    if ckpt["progress"]["step_in_epoch"] and saved != replicas:
+        raise ValueError(f"{path} was written in the middle of an epoch by {saved} tower pair(s); this launch has "
+                         f"{replicas}. The rest of that epoch's batches depend on the pair count: resume with "
+                         f"{saved} pair(s) at least until the epoch ends")
+
+
+def resume_point(ckpt: dict, path: str, replicas: int) -> ResumePoint:
+    """The run state of a checkpoint that `read` returned, checked to be one `replicas` pairs can continue."""
+    check_resumable(ckpt, path, replicas)
+    return ResumePoint(train_config=ckpt["train_config"], model=ckpt["model"], velocity=ckpt["velocity"],
+                       schedule=ckpt["schedule"], progress=ckpt["progress"],
+                       best_val_top1=ckpt.get("best_val_top1", math.inf), classes=ckpt.get("classes"),
+                       stats=ckpt.get("stats"), epoch_train_counts=ckpt.get("epoch_train_counts"),
+                       replicas=(ckpt.get("topology") or {}).get("replicas", replicas))
 
 
 def grouped_state(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
@@ -88,3 +227,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     """The network stored in a checkpoint (either form's), as a grouped AlexNet in eval mode, on the
     device map_location names."""
     return network(read(path, map_location), path).to(map_location)
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from repro.settings import flag, runtime
+
 
 @dataclass(frozen=True)
 class LRNConfig:
@@ -73,20 +75,22 @@ class ModelConfig:
     # "inverted": divide by (1 - p) in training, identity at test (torch.nn.Dropout); same in expectation.
     dropout_scaling: str = "paper"
     init_std: float = 0.01  # N(0, 0.01^2) for every weight, section 5
-    init_std_conv3_5: float = 0.01  # the 2012 code: initW=0.03 for conv3-conv5 (layers-145.cfg:143,172,200)
+    # the 2012 code: initW=0.03 for conv3-conv5 (layers-145.cfg:143,172,200)
+    init_std_conv3_5: float = field(default=0.01, metadata=flag(
+        "std of conv3-conv5's initial weights (2012 code: 0.03)"))
     # Layers whose biases start at 1 ("provides the ReLUs with positive inputs"); the rest start at 0.
     unit_bias_layers: tuple[str, ...] = ("conv2", "conv4", "conv5", "fc6", "fc7")
     # conv1's output size by ceil((size - 11) / 4) + 1 with zero pixels added on the right and bottom, as
     # the 2012 code sized its convolutions (layer.py:1004, modulesX): 224 -> 55 with 3 padded pixels.
     # False: floor, no padding (the paper's 227 needs none).
-    conv1_ceil: bool = False
+    conv1_ceil: bool = field(default=False, metadata=flag("conv1's output size by ceil, zero-padded (2012 code)"))
     # The 2012 code's layer 1: conv1 -> LRN -> max-pool -> ReLU (layers-145.cfg:9-63: conv1 has no
     # neuron, pool1 has neuron=relu). False: ReLU -> LRN -> pool, section 3.3's order.
-    relu1_after_pool: bool = False
+    relu1_after_pool: bool = field(default=False, metadata=flag("layer 1 as conv -> LRN -> pool -> ReLU (2012 code)"))
     # The 2012 code's extra same-map response normalisation after conv2's cross-map LRN (type=rnorm,
     # layers-145.cfg:107-117; size 5, scale 0.001, pow 0.75 in layer-params-145.cfg:157-163).
     # repro.model.layers.same_map_response_norm. Not in the paper.
-    same_map_norm2: bool = False
+    same_map_norm2: bool = field(default=False, metadata=flag("same-map response norm after conv2's LRN (2012 code)"))
 
     def __post_init__(self) -> None:
         if self.towers < 1:
@@ -193,6 +197,15 @@ def _need(ok: bool, what: str, got) -> None:
         raise ValueError(f"{what}, got {got}")
 
 
+def _layer_lr_changes(given: list[list[str]]) -> tuple[tuple[str, int, float, float], ...]:
+    """--layer-lr-change LAYER EPOCH W B, repeated: the field's tuples."""
+    try:
+        return tuple((layer, int(epoch), float(w), float(b)) for layer, epoch, w, b in given)
+    except ValueError:
+        raise ValueError(f"--layer-lr-change takes LAYER EPOCH W B (a name, an integer and two rates), "
+                         f"got {given}") from None
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """Stochastic gradient descent with the paper's update rule, section 5."""
@@ -204,7 +217,7 @@ class OptimConfig:
     bias_lr_mult: float = 1.0  # the 2012 code started biases at epsB 0.02, twice epsW (layer-params-145.cfg:19)
     # True: the biases keep lr * bias_lr_mult of the first epoch, never divided, as the 2012 code's epsB
     # (still 0.02 beside epsW 0.00001 in the final layer-params-145.cfg:18-19). False: divided with the rest.
-    bias_lr_fixed: bool = False
+    bias_lr_fixed: bool = field(default=False, metadata=flag("biases keep the first epoch's rate (2012 code)"))
     # "plateau": divide by lr_drop when validation error stops improving (the paper);
     # "milestones": divide at fixed 0-based epochs.
     schedule: str = "plateau"
@@ -217,7 +230,9 @@ class OptimConfig:
     # Per-layer rates from a 0-based epoch on: (layer, epoch, weight rate, bias rate), absolute rates that
     # replace the schedule's for that layer. The 2012 run set conv1's epsW to 1e-5 at its epoch 67 and to 0
     # at 72 (layer-params-145.cfg:177,179); its final file has conv1's epsB 0 too (lines 2-3).
-    layer_lr_changes: tuple[tuple[str, int, float, float], ...] = ()
+    layer_lr_changes: tuple[tuple[str, int, float, float], ...] = field(default=(), metadata=flag(
+        "from 0-based EPOCH on, LAYER's weight and bias rates are W and B (repeatable)", action="append", nargs=4,
+        metavar=("LAYER", "EPOCH", "W", "B"), dest="layer_lr_change", convert=_layer_lr_changes))
     plateau_patience: int = 3  # epochs without enough improvement before a drop
     plateau_threshold: float = 0.1  # top-1 error points that count as an improvement
 
@@ -255,7 +270,7 @@ class DataConfig:
     """The data pipeline, paper sections 2 and 4.1."""
 
     dataset: str = "fashion-mnist"  # "fashion-mnist", "imagenet" or "folder" (root/train/<class>/, root/val/<class>/)
-    root: str | None = None  # --data DIR
+    root: str | None = field(default=None, metadata=runtime())  # --data DIR
     base_size: int = 256  # shorter side rescaled to 256, central 256x256 patch kept
     crop_size: int = 227  # random crops of the 256x256 image (paper: 224, see ModelConfig.image_size)
     flip: bool = True  # horizontal reflections
@@ -268,25 +283,29 @@ class DataConfig:
     pca_scale: str = "eigenvalue"
     # The 2012 code switched the colour noise off at its epoch 67 (layer-params-145.cfg:178): 0-based 66.
     # None: on for the whole run.
-    pca_off_epoch: int | None = None
+    pca_off_epoch: int | None = field(default=None, metadata=flag(
+        "0-based epoch from which the colour noise is off", type=int))
     # True: divide the noisy crop by 1 + pca_std while the noise is on, as the 2012 code did so that the
     # training data's scale stays near the test data's (convdata.py:205). Not in the paper.
-    pca_rescale: bool = False
+    pca_rescale: bool = field(default=False, metadata=flag("divide noisy crops by 1 + pca_std (2012 code)"))
     # "same": subtract the mean image cropped (and reflected) like the image. "centre": subtract its central
     # crop_size patch whatever the crop's offset or reflection, as the 2012 code (convdata.py:137,225).
-    mean_crop: str = "same"
+    mean_crop: str = field(default="same", metadata=flag(
+        "mean image cropped like the image, or its centre", choices=["same", "centre"]))
     # Consecutive images sharing one crop offset and reflection: 1 draws per image; the 2012 code drew once
     # per 32 (crop_chunk, convdata.py:125,252-260).
-    crop_chunk: int = 1
+    crop_chunk: int = field(default=1, metadata=flag("consecutive images sharing one crop (2012 code: 32)"))
     stats_images: int | None = None  # images used for the mean and covariance (None: all)
     val_images: int | None = None  # evaluate on an evenly spaced subset (None: all); for smoke runs
-    workers: int = 4  # decoding processes per rank, for image files
+    workers: int = field(default=4, metadata=runtime())  # decoding processes per rank, for image files
     # Where the stored form's JPEGs are decoded when training on a GPU: "gpu" (nvJPEG batches in the
     # training process) or "cpu" (the loader's worker processes, overlapping the steps). Image files
     # always decode on the CPU. docs/benchmarks.md has the two measured against each other.
-    decode: str = "gpu"
-    devkit: str | None = None  # ImageNet devkit directory or tarball (flat val/ layout)
-    val_solution: str | None = None  # Kaggle's LOC_val_solution.csv (flat val/ layout)
+    decode: str = field(default="gpu", metadata=runtime())
+    # ImageNet devkit directory or tarball (flat val/ layout)
+    devkit: str | None = field(default=None, metadata=runtime())
+    # Kaggle's LOC_val_solution.csv (flat val/ layout)
+    val_solution: str | None = field(default=None, metadata=runtime())
 
     def __post_init__(self) -> None:
         if self.dataset not in ("fashion-mnist", "imagenet", "folder"):
@@ -347,21 +366,30 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    epochs: int = 90  # "roughly 90 cycles through the training set", section 5
+    epochs: int = field(default=90, metadata=runtime())  # "roughly 90 cycles through the training set", section 5
     batch_size: int = 128  # images per step per model replica (tower pair), section 5
     seed: int = 0  # initialisation, data order, augmentation and dropout all derive from it
-    max_steps: int | None = None  # stop after this many steps in all (smoke runs); checkpointed
-    out: str = "runs/default"  # run directory: checkpoints, metrics.jsonl, results
-    log_every: int = 10  # steps between progress lines
-    eval_batch_size: int = 128  # images per evaluation forward
-    final_crops: tuple[int, ...] = (1, 10)  # protocols of the closing error table (empty: skip)
-    device: str = "auto"  # "auto", "cpu" or "cuda"
-    backend: str = "auto"  # process-group backend: "auto" (NCCL with a GPU per rank, else gloo)
-    amp: str = "none"  # "bf16": autocast on CUDA (a speed choice; the paper trained in float32)
-    channels_last: bool = False
-    compile: bool = False  # torch.compile each tower stage (or the grouped network) and the optimiser's update
-    compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead"/"max-autotune" add CUDA graphs
-    stop_check_every: int = 0  # steps between checks for SIGTERM (0: 1 on CPU, 20 on GPU)
+    # stop after this many steps in all (smoke runs); checkpointed
+    max_steps: int | None = field(default=None, metadata=runtime())
+    out: str = field(default="runs/default", metadata=runtime())  # run directory: checkpoints, metrics.jsonl, results
+    log_every: int = field(default=10, metadata=runtime())  # steps between progress lines
+    eval_batch_size: int = field(default=128, metadata=runtime())  # images per evaluation forward
+    # protocols of the closing error table (empty: skip)
+    final_crops: tuple[int, ...] = field(default=(1, 10), metadata=runtime())
+    device: str = field(default="auto", metadata=runtime())  # "auto", "cpu" or "cuda"
+    # process-group backend: "auto" (NCCL with a GPU per rank, else gloo)
+    backend: str = field(default="auto", metadata=runtime())
+    # "bf16": autocast on CUDA (a speed choice; the paper trained in float32)
+    amp: str = field(default="none", metadata=runtime())
+    channels_last: bool = field(default=False, metadata=runtime())
+    # torch.compile each tower stage (or the grouped network) and the optimiser's update
+    compile: bool = field(default=False, metadata=runtime())
+    # torch.compile's mode; "reduce-overhead"/"max-autotune" add CUDA graphs
+    compile_mode: str = field(default="default", metadata=runtime())
+    # steps between checks for SIGTERM (0: 1 on CPU, 20 on GPU)
+    stop_check_every: int = field(default=0, metadata=runtime())
+    # seconds a process-group start or a collective waits for a peer, then fails
+    comm_timeout: float = field(default=600.0, metadata=runtime())
 
     def __post_init__(self) -> None:
         _need(self.epochs >= 1, "--epochs (epochs) must be >= 1", self.epochs)
@@ -370,6 +398,7 @@ class TrainConfig:
               "for the whole schedule)", self.max_steps)
         _need(self.log_every >= 1, "--log-every (log_every) must be >= 1", self.log_every)
         _need(self.eval_batch_size >= 1, "--eval-batch-size (eval_batch_size) must be >= 1", self.eval_batch_size)
+        _need(self.comm_timeout > 0, "--comm-timeout (comm_timeout) must be > 0 seconds", self.comm_timeout)
         _need(self.stop_check_every >= 0, "stop_check_every must be >= 0", self.stop_check_every)
         _need(0 <= self.seed < 2 ** 63, "--seed (seed) must be in [0, 2^63), a torch generator's range", self.seed)
         if self.compile_mode not in COMPILE_MODES:

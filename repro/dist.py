@@ -4,10 +4,19 @@ torchrun starts 2k processes. Ranks 2p and 2p+1 form pair p (tower 0 and tower 1
 replica; with --nproc_per_node=2 a pair never spans nodes, so the exchanges stay on NVLink/PCIe).
 Tower t of every pair forms replica group t, over which DistributedDataParallel averages gradients.
 One process (world size 1) runs the grouped form alone.
+
+Restarts under `torchrun --max-restarts=N`: torchelastic keeps its TCPStore (the agent's, at
+MASTER_ADDR:MASTER_PORT) across restart rounds, and env:// rendezvous hands the restarted processes that
+same store. The process group's keys from the previous round ("default_pg/..." : each rank's gloo
+address, the arrival counters) are still in it, so a restarted rank reads a dead peer's address
+(connection refused or a hang in gloo's connect) or a counter that already says "everyone is here".
+Each round therefore works under its own store prefix (TORCHELASTIC_RESTART_COUNT), and every wait
+has a timeout (--comm-timeout), so a peer that never comes is an error, not a hang.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -58,7 +67,30 @@ def _pick_device(local_rank: int, local_world: int, device: str) -> tuple[torch.
     return dev, count >= local_world
 
 
-def init_topology(device: str = "auto", backend: str = "auto") -> Topology:
+def restart_round() -> int:
+    """0 on a fresh launch; n on torchelastic's n-th restart of the processes."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _start_process_group(backend: str, rank: int, world: int, timeout_s: float) -> None:
+    """init_process_group on env://'s store, under this restart round's prefix, with a timeout."""
+    from torch.distributed.rendezvous import rendezvous
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    try:
+        store, _, _ = next(rendezvous("env://", rank, world, timeout=timeout))
+        store = dist.PrefixStore(f"repro/round{restart_round()}/", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    except (RuntimeError, ValueError) as exc:  # DistNetworkError, DistStoreError: a peer or the store is missing
+        raise ValueError(
+            f"rank {rank}: the {world} processes did not all join within --comm-timeout {timeout_s:g} s (store at "
+            f"{where}; {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). A process never "
+            f"started or died: check every node's launch (same --nnodes, --rdzv-endpoint/--master-addr) and the "
+            f"other ranks' errors") from None
+
+
+def init_topology(device: str = "auto", backend: str = "auto", timeout_s: float = 600.0) -> Topology:
     """Read torchrun's environment, start the process group and make the pair and replica groups."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -77,16 +109,17 @@ def init_topology(device: str = "auto", backend: str = "auto") -> Topology:
     if backend == "nccl" and dev.type != "cuda":
         raise ValueError("--backend nccl needs GPUs; use gloo on CPU")
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        _start_process_group(backend, rank, world, timeout_s)
     pairs = world // 2
     topo = Topology(rank, world, local_rank, dev, backend, 2, rank % 2, rank // 2, pairs)
+    timeout = datetime.timedelta(seconds=timeout_s)
     for p in range(pairs):  # every rank creates every group, in the same order
-        group = dist.new_group([2 * p, 2 * p + 1])
+        group = dist.new_group([2 * p, 2 * p + 1], timeout=timeout)
         if p == topo.replica:
             topo.pair_group = group
     if pairs > 1:
         for t in range(2):
-            group = dist.new_group([2 * p + t for p in range(pairs)])
+            group = dist.new_group([2 * p + t for p in range(pairs)], timeout=timeout)
             if t == topo.tower:
                 topo.replica_group = group
     return topo

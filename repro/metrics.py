@@ -1,4 +1,5 @@
-"""Where a run stands, and its metrics log (JSON lines, one per step and one per epoch)."""
+"""Where a run stands, and its metrics log (JSON lines, one per step and one per epoch): the one
+module that writes metrics.jsonl and reads it back."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def format_eta(seconds: float) -> str:
 
 class MetricsLog:
     """Appends JSON objects to `path` (rank 0 only). Each line is flushed when written, so a crash
-    loses at most the line being written; `repro.report.read_metrics` ignores a cut last line."""
+    loses at most the line being written; `read_metrics` ignores a cut last line."""
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
@@ -53,3 +54,20 @@ class MetricsLog:
             if rec.get("step", 0) <= step and not (rec.get("kind") == "epoch" and rec.get("epoch", -1) >= epoch):
                 kept.append(line)
         atomic_write(self.path, lambda f: f.write("".join(k + "\n" for k in kept)), binary=False)
+
+
+def read_metrics(path) -> list[dict]:
+    """Records of a JSONL log. A broken last line (a crash mid-write) is dropped; one elsewhere raises."""
+    lines = [(n, raw) for n, raw in enumerate(Path(path).read_bytes().split(b"\n"), 1) if raw.strip()]
+    records = []
+    for i, (n, raw) in enumerate(lines):
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from e
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {n} is not a JSON object")
+        records.append(record)
+    return records

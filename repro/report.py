@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from repro.atomic import atomic_write
+from repro.metrics import read_metrics  # noqa: F401  (report's readers import it from here too)
 
 # ---------------------------------------------------------------------------------------------------
 # The paper's numbers (its Tables 1 and 2, section 6; docs/paper.md). A column is (metric, split); None is the paper's "-".
@@ -224,23 +225,6 @@ def write_results(rows: list[EvalRow], out_dir, imagenet_year: str | None = None
 
 # ---------------------------------------------------------------------------------------------------
 # Metrics log and learning curves
-
-
-def read_metrics(path) -> list[dict]:
-    """Records of a JSONL log. A broken last line (a crash mid-write) is dropped; one elsewhere raises."""
-    lines = [(n, raw) for n, raw in enumerate(Path(path).read_bytes().split(b"\n"), 1) if raw.strip()]
-    records = []
-    for i, (n, raw) in enumerate(lines):
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from e
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: line {n} is not a JSON object")
-        records.append(record)
-    return records
 
 
 def _series(records: list[dict], x: str, y: str) -> tuple[list, list]:

@@ -1,4 +1,5 @@
-"""The paper's training (section 5): the loop, validation, checkpoints and exact resume.
+"""The paper's training (section 5): the loop and validation, around the owners of the checkpoint format
+(repro.checkpoint), the run folder (repro.run_folder) and the stop agreement (repro.stop).
 
 Launched by scripts/train_two_gpu.py. Everything a step does is a pure function of (seed, epoch,
 step, replica) and the checkpointed state, so an interrupted run resumes to the same weights.
@@ -6,18 +7,16 @@ step, replica) and the checkpointed state, so an interrupted run resumes to the 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from repro.checkpoint import atomic_save, read
-from repro.cli import RunDiverged, make_out_dir, out_of_memory_advice, raised_on_every_rank
+from repro.checkpoint import ResumePoint, read, resume_point, write_training
+from repro.cli import RunDiverged, out_of_memory_advice, raised_on_every_rank
 from repro.config import TrainConfig
 from repro.data.augment import Augment, Stats, draw_params, step_generator
 from repro.data.datasets import open_splits
@@ -29,53 +28,16 @@ from repro.metrics import MetricsLog, Progress, format_eta
 from repro.model import lrn_triton
 from repro.optim import LRSchedule, paper_optimizer, unreached_milestones
 from repro.parallel import Replica, one_tower_message
+from repro.run_folder import on_main_rank, prepare_run_dir, removed_if_setup_fails, restart_resume
 from repro.run_report import closing_table_written, final_report
-
-
-# How and how long to run: taken from the command line when resuming. Everything else (the network,
-# optimiser, data pipeline, batch size, seed) is the run's recipe and comes from its checkpoint.
-RUNTIME_FIELDS = ("epochs", "max_steps", "out", "log_every", "eval_batch_size", "final_crops", "device",
-                  "backend", "amp", "channels_last", "compile", "compile_mode", "stop_check_every")
+from repro.settings import merge_runtime
+from repro.stop import StopAgreement
 
 
 def resumed_config(requested: TrainConfig, saved: dict, keep_saved: tuple[str, ...] = ()) -> TrainConfig:
-    """The checkpoint's recipe with the requested runtime fields, except those in `keep_saved` (how
-    long to run, when the command line did not say: the run's own budget)."""
-    base = TrainConfig.from_dict(saved)
-    where = {k: getattr(requested.data, k) or getattr(base.data, k) for k in ("root", "devkit", "val_solution")}
-    data = dataclasses.replace(base.data, workers=requested.data.workers, decode=requested.data.decode, **where)
-    runtime = {f: getattr(requested, f) for f in RUNTIME_FIELDS if f not in keep_saved}
-    return dataclasses.replace(base, data=data, **runtime)
-
-
-def check_resumable(ckpt: dict, path: str, replicas: int) -> None:
-    """A training checkpoint, and one this many pairs can continue exactly."""
-    missing = [k for k in ("train_config", "velocity", "schedule", "progress") if not ckpt.get(k)]
-    if missing:
-        raise ValueError(f"{path} is not a training checkpoint (no {', '.join(missing)}): --resume needs a run's "
-                         f"latest.pt or best.pt; to start from bare weights, load them with repro.load_checkpoint")
-    saved = (ckpt.get("topology") or {}).get("replicas", replicas)
-    if ckpt["progress"]["step_in_epoch"] and saved != replicas:
-        raise ValueError(f"{path} was written in the middle of an epoch by {saved} tower pair(s); this launch has "
-                         f"{replicas}. The rest of that epoch's batches depend on the pair count: resume with "
-                         f"{saved} pair(s) at least until the epoch ends")
-
-
-def on_main_rank(work, topo: Topology):
-    """work() run by rank 0 alone and its result sent to every rank; a user error it raises is raised
-    on every rank alike (rank 0 alone writes the run directory, which other nodes may not see)."""
-    if topo.backend is None:
-        return work()
-    box: list = [None]
-    if topo.is_main:
-        try:
-            box[0] = work()
-        except (FileNotFoundError, ValueError) as exc:
-            box[0] = exc
-    torch.distributed.broadcast_object_list(box, src=0)
-    if isinstance(box[0], Exception):
-        raise raised_on_every_rank(box[0])
-    return box[0]
+    """The checkpoint's recipe with the requested runtime fields (declared in repro/config.py), except
+    those in `keep_saved` (how long to run, when the command line did not say: the run's own budget)."""
+    return merge_runtime(TrainConfig.from_dict(saved), requested, keep_saved)
 
 
 def read_on_main_rank(path: str, topo: Topology) -> dict:
@@ -85,50 +47,28 @@ def read_on_main_rank(path: str, topo: Topology) -> dict:
     return on_main_rank(lambda: read(path, "cpu"), topo)
 
 
-RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl")
-
-
-def prepare_run_dir(out: Path, resume: str | None) -> None:
-    """Create the run directory, refusing one that holds another run: a fresh run there would
-    overwrite its checkpoints and interleave its metrics."""
-    try:
-        held = [f for f in RUN_FILES if (out / f).exists()]
-        resumed_here = resume is not None and Path(resume_dir_of(resume)).resolve() == out.resolve()
-        if held and not resumed_here:
-            if held == ["metrics.jsonl"]:  # a run that ended before its first checkpoint: nothing to continue
-                kept = out / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-                (out / "metrics.jsonl").rename(kept)
-                print(f"--out {out} held the metrics of a run that saved no checkpoint: kept as {kept.name}",
-                      flush=True)
-            else:
-                how = (f"--resume {out} continues that run" if resume is None else
-                       f"resuming {resume} into it would overwrite them")
-                raise ValueError(f"--out {out} already holds a run ({', '.join(held)}): {how}; or choose another "
-                                 f"--out")
-    except OSError as exc:  # permissions: the same one line on every rank
-        raise ValueError(f"--out {out}: cannot use it as the run folder ({exc.strerror or exc}); pass another "
-                         f"--out") from None
-    make_out_dir(out)
-
-
-def resume_dir_of(path: str) -> str:
-    """The run directory of a --resume argument (a run directory, or a checkpoint file in one)."""
-    return path if Path(path).is_dir() else str(Path(path).parent)
+def resume_point_on_every_rank(path: str, topo: Topology) -> ResumePoint:
+    """The run state to continue from `path`; a checkpoint this launch cannot continue is the same
+    clear error on every rank."""
+    ckpt = read_on_main_rank(path, topo)
+    try:  # every rank has the checkpoint: all raise alike
+        return resume_point(ckpt, path, topo.replicas)
+    except ValueError as exc:
+        raise raised_on_every_rank(exc) from None
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, topo: Topology, resume: str | None = None,
                  keep_saved: tuple[str, ...] = (), check_recipe: Callable[[TrainConfig], None] | None = None):
         lrn_triton.check_choice()  # a bad REPRO_LRN_KERNEL fails in seconds, not after the data is read
-        ckpt = read_on_main_rank(resume, topo) if resume else None
+        ckpt = resume_point_on_every_rank(resume, topo) if resume else None
         if ckpt:
             try:  # every rank has the checkpoint: all raise alike
-                check_resumable(ckpt, resume, topo.replicas)
                 if check_recipe:
-                    check_recipe(TrainConfig.from_dict(ckpt["train_config"]))
+                    check_recipe(TrainConfig.from_dict(ckpt.train_config))
             except ValueError as exc:
                 raise raised_on_every_rank(exc) from None
-            cfg = resumed_config(cfg, ckpt["train_config"], keep_saved)
+            cfg = resumed_config(cfg, ckpt.train_config, keep_saved)
         self.topo, self.out = topo, Path(cfg.out)
         on_main_rank(lambda: prepare_run_dir(self.out, resume), topo)
         if topo.towers == 2 and cfg.model.towers != 2:  # before the data is read: fail in seconds, not minutes
@@ -144,7 +84,7 @@ class Trainer:
         self.stats = self._stats(ckpt)
         self.augment = Augment(cfg.data, self.stats, topo.device)
         torch.manual_seed(cfg.seed)  # the initial weights
-        self.replica = Replica(topo, cfg.model, ckpt["model"] if ckpt else None, cfg.channels_last,
+        self.replica = Replica(topo, cfg.model, ckpt.model if ckpt else None, cfg.channels_last,
                                cfg.compile_mode if cfg.compile else None)
         self.optimizer = paper_optimizer(self.replica.net, cfg.optim, compiled=cfg.compile)
         self.schedule = LRSchedule(cfg.optim)
@@ -156,7 +96,7 @@ class Trainer:
         if ckpt:
             self._restore(ckpt)
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.batch_size, topo.replicas)
-        self.stop_signal: int | None = None  # the signal that asked for a stop (None: none did)
+        self.stop = StopAgreement(topo, self.say)
         self.stopped_by_signal = False  # set on every rank when they stop for a SIGTERM or Ctrl-C
         self.nothing_to_train = False  # the run's budget was spent before this launch
         self.pin = topo.device.type == "cuda"
@@ -171,21 +111,21 @@ class Trainer:
 
     # --- setup ---------------------------------------------------------------------------------
 
-    def _fit_classes(self, cfg: TrainConfig, ckpt: dict | None) -> TrainConfig:
+    def _fit_classes(self, cfg: TrainConfig, ckpt: ResumePoint | None) -> TrainConfig:
         n = self.train_set.num_classes
         if n < 2:
             raise ValueError(f"{self.train_set.name} has {n} class ({', '.join(self.train_set.classes)}): a classifier "
                              f"needs at least two (for --dataset folder, one subfolder of images per class)")
-        if ckpt and ckpt.get("classes") and list(ckpt["classes"]) != list(self.train_set.classes):
+        if ckpt and ckpt.classes and list(ckpt.classes) != list(self.train_set.classes):
             raise ValueError(f"the checkpoint was trained on other classes than {self.train_set.name} "
-                             f"({len(ckpt['classes'])} vs {n}); resume with the same --data")
+                             f"({len(ckpt.classes)} vs {n}); resume with the same --data")
         if cfg.model.num_classes != n:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=n))
         return cfg
 
-    def _stats(self, ckpt: dict | None) -> Stats | None:
-        if ckpt and ckpt.get("stats"):
-            return Stats(**ckpt["stats"])
+    def _stats(self, ckpt: ResumePoint | None) -> Stats | None:
+        if ckpt and ckpt.stats:
+            return Stats(**ckpt.stats)
         d = self.cfg.data
         if d.mean == "none" and d.pca != "dataset":
             return None
@@ -207,19 +147,19 @@ class Trainer:
             torch.distributed.barrier()
         return stats
 
-    def _carried_counts(self, ckpt: dict | None) -> Counts | None:
+    def _carried_counts(self, ckpt: ResumePoint | None) -> Counts | None:
         """Training errors counted in the interrupted epoch before the checkpoint, kept on rank 0 (the
         epoch's counts are summed over all ranks), so a resumed epoch reports the whole epoch."""
-        if ckpt and ckpt.get("epoch_train_counts") and self.topo.is_main:
-            return Counts.from_list(ckpt["epoch_train_counts"])
+        if ckpt and ckpt.epoch_train_counts and self.topo.is_main:
+            return Counts.from_list(ckpt.epoch_train_counts)
         return None
 
-    def _restore(self, ckpt: dict) -> None:
+    def _restore(self, ckpt: ResumePoint) -> None:
         r = self.replica
-        self.optimizer.load_velocities(r.net.named_parameters(), r.local_from_grouped(ckpt["velocity"]))
-        self.schedule.load_state_dict(ckpt["schedule"])
-        self.progress = Progress(**ckpt["progress"])
-        self.best_top1 = ckpt.get("best_val_top1", math.inf)
+        self.optimizer.load_velocities(r.net.named_parameters(), r.local_from_grouped(ckpt.velocity))
+        self.schedule.load_state_dict(ckpt.schedule)
+        self.progress = Progress(**ckpt.progress)
+        self.best_top1 = ckpt.best_val_top1
         self.log.truncate_after(self.progress.global_step, self.progress.epoch)
         p = self.progress
         self.say(f"resumed in epoch {p.epoch + 1} after its step {p.step_in_epoch} (global step {p.global_step})")
@@ -240,41 +180,20 @@ class Trainer:
         velocity = r.grouped(self.optimizer.velocities(r.net.named_parameters()))
         if not self.topo.is_main:
             return
-        ckpt = dict(format="repro-checkpoint/1", model=model, velocity=velocity,
-                    model_config=self.cfg.model.to_dict(), train_config=self.cfg.to_dict(),
-                    schedule=self.schedule.state_dict(), progress=dataclasses.asdict(self.progress),
-                    best_val_top1=self.best_top1, classes=list(self.train_set.classes), epoch_train_counts=partial,
-                    stats=dataclasses.asdict(self.stats) if self.stats else None,
-                    topology=dict(towers=self.topo.towers, replicas=self.topo.replicas),
-                    torch_version=torch.__version__)
-        atomic_save(ckpt, self.out / name)
-        if also_best:
-            atomic_save(ckpt, self.out / "best.pt")
+        point = ResumePoint(train_config=self.cfg.to_dict(), model=model, velocity=velocity,
+                            schedule=self.schedule.state_dict(), progress=dataclasses.asdict(self.progress),
+                            best_val_top1=self.best_top1, classes=list(self.train_set.classes),
+                            stats=dataclasses.asdict(self.stats) if self.stats else None,
+                            epoch_train_counts=partial, replicas=self.topo.replicas)
+        write_training(point, [self.out / name] + ([self.out / "best.pt"] if also_best else []), self.topo.towers)
 
     # --- the loop ------------------------------------------------------------------------------
-
-    def _on_signal(self, signum, _frame) -> None:
-        """SIGTERM (a batch system's cancel) or a first Ctrl-C: stop at the next step boundary that all
-        ranks agree on, and save. A Ctrl-C after a stop request, or any signal after a Ctrl-C, stops at
-        once without saving: torchrun passes a terminal's second Ctrl-C on as SIGTERM. (SIGTERM twice,
-        as a batch system and torchrun may both send, still saves.)"""
-        if self.stop_signal is not None and signal.SIGINT in (self.stop_signal, signum):
-            raise KeyboardInterrupt
-        if self.stop_signal is None:
-            self.stop_signal = signum
-        if signum == signal.SIGINT:
-            self.say("Ctrl-C: stopping at the next step all ranks agree on, and saving latest.pt (Ctrl-C again: "
-                     "stop now, unsaved)")
 
     def _should_stop(self) -> bool:
         every = self.cfg.stop_check_every or (20 if self.topo.device.type == "cuda" else 1)
         if self.progress.global_step % every:
             return False
-        return self._signal_pending()
-
-    def _signal_pending(self) -> bool:
-        """Collective: whether any rank was asked to stop (so that all ranks agree)."""
-        return all_reduce_sum([float(self.stop_signal is not None)], self.topo)[0] > 0
+        return self.stop.agree().signalled
 
     def _budget_left(self) -> bool:
         return self.cfg.max_steps is None or self.progress.global_step < self.cfg.max_steps
@@ -295,22 +214,19 @@ class Trainer:
                      f"(--epochs {self.cfg.epochs}; milestone m divides the rate from 0-based epoch m): the rate "
                      f"is not divided there; " + ("more --epochs reach them" if self.resumed_from else
                                                     "pass --milestones within the run, or more --epochs"))
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         advice = ("" if self.cfg.amp == "bf16" else "pass --amp bf16, or ") + "start a new run with a smaller --batch-size"
-        try:  # once around the loop, not per step; validation names its own flag (validate)
-            with out_of_memory_advice(f"in a training step of {self.cfg.batch_size} images per pair", advice):
-                while self.progress.epoch < self.cfg.epochs and self._budget_left():
-                    if not self._train_epoch():
-                        return
-                    self._end_epoch()
+        # once around the loop, not per step; validation names its own flag (validate)
+        with self.stop.listening(), out_of_memory_advice(
+                f"in a training step of {self.cfg.batch_size} images per pair", advice):
+            while self.progress.epoch < self.cfg.epochs and self._budget_left():
+                if not self._train_epoch():
+                    return
+                self._end_epoch()
             # A signal after the last stop check (the last epoch's validation, the last steps between
             # checks): latest.pt is saved already, and a preempted job ends without the closing evaluation.
-            if self._signal_pending():
+            if self.stop.agree().signalled:
                 self.say("SIGTERM or Ctrl-C after the last step: latest.pt holds the run; stopping")
                 self.stopped_by_signal = True
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def _train_epoch(self) -> bool:
         """One epoch from the saved position; False if the run stopped inside it."""
@@ -391,17 +307,25 @@ class Trainer:
             total = min(total, self.cfg.max_steps)
         eta = (total - p.global_step) * self.cfg.batch_size * self.topo.replicas / rate
         self.log.write(kind="speed", step=p.global_step, img_per_s=rate)
-        self.say(f"epoch {p.epoch + 1}/{self.cfg.epochs} step {p.step_in_epoch}/{self.steps_per_epoch} "
-                 f"loss {values[-1]:.4f} lr {self.optimizer.base_lr:.2e} {rate:.1f} img/s ETA {format_eta(eta)}")
+        self.say(f"{self._position(total)} loss {values[-1]:.4f} lr {self.optimizer.base_lr:.2e} {rate:.1f} img/s "
+                 f"ETA {format_eta(eta)}")
         return now
+
+    def _position(self, total: int) -> str:
+        """Where the run is, against the budget it runs: "step 10/60" for a step budget that ends before
+        the epochs do (the CPU budget), else "epoch 1/90 step 10/937"."""
+        p = self.progress
+        if total < self.steps_per_epoch * self.cfg.epochs:
+            return f"step {p.global_step}/{total}" + (f" (epoch {p.epoch + 1})" if p.epoch else "")
+        return f"epoch {p.epoch + 1}/{self.cfg.epochs} step {p.step_in_epoch}/{self.steps_per_epoch}"
 
     def _stop_if_diverged(self, bad_step: int | None) -> None:
         """Raise on every rank if rank 0 saw a loss that is NaN or infinite, before anything is saved:
         latest.pt and best.pt keep the last state that trained, and a run does not go on for days
         on NaN weights."""
-        bad = all_reduce_sum([float(bad_step or 0)], self.topo)[0]
+        bad = self.stop.agree(bad_loss_step=bad_step).bad_loss_step
         if bad:
-            raise self._diverged(f"the loss is not finite from step {int(bad)}")
+            raise self._diverged(f"the loss is not finite from step {bad}")
 
     def _diverged(self, what: str) -> RunDiverged:
         saved = (f"{self.out / 'latest.pt'} holds step {self.saved_step}" if self.saved_step is not None
@@ -417,7 +341,7 @@ class Trainer:
         it) was finite, so a checkpoint checks the weights themselves."""
         params = list(self.replica.net.parameters())
         finite = bool(torch.stack([p.detach().isfinite().all() for p in params]).all()) if params else True
-        if all_reduce_sum([0.0 if finite else 1.0], self.topo)[0]:
+        if self.stop.agree(bad_weights=not finite).bad_weights:
             raise self._diverged(f"the weights after step {self.progress.global_step} are not finite")
 
     def _end_epoch(self) -> None:
@@ -465,18 +389,11 @@ def train(cfg: TrainConfig, resume: str | None = None, keep_saved: tuple[str, ..
     """Run (or resume) training, then the closing evaluation; returns its counts by crops. On resume,
     the fields named in `keep_saved` (e.g. "epochs", "max_steps") keep the checkpoint's values, and
     `check_recipe` (if given) sees the checkpoint's config first and may refuse it with a ValueError."""
-    topo = init_topology(cfg.device, cfg.backend)
+    topo = init_topology(cfg.device, cfg.backend, cfg.comm_timeout)
     try:
-        new_folder = False  # unknown (say, an unsearchable parent): prepare_run_dir gives the clear error
-        with contextlib.suppress(OSError):
-            new_folder = not Path(cfg.out).exists()
-        try:
+        resume = restart_resume(cfg.out, resume, topo)
+        with removed_if_setup_fails(cfg.out, topo):
             trainer = Trainer(cfg, topo, resume, keep_saved, check_recipe)
-        except Exception:
-            if new_folder and topo.is_main:  # a launch that failed in setup leaves no empty run folder behind
-                with contextlib.suppress(OSError):
-                    Path(cfg.out).rmdir()  # only if still empty
-            raise
         origin = getattr(trainer.train_set, "origin", None) or trainer.cfg.data.root
         trainer.say(f"{trainer.cfg.data.dataset} (from {origin}): {len(trainer.train_set)} training images, "
                     f"{trainer.steps_per_epoch} steps per epoch; {topo.replicas} replica(s) of "

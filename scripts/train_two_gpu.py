@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from repro.cli import default_workers, raised_on_every_rank, run  # noqa: E402
 from repro.config import (  # noqa: E402
     COMPILE_MODES, MODEL_VARIANTS, DataConfig, ModelConfig, OptimConfig, TrainConfig, apply_variant)
+from repro.settings import add_declared_flags, apply_declared_flags, recipe_flag_settings, runtime_fields  # noqa: E402
 
 CPU_BUDGET = dict(max_steps=60, batch_size=64, val_images=300, stats_images=10000)
 
@@ -77,12 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--final-crops", type=int, nargs="*", default=[1, 10], help="closing table protocols: 1 and/or 10")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--backend", default="auto", choices=["auto", "nccl", "gloo"])
+    a("--comm-timeout", type=float, default=600.0, help="seconds the process group's start and each collective "
+      "wait for a peer before failing with an error (a dead or missing process)")
     a("--amp", default="none", choices=["none", "bf16"])
     a("--channels-last", action="store_true")
     a("--compile", action="store_true", help="torch.compile each tower stage (or the grouped network) and the "
       "optimiser's update")
     a("--compile-mode", default=None, choices=COMPILE_MODES,
       help="torch.compile's mode (implies --compile); reduce-overhead and max-autotune use CUDA graphs")
+    add_declared_flags(p, TrainConfig)  # the flags declared on config fields (repro/settings.py)
     return p
 
 
@@ -90,11 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-# What a resumed run may change: where the data is and how it is read, how long and on what to run, what
-# to log and report. Every other flag is the run's recipe, which comes from the checkpoint.
-RESUME_FLAGS = {"resume", "data", "devkit", "val_solution", "workers", "decode", "epochs", "max_steps", "out",
-                "log_every", "eval_batch_size", "final_crops", "device", "backend", "amp", "channels_last",
-                "compile", "compile_mode"}
+# What a resumed run may change: the runtime settings declared in repro/config.py (--data sets the data's
+# root). Every other flag is the run's recipe, which comes from the checkpoint.
+RESUME_FLAGS = ({"resume", "data"} | set(runtime_fields(TrainConfig)) | set(runtime_fields(DataConfig))) & set(
+    vars(build_parser().parse_args([])))  # those with a flag
 
 
 def _network_core(model: ModelConfig) -> ModelConfig:
@@ -116,6 +119,7 @@ RECIPE_SETTINGS: dict[str, Callable[[TrainConfig], object]] = {
     "dropout_scaling": lambda c: c.model.dropout_scaling, "pca": lambda c: c.data.pca,
     "pca_scale": lambda c: c.data.pca_scale, "no_flip": lambda c: not c.data.flip,
     "val_images": lambda c: c.data.val_images, "stats_images": lambda c: c.data.stats_images,
+    **recipe_flag_settings(TrainConfig),  # the flags declared on config fields
 }
 
 
@@ -186,7 +190,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                       stats_images=pick(args.stats_images, "stats_images", None, no_gpu),
                       workers=args.workers, decode=args.decode, devkit=args.devkit,
                       val_solution=args.val_solution)
-    from repro.train import resume_dir_of
+    from repro.run_folder import resume_dir_of
 
     out = args.out or (resume_dir_of(args.resume) if args.resume else
                        os.path.join("runs", f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"))
@@ -210,10 +214,10 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                       batch_size=batch_size, seed=args.seed,
                       max_steps=pick(args.max_steps, "max_steps", None), out=out, log_every=args.log_every,
                       eval_batch_size=args.eval_batch_size, final_crops=tuple(args.final_crops),
-                      device=args.device, backend=args.backend, amp=args.amp,
+                      device=args.device, backend=args.backend, amp=args.amp, comm_timeout=args.comm_timeout,
                       channels_last=args.channels_last, compile=args.compile or args.compile_mode is not None,
                       compile_mode=args.compile_mode or "default")
-    return _with_preset(cfg, args)
+    return apply_declared_flags(_with_preset(cfg, args), args)  # a declared flag given wins over the preset
 
 
 # Flags that also set a field of a preset (apply_variant): given with a value other than their default, the
@@ -246,7 +250,8 @@ def main(argv=None) -> int:
             cfg = build_config(args)
         except ValueError as exc:  # from the flags alone: every rank of the launch raises it
             raise raised_on_every_rank(exc) from None
-        check = (lambda saved: check_resume_flags(cfg, saved, given)) if args.resume else None
+        # a --resume, or torchelastic's restart of this same command line, compares its flags with the run's
+        check = lambda saved: check_resume_flags(cfg, saved, given)  # noqa: E731
         return train(cfg, resume=args.resume, keep_saved=keep_saved, check_recipe=check)
 
     return run(work, interrupted="interrupted: stopped without saving (any latest.pt written before is intact)")

@@ -25,7 +25,7 @@ def test_a_crash_while_writing_keeps_the_last_good_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ck.atomic_save({"format": ck.FORMAT, "value": 2}, path)
     monkeypatch.setattr(torch, "save", real_save)
-    assert torch.load(path, weights_only=False)["value"] == 1
+    assert ck.safe_load(path)["value"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]  # no temporary left behind
 
 
@@ -108,7 +108,7 @@ def test_metrics_log_resume_drops_what_the_checkpoint_does_not_hold(tmp_path):
 
 
 def test_resume_checks(tmp_path):
-    from repro.train import check_resumable
+    from repro.checkpoint import check_resumable
 
     ckpt = {"train_config": {"x": 1}, "velocity": {"w": 1}, "schedule": {"drops": 0},
             "progress": {"epoch": 2, "step_in_epoch": 5, "global_step": 25}, "topology": {"towers": 2, "replicas": 2}}
@@ -118,3 +118,54 @@ def test_resume_checks(tmp_path):
     check_resumable({**ckpt, "progress": {"epoch": 3, "step_in_epoch": 0, "global_step": 30}}, "r", replicas=1)
     with pytest.raises(ValueError, match="not a training checkpoint .*velocity"):
         check_resumable({k: v for k, v in ckpt.items() if k != "velocity"}, "w.pt", replicas=2)
+
+
+class _Payload:
+    """Unpickling this calls open(marker, "w"): a stand-in for a shell command in a shared .pt file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": ck.FORMAT, "model": {}, "payload": _Payload(marker)}, path)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match=r"evil.pt was refused.*Nothing from it was executed.*"
+                                         r"python -m repro.checkpoint upgrade .*evil.pt NEW.pt"):
+        ck.read(path)
+    with pytest.raises(ValueError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_the_earlier_writer_still_loads(tmp_path):
+    # Before weights_only loading, checkpoints stored torch.__version__ itself (a TorchVersion object).
+    grouped = AlexNet(config=CFG)
+    old = dict(format="repro-checkpoint/1", model=grouped.state_dict(), model_config=CFG.to_dict(),
+               torch_version=torch.__version__)
+    torch.save(old, tmp_path / "old.pt")
+    assert type(torch.load(tmp_path / "old.pt", weights_only=False)["torch_version"]) is not str
+    model = load_checkpoint(tmp_path / "old.pt")
+    assert torch.equal(model.fc8.weight, grouped.fc8.weight)
+
+
+def test_upgrade_converts_a_trusted_file_that_holds_objects(tmp_path, capsys):
+    from repro.data.augment import Stats
+
+    grouped = AlexNet(config=CFG)
+    stats = Stats(mean_image=torch.rand(4, 4, 3), eigvals=torch.rand(3), eigvecs=torch.rand(3, 3), images=7)
+    torch.save(dict(format=ck.FORMAT, model=grouped.state_dict(), model_config=CFG.to_dict(), stats=stats),
+               tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="refused.*Stats"):
+        ck.read(tmp_path / "old.pt")
+    assert ck._main(["upgrade", str(tmp_path / "old.pt"), str(tmp_path / "new.pt")]) == 0
+    assert "only for a file you trust" in capsys.readouterr().out
+    new = ck.read(tmp_path / "new.pt")
+    assert new["stats"]["images"] == 7 and torch.equal(new["stats"]["eigvecs"], stats.eigvecs)
+    assert torch.equal(ck.load_model(tmp_path / "new.pt").fc8.weight, grouped.fc8.weight)
+    assert ck._main(["upgrade", str(tmp_path / "old.pt")]) == 2

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from repro.checkpoint import read
 from repro.config import DataConfig, ModelConfig, TrainConfig
 from repro.eval_job import EvalOptions, load_member, run_evaluation
 from scripts.evaluate import main as evaluate_main
@@ -211,7 +212,7 @@ def test_figure_4_names_the_images_it_shows_when_one_is_unreadable(trees, checkp
     run_evaluation(EvalOptions(checkpoints=checkpoints[:1], dataset="imagenet", data=str(root), crops=(1,),
                                workers=0, out=str(tmp_path / "f"), device="cpu", neighbours=3))
     doc = json.loads((tmp_path / "f" / "fc7_neighbours.json").read_text())
-    split = imagenet_val(root, torch.load(checkpoints[0], weights_only=False)["classes"], 76)
+    split = imagenet_val(root, read(checkpoints[0])["classes"], 76)
     broken = next(i for i, f in enumerate(split.files) if f.endswith(val_name(1)))
     named = doc["queries"] + [i for row in doc["neighbours"] for i in row]
     assert broken not in named
@@ -220,7 +221,7 @@ def test_figure_4_names_the_images_it_shows_when_one_is_unreadable(trees, checkp
 
 
 def test_weights_that_do_not_fit_the_checkpoint_config_are_a_clear_error(checkpoints, tmp_path, capsys):
-    ckpt = torch.load(checkpoints[0], weights_only=False)
+    ckpt = read(checkpoints[0])
     ckpt["model_config"]["num_classes"] = 5
     torch.save(ckpt, tmp_path / "bad.pt")
     code = evaluate_main(["--checkpoint", str(tmp_path / "bad.pt"), "--device", "cpu", "--workers", "0"])

@@ -115,3 +115,30 @@ def test_without_a_gpu_the_budget_and_the_evaluation_size_default_separately(cap
     assert "the paper's batch of 128 images per step (--batch-size to choose" in out  # the --max-steps 5 run's
     build_config(parse_args(["--device", "cpu", "--batch-size", "4", "--out", "unused"]))
     assert "(60 steps of 4 images;" in capsys.readouterr().out  # the budget's steps, the given batch
+
+
+def test_flags_declared_on_config_fields_reach_the_config_and_win_over_the_preset():
+    import pytest
+
+    from scripts.train_two_gpu import RECIPE_SETTINGS, RESUME_FLAGS, build_config, check_resume_flags, parse_args
+
+    base = ["--max-steps", "1", "--out", "unused", "--comm-timeout", "30"]
+    cfg = build_config(parse_args(base + ["--conv1-ceil", "--relu1-after-pool", "--same-map-norm2",
+                                          "--init-std-conv3-5", "0.03", "--bias-lr-fixed", "--pca-off-epoch", "5",
+                                          "--pca-rescale", "--mean-crop", "centre", "--crop-chunk", "8",
+                                          "--layer-lr-change", "conv1", "6", "1e-5", "0.02",
+                                          "--layer-lr-change", "conv2", "7", "0", "0"]))
+    m, o, d = cfg.model, cfg.optim, cfg.data
+    assert (m.conv1_ceil, m.relu1_after_pool, m.same_map_norm2, m.init_std_conv3_5) == (True, True, True, 0.03)
+    assert o.bias_lr_fixed and o.layer_lr_changes == (("conv1", 6, 1e-5, 0.02), ("conv2", 7, 0.0, 0.0))
+    assert (d.pca_off_epoch, d.pca_rescale, d.mean_crop, d.crop_chunk, cfg.comm_timeout) == (5, True, "centre", 8, 30)
+    plain = build_config(parse_args(base))
+    assert (plain.model.conv1_ceil, plain.data.crop_chunk, plain.optim.layer_lr_changes) == (False, 1, ())
+    preset = build_config(parse_args(base + ["--variant", "cuda-convnet-2012", "--crop-chunk", "4"]))
+    assert preset.data.crop_chunk == 4 and preset.data.mean_crop == "centre"  # the flag wins; the rest is the preset's
+    # recipe or runtime, as declared: a declared recipe flag that differs on --resume is refused
+    assert "comm_timeout" in RESUME_FLAGS and "crop_chunk" in RECIPE_SETTINGS
+    with pytest.raises(ValueError, match="--crop-chunk 4 with --resume: the checkpoint's run has --crop-chunk 32"):
+        check_resume_flags(preset, build_config(parse_args(base + ["--variant", "cuda-convnet-2012"])), {"crop_chunk"})
+    with pytest.raises(ValueError, match="--layer-lr-change takes LAYER EPOCH W B"):
+        build_config(parse_args(base + ["--layer-lr-change", "conv1", "six", "0", "0"]))

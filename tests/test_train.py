@@ -186,6 +186,9 @@ def test_grouped_form_in_one_process_and_final_table(tmp_path, data_root, capsys
     assert results[1].images == results[10].images == 30
     out = capsys.readouterr().out
     assert "NOT comparable" in out and "10 patches" in out
+    # the progress line names the budget it runs: 5 steps, not the 3 epochs of 4 steps it cuts short
+    lines = [line.split(" loss ")[0] for line in out.splitlines() if " loss " in line and " img/s" in line]
+    assert lines == ["step 2/5", "step 4/5", "step 5/5 (epoch 2)"], out
     for name in ("results.md", "results.json", "results.csv", "learning_curves.png", "best.pt"):
         assert (tmp_path / "g" / name).exists(), name
     # A requeue of the finished run: nothing to train, and this step's table is there already.
@@ -448,7 +451,7 @@ def test_a_single_class_is_a_clear_error(tmp_path):
 def test_a_folder_whose_run_saved_no_checkpoint_is_reused_keeping_its_log(tmp_path):
     """A run that diverged or was killed before its first checkpoint leaves only metrics.jsonl: a new
     run may use the folder (nothing there to resume), and the old log is kept under a dated name."""
-    from repro.train import prepare_run_dir
+    from repro.run_folder import prepare_run_dir
 
     (tmp_path / "metrics.jsonl").write_text('{"kind": "step"}\n')
     prepare_run_dir(tmp_path, None)
@@ -463,21 +466,19 @@ def test_a_folder_whose_run_saved_no_checkpoint_is_reused_keeping_its_log(tmp_pa
 def test_any_signal_after_a_ctrl_c_stops_at_once_but_sigterm_twice_still_saves():
     """torchrun passes a terminal's second Ctrl-C to the workers as SIGTERM; a batch system and
     torchrun may both send SIGTERM."""
-    from types import SimpleNamespace
-
-    from repro.train import Trainer
+    from repro.stop import StopAgreement
 
     def trainer():
-        return SimpleNamespace(stop_signal=None, say=lambda _m: None)
+        return StopAgreement(topo=None, say=lambda _m: None)
 
     t = trainer()
-    Trainer._on_signal(t, signal.SIGINT, None)
-    assert t.stop_signal is not None  # a stop is requested
+    t.on_signal(signal.SIGINT, None)
+    assert t.signal is not None  # a stop is requested
     with pytest.raises(KeyboardInterrupt):
-        Trainer._on_signal(t, signal.SIGTERM, None)
+        t.on_signal(signal.SIGTERM, None)
     t = trainer()
-    Trainer._on_signal(t, signal.SIGTERM, None)
-    Trainer._on_signal(t, signal.SIGTERM, None)
-    assert t.stop_signal is not None  # a stop is requested
+    t.on_signal(signal.SIGTERM, None)
+    t.on_signal(signal.SIGTERM, None)
+    assert t.signal is not None  # a stop is requested
     with pytest.raises(KeyboardInterrupt):  # a Ctrl-C after a batch system's SIGTERM: now
-        Trainer._on_signal(t, signal.SIGINT, None)
+        t.on_signal(signal.SIGINT, None)
