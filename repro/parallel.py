@@ -75,7 +75,7 @@ class Replica:
         """Forward and loss for pairs whose batches may differ in size (unreadable images dropped).
 
         The loss is this pair's summed cross-entropy x replicas / all pairs' images, so that DDP's
-        average of the pairs' gradients is the mean over the union batch (SPEC section 4), as with
+        average of the pairs' gradients is the mean over the union batch (the paper's gradient is the batch mean, §5), as with
         equal batches. A pair left with no image runs one placeholder at weight 0, so that it still
         joins the exchanges and the gradient all-reduce that the other pairs wait in. Returns (the
         loss to differentiate, the output rows of the real images, this pair's mean loss for the log)."""
