@@ -40,6 +40,7 @@ class EvalOptions:
     data: str | None = None
     devkit: str | None = None
     val_solution: str | None = None
+    val_split: str | None = None  # --dataset folder: the held-out folder (default: val/, else test/)
     crops: tuple[int, ...] = (1, 10)
     batch_size: int = 128
     max_images: int | None = None  # an evenly spaced subset (quick looks); None: every image
@@ -122,7 +123,7 @@ def _check_ensemble(members: list[Member]) -> None:
 def _split(opts: EvalOptions, first: Member):
     data = first.train.data
     over = {k: v for k, v in dict(dataset=opts.dataset, root=opts.data, devkit=opts.devkit,
-                                  val_solution=opts.val_solution).items() if v is not None}
+                                  val_solution=opts.val_solution, val_split=opts.val_split).items() if v is not None}
     if opts.dataset and opts.dataset != data.dataset and "root" not in over:
         over["root"] = None  # another dataset: the training run's folder does not apply
     return open_eval_split(dataclasses.replace(data, **over), first.classes), over.get("dataset", data.dataset)

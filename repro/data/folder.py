@@ -143,7 +143,7 @@ def class_folders(root: str | Path) -> list[str]:
 
 
 def _image_files(folder: str, outside: set[str] = frozenset()) -> list[str]:
-    """Image files under folder, recursively, in sorted path order. Hidden files are left out:
+    """Image files under folder, recursively: a folder's files (sorted), then its subfolders' (sorted). Hidden files are left out:
     macOS "._name.JPEG" companions carry the image extension but no image. Folders whose real path
     is in `outside` (the tree's root, the other classes) are not entered through a symbolic link."""
     found, seen = [], set(outside)
