@@ -117,3 +117,21 @@ def test_unreadable_files_are_named_across_workers_and_listed(tmp_path):
     assert set(listed) == expected and "not found" not in listed[str(tmp_path / "d" / "b" / "3.jpg")]
     assert SkippedFiles.load(tmp_path / "run").items == found.items and found.gather() is found
     assert SkippedFiles().write(tmp_path / "none", "x") is None and not (tmp_path / "none").exists()
+
+
+def test_skipped_lists_of_all_ranks_merge_through_a_process_group(tmp_path):
+    import torch.distributed as dist
+
+    from repro.data.skipped import SkippedFiles, gather_and_write, read_skipped
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mine = SkippedFiles()
+        mine.extend([("/d/a/1.jpg", "empty"), ("/d/b/2.jpg", "truncated"), ("/d/a/1.jpg", "again")])
+        said = []
+        merged = gather_and_write(mine, tmp_path / "run", "epoch 3", True, said.append)
+    finally:
+        dist.destroy_process_group()
+    assert merged is not mine and merged.items == {"/d/a/1.jpg": "empty", "/d/b/2.jpg": "truncated"}
+    assert read_skipped(tmp_path / "run" / "skipped.txt") == [("/d/a/1.jpg", "empty"), ("/d/b/2.jpg", "truncated")]
+    assert said == [f"epoch 3: skipped 2 unreadable files, listed in {tmp_path / 'run' / 'skipped.txt'}"]

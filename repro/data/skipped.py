@@ -86,3 +86,16 @@ def read_skipped(path: str | Path) -> list[tuple[str, str]]:
     """The (path, reason) pairs of a skipped.txt."""
     pairs = [line.split("\t", 1) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
     return [(p[0], p[1] if len(p) > 1 else "") for p in pairs]
+
+
+def gather_and_write(skipped: SkippedFiles, folder: str | Path, what: str, is_main: bool,
+                     log=print, group=None) -> SkippedFiles:
+    """At the end of an epoch (or run, or pass): every rank calls this (a collective when a process
+    group is up); rank 0 (`is_main`) writes the merged list to folder/skipped.txt and logs one line.
+    Returns the merged list, the same on every rank."""
+    merged = skipped.gather(group)
+    if is_main:
+        line = merged.write(folder, what)
+        if line:
+            log(line)
+    return merged
