@@ -44,6 +44,9 @@ HELD_OUT_NAMES = ("val", "test")  # looked for in this order when --val-split is
 def held_out_name(root: str | Path, val_split: str | None = None) -> str:
     """The held-out split's folder name under root: `val_split` if given (it must exist), else val/
     if present, else test/ (CIFAR-style trees ship train/ and test/)."""
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"--data {root} does not exist or is not a folder; pass the folder that holds "
+                                f"train/ and val/ (or test/)")
     if val_split is not None:
         if not val_split or Path(val_split).name != val_split or val_split in (".", ".."):
             raise ValueError(f"--val-split {val_split!r}: give the name of a folder directly under --data")
