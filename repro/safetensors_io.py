@@ -38,10 +38,13 @@ def export_safetensors(checkpoint: str | os.PathLike, out: str | os.PathLike) ->
     if not is_safetensors(out):
         raise ValueError(f"--out {out}: name the file *{SUFFIX}")
     # save_file writes a path, so write beside and rename: a crash leaves no half file under `out`
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    atomic_write(out, lambda f: f.write(tmp.read_bytes()))
-    tmp.unlink()
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        atomic_write(out, lambda f: f.write(tmp.read_bytes()))
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

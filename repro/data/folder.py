@@ -6,7 +6,8 @@ The paper's only fixed preprocessing: "rescaled the image such that the shorter 
 ImageFolder-style tree root/<class>/<image files>.
 
 A file that cannot be decoded never stops a pass over the data: `FolderSource[i]` returns
-`(None, label)` and records the file in `skipped`, so that callers drop it and report how many.
+`(None, label)` and records (path, reason) in `skipped`; the loader's batches carry those pairs, so that
+callers drop the file and name it (repro.data.skipped writes them to skipped.txt).
 """
 
 from __future__ import annotations
