@@ -10,7 +10,12 @@ __version__ = "0.1.0"
 
 def load_checkpoint(path, map_location="cpu"):
     """The trained network of a checkpoint (either form's) as a grouped `repro.AlexNet` in eval mode,
-    on the device map_location names ("cpu", "cuda", "cuda:1", ...)."""
+    on the device map_location names ("cpu", "cuda", "cuda:1", ...). A `.safetensors` file is read as
+    scripts/export_safetensors.py wrote it (repro.safetensors_io)."""
+    if str(path).endswith(".safetensors"):
+        from repro.safetensors_io import load_safetensors
+
+        return load_safetensors(path, map_location=map_location)
     from repro.checkpoint import load_model
 
     return load_model(path, map_location=map_location)

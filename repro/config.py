@@ -271,6 +271,8 @@ class DataConfig:
 
     dataset: str = "fashion-mnist"  # "fashion-mnist", "imagenet" or "folder" (root/train/<class>/, root/val/<class>/)
     root: str | None = field(default=None, metadata=runtime())  # --data DIR
+    # The held-out split's folder under root (--val-split): None takes val/ if present, else test/.
+    val_split: str | None = field(default=None, metadata=runtime())
     base_size: int = 256  # shorter side rescaled to 256, central 256x256 patch kept
     crop_size: int = 227  # random crops of the 256x256 image (paper: 224, see ModelConfig.image_size)
     flip: bool = True  # horizontal reflections

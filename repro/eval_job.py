@@ -16,6 +16,7 @@ from repro.config import TrainConfig, variant_name
 from repro.data.augment import Augment
 from repro.data.datasets import open_eval_split
 from repro.data.loader import eval_indices, evenly_spaced, iterate
+from repro.data.skipped import SKIPPED_FILE, SkippedFiles
 from repro.evaluate import EvalSpec, evaluate
 from repro.model.grouped import AlexNet
 from repro.model.two_tower import TwoTowerAlexNet
@@ -40,6 +41,7 @@ class EvalOptions:
     data: str | None = None
     devkit: str | None = None
     val_solution: str | None = None
+    val_split: str | None = None  # --dataset folder: the held-out folder (default: val/, else test/)
     crops: tuple[int, ...] = (1, 10)
     batch_size: int = 128
     max_images: int | None = None  # an evenly spaced subset (quick looks); None: every image
@@ -122,7 +124,7 @@ def _check_ensemble(members: list[Member]) -> None:
 def _split(opts: EvalOptions, first: Member):
     data = first.train.data
     over = {k: v for k, v in dict(dataset=opts.dataset, root=opts.data, devkit=opts.devkit,
-                                  val_solution=opts.val_solution).items() if v is not None}
+                                  val_solution=opts.val_solution, val_split=opts.val_split).items() if v is not None}
     if opts.dataset and opts.dataset != data.dataset and "root" not in over:
         over["root"] = None  # another dataset: the training run's folder does not apply
     return open_eval_split(dataclasses.replace(data, **over), first.classes), over.get("dataset", data.dataset)
@@ -141,13 +143,18 @@ def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
     _say_if_replacing(out / "evaluation.json", run)
     idx = eval_indices(len(split), 1, 0, opts.max_images)
     batch = max(1, min(opts.batch_size, len(idx)))  # a batch larger than the images only costs memory
+    unreadable = SkippedFiles()
+    (out / SKIPPED_FILE).unlink(missing_ok=True)  # a list from an earlier evaluation here would mislead
     spec = EvalSpec(crops=opts.crops, batch_size=batch, amp=opts.amp, workers=opts.workers,
-                    pin=device.type == "cuda", decode_device=device)
+                    pin=device.type == "cuda", decode_device=device, skipped=unreadable)
     start = time.perf_counter()
     with out_of_memory_advice(f"scoring {batch} images x {max(opts.crops)} patch(es) through {len(members)} "
                               f"network(s) per step", "pass a smaller --batch-size"):
         results = evaluate([m.model for m in members], split, idx, [m.augment for m in members], spec)
     seconds = time.perf_counter() - start
+    line = unreadable.write(out, f"evaluation of {split.name}")
+    if line:
+        print(line, flush=True)
     scored = next(iter(results.values()))
     if scored.images == 0:
         raise ValueError(f"no image of {split.name} was scored ({len(idx)} selected, {scored.skipped} unreadable): "

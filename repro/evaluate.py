@@ -12,6 +12,7 @@ from torch import Tensor
 
 from repro.data.augment import TEN_CROP_CENTRE, Augment
 from repro.data.loader import chunks, iterate
+from repro.data.skipped import SkippedFiles
 
 
 def batch_sums(probs: Tensor, labels: Tensor) -> Tensor:
@@ -112,6 +113,7 @@ class EvalSpec:
     pin: bool = False
     decode_device: torch.device | None = None  # decode stored JPEGs on this GPU
     progress: Callable[[int, int], None] | None = field(default=None, repr=False)
+    skipped: SkippedFiles | None = field(default=None, repr=False)  # collects the unreadable files by name
 
 
 @torch.no_grad()
@@ -131,6 +133,8 @@ def evaluate(forwards: Sequence[Callable[[Tensor], Tensor]], source, indices: Te
     batches = chunks(indices, spec.batch_size)
     for i, batch in enumerate(iterate(source, batches, spec.workers, spec.pin, spec.decode_device)):
         skipped += batch.skipped
+        if spec.skipped is not None:
+            spec.skipped.add(batch)
         if len(batch.labels) == 0:
             continue
         prepared: dict[int, Tensor] = {}  # models that share preprocessing share the input

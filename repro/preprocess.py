@@ -62,6 +62,9 @@ def checkpoint_augment(ckpt: dict, device: str | torch.device = "cpu") -> Augmen
 
 def load_preprocessing(path: str | os.PathLike, device: str | torch.device = "cpu") -> Preprocessing:
     """The preprocessing a training checkpoint's network was trained for (its mean image and sizes)."""
+    if str(path).endswith(".safetensors"):
+        raise ValueError(f"{path} holds exported weights only: the preprocessing (the training set's mean image) "
+                         f"is in the training run's latest.pt or best.pt; pass that here")
     ckpt = read(path)
     if not ckpt.get("train_config"):
         raise ValueError(f"{path} holds weights only: the preprocessing (the training set's mean image) is in a "

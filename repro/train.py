@@ -21,6 +21,7 @@ from repro.config import TrainConfig
 from repro.data.augment import Augment, Stats, draw_params, step_generator
 from repro.data.datasets import open_splits
 from repro.data.loader import eval_indices, iterate, steps_per_epoch, train_batches
+from repro.data.skipped import SkippedFiles, gather_and_write
 from repro.data.stats import cached_stats, default_cache_dirs
 from repro.dist import Topology, all_reduce_sum, init_topology, shutdown
 from repro.evaluate import Counts, EvalSpec, RunningCounts, autocast, evaluate
@@ -82,6 +83,8 @@ class Trainer:
         # stored JPEGs decode on this GPU, or (None) in the loader's CPU workers
         self.decode_device = topo.device if cfg.data.decode == "gpu" else None
         self.stats = self._stats(ckpt)
+        # unreadable files by name, added to the run folder's skipped.txt (the statistics pass's first)
+        self.unreadable = SkippedFiles.load(self.out) if topo.is_main else SkippedFiles()
         self.augment = Augment(cfg.data, self.stats, topo.device)
         torch.manual_seed(cfg.seed)  # the initial weights
         self.replica = Replica(topo, cfg.model, ckpt.model if ckpt else None, cfg.channels_last,
@@ -133,16 +136,15 @@ class Trainer:
         if d.stats_images and d.stats_images < len(idx):
             idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(self.cfg.seed))[:d.stats_images]]
 
-        def batches():
-            return (b.images for b in iterate(self.train_set, idx.split(100), d.workers, decode_device=self.decode_device)
-                    if len(b.labels))
+        def batches():  # loader batches: cached_stats names their unreadable files in the run folder
+            return iterate(self.train_set, idx.split(100), d.workers, decode_device=self.decode_device)
 
         dirs = default_cache_dirs(d.root, self.out)
         say = self.say if self.topo.is_main else (lambda _msg: None)
         if not self.topo.is_main and self.topo.backend:
             torch.distributed.barrier()  # rank 0 computes and caches first; the others then load
         stats = cached_stats(self.train_set, d.base_size, batches, dirs, d.stats_images, say, self.topo.device,
-                             subset_seed=self.cfg.seed)
+                             subset_seed=self.cfg.seed, skipped_to=self.out if self.topo.is_main else None)
         if self.topo.is_main and self.topo.backend:
             torch.distributed.barrier()
         return stats
@@ -243,6 +245,7 @@ class Trainer:
                                  step_generator(cfg.seed, p.epoch, p.step_in_epoch, topo.replica), p.epoch)
             if topo.holds_logits:  # one tower per pair counts what both dropped
                 self.meter.skipped += batch.skipped  # unreadable images, dropped from the batch
+            self.unreadable.add(batch)  # ... and their names (both towers read the same files: kept once)
             if len(batch.labels) or self.uneven_batches:  # an empty batch still joins the other pairs' step
                 loss = self._step(batch, params)
                 if len(batch.labels):
@@ -360,7 +363,13 @@ class Trainer:
                  f"{val.top1_error:.2f}%, top-5 error {val.top5_error:.2f}%, loss {val.loss:.4f} ({val.images} images)"
                  + (f"; skipped {train.skipped + val.skipped} unreadable images" if train.skipped + val.skipped else ""))
         p.epoch, p.step_in_epoch = p.epoch + 1, 0
+        self.write_unreadable(f"epoch {p.epoch}")
         self.save("latest.pt", also_best=improved)
+
+    def write_unreadable(self, what: str) -> None:
+        """Collective: every rank's unreadable files merged into the run folder's skipped.txt (rank 0
+        writes it and says how many and where)."""
+        self.unreadable = gather_and_write(self.unreadable, self.out, what, self.topo.is_main, self.say)
 
     # --- evaluation ----------------------------------------------------------------------------
 
@@ -369,7 +378,8 @@ class Trainer:
         each protocol of `crops` (1: centre patch, 10: ten patches) in one pass."""
         idx = eval_indices(len(self.val_set), self.topo.replicas, self.topo.replica, self.cfg.data.val_images)
         spec = EvalSpec(crops=crops, batch_size=self.cfg.eval_batch_size, amp=self.cfg.amp,
-                        workers=self.cfg.data.workers, pin=self.pin, decode_device=self.decode_device)
+                        workers=self.cfg.data.workers, pin=self.pin, decode_device=self.decode_device,
+                        skipped=self.unreadable)
         net = self.replica.net.eval()
         patches = max(crops)
         with out_of_memory_advice(f"validating {spec.batch_size} images x {patches} patch(es) per forward",
@@ -399,6 +409,7 @@ def train(cfg: TrainConfig, resume: str | None = None, keep_saved: tuple[str, ..
                     f"{trainer.steps_per_epoch} steps per epoch; {topo.replicas} replica(s) of "
                     f"{topo.towers} tower(s) on {topo.device} ({topo.backend or 'one process'})")
         trainer.fit()
+        trainer.write_unreadable("training")  # the steps since the last epoch's end (a budget, a stop)
         if trainer.stopped_by_signal:  # a preempted job should end now, not start an evaluation
             trainer.say(f"stopped: no closing table; --resume {trainer.out} continues the run")
             return {}
@@ -406,6 +417,8 @@ def train(cfg: TrainConfig, resume: str | None = None, keep_saved: tuple[str, ..
             trainer.say(f"the closing table of step {trainer.progress.global_step} is already in "
                         f"{trainer.out / 'results.md'}: not scored again (scripts/evaluate.py scores a checkpoint anew)")
             return {}
-        return final_report(trainer)
+        results = final_report(trainer)
+        trainer.write_unreadable("the closing evaluation")
+        return results
     finally:
         shutdown()

@@ -31,6 +31,8 @@ def parse_args(argv=None) -> EvalOptions:
     a("--data", default=None, help="dataset folder (default: the training run's)")
     a("--devkit", default=None, help="ImageNet devkit dir or tarball, for a flat val/ folder")
     a("--val-solution", default=None, help="Kaggle LOC_val_solution.csv, for a flat val/ folder")
+    a("--val-split", default=None, help="--dataset folder: the held-out split's folder under --data "
+      "(default: the training run's, else val/ if present, else test/)")
     a("--crops", type=int, nargs="+", default=[1, 10], choices=[1, 10], help="1: centre patch; 10: ten patches")
     a("--batch-size", type=int, default=128, help="images per forward (x crops rows)")
     a("--max-images", type=int, default=None, help="an evenly spaced subset, for a quick look")
@@ -48,7 +50,7 @@ def parse_args(argv=None) -> EvalOptions:
         if value is not None and value < least:
             p.error(f"{flag} must be at least {least}, got {value}")
     return EvalOptions(checkpoints=args.checkpoint, dataset=args.dataset, data=args.data, devkit=args.devkit,
-                       val_solution=args.val_solution, crops=tuple(dict.fromkeys(args.crops)),
+                       val_solution=args.val_solution, val_split=args.val_split, crops=tuple(dict.fromkeys(args.crops)),
                        batch_size=args.batch_size, max_images=args.max_images, form=args.form,
                        device=args.device, amp=args.amp, workers=args.workers, out=args.out,
                        figures=not args.no_figures, neighbours=args.neighbours)

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from repro.cli import at_least, run  # noqa: E402
-from repro.data.datasets import folder_split, split_dir  # noqa: E402
+from repro.data.datasets import folder_split, held_out_name  # noqa: E402
 from repro.data.imagenet import imagenet_splits, imagenet_train  # noqa: E402
 from repro.data.store import WorkerDiedError, write_store  # noqa: E402
 
@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       "use; 0: none)")
     a("--devkit", default=None, help="ILSVRC2012_devkit_t12 folder or tarball, for a flat val/")
     a("--val-solution", default=None, help="Kaggle LOC_val_solution.csv, for a flat val/")
+    a("--val-split", default=None, help="--dataset folder: the held-out folder under --data, stored as val "
+      "(default: val/ if present, else test/)")
     a("--max-shards", type=at_least(1), default=None, help="stop after writing this many new shards")
     return p.parse_args(argv)
 
@@ -55,10 +57,10 @@ def open_sources(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"--data {args.data} is not a folder; pass the dataset root that "
                                 f"holds train/ and val/")
     if args.dataset == "folder":
-        if "val" in args.splits:
-            split_dir(args.data, "val")  # there, before the long scan of train/
+        # The held-out folder (val/, else test/, or --val-split) is stored as val: found before the long scan
+        held_out = held_out_name(args.data, args.val_split) if "val" in args.splits else None
         train = folder_split(args.data, "train")  # val's labels need train's class index in any case
-        val = folder_split(args.data, "val", classes=train.classes) if "val" in args.splits else None
+        val = folder_split(args.data, held_out, classes=train.classes) if held_out else None
         return {name: split for name, split in (("train", train), ("val", val)) if name in args.splits}
     if "val" not in args.splits:
         return {"train": imagenet_train(args.data)}

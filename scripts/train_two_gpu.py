@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dataset", default="fashion-mnist", choices=["fashion-mnist", "imagenet", "folder"])
     a("--devkit", default=None, help="ImageNet devkit dir or tarball, for a flat val/ folder")
     a("--val-solution", default=None, help="Kaggle LOC_val_solution.csv, for a flat val/ folder")
+    a("--val-split", default=None, help="--dataset folder: the held-out split's folder under --data "
+      "(default: val/ if present, else test/)")
     a("--epochs", type=int, default=None, help="epochs (paper: 90)")
     a("--batch-size", type=int, default=None, help="images per step per tower pair (paper: 128)")
     a("--lr", type=float, default=0.01, help="initial learning rate (paper: 0.01)")
@@ -189,7 +191,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                       val_images=pick(args.val_images, "val_images", None, no_gpu),
                       stats_images=pick(args.stats_images, "stats_images", None, no_gpu),
                       workers=args.workers, decode=args.decode, devkit=args.devkit,
-                      val_solution=args.val_solution)
+                      val_solution=args.val_solution, val_split=args.val_split)
     from repro.run_folder import resume_dir_of
 
     out = args.out or (resume_dir_of(args.resume) if args.resume else

@@ -201,7 +201,7 @@ def test_wrong_dataset_for_the_network_is_a_clear_error(checkpoints, tmp_path, c
     assert code == 2 and "is a file, not a folder" in capsys.readouterr().err
 
 
-def test_figure_4_names_the_images_it_shows_when_one_is_unreadable(trees, checkpoints, tmp_path):
+def test_figure_4_names_the_images_it_shows_when_one_is_unreadable(trees, checkpoints, tmp_path, capsys):
     import json
 
     from repro.data.imagenet import imagenet_val
@@ -218,6 +218,9 @@ def test_figure_4_names_the_images_it_shows_when_one_is_unreadable(trees, checkp
     assert broken not in named
     assert set(named) == set(range(len(split))) - {broken}  # 5 readable images: queries and neighbours
     assert doc["queries"] == [i for i in range(len(split)) if i != broken][::2]
+    listed = (tmp_path / "f" / "skipped.txt").read_text().splitlines()  # the unreadable file by name
+    assert len(listed) == 1 and listed[0].startswith(str(root / "val" / val_name(1)) + "\t")
+    assert f"skipped 1 unreadable file, listed in {tmp_path / 'f' / 'skipped.txt'}" in capsys.readouterr().out
 
 
 def test_weights_that_do_not_fit_the_checkpoint_config_are_a_clear_error(checkpoints, tmp_path, capsys):

@@ -92,3 +92,46 @@ def test_loader_workers_ignore_both_stop_signals():
     proc.start()
     assert queue.get(timeout=30) == [True, True]
     proc.join()
+
+
+def test_unreadable_files_are_named_across_workers_and_listed(tmp_path):
+    from repro.data.skipped import SKIPPED_FILE, SkippedFiles, read_skipped
+
+    for cls in ("a", "b"):
+        for i in range(3):
+            (tmp_path / "d" / cls).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (30, 20), (i * 50, 0, 0)).save(tmp_path / "d" / cls / f"{i}.jpg")
+    (tmp_path / "d" / "b" / "3.jpg").write_bytes(b"")
+    (tmp_path / "d" / "a" / "9.jpg").write_text("not an image")
+    src = image_folder(tmp_path / "d", size=16)
+    expected = {str(tmp_path / "d" / "a" / "9.jpg"), str(tmp_path / "d" / "b" / "3.jpg")}
+    for workers in (0, 2):
+        found = SkippedFiles()
+        for batch in iterate(src, [torch.arange(4), torch.arange(4, len(src))], workers=workers):
+            assert len(batch.unreadable) == batch.skipped
+            found.add(batch)
+        assert set(found.items) == expected and all(found.items.values())
+    line = found.write(tmp_path / "run", "training")
+    assert line == f"training: skipped 2 unreadable files, listed in {tmp_path / 'run' / SKIPPED_FILE}"
+    listed = dict(read_skipped(tmp_path / "run" / SKIPPED_FILE))
+    assert set(listed) == expected and "not found" not in listed[str(tmp_path / "d" / "b" / "3.jpg")]
+    assert SkippedFiles.load(tmp_path / "run").items == found.items and found.gather() is found
+    assert SkippedFiles().write(tmp_path / "none", "x") is None and not (tmp_path / "none").exists()
+
+
+def test_skipped_lists_of_all_ranks_merge_through_a_process_group(tmp_path):
+    import torch.distributed as dist
+
+    from repro.data.skipped import SkippedFiles, gather_and_write, read_skipped
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mine = SkippedFiles()
+        mine.extend([("/d/a/1.jpg", "empty"), ("/d/b/2.jpg", "truncated"), ("/d/a/1.jpg", "again")])
+        said = []
+        merged = gather_and_write(mine, tmp_path / "run", "epoch 3", True, said.append)
+    finally:
+        dist.destroy_process_group()
+    assert merged is not mine and merged.items == {"/d/a/1.jpg": "empty", "/d/b/2.jpg": "truncated"}
+    assert read_skipped(tmp_path / "run" / "skipped.txt") == [("/d/a/1.jpg", "empty"), ("/d/b/2.jpg", "truncated")]
+    assert said == [f"epoch 3: skipped 2 unreadable files, listed in {tmp_path / 'run' / 'skipped.txt'}"]

@@ -91,3 +91,23 @@ def test_a_damaged_cache_is_computed_again(tmp_path, damage):
     cache.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"x" * 100}[damage])
     again = cached_stats(src, 8, batches, [tmp_path], log=lambda _m: None)
     assert len(calls) == 2 and torch.equal(first.mean_image, again.mean_image)
+
+
+def test_statistics_pass_lists_unreadable_files_in_the_run_folder(tmp_path):
+    from PIL import Image
+
+    from repro.data.folder import image_folder
+    from repro.data.loader import iterate
+    from repro.data.skipped import read_skipped
+
+    for k, cls in enumerate(("a", "b")):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (k * 200, 10, 20)).save(tmp_path / "d" / cls / "ok.png")
+    (tmp_path / "d" / "b" / "bad.png").write_bytes(b"\x89PNG broken")
+    src = image_folder(tmp_path / "d", size=8)
+    said = []
+    stats = cached_stats(src, 8, lambda: iterate(src, [torch.arange(len(src))]), [tmp_path / "cache"],
+                         log=said.append, skipped_to=tmp_path / "run")
+    assert stats.images == 2  # the unreadable file is left out of the mean
+    assert read_skipped(tmp_path / "run" / "skipped.txt")[0][0] == str(tmp_path / "d" / "b" / "bad.png")
+    assert f"dataset statistics: skipped 1 unreadable file, listed in {tmp_path / 'run' / 'skipped.txt'}" in said

@@ -237,7 +237,7 @@ def test_resume_keeps_the_checkpoints_recipe(tmp_path):
     assert (kept.max_steps, kept.epochs, kept.out) == (3, saved.epochs, str(tmp_path / "b"))  # no flag: the run's budget
 
 
-def test_unreadable_training_images_are_skipped_and_counted(tmp_path):
+def test_unreadable_training_images_are_skipped_counted_and_named(tmp_path, capsys):
     from PIL import Image
 
     from repro.train import train
@@ -257,6 +257,11 @@ def test_unreadable_training_images_are_skipped_and_counted(tmp_path):
     epochs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x
               and '"kind": "epoch"' in x]
     assert epochs[0]["unreadable_skipped"] == 1 and epochs[0]["val_images"] == 4
+    # named, with its reason, once (the statistics pass and the epoch both met it), and said where
+    listed = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
+    assert len(listed) == 1 and listed[0].startswith(str(tmp_path / "data" / "train" / "a" / "bad.jpg") + "\t")
+    assert len(listed[0].split("\t")[1]) > 0
+    assert f"skipped 1 unreadable file, listed in {tmp_path / 'run' / 'skipped.txt'}" in capsys.readouterr().out
 
 
 def test_sigterm_to_the_whole_process_group_still_saves_the_last_step(tmp_path):
@@ -327,6 +332,9 @@ def test_a_pair_whose_whole_batch_is_unreadable_does_not_stall_the_others(tmp_pa
     assert ckpt["progress"] == {"epoch": 1, "step_in_epoch": 0, "global_step": 2}
     epochs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in x]
     assert epochs[0]["unreadable_skipped"] == 2
+    # pair 1's files, met on ranks 2 and 3, reach rank 0's skipped.txt, each once
+    listed = sorted(line.split("\t")[0] for line in (tmp_path / "run" / "skipped.txt").read_text().splitlines())
+    assert listed == sorted(files[i] for i in train_batches(len(files), 2, 2, 1, 0, 0)[0].tolist())
 
 
 def test_a_step_budget_that_ends_on_an_epochs_last_step_ends_that_epoch(tmp_path, data_root, capsys):

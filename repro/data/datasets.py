@@ -25,9 +25,9 @@ def open_splits(cfg: DataConfig):
         from repro.data.imagenet import imagenet_splits
 
         return imagenet_splits(cfg.root, cfg.base_size, devkit=cfg.devkit, solution_csv=cfg.val_solution)
-    split_dir(cfg.root, "val")  # there, before the long scan of train/
+    held_out = held_out_name(cfg.root, cfg.val_split)  # there, before the long scan of train/
     train = folder_split(cfg.root, "train", cfg.base_size)
-    return train, folder_split(cfg.root, "val", cfg.base_size, classes=train.classes)
+    return train, folder_split(cfg.root, held_out, cfg.base_size, classes=train.classes)
 
 
 def folder_split(root: str | Path, split: str, size: int = 256, classes: list[str] | None = None):
@@ -38,11 +38,34 @@ def folder_split(root: str | Path, split: str, size: int = 256, classes: list[st
     return image_folder(split_dir(root, split), name=f"folder/{split}", size=size, classes=classes)
 
 
+HELD_OUT_NAMES = ("val", "test")  # looked for in this order when --val-split is not given
+
+
+def held_out_name(root: str | Path, val_split: str | None = None) -> str:
+    """The held-out split's folder name under root: `val_split` if given (it must exist), else val/
+    if present, else test/ (CIFAR-style trees ship train/ and test/)."""
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"--data {root} does not exist or is not a folder; pass the folder that holds "
+                                f"train/ and val/ (or test/)")
+    if val_split is not None:
+        if not val_split or Path(val_split).name != val_split or val_split in (".", ".."):
+            raise ValueError(f"--val-split {val_split!r}: give the name of a folder directly under --data")
+        split_dir(root, val_split)
+        return val_split
+    for name in HELD_OUT_NAMES:
+        if (Path(root) / name).is_dir():
+            return name
+    looked = " or ".join(str(Path(root) / n) for n in HELD_OUT_NAMES)
+    raise FileNotFoundError(f"--dataset folder found no held-out split: looked for {looked}; create one of "
+                            f"them (<split>/<class>/<images>) or name the folder with --val-split")
+
+
 def split_dir(root: str | Path, split: str) -> Path:
     """root/<split> of an ImageFolder tree, or a clear error if it is missing."""
     path = Path(root) / split
     if not path.is_dir():
-        raise FileNotFoundError(f"--dataset folder expects {path}/<class>/<images>; {path} does not exist")
+        raise FileNotFoundError(f"--dataset folder expects {path}/<class>/<images>; {path} does not exist "
+                                f"(or is not a folder)")
     return path
 
 
@@ -74,4 +97,4 @@ def _held_out_split(cfg: DataConfig, classes: list[str]):
         from repro.data.imagenet import imagenet_val
 
         return imagenet_val(cfg.root, classes, cfg.base_size, devkit=cfg.devkit, solution_csv=cfg.val_solution)
-    return folder_split(cfg.root, "val", cfg.base_size, classes=classes)
+    return folder_split(cfg.root, held_out_name(cfg.root, cfg.val_split), cfg.base_size, classes=classes)

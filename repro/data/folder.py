@@ -6,7 +6,8 @@ The paper's only fixed preprocessing: "rescaled the image such that the shorter 
 ImageFolder-style tree root/<class>/<image files>.
 
 A file that cannot be decoded never stops a pass over the data: `FolderSource[i]` returns
-`(None, label)` and records the file in `skipped`, so that callers drop it and report how many.
+`(None, label)` and records (path, reason) in `skipped`; the loader's batches carry those pairs, so that
+callers drop the file and name it (repro.data.skipped writes them to skipped.txt).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def class_folders(root: str | Path) -> list[str]:
 
 
 def _image_files(folder: str, outside: set[str] = frozenset()) -> list[str]:
-    """Image files under folder, recursively, in sorted path order. Hidden files are left out:
+    """Image files under folder, recursively: a folder's files (sorted), then its subfolders' (sorted). Hidden files are left out:
     macOS "._name.JPEG" companions carry the image extension but no image. Folders whose real path
     is in `outside` (the tree's root, the other classes) are not entered through a symbolic link."""
     found, seen = [], set(outside)

@@ -4,7 +4,7 @@ pair, disjoint shards across pairs, and evaluation that scores every image exact
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -58,17 +58,38 @@ class Batch:
     labels: Tensor  # int64 (B,)
     skipped: int  # unreadable images dropped from this batch
     kept: Tensor | None = None  # bool, per requested index: which images are in `images` (None: all)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of each one dropped
 
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
-        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped, self.kept)
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped, self.kept, self.unreadable)
+
+
+class _NamingUnreadable:
+    """A file source whose items also carry (path, reason) of an unreadable file, so that the names
+    travel back from DataLoader workers with the batch (each worker's `source.skipped` stays there)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        image, label = self.source[i]
+        skipped = getattr(self.source, "skipped", None)
+        why = skipped[-1] if image is None and skipped else None  # appended by this very call
+        return image, label, why
 
 
 def _collate(items: list) -> Batch:
-    kept = torch.tensor([img is not None for img, _ in items], dtype=torch.bool)
-    good = [(img, lbl) for img, lbl in items if img is not None]
+    kept = torch.tensor([item[0] is not None for item in items], dtype=torch.bool)
+    good = [(img, lbl) for img, lbl, *_ in items if img is not None]
+    unreadable = [item[2] for item in items if item[0] is None and len(item) > 2 and item[2] is not None]
     if not good:
-        return Batch(torch.empty(0, 0, 0, 3, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), len(items), kept)
-    return Batch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), len(items) - len(good), kept)
+        return Batch(torch.empty(0, 0, 0, 3, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), len(items), kept,
+                     unreadable)
+    return Batch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), len(items) - len(good), kept,
+                 unreadable)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -91,7 +112,7 @@ def iterate(source, index_lists: Sequence[Tensor], workers: int = 0, pin: bool =
             decode_device: torch.device | None = None) -> Iterator[Batch]:
     """Batches for the given index lists, in order. In-memory sources index one tensor; stored JPEG
     sources decode on `decode_device` when it is a GPU; file sources decode in `workers` processes,
-    dropping (and counting) images that cannot be decoded."""
+    dropping images that cannot be decoded: each batch counts them and names them (path, reason)."""
     if getattr(source, "in_memory", False):
         for idx in index_lists:
             images, labels = source.batch(idx)
@@ -101,7 +122,7 @@ def iterate(source, index_lists: Sequence[Tensor], workers: int = 0, pin: bool =
         for idx in index_lists:  # reading the bytes is cheap; decoding is the work, on the GPU
             yield Batch(decode_on_device(source.encoded_batch(idx), decode_device), source.labels[idx], 0)
         return
-    loader = DataLoader(source, batch_sampler=[idx.tolist() for idx in index_lists], num_workers=workers,
+    loader = DataLoader(_NamingUnreadable(source), batch_sampler=[idx.tolist() for idx in index_lists], num_workers=workers,
                         collate_fn=_collate, pin_memory=pin, persistent_workers=False,
                         prefetch_factor=4 if workers else None, worker_init_fn=_ignore_stop_signals)
     yield from loader

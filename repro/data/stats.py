@@ -15,6 +15,7 @@ from torch import Tensor
 
 from repro.atomic import atomic_write
 from repro.data.augment import Stats, to_base
+from repro.data.skipped import SkippedFiles, images_of
 
 
 def fingerprint(source) -> str:
@@ -78,10 +79,13 @@ def default_cache_dirs(data_root: str | None, run_dir: Path) -> list[Path]:
 
 def cached_stats(source, base_size: int, batches: Callable[[], Iterable[Tensor]], cache_dirs: list[Path],
                  max_images: int | None = None, log: Callable[[str], None] = print,
-                 device: torch.device | str = "cpu", subset_seed: int | None = None) -> Stats:
+                 device: torch.device | str = "cpu", subset_seed: int | None = None,
+                 skipped_to: Path | None = None) -> Stats:
     """Load the statistics from the first cache directory that has them, else compute and save them
     to the first writable one. `subset_seed`: the seed that drew the `max_images` images, when they
-    are a random subset (another seed, other images, another cache entry)."""
+    are a random subset (another seed, other images, another cache entry). `batches` yields image
+    tensors or loader Batches; of Batches, the unreadable files are added to skipped_to/skipped.txt
+    (the run folder) and logged in one line."""
     subset = max_images is not None and max_images < len(source)
     key = f"{fingerprint(source)}-{base_size}-{max_images}" + (f"-seed{subset_seed}" if subset else "")
     name = f"stats-{source.name.replace('/', '-')}-{key}.npz"
@@ -92,7 +96,11 @@ def cached_stats(source, base_size: int, batches: Callable[[], Iterable[Tensor]]
             return stats
     log(f"dataset statistics: computing the mean image and RGB covariance over "
         f"{min(len(source), max_images or len(source))} training images (once; cached)")
-    stats = accumulate(batches(), base_size, device)
+    unreadable = SkippedFiles.load(skipped_to) if skipped_to is not None else SkippedFiles()
+    before = len(unreadable)
+    stats = accumulate(images_of(batches(), unreadable), base_size, device)
+    if skipped_to is not None and len(unreadable) > before:
+        log(unreadable.write(skipped_to, "dataset statistics"))
     for d in cache_dirs:
         try:
             d.mkdir(parents=True, exist_ok=True)
