@@ -1,4 +1,4 @@
-"""Tests for repro.data.folder and repro.data.imagenet: decoding, and every ImageNet layout (SPEC 9).
+"""Tests for repro.data.folder and repro.data.imagenet: decoding, and every ImageNet layout.
 
 Small trees are built in tmp_path: three fake wnids, tiny solid-colour images, val/ in each of the
 three layouts. The devkit's IDs deliberately run in another order than the sorted wnids, so a reader
@@ -257,7 +257,7 @@ def imagenet(tmp_path) -> Path:
 
 
 def test_train(imagenet):
-    # SPEC 9: a CMYK JPEG and a PNG with a .JPEG name live among the training files.
+    # ILSVRC-2012 itself: a CMYK JPEG and a PNG with a .JPEG name live among the training files.
     solid(imagenet / "train" / "n00000002" / "n00000002_3.JPEG", (0, 255, 0, 0), mode="CMYK")
     solid(imagenet / "train" / "n00000002" / "n00000002_4.JPEG", (5, 6, 7), fmt="PNG")
     train = imagenet_train(imagenet, size=48)

@@ -1,4 +1,4 @@
-"""Tests for repro.data.store and scripts/prepare_imagenet.py: the stored 256x256 form (SPEC 5, 10).
+"""Tests for repro.data.store and scripts/prepare_imagenet.py: the stored 256x256 form (paper section 2).
 
 One small fake ImageNet (three wnids, textured training images of several sizes, a truncated and an
 empty file among them, flat val/ with a devkit) is written once with a pool of two workers; the other

@@ -1,4 +1,4 @@
-"""Image files on disk as 256x256 uint8 images (paper section 2, SPEC sections 5 and 9).
+"""Image files on disk as 256x256 uint8 images (paper section 2; the ImageNet layouts: README).
 
 The paper's only fixed preprocessing: "rescaled the image such that the shorter side was of length
 256, and then cropped out the central 256x256 patch". `decode_image` does exactly that for one file;
@@ -71,7 +71,7 @@ def decode_image(path: str | Path, size: int = 256) -> torch.Tensor:
     """One file as a (size, size, 3) uint8 HWC tensor; raises ImageDecodeError if it is not an image.
 
     PIL picks the decoder from the file's content, not its name, so ImageNet's PNG saved as .JPEG
-    decodes as PNG (SPEC section 9)."""
+    decodes as PNG (the ILSVRC-2012 training set has one, and some CMYK JPEGs)."""
     path = str(path)
     try:
         with Image.open(path) as img:
@@ -177,8 +177,8 @@ def image_folder(root: str | Path, name: str | None = None, size: int = 256,
                  classes: Sequence[str] | None = None) -> FolderSource:
     """The tree root/<class>/<image files> as a FolderSource.
 
-    Labels follow sorted folder names (ImageFolder's order; for ImageNet, sorted wnids, SPEC
-    section 9) unless `classes` is given: then every folder must be one of them, labels index
+    Labels follow sorted folder names (ImageFolder's order; for ImageNet, sorted wnids,
+    the usual class index) unless `classes` is given: then every folder must be one of them, labels index
     `classes`, and classes without a folder simply have no images here."""
     root = Path(root)
     if not root.is_dir():

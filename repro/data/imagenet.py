@@ -1,4 +1,4 @@
-"""ILSVRC-2012 as it lies on disk (SPEC section 9), read into FolderSources.
+"""ILSVRC-2012 as it lies on disk (train/<wnid>/, val/ flat or in folders), read into FolderSources.
 
 Training classes are the sorted wnids of train/ (ImageFolder's order), and validation labels always
 index that same list, whichever of the three usual val/ layouts is found:

@@ -1,11 +1,11 @@
-"""ImageNet converted once to the paper's 256x256 images, kept as JPEG shards (SPEC sections 5 and 10).
+"""ImageNet converted once to the paper's 256x256 images, kept as JPEG shards (paper section 2).
 
-The paper's only fixed preprocessing is "shorter side 256, then the central 256x256 patch" (SPEC 5).
+The paper's only fixed preprocessing is "shorter side 256, then the central 256x256 patch" (section 2).
 Decoding full-size ImageNet JPEGs for that every epoch is what limits training speed, so it is done
 once: each image is cut to 256x256 by `decode_image` (the same function the folder readers use),
 re-encoded as JPEG (quality 90 by default, about 21 KB), and packed into large shards. Training then
 reads raw bytes and decodes small JPEGs, on CPU workers or batched on the GPU (26-27k img/s on an
-H100, SPEC 10).
+H100, docs/benchmarks.md).
 
     python scripts/prepare_imagenet.py --data IMAGENET_ROOT --out STORE   # resumable
 
@@ -53,7 +53,7 @@ except ImportError:  # not POSIX
 
 STORE_MARKER = "repro-store.json"
 FORMAT = "repro-store/1"
-SIZE = 256  # the paper's stored image side (SPEC 5)
+SIZE = 256  # the paper's stored image side (section 2)
 SKIPPED = "skipped.txt"
 LOCK = ".lock"  # held by the one run writing the store
 TMP = ".tmp"  # suffix of a file still being written; renamed into place when complete
@@ -112,7 +112,7 @@ def _encode(job: tuple[str, int]) -> tuple[bytes | None, str]:
     """(JPEG bytes of the 256x256 image, "") or (None, reason). Top level, so a Pool can pickle it."""
     path, quality = job
     try:
-        image = decode_image(path, SIZE)  # shorter side 256, central crop (SPEC 5)
+        image = decode_image(path, SIZE)  # shorter side 256, central crop (section 2)
     except ImageDecodeError as e:
         return None, e.reason
     buf = io.BytesIO()
@@ -387,7 +387,7 @@ class StoreSource(Dataset):
     """One split of a store: 256x256 images as uint8 HWC tensors, or their JPEG bytes.
 
     `encoded_batch` gives the bytes for batched GPU decoding (torchvision.io.decode_jpeg on a list,
-    SPEC 10); `__getitem__` decodes on the CPU. Shard files are memory-mapped lazily in each process,
+    docs/benchmarks.md); `__getitem__` decodes on the CPU. Shard files are memory-mapped lazily in each process,
     so the source pickles into DataLoader workers without open files."""
 
     in_memory = False
