@@ -357,7 +357,7 @@ class TrainConfig:
     final_crops: tuple[int, ...] = (1, 10)  # protocols of the closing error table (empty: skip)
     device: str = "auto"  # "auto", "cpu" or "cuda"
     backend: str = "auto"  # process-group backend: "auto" (NCCL with a GPU per rank, else gloo)
-    amp: str = "none"  # "bf16": autocast on CUDA (a speed choice; the paper trained in float32)
+    amp: str = "none"  # "bf16": autocast on CUDA or the CPU (a speed choice; the paper trained in float32)
     channels_last: bool = False
     compile: bool = False  # torch.compile each tower stage (or the grouped network) and the optimiser's update
     compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead"/"max-autotune" add CUDA graphs
