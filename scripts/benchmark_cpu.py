@@ -129,6 +129,26 @@ def measure(args) -> list[tuple]:
     return rows
 
 
+def profile(args) -> None:
+    """Where each network's training step spends its time: the operators with the most self CPU time
+    (one step after a warm-up, the first thread count and dtype)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.set_num_threads(args.threads[0])
+    for n in args.networks:
+        torch.manual_seed(0)
+        net, size = build(n, args.num_classes)
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        step = make_runner(net.to(memory_format=fmt), size, "train", args.dtypes[0], args.train_batch,
+                           args.channels_last, args.num_classes)
+        step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        print(f"\n{n}, one training step, batch {args.train_batch}, {args.dtypes[0]}, {args.threads[0]} thread(s):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
+
+
 def parse_args(argv: list[str] | None):
     name, flags = cpu_model_and_flags()
     native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
@@ -145,6 +165,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--num-classes", type=at_least(2), default=1000)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="inputs and every network in channels_last (default; --no-channels-last for NCHW)")
+    p.add_argument("--profile", type=at_least(1), default=None, metavar="N",
+                   help="instead of the table: each network's N costliest operators in one training step")
     args = p.parse_args(argv)
     for d in args.dtypes:
         if d not in ("fp32", "bf16"):
@@ -158,6 +180,8 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.profile:
+        return profile(args)
     rows = measure(args)
     print(f"CPU: {args.cpu}; flags: {' '.join(args.flags) or 'none of avx2/avx512/amx'}; "
           f"torch {torch.__version__}; capability {torch.backends.cpu.get_cpu_capability()}; "

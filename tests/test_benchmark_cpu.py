@@ -26,3 +26,11 @@ def test_unknown_dtype_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(["--dtypes", "fp16"])
     assert "--dtypes takes fp32 and/or bf16, got 'fp16'" in capsys.readouterr().err
+
+
+def test_profile_names_each_network_and_its_operators(capsys):
+    main(["--profile", "5", "--threads", "1", "--dtypes", "fp32", "--train-batch", "1", "--num-classes", "10",
+          "--networks", "grouped"])
+    out = capsys.readouterr().out
+    assert "grouped, one training step, batch 1, fp32, 1 thread(s):" in out
+    assert "convolution" in out and "Self CPU" in out
