@@ -22,6 +22,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -92,7 +93,7 @@ def make_runner(net: torch.nn.Module, size: int, mode: str, dtype: str, batch: i
     return step
 
 
-def time_interleaved(runners: dict[str, callable], repeats: int) -> dict[str, list[float]]:
+def time_interleaved(runners: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
     """Seconds of each runner per repeat, the runners taking turns (one warm-up each first)."""
     for run in runners.values():
         run()
