@@ -381,7 +381,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata=runtime())  # "auto", "cpu" or "cuda"
     # process-group backend: "auto" (NCCL with a GPU per rank, else gloo)
     backend: str = field(default="auto", metadata=runtime())
-    # "bf16": autocast on CUDA (a speed choice; the paper trained in float32)
+    # "bf16": autocast on CUDA or the CPU (a speed choice; the paper trained in float32)
     amp: str = field(default="none", metadata=runtime())
     channels_last: bool = field(default=False, metadata=runtime())
     # torch.compile each tower stage (or the grouped network) and the optimiser's update

@@ -1,21 +1,28 @@
-"""What the CPU main job and the tests spend their time on, timed on one thread (as each torchrun rank
-runs: torchrun sets OMP_NUM_THREADS=1): the torch LRN at conv1's shape, a training step of the
-grouped network, and evaluation forwards.
+"""The paper's network against torchvision's AlexNet on the CPU, in one run with interleaved repeats:
+the grouped form, the two towers in one process, torchvision.models.alexnet (its 224 input, no weights);
+a training step (forward + backward + SGD step) and an evaluation forward (no_grad, eval mode); fp32 and
+bf16 autocast; one thread (as each torchrun rank runs: torchrun sets OMP_NUM_THREADS=1) and all usable
+cores.
 
-    python scripts/benchmark_cpu.py                    # median of 5 repeats each
-    python scripts/benchmark_cpu.py --threads 2 --repeats 3
+    python scripts/benchmark_cpu.py                        # defaults: about 5 minutes on 2 cores
+    python scripts/benchmark_cpu.py --dtypes fp32,bf16 --repeats 5 --channels-last
 
-Wall-clock medians on a shared machine: compare runs made one after the other on the same machine.
+Repeats are interleaved (A B C A B C ...) so that load from other processes falls on every network
+alike: read the ratios to torchvision, not the absolute rates, on a shared machine. bf16 is in the
+default only where the CPU has native bf16 (AVX-512 BF16 or AMX); elsewhere oneDNN emulates it and
+it runs many times slower than fp32 (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
 import statistics
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -23,65 +30,169 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from repro.cli import at_least  # noqa: E402
-from repro.config import LRNConfig  # noqa: E402
+from repro.config import ModelConfig  # noqa: E402
+from repro.cores import available_cores  # noqa: E402
 from repro.model.grouped import AlexNet  # noqa: E402
-from repro.model.layers import local_response_norm  # noqa: E402
+from repro.model.two_tower import TwoTowerAlexNet  # noqa: E402
+
+NETWORKS = ("grouped", "towers", "torchvision")
+COLUMNS = ("threads", "dtype", "mode", "network", "batch", "img/s", "spread (min..max img/s)", "x torchvision")
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, oneDNN primitive creation
-    times = []
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """The CPU's name and which of the vector extensions that matter for oneDNN it has (Linux only)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return name, [f for f in wanted if f in flags]
+
+
+def build(network: str, num_classes: int) -> tuple[torch.nn.Module, int]:
+    if network == "torchvision":
+        import torchvision
+
+        return torchvision.models.alexnet(num_classes=num_classes), 224
+    cfg = ModelConfig(num_classes=num_classes)
+    if network == "grouped":
+        return AlexNet(config=cfg), 227
+    return TwoTowerAlexNet(devices=("cpu", "cpu"), config=cfg), 227
+
+
+def make_runner(net: torch.nn.Module, size: int, mode: str, dtype: str, batch: int, channels_last: bool,
+                num_classes: int):
+    """A function that runs one training step or one evaluation forward of `batch` images."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    images = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
+    labels = torch.randint(0, num_classes, (batch,))
+    amp = dtype == "bf16"
+    if mode == "eval":
+        net.eval()
+
+        def forward():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                net(images)
+        return forward
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(net(images).float(), labels)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def time_interleaved(runners: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each runner per repeat, the runners taking turns (one warm-up each first)."""
+    for run in runners.values():
+        run()
+    seconds = {name: [] for name in runners}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def measure(args) -> list[tuple]:
+    rows = []
+    torch.manual_seed(0)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    nets = {}  # built once (the full-size fc layers take seconds to draw); training steps move the weights
+    for n in args.networks:
+        net, size = build(n, args.num_classes)
+        nets[n] = (net.to(memory_format=fmt), size)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for dtype in args.dtypes:
+            for mode, batch in (("train", args.train_batch), ("eval", args.eval_batch)):
+                runners = {n: make_runner(*nets[n], mode, dtype, batch, args.channels_last, args.num_classes)
+                           for n in args.networks}
+                seconds = time_interleaved(runners, args.repeats)
+                rates = {n: [batch / s for s in ts] for n, ts in seconds.items()}
+                base = statistics.median(rates["torchvision"]) if "torchvision" in rates else None
+                for n, r in rates.items():
+                    med = statistics.median(r)
+                    ratio = f"{med / base:.2f}" if base else "-"
+                    rows.append((threads, dtype, mode, n, batch, f"{med:.2f}", f"{min(r):.2f}..{max(r):.2f}", ratio))
+    return rows
+
+
+def profile(args) -> None:
+    """Where each network's training step spends its time: the operators with the most self CPU time
+    (one step after a warm-up, the first thread count and dtype)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.set_num_threads(args.threads[0])
+    for n in args.networks:
+        torch.manual_seed(0)
+        net, size = build(n, args.num_classes)
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        step = make_runner(net.to(memory_format=fmt), size, "train", args.dtypes[0], args.train_batch,
+                           args.channels_last, args.num_classes)
+        step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        print(f"\n{n}, one training step, batch {args.train_batch}, {args.dtypes[0]}, {args.threads[0]} thread(s):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
+
+
+def parse_args(argv: list[str] | None):
+    name, flags = cpu_model_and_flags()
+    native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--threads", type=lambda s: [int(t) for t in s.split(",")],
+                   default=sorted({1, available_cores()}), help="comma-separated; default 1 and all usable cores")
+    p.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp32", "bf16"] if native_bf16 else ["fp32"],
+                   help="fp32,bf16 (bf16 = autocast); default both where the CPU has native bf16, else fp32")
+    p.add_argument("--networks", type=lambda s: s.split(","), default=list(NETWORKS))
+    p.add_argument("--repeats", type=at_least(1), default=3)
+    p.add_argument("--train-batch", type=at_least(1), default=16)
+    p.add_argument("--eval-batch", type=at_least(1), default=32)
+    p.add_argument("--num-classes", type=at_least(2), default=1000)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="inputs and every network in channels_last (default; --no-channels-last for NCHW)")
+    p.add_argument("--profile", type=at_least(1), default=None, metavar="N",
+                   help="instead of the table: each network's N costliest operators in one training step")
+    args = p.parse_args(argv)
+    for d in args.dtypes:
+        if d not in ("fp32", "bf16"):
+            p.error(f"--dtypes takes fp32 and/or bf16, got {d!r}")
+    for n in args.networks:
+        if n not in NETWORKS:
+            p.error(f"--networks takes {', '.join(NETWORKS)}; got {n!r}")
+    args.cpu, args.flags = name, flags
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--threads", type=at_least(1), default=1)
-    p.add_argument("--repeats", type=at_least(1), default=5)
-    p.add_argument("--lrn-batch", type=at_least(1), default=32)
-    p.add_argument("--train-batch", type=at_least(1), default=16)
-    p.add_argument("--eval-batch", type=at_least(1), default=80)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    rows = []
-
-    # The network's first LRN (ReLU folded in): 96 channels in two groups, 55x55, NCHW as on the CPU.
-    x = (torch.randn(args.lrn_batch, 96, 55, 55) * 3).requires_grad_()
-    g = torch.randn_like(x)
-    cfg = LRNConfig()
-    fwd = median_seconds(lambda: local_response_norm(x.detach(), cfg, 2, relu=True), args.repeats)
-    both = median_seconds(lambda: local_response_norm(x, cfg, 2, relu=True).backward(g), args.repeats)
-    rows.append((f"conv1 LRN, batch {args.lrn_batch}: forward", f"{fwd * 1e3:.0f} ms"))
-    rows.append((f"conv1 LRN, batch {args.lrn_batch}: forward + backward", f"{both * 1e3:.0f} ms"))
-
-    net = AlexNet(num_classes=10)
-    images = torch.randn(args.train_batch, 3, 227, 227)
-    labels = torch.randint(0, 10, (args.train_batch,))
-
-    def step():
-        net.zero_grad(set_to_none=True)
-        F.cross_entropy(net(images), labels).backward()
-
-    net.train()
-    rows.append((f"grouped network, training step (forward + backward), batch {args.train_batch}",
-                 f"{median_seconds(step, args.repeats):.2f} s"))
-    net.eval()
-    batch = torch.randn(args.eval_batch, 3, 227, 227)
-    with torch.no_grad():
-        seconds = median_seconds(lambda: net(batch), max(1, args.repeats // 2))
-    rows.append((f"grouped network, evaluation forwards, batch {args.eval_batch}", f"{args.eval_batch / seconds:.1f} img/s"))
-
-    print(f"{platform.processor() or platform.machine()}; {args.threads} thread(s); torch {torch.__version__}; "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    print("| what | median |\n|---|---|")
-    for what, value in rows:
-        print(f"| {what} | {value} |")
+    args = parse_args(argv)
+    if args.profile:
+        return profile(args)
+    rows = measure(args)
+    print(f"CPU: {args.cpu}; flags: {' '.join(args.flags) or 'none of avx2/avx512/amx'}; "
+          f"torch {torch.__version__}; capability {torch.backends.cpu.get_cpu_capability()}; "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"train = forward + backward + SGD step; eval = no_grad forward; median of {args.repeats} interleaved "
+          f"repeats; {'channels_last' if args.channels_last else 'NCHW'}")
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row) + " |")
 
 
 if __name__ == "__main__":

@@ -196,3 +196,34 @@ def test_lrn_compiles_to_one_fused_kernel_each_way():
     y, codes = run_and_get_code(step)
     assert [len(set(re.findall(r"cpp_fused_\w+", c))) for c in codes] == [1, 1]
     torch.testing.assert_close(y, local_response_norm(x.detach(), cfg, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("size,groups,channels", [(5, 2, 96), (5, 2, 4), (3, 1, 7), (7, 3, 9), (1, 2, 6), (5, 1, 2)])
+def test_band_matrix_window_sum_equals_shifted_adds(size, groups, channels, channels_last):
+    """The window sum as a product with a 0/1 band matrix (REPRO_LRN_WINDOW=band) is the same sum in
+    float64 to 1e-12, at channel edges and tower boundaries, in both memory layouts; the band is
+    symmetric, which is what lets the backward reuse it."""
+    from repro.model.layers import _window_sum_in_place, band_window_sum, window_band
+
+    t = torch.rand(2, channels, 3, 5, dtype=torch.float64)
+    if channels_last:
+        t = t.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(band_window_sum(t, size, groups), _window_sum_in_place(t, size, groups),
+                               rtol=1e-12, atol=0)
+    band = window_band(channels // groups, size, torch.float64)
+    assert torch.equal(band, band.T)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_lrn_with_band_window_matches_reference_and_gradcheck(monkeypatch, relu):
+    """The whole LRN (forward, backward, ReLU folded in) with the band-matrix window sum: the NumPy
+    reference's values to 1e-12 and gradcheck, over two groups."""
+    monkeypatch.setenv("REPRO_LRN_WINDOW", "band")
+    a = ((torch.rand(2, 12, 3, 3, dtype=torch.float64) - 0.3) * 30).requires_grad_()
+    cfg = LRNConfig(alpha=1e-2)
+    y = local_response_norm(a, cfg, 2, relu=relu)
+    x = a.detach().clamp(min=0) if relu else a.detach()
+    expected = lrn_reference(x.numpy(), cfg.size, cfg.sum_scale, cfg.beta, cfg.k, 2)
+    torch.testing.assert_close(y.detach(), torch.from_numpy(expected), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda v: local_response_norm(v, cfg, 2, relu=relu), (a,))

@@ -3,6 +3,8 @@ depend on how the layer is split across towers."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,11 +17,35 @@ def channel_window_sum(t: Tensor, size: int, groups: int) -> Tensor:
     """Sum of `t` over a centred window of `size` channels that never leaves its channel group.
 
     Channel i of group g sums channels max(lo, i - size//2) .. min(hi, i + size//2) of the same group,
-    which is SPEC section 2's clipped window applied to each tower's channels on their own.
+    which is the paper's clipped window (section 3.3) applied to each tower's channels on their own.
+    REPRO_LRN_WINDOW=band computes it as a product with a 0/1 band matrix instead (`band_window_sum`).
     """
     if torch.compiler.is_compiling():
         return _window_sum_fusable(t, size, groups)
+    if os.environ.get("REPRO_LRN_WINDOW", "shifted") == "band":
+        return band_window_sum(t, size, groups)
     return _window_sum_in_place(t, size, groups)
+
+
+def window_band(channels: int, size: int, dtype: torch.dtype, device=None) -> Tensor:
+    """The (channels, channels) 0/1 matrix M with M[i, j] = 1 where |i - j| <= size // 2: the clipped
+    centred window as a matrix. It is symmetric, so the same M serves the backward's window sum."""
+    i = torch.arange(channels, device=device)
+    return ((i[:, None] - i[None, :]).abs() <= size // 2).to(dtype)
+
+
+def band_window_sum(t: Tensor, size: int, groups: int) -> Tensor:
+    """channel_window_sum as matrix products: NCHW as a batched (Cg, Cg) @ (Cg, HW) per image and
+    group; channels_last as one (BHW, C) @ block-diagonal (C, C) GEMM. A candidate for CPUs whose
+    oneDNN GEMMs are fast (AVX-512, AMX); on AVX2 (docs/benchmarks.md) the shifted adds are faster."""
+    b, c, h, w = t.shape
+    cg = c // groups
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        m = torch.block_diag(*[window_band(cg, size, t.dtype, t.device)] * groups)
+        s = t.permute(0, 2, 3, 1).reshape(-1, c) @ m
+        return s.reshape(b, h, w, c).permute(0, 3, 1, 2)
+    m = window_band(cg, size, t.dtype, t.device)
+    return torch.matmul(m, t.reshape(b, groups, cg, h * w)).reshape(b, c, h, w)
 
 
 def _window_sum_fusable(t: Tensor, size: int, groups: int) -> Tensor:

@@ -1,0 +1,36 @@
+"""scripts/benchmark_cpu.py prints one table row per (threads, dtype, mode, network); speeds are never
+asserted, only that the table has its shape and its numbers parse."""
+
+from scripts.benchmark_cpu import COLUMNS, NETWORKS, main
+
+
+def test_table_has_a_row_per_case_and_numbers_parse(capsys):
+    main(["--threads", "1", "--dtypes", "fp32", "--repeats", "1", "--train-batch", "1", "--eval-batch", "1",
+          "--num-classes", "10"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("CPU: ") and "torch " in lines[0]
+    header = lines.index("| " + " | ".join(COLUMNS) + " |")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[header + 2:]]
+    assert len(rows) == 2 * len(NETWORKS)  # train and eval, each network
+    assert [(r[2], r[3]) for r in rows] == [(m, n) for m in ("train", "eval") for n in NETWORKS]
+    for threads, dtype, _, network, batch, rate, spread, ratio in rows:
+        assert (threads, dtype, batch) == ("1", "fp32", "1")
+        low, high = (float(v) for v in spread.split(".."))
+        assert 0 < low <= float(rate) <= high
+        assert float(ratio) > 0 and (network != "torchvision" or ratio == "1.00")
+
+
+def test_unknown_dtype_is_a_clear_error(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--dtypes", "fp16"])
+    assert "--dtypes takes fp32 and/or bf16, got 'fp16'" in capsys.readouterr().err
+
+
+def test_profile_names_each_network_and_its_operators(capsys):
+    main(["--profile", "5", "--threads", "1", "--dtypes", "fp32", "--train-batch", "1", "--num-classes", "10",
+          "--networks", "grouped"])
+    out = capsys.readouterr().out
+    assert "grouped, one training step, batch 1, fp32, 1 thread(s):" in out
+    assert "convolution" in out and "Self CPU" in out
