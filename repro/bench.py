@@ -206,7 +206,7 @@ def _two_process_worker(rank: int, port: int, case: Case, device_type: str, step
     if device.type == "cuda":
         torch.cuda.set_device(device)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    backend = "nccl" if two_gpus else "gloo"  # NCCL refuses two ranks on one GPU (SPEC section 10)
+    backend = "nccl" if two_gpus else "gloo"  # NCCL refuses two ranks on one GPU ("Duplicate GPU detected")
     dist.init_process_group(backend, rank=rank, world_size=2)
     torch.manual_seed(0)
     model = DistributedTowerAlexNet(ModelConfig(), None, device)

@@ -30,7 +30,7 @@ from repro.config import LRNConfig  # noqa: E402
 from repro.model import lrn_triton  # noqa: E402
 from repro.model.layers import local_response_norm  # noqa: E402
 
-# (channels, spatial size) after conv1 and conv2 at 227 pixels; two groups in the grouped form (SPEC section 1)
+# (channels, spatial size) after conv1 and conv2 at 227 pixels; two groups in the grouped form (paper section 3.5)
 SHAPES = {"conv1 LRN": (96, 55), "conv2 LRN": (256, 27)}
 
 

@@ -96,7 +96,7 @@ case "$stage" in
       --json "$out/bench128.json" --markdown "$out/bench.md" 2>&1 | tee "$out/bench128.log"
     ;;
   train)
-    # The paper's recipe (section 5, SPEC section 4) on Fashion-MNIST, grouped form on one GPU, float32.
+    # The paper's recipe (section 5) on Fashion-MNIST, grouped form on one GPU, float32.
     start=$(date +%s)
     rm -rf "$runs/fmnist-10ep"
     "$py" -m torch.distributed.run --nproc_per_node=1 scripts/train_two_gpu.py --data "$data" --epochs 10 \
@@ -110,8 +110,8 @@ case "$stage" in
   recipes)
     # Three 10-epoch runs at once on the one GPU (accuracy only: their img/s and wall time are shared
     # and not reportable as speeds). Seed 1 of the paper's recipe says how much the seed moves the
-    # result; the 2012 code's recipe (SPEC sections 2, 4, 5, 7: LRN alpha divided by n, conv3-5 init
-    # 0.03, bias lr x2, colour noise by sqrt(eigenvalue)) with seeds 0 and 1.
+    # result; the 2012 run as it ran (the cuda-convnet-2012 preset: docs/fidelity.md; the
+    # flags below repeat two of its settings) with seeds 0 and 1.
     start=$(date +%s)
     run_recipe() {
       local name=$1; shift

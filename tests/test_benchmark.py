@@ -108,7 +108,7 @@ def test_bad_flags_fail_before_any_timing(flags, message, capsys):
 
 def test_flops_per_image_match_the_layer_table():
     """Forward, weight gradients, and input gradients of every layer but conv1 (the image needs
-    none), from SPEC section 1's shapes: 2 FLOPs per multiply-add."""
+    none), from the layer table's shapes (paper section 3.5): 2 FLOPs per multiply-add."""
     from repro.bench import train_flops_per_image
 
     # (output side, output channels, kernel side, input channels, groups) and fully connected (in, out)

@@ -1,4 +1,4 @@
-"""LRN against an independent NumPy implementation of SPEC section 2, and the shared dropout masks."""
+"""LRN against an independent NumPy implementation of the paper's formula (section 3.3), and the shared dropout masks."""
 
 import numpy as np
 import pytest

@@ -131,7 +131,7 @@ class _LRNFunction(torch.autograd.Function):
 
 
 def local_response_norm(x: Tensor, cfg: LRNConfig, groups: int = 1, relu: bool = False) -> Tensor:
-    """SPEC section 2's formula, with the window restricted to each of `groups` channel blocks;
+    """The paper's formula (section 3.3), with the window restricted to each of `groups` channel blocks;
     with `relu`, of max(x, 0) (the same function as local_response_norm(F.relu(x), ...), fused)."""
     if x.shape[1] % groups:
         raise ValueError(f"LRN over {groups} groups needs channels divisible by it, got {x.shape[1]}")

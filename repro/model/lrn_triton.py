@@ -1,4 +1,4 @@
-"""The paper's LRN (SPEC section 2) as one Triton kernel forward and one backward, for CUDA tensors.
+"""The paper's LRN (section 3.3) as one Triton kernel forward and one backward, for CUDA tensors.
 The default on a GPU where Triton is installed; REPRO_LRN_KERNEL=torch (or set_kernel("torch"))
 selects the torch code of layers.py, which torch.compile fuses, instead.
 

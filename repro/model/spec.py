@@ -1,6 +1,6 @@
 """The layer table, read by both forms: what one tower holds and how the grouped form stacks it.
 
-Paper section 3.5 and Figure 2 (SPEC section 1). Tower t owns output block [t*n, (t+1)*n) of every
+Paper section 3.5 and Figure 2 (docs/paper.md). Tower t owns output block [t*n, (t+1)*n) of every
 layer; a layer reads either the image, its own tower's previous block ("own"), or every tower's
 ("both": conv3 and the fully connected layers, where the towers exchange activations).
 """
@@ -73,7 +73,7 @@ def make_classifier(cfg: ModelConfig) -> nn.Linear:
 
 @torch.no_grad()
 def init_paper_(layers: dict[str, nn.Module], cfg: ModelConfig) -> None:
-    """Paper section 5 (SPEC section 3): weights N(0, std^2); biases 1 in the layers that feed ReLUs
+    """Paper section 5: weights N(0, std^2); biases 1 in the layers that feed ReLUs
     positive inputs early, 0 elsewhere. Draws in a fixed layer order, so a seed fixes the network."""
     for name, layer in layers.items():
         std = cfg.init_std_conv3_5 if name in ("conv3", "conv4", "conv5") else cfg.init_std
