@@ -118,16 +118,6 @@ def test_flops_per_image_match_the_layer_table():
     expected = 2 * (sum(macs) + sum(macs) + sum(macs[1:]))
     assert train_flops_per_image("grouped") == expected  # about 4.14 GFLOP
 
-
-def test_cpu_benchmark_prints_its_table(capsys):
-    from scripts.benchmark_cpu import main as cpu_main
-
-    cpu_main(["--repeats", "1", "--lrn-batch", "1", "--train-batch", "1", "--eval-batch", "1"])
-    lines = capsys.readouterr().out.splitlines()
-    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| what")]
-    assert len(rows) == 4 and "training step" in rows[2] and rows[3].endswith("img/s |")
-
-
 def test_a_failure_after_the_cases_still_writes_their_table(tmp_path, capsys, monkeypatch):
     import scripts.benchmark as bench_script
 
