@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from repro.atomic import atomic_write
 from repro.config import ModelConfig
@@ -29,22 +29,16 @@ def export_safetensors(checkpoint: str | os.PathLike, out: str | os.PathLike) ->
     """Write a training checkpoint's (or run folder's) trained weights, grouped form, to `out`."""
     from repro.checkpoint import network, read
 
+    out = Path(out)
+    if not is_safetensors(out):  # before the (large) checkpoint is read
+        raise ValueError(f"--out {out}: name the file *{SUFFIX}")
     ckpt = read(checkpoint)
     model = network(ckpt, checkpoint)
     meta = {"format": FORMAT, "model_config": json.dumps(model.config.to_dict()),
             "classes": json.dumps(list(ckpt.get("classes") or []))}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    out = Path(out)
-    if not is_safetensors(out):
-        raise ValueError(f"--out {out}: name the file *{SUFFIX}")
-    # save_file writes a path, so write beside and rename: a crash leaves no half file under `out`
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        atomic_write(out, lambda f: f.write(tmp.read_bytes()))
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = save(tensors, metadata=meta)  # the file's bytes, written once through a renamed temporary
+    atomic_write(out, lambda f: f.write(data))
     return out
 
 

@@ -227,3 +227,11 @@ def test_lrn_with_band_window_matches_reference_and_gradcheck(monkeypatch, relu)
     expected = lrn_reference(x.numpy(), cfg.size, cfg.sum_scale, cfg.beta, cfg.k, 2)
     torch.testing.assert_close(y.detach(), torch.from_numpy(expected), rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda v: local_response_norm(v, cfg, 2, relu=relu), (a,))
+
+
+def test_a_misspelt_window_choice_is_refused(monkeypatch):
+    from repro.model.layers import channel_window_sum
+
+    monkeypatch.setenv("REPRO_LRN_WINDOW", "bands")
+    with pytest.raises(ValueError, match="REPRO_LRN_WINDOW='bands': choose 'shifted'"):
+        channel_window_sum(torch.ones(1, 4, 2, 2), 5, 2)

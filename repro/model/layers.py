@@ -13,6 +13,9 @@ from repro.config import LRNConfig
 from repro.model import lrn_triton
 
 
+WINDOW_ENV = "REPRO_LRN_WINDOW"  # how the CPU sums LRN windows: "shifted" adds (default) or "band" products
+
+
 def channel_window_sum(t: Tensor, size: int, groups: int) -> Tensor:
     """Sum of `t` over a centred window of `size` channels that never leaves its channel group.
 
@@ -22,8 +25,11 @@ def channel_window_sum(t: Tensor, size: int, groups: int) -> Tensor:
     """
     if torch.compiler.is_compiling():
         return _window_sum_fusable(t, size, groups)
-    if os.environ.get("REPRO_LRN_WINDOW", "shifted") == "band":
+    window = os.environ.get(WINDOW_ENV, "shifted")
+    if window == "band":
         return band_window_sum(t, size, groups)
+    if window != "shifted":  # a misspelt choice must not silently time the other method
+        raise ValueError(f"{WINDOW_ENV}={window!r}: choose 'shifted' (the default) or 'band'")
     return _window_sum_in_place(t, size, groups)
 
 
