@@ -113,7 +113,8 @@ def test_eager_window_sum_equals_compiled_form(size, groups, channels, channels_
     """Eagerly the window sum adds shifted slices in place; under torch.compile it is written as
     shifted adds over a padded copy (which inductor fuses). Both are the same sums, also where the
     window is wider than a channel group."""
-    from repro.model.layers import _window_sum_fusable, _window_sum_in_place
+    from repro.model.layers import _window_sum_in_place
+    from repro.model.lrn_cpu import window_sum_fusable as _window_sum_fusable
 
     t = torch.rand(2, channels, 3, 5, dtype=torch.float64)
     if channels_last:
@@ -128,7 +129,7 @@ def test_eager_window_sum_equals_compiled_form(size, groups, channels, channels_
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-15), (torch.float32, 1e-6)])
 def test_inverse_power_of_paper_beta(dtype, rtol):
-    from repro.model.layers import _inverse_power
+    from repro.model.lrn_cpu import inverse_power as _inverse_power
 
     d = torch.rand(10_000, dtype=torch.float64) * 1e3 + 2.0  # denominators are >= k = 2
     torch.testing.assert_close(_inverse_power(d.to(dtype), 0.75), d.pow(-0.75).to(dtype), rtol=rtol, atol=0)

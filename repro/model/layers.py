@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repro.config import LRNConfig
-from repro.model import lrn_triton
+from repro.model import lrn_cpu, lrn_triton
+from repro.model.lrn_cpu import inverse_power, window_sum_fusable
 
 
 WINDOW_ENV = "REPRO_LRN_WINDOW"  # how the CPU sums LRN windows: "shifted" adds (default) or "band" products
@@ -24,7 +25,7 @@ def channel_window_sum(t: Tensor, size: int, groups: int) -> Tensor:
     REPRO_LRN_WINDOW=band computes it as a product with a 0/1 band matrix instead (`band_window_sum`).
     """
     if torch.compiler.is_compiling():
-        return _window_sum_fusable(t, size, groups)
+        return window_sum_fusable(t, size, groups)
     window = os.environ.get(WINDOW_ENV, "shifted")
     if window == "band":
         return band_window_sum(t, size, groups)
@@ -54,24 +55,6 @@ def band_window_sum(t: Tensor, size: int, groups: int) -> Tensor:
     return torch.matmul(m, t.reshape(b, groups, cg, h * w)).reshape(b, c, h, w)
 
 
-def _window_sum_fusable(t: Tensor, size: int, groups: int) -> Tensor:
-    """Shifted adds over a padded copy: torch.compile fuses them into one pass."""
-    b, c, h, w = t.shape
-    r = size // 2
-    cg = c // groups
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        u = F.pad(t.permute(0, 2, 3, 1).reshape(b, h, w, groups, cg), (r, r))
-        s = u[..., 0:cg]
-        for d in range(1, size):
-            s = s + u[..., d:d + cg]
-        return s.reshape(b, h, w, c).permute(0, 3, 1, 2)
-    u = F.pad(t.reshape(b, groups, cg, h * w), (0, 0, r, r))
-    s = u[:, :, 0:cg]
-    for d in range(1, size):
-        s = s + u[:, :, d:d + cg]
-    return s.reshape(b, c, h, w)
-
-
 def _window_sum_in_place(t: Tensor, size: int, groups: int) -> Tensor:
     """The same sums, eagerly: one copy, then each shifted slice added into it in place. Without a
     compiler every op is a pass over memory, and the padded form's copy and new tensor per add made
@@ -88,15 +71,6 @@ def _window_sum_in_place(t: Tensor, size: int, groups: int) -> Tensor:
     return s.reshape(b, h, w, c).permute(0, 3, 1, 2) if channels_last else s.reshape(b, c, h, w)
 
 
-def _inverse_power(d: Tensor, beta: float) -> Tensor:
-    """d ** -beta. For the paper's beta = 0.75, eagerly, as rsqrt(d) * sqrt(rsqrt(d)): the same value
-    to a few units in the last place, and on the CPU about 1.7x faster than torch's general power."""
-    if beta != 0.75 or torch.compiler.is_compiling():
-        return d.pow(-beta)
-    r = d.rsqrt()
-    return r.mul_(r.sqrt())
-
-
 class _LRNFunction(torch.autograd.Function):
     """b = a * D^-beta with D = k + scale * window_sum(a^2); one saved denominator, explicit backward.
     a is the input x, or with `relu` max(x, 0): the ReLU that precedes both of the paper's LRN layers,
@@ -106,31 +80,41 @@ class _LRNFunction(torch.autograd.Function):
       dL/da_j = g_j D_j^-beta - 2 scale beta a_j * window_sum(g b / D)_j
     and with `relu`, dL/dx_j = dL/da_j where x_j > 0, else 0 (as torch's ReLU backward).
 
-    On a GPU lrn_triton.py's kernels run (float32/bf16/fp16; measured faster); the torch code below
-    runs on the CPU, in float64, and with REPRO_LRN_KERNEL=torch (torch.compile fuses each pass).
+    On a GPU lrn_triton.py's kernels run (float32/bf16/fp16; measured faster); on the CPU lrn_cpu.py's
+    compiled kernels (float32/bf16); the torch code below in float64, with REPRO_LRN_KERNEL=torch on a
+    GPU or REPRO_LRN_CPU=eager on the CPU, and inside a caller's torch.compile (which fuses it).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, size: int, scale: float, beta: float, k: float, groups: int,
                 relu: bool = False) -> Tensor:
+        ctx.params = (size, scale, beta, groups, relu)
+        ctx.kernel = "torch"
         if lrn_triton.supported(x):
             y, denom = torch.ops.repro.lrn_forward(x, size, scale, beta, k, groups, relu)
+            ctx.kernel = "triton"
+        elif lrn_cpu.supported(x) and (out := lrn_cpu.forward(x, size, scale, beta, k, groups, relu)):
+            y, denom = out
+            ctx.kernel = "cpu"
         else:
             a = F.relu(x) if relu else x
             denom = channel_window_sum(a * a, size, groups).mul_(scale).add_(k)
-            y = a * _inverse_power(denom, beta)
+            y = a * inverse_power(denom, beta)
         ctx.save_for_backward(x, denom)  # b (and a) recomputed in backward: two saved tensors, not three
-        ctx.params = (size, scale, beta, groups, relu)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, denom = ctx.saved_tensors
         size, scale, beta, groups, relu = ctx.params
-        if lrn_triton.supported(x):
+        if ctx.kernel == "triton":
             return torch.ops.repro.lrn_backward(grad_y, x, denom, size, scale, beta, groups, relu), *[None] * 6
+        if ctx.kernel == "cpu":
+            grad_x = lrn_cpu.backward(grad_y, x, denom, size, scale, beta, groups, relu)
+            if grad_x is not None:
+                return grad_x, *[None] * 6
         a = F.relu(x) if relu else x
-        g_inv = grad_y * _inverse_power(denom, beta)  # g D^-beta, the first term; g b / D = g_inv a / D
+        g_inv = grad_y * inverse_power(denom, beta)  # g D^-beta, the first term; g b / D = g_inv a / D
         window = channel_window_sum(g_inv.mul(a).div_(denom), size, groups)
         grad_a = torch.addcmul(g_inv, a, window, value=-2.0 * scale * beta)
         return (torch.where(x > 0, grad_a, 0.0) if relu else grad_a), *[None] * 6
