@@ -7,6 +7,10 @@ cores.
     python scripts/benchmark_cpu.py                        # defaults: about 5 minutes on 2 cores
     python scripts/benchmark_cpu.py --dtypes fp32,bf16 --repeats 5 --channels-last
 
+The paper's network is timed with each CPU LRN kernel (--cpu-lrn: the eager torch code, and the compiled
+kernels of repro/model/lrn_cpu.py, whose compilation happens in an untimed first call as it does once
+at the start of a long run).
+
 Repeats are interleaved (A B C A B C ...) so that load from other processes falls on every network
 alike: read the ratios to torchvision, not the absolute rates, on a shared machine. bf16 is in the
 default only where the CPU has native bf16 (AVX-512 BF16 or AMX); elsewhere oneDNN emulates it and
@@ -32,10 +36,12 @@ import torch.nn.functional as F  # noqa: E402
 from repro.cli import at_least  # noqa: E402
 from repro.config import ModelConfig  # noqa: E402
 from repro.cores import available_cores  # noqa: E402
+from repro.model import lrn_cpu  # noqa: E402
 from repro.model.grouped import AlexNet  # noqa: E402
 from repro.model.two_tower import TwoTowerAlexNet  # noqa: E402
 
 NETWORKS = ("grouped", "towers", "torchvision")
+WITH_LRN = ("grouped", "towers")  # torchvision's AlexNet has no LRN: one row whatever the kernel
 COLUMNS = ("threads", "dtype", "mode", "network", "batch", "img/s", "spread (min..max img/s)", "x torchvision")
 
 
@@ -94,8 +100,7 @@ def make_runner(net: torch.nn.Module, size: int, mode: str, dtype: str, batch: i
 
 
 def time_interleaved(runners: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each runner per repeat, the runners taking turns (one warm-up each first)."""
-    for run in runners.values():
+    for run in runners.values():  # untimed: compiles the LRN kernels, touches every buffer once
         run()
     seconds = {name: [] for name in runners}
     for _ in range(repeats):
@@ -104,6 +109,19 @@ def time_interleaved(runners: dict[str, Callable[[], None]], repeats: int) -> di
             run()
             seconds[name].append(time.perf_counter() - start)
     return seconds
+
+
+def row_names(networks: list[str], lrn_kernels: list[str]) -> list[tuple[str, str, str]]:
+    """(row label, network, CPU LRN kernel) for each row of one table section."""
+    return [(f"{n} ({k} LRN)" if n in WITH_LRN else n, n, k if n in WITH_LRN else "eager")
+            for n in networks for k in (lrn_kernels if n in WITH_LRN else lrn_kernels[:1])]
+
+
+def with_lrn_kernel(run: Callable[[], None], kernel: str) -> Callable[[], None]:
+    def run_with_kernel():
+        lrn_cpu.set_kernel(kernel)
+        run()
+    return run_with_kernel
 
 
 def measure(args) -> list[tuple]:
@@ -118,8 +136,9 @@ def measure(args) -> list[tuple]:
         torch.set_num_threads(threads)
         for dtype in args.dtypes:
             for mode, batch in (("train", args.train_batch), ("eval", args.eval_batch)):
-                runners = {n: make_runner(*nets[n], mode, dtype, batch, args.channels_last, args.num_classes)
-                           for n in args.networks}
+                runners = {label: with_lrn_kernel(make_runner(*nets[n], mode, dtype, batch, args.channels_last,
+                                                              args.num_classes), kernel)
+                           for label, n, kernel in row_names(args.networks, args.cpu_lrn)}
                 seconds = time_interleaved(runners, args.repeats)
                 rates = {n: [batch / s for s in ts] for n, ts in seconds.items()}
                 base = statistics.median(rates["torchvision"]) if "torchvision" in rates else None
@@ -132,11 +151,12 @@ def measure(args) -> list[tuple]:
 
 def profile(args) -> None:
     """Where each network's training step spends its time: the operators with the most self CPU time
-    (one step after a warm-up, the first thread count and dtype)."""
+    (one step after a warm-up, the first thread count and dtype, the last --cpu-lrn kernel)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     torch.set_num_threads(args.threads[0])
+    lrn_cpu.set_kernel(args.cpu_lrn[-1])
     for n in args.networks:
         torch.manual_seed(0)
         net, size = build(n, args.num_classes)
@@ -146,7 +166,8 @@ def profile(args) -> None:
         step()
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
-        print(f"\n{n}, one training step, batch {args.train_batch}, {args.dtypes[0]}, {args.threads[0]} thread(s):")
+        label = row_names([n], args.cpu_lrn[-1:])[0][0]
+        print(f"\n{label}, one training step, batch {args.train_batch}, {args.dtypes[0]}, {args.threads[0]} thread(s):")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
 
 
@@ -160,6 +181,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp32", "bf16"] if native_bf16 else ["fp32"],
                    help="fp32,bf16 (bf16 = autocast); default both where the CPU has native bf16, else fp32")
     p.add_argument("--networks", type=lambda s: s.split(","), default=list(NETWORKS))
+    p.add_argument("--cpu-lrn", type=lambda s: s.split(","), default=list(lrn_cpu.KERNELS),
+                   help="LRN kernels to time the paper's network with: eager,compiled (default both; "
+                        "repro/model/lrn_cpu.py); compiling is untimed, as in a long run")
     p.add_argument("--repeats", type=at_least(1), default=3)
     p.add_argument("--train-batch", type=at_least(1), default=16)
     p.add_argument("--eval-batch", type=at_least(1), default=32)
@@ -175,6 +199,11 @@ def parse_args(argv: list[str] | None):
     for n in args.networks:
         if n not in NETWORKS:
             p.error(f"--networks takes {', '.join(NETWORKS)}; got {n!r}")
+    for k in args.cpu_lrn:
+        if k not in lrn_cpu.KERNELS:
+            p.error(f"--cpu-lrn takes {', '.join(lrn_cpu.KERNELS)}; got {k!r}")
+    if os.environ.get(lrn_cpu.KERNEL_ENV):
+        p.error(f"{lrn_cpu.KERNEL_ENV} is set: it would override --cpu-lrn for every row; unset it")
     args.cpu, args.flags = name, flags
     return args
 

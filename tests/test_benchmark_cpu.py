@@ -1,23 +1,43 @@
 """scripts/benchmark_cpu.py prints one table row per (threads, dtype, mode, network); speeds are never
 asserted, only that the table has its shape and its numbers parse."""
 
-from scripts.benchmark_cpu import COLUMNS, NETWORKS, main
+from scripts.benchmark_cpu import COLUMNS, NETWORKS, main, row_names
 
 
 def test_table_has_a_row_per_case_and_numbers_parse(capsys):
     main(["--threads", "1", "--dtypes", "fp32", "--repeats", "1", "--train-batch", "1", "--eval-batch", "1",
-          "--num-classes", "10"])
+          "--num-classes", "10", "--cpu-lrn", "eager"])  # the compiled kernels' shapes would compile for a minute
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("CPU: ") and "torch " in lines[0]
     header = lines.index("| " + " | ".join(COLUMNS) + " |")
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[header + 2:]]
     assert len(rows) == 2 * len(NETWORKS)  # train and eval, each network
-    assert [(r[2], r[3]) for r in rows] == [(m, n) for m in ("train", "eval") for n in NETWORKS]
+    names = ["grouped (eager LRN)", "towers (eager LRN)", "torchvision"]
+    assert [(r[2], r[3]) for r in rows] == [(m, n) for m in ("train", "eval") for n in names]
     for threads, dtype, _, network, batch, rate, spread, ratio in rows:
         assert (threads, dtype, batch) == ("1", "fp32", "1")
         low, high = (float(v) for v in spread.split(".."))
         assert 0 < low <= float(rate) <= high
         assert float(ratio) > 0 and (network != "torchvision" or ratio == "1.00")
+
+
+def test_the_paper_network_gets_a_row_per_lrn_kernel_and_torchvision_one():
+    assert row_names(list(NETWORKS), ["eager", "compiled"]) == [
+        ("grouped (eager LRN)", "grouped", "eager"), ("grouped (compiled LRN)", "grouped", "compiled"),
+        ("towers (eager LRN)", "towers", "eager"), ("towers (compiled LRN)", "towers", "compiled"),
+        ("torchvision", "torchvision", "eager")]
+
+
+def test_unknown_lrn_kernel_and_an_overriding_environment_are_clear_errors(capsys, monkeypatch):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--cpu-lrn", "fast"])
+    assert "--cpu-lrn takes eager, compiled; got 'fast'" in capsys.readouterr().err
+    monkeypatch.setenv("REPRO_LRN_CPU", "eager")
+    with pytest.raises(SystemExit):
+        main([])
+    assert "REPRO_LRN_CPU is set: it would override --cpu-lrn for every row; unset it" in capsys.readouterr().err
 
 
 def test_unknown_dtype_is_a_clear_error(capsys):
@@ -30,7 +50,7 @@ def test_unknown_dtype_is_a_clear_error(capsys):
 
 def test_profile_names_each_network_and_its_operators(capsys):
     main(["--profile", "5", "--threads", "1", "--dtypes", "fp32", "--train-batch", "1", "--num-classes", "10",
-          "--networks", "grouped"])
+          "--networks", "grouped", "--cpu-lrn", "eager"])
     out = capsys.readouterr().out
-    assert "grouped, one training step, batch 1, fp32, 1 thread(s):" in out
+    assert "grouped (eager LRN), one training step, batch 1, fp32, 1 thread(s):" in out
     assert "convolution" in out and "Self CPU" in out
