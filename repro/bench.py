@@ -333,11 +333,12 @@ def pipeline_rate(dataset: str, data: str | None, device: str, batch: int, steps
                   workers: int = 8, decode: str = "gpu") -> float:
     """End-to-end training img/s (loading, device-side augmentation, step) of the grouped network on
     real data, measured by the training loop itself over `steps` steps after `warmup`."""
-    import json
+    from unittest import mock
 
+    from repro import train as training
     from repro.config import DataConfig, TrainConfig
     from repro.dist import init_topology
-    from repro.train import Trainer
+    from repro.metrics import read_metrics
 
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(data=DataConfig(dataset=dataset, root=data, workers=workers, stats_images=2000,
@@ -345,10 +346,10 @@ def pipeline_rate(dataset: str, data: str | None, device: str, batch: int, steps
                           batch_size=batch, max_steps=warmup + steps, log_every=warmup if warmup else steps,
                           out=out, final_crops=(), device=device, amp=amp, channels_last=channels_last,
                           compile=compile)
-        trainer = Trainer(cfg, init_topology(device))
-        trainer.save = lambda *_args, **_kw: None  # timing only: no checkpoint to write at the end
-        trainer.fit()
-        if trainer.stopped_by_signal:  # a Ctrl-C meant for the benchmark: not a short pipeline's rate
+        run = training.setup(cfg, init_topology(device))
+        with mock.patch.object(training, "save"):  # timing only: no checkpoint to write at the end
+            ended = training.fit(run)
+        if ended == "stopped":  # a Ctrl-C meant for the benchmark: not a short pipeline's rate
             raise KeyboardInterrupt
-        speeds = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"speed"' in line]
+        speeds = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if r["kind"] == "speed"]
     return speeds[-1]["img_per_s"]

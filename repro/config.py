@@ -28,7 +28,9 @@ class LRNConfig:
     k: float = 2.0
     # "paper": alpha multiplies the plain sum of squares, as the paper prints it.
     # "divided": alpha / size multiplies it, as the 2012 code, Caffe and torch.nn.LocalResponseNorm do.
-    alpha_convention: str = "paper"
+    alpha_convention: str = field(default="paper", metadata=flag(
+        "LRN: the paper's k + alpha * sum, or alpha / n as the 2012 code and Caffe (docs/fidelity.md)",
+        choices=["paper", "divided"], dest="lrn_alpha"))
 
     def __post_init__(self) -> None:
         if self.size < 1 or self.size % 2 == 0:
@@ -73,7 +75,8 @@ class ModelConfig:
     dropout: float = 0.5  # on the outputs of fc6 and fc7, section 4.2
     # "paper": keep units unscaled in training, multiply by (1 - p) at test time, as section 4.2 says.
     # "inverted": divide by (1 - p) in training, identity at test (torch.nn.Dropout); same in expectation.
-    dropout_scaling: str = "paper"
+    dropout_scaling: str = field(default="paper", metadata=flag(
+        "dropout: x (1 - p) at test time (paper), or / (1 - p) in training (torch)", choices=["paper", "inverted"]))
     init_std: float = 0.01  # N(0, 0.01^2) for every weight, section 5
     # the 2012 code: initW=0.03 for conv3-conv5 (layers-145.cfg:143,172,200)
     init_std_conv3_5: float = field(default=0.01, metadata=flag(
@@ -210,30 +213,38 @@ def _layer_lr_changes(given: list[list[str]]) -> tuple[tuple[str, int, float, fl
 class OptimConfig:
     """Stochastic gradient descent with the paper's update rule, section 5."""
 
-    lr: float = 0.01  # epsilon, equal for all layers
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    bias_weight_decay: bool = False  # the rule is stated for weights; the 2012 code did not decay biases
-    bias_lr_mult: float = 1.0  # the 2012 code started biases at epsB 0.02, twice epsW (layer-params-145.cfg:19)
+    lr: float = field(default=0.01, metadata=flag("initial learning rate (paper: 0.01)"))  # epsilon, all layers
+    momentum: float = field(default=0.9, metadata=flag("momentum (paper: 0.9)"))
+    weight_decay: float = field(default=5e-4, metadata=flag("weight decay (paper: 0.0005)"))
+    # the rule is stated for weights; the 2012 code did not decay biases
+    bias_weight_decay: bool = field(default=False, metadata=flag(
+        "also decay biases (the paper states the rule for weights)", dest="bias_decay"))
+    # the 2012 code started biases at epsB 0.02, twice epsW (layer-params-145.cfg:19)
+    bias_lr_mult: float = field(default=1.0, metadata=flag("the biases' rate over the weights' (2012 code: 2)"))
     # True: the biases keep lr * bias_lr_mult of the first epoch, never divided, as the 2012 code's epsB
     # (still 0.02 beside epsW 0.00001 in the final layer-params-145.cfg:18-19). False: divided with the rest.
     bias_lr_fixed: bool = field(default=False, metadata=flag("biases keep the first epoch's rate (2012 code)"))
     # "plateau": divide by lr_drop when validation error stops improving (the paper);
     # "milestones": divide at fixed 0-based epochs.
-    schedule: str = "plateau"
+    schedule: str = field(default="plateau", metadata=flag(
+        "plateau: /10 when val error stalls (paper); milestones: /10 at --milestones (2012 code)",
+        choices=["plateau", "milestones"]))
     lr_drop: float = 10.0
     max_drops: int = 3  # "reduced three times prior to termination"
     # 0-based epochs. The 2012 run's drops are logged at its 1-based epochs 25, 51 and 79
     # (layer-params-145.cfg:169,174,180), i.e. 0-based 24, 50, 78 (24 epochs at the first rate), which the
     # cuda-convnet-2012 preset uses; this default drops one epoch later than that log.
-    milestones: tuple[int, ...] = (25, 51, 79)
+    milestones: tuple[int, ...] = field(default=(25, 51, 79), metadata=flag(
+        "milestones: 0-based epochs of the drops (default 25 51 79; the 2012 run's were 24 50 78)",
+        type=int, nargs="*", convert=tuple))
     # Per-layer rates from a 0-based epoch on: (layer, epoch, weight rate, bias rate), absolute rates that
     # replace the schedule's for that layer. The 2012 run set conv1's epsW to 1e-5 at its epoch 67 and to 0
     # at 72 (layer-params-145.cfg:177,179); its final file has conv1's epsB 0 too (lines 2-3).
     layer_lr_changes: tuple[tuple[str, int, float, float], ...] = field(default=(), metadata=flag(
         "from 0-based EPOCH on, LAYER's weight and bias rates are W and B (repeatable)", action="append", nargs=4,
         metavar=("LAYER", "EPOCH", "W", "B"), dest="layer_lr_change", convert=_layer_lr_changes))
-    plateau_patience: int = 3  # epochs without enough improvement before a drop
+    plateau_patience: int = field(default=3, metadata=flag(  # epochs without enough improvement before a drop
+        "plateau: epochs without improvement before a drop (default 3)", dest="patience"))
     plateau_threshold: float = 0.1  # top-1 error points that count as an improvement
 
     def __post_init__(self) -> None:
@@ -269,20 +280,27 @@ class OptimConfig:
 class DataConfig:
     """The data pipeline, paper sections 2 and 4.1."""
 
-    dataset: str = "fashion-mnist"  # "fashion-mnist", "imagenet" or "folder" (root/train/<class>/, root/val/<class>/)
-    root: str | None = field(default=None, metadata=runtime())  # --data DIR
-    # The held-out split's folder under root (--val-split): None takes val/ if present, else test/.
-    val_split: str | None = field(default=None, metadata=runtime())
+    dataset: str = field(default="fashion-mnist", metadata=flag(
+        "fashion-mnist; imagenet; or folder: --data holds train/<class>/ and val/<class>/",
+        choices=["fashion-mnist", "imagenet", "folder"]))
+    root: str | None = field(default=None, metadata=runtime(flag(
+        "dataset folder (Fashion-MNIST: optional; imagenet/folder: holds train/ and val/)", dest="data")))
+    # The held-out split's folder under root: None takes val/ if present, else test/.
+    val_split: str | None = field(default=None, metadata=runtime(flag(
+        "--dataset folder: the held-out split's folder under --data (default: val/ if present, else test/)")))
     base_size: int = 256  # shorter side rescaled to 256, central 256x256 patch kept
     crop_size: int = 227  # random crops of the 256x256 image (paper: 224, see ModelConfig.image_size)
-    flip: bool = True  # horizontal reflections
+    flip: bool = field(default=True, metadata=flag("no horizontal reflections", dest="no_flip", negate=True))
     mean: str = "image"  # subtract the per-pixel mean image of the training set; "none" to skip
     # PCA colour noise, section 4.1: "dataset" (eigen-decomposition of this training set's RGB
     # covariance), "imagenet" (published ImageNet constants, docs/paper.md) or "none".
-    pca: str = "dataset"
+    pca: str = field(default="dataset", metadata=flag(
+        "PCA colour noise source", choices=["dataset", "imagenet", "none"]))
     pca_std: float = 0.1  # alpha_i ~ N(0, 0.1)
     # "eigenvalue" as printed; "sqrt" as the 2012 code, whose noise multiplies "color_stdevs" (convdata.py:41,113)
-    pca_scale: str = "eigenvalue"
+    pca_scale: str = field(default="eigenvalue", metadata=flag(
+        "the colour noise scales with each eigenvalue (paper) or its square root (2012 code)",
+        choices=["eigenvalue", "sqrt"]))
     # The 2012 code switched the colour noise off at its epoch 67 (layer-params-145.cfg:178): 0-based 66.
     # None: on for the whole run.
     pca_off_epoch: int | None = field(default=None, metadata=flag(
@@ -297,17 +315,24 @@ class DataConfig:
     # Consecutive images sharing one crop offset and reflection: 1 draws per image; the 2012 code drew once
     # per 32 (crop_chunk, convdata.py:125,252-260).
     crop_chunk: int = field(default=1, metadata=flag("consecutive images sharing one crop (2012 code: 32)"))
-    stats_images: int | None = None  # images used for the mean and covariance (None: all)
-    val_images: int | None = None  # evaluate on an evenly spaced subset (None: all); for smoke runs
-    workers: int = field(default=4, metadata=runtime())  # decoding processes per rank, for image files
+    stats_images: int | None = field(default=None, metadata=flag(  # None: all
+        "images for the mean image and PCA (default all)", type=int))
+    val_images: int | None = field(default=None, metadata=flag(  # None: all; for smoke runs
+        "validate on an evenly spaced subset", type=int))
+    # decoding processes per rank, for image files (the training script's default suits the machine)
+    workers: int = field(default=4, metadata=runtime(flag(
+        "decoding processes per rank (image files; default: 4, or fewer where each rank has fewer cores)")))
     # Where the stored form's JPEGs are decoded when training on a GPU: "gpu" (nvJPEG batches in the
     # training process) or "cpu" (the loader's worker processes, overlapping the steps). Image files
     # always decode on the CPU. docs/benchmarks.md has the two measured against each other.
-    decode: str = field(default="gpu", metadata=runtime())
-    # ImageNet devkit directory or tarball (flat val/ layout)
-    devkit: str | None = field(default=None, metadata=runtime())
-    # Kaggle's LOC_val_solution.csv (flat val/ layout)
-    val_solution: str | None = field(default=None, metadata=runtime())
+    decode: str = field(default="gpu", metadata=runtime(flag(
+        "the stored 256x256 form on a GPU: decode its JPEGs there in batches (nvJPEG), or on the CPU in the "
+        "--workers processes (untimed on the store; as separate files, CPU decoding beat nvJPEG: "
+        "docs/benchmarks.md)", choices=["gpu", "cpu"])))
+    devkit: str | None = field(default=None, metadata=runtime(flag(
+        "ImageNet devkit dir or tarball, for a flat val/ folder")))
+    val_solution: str | None = field(default=None, metadata=runtime(flag(
+        "Kaggle LOC_val_solution.csv, for a flat val/ folder")))
 
     def __post_init__(self) -> None:
         if self.dataset not in ("fashion-mnist", "imagenet", "folder"):
@@ -368,30 +393,41 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    epochs: int = field(default=90, metadata=runtime())  # "roughly 90 cycles through the training set", section 5
-    batch_size: int = 128  # images per step per model replica (tower pair), section 5
-    seed: int = 0  # initialisation, data order, augmentation and dropout all derive from it
+    # "roughly 90 cycles through the training set", section 5
+    epochs: int = field(default=90, metadata=runtime(flag("epochs (paper: 90)")))
+    batch_size: int = field(default=128, metadata=flag(  # per model replica (tower pair), section 5
+        "images per step per tower pair (paper: 128)"))
+    seed: int = field(default=0, metadata=flag(  # initialisation, data order, augmentation and dropout
+        "the seed that initialisation, data order, augmentation and dropout derive from"))
     # stop after this many steps in all (smoke runs); checkpointed
-    max_steps: int | None = field(default=None, metadata=runtime())
-    out: str = field(default="runs/default", metadata=runtime())  # run directory: checkpoints, metrics.jsonl, results
-    log_every: int = field(default=10, metadata=runtime())  # steps between progress lines
-    eval_batch_size: int = field(default=128, metadata=runtime())  # images per evaluation forward
+    max_steps: int | None = field(default=None, metadata=runtime(flag(
+        "stop after N steps in all (smoke runs)", type=int)))
+    # run directory: checkpoints, metrics.jsonl, results
+    out: str = field(default="runs/default", metadata=runtime(flag(
+        "run directory (default runs/<dataset>-<time>)")))
+    log_every: int = field(default=10, metadata=runtime(flag("steps between progress lines")))
+    eval_batch_size: int = field(default=128, metadata=runtime(flag("images per evaluation forward")))
     # protocols of the closing error table (empty: skip)
-    final_crops: tuple[int, ...] = field(default=(1, 10), metadata=runtime())
-    device: str = field(default="auto", metadata=runtime())  # "auto", "cpu" or "cuda"
-    # process-group backend: "auto" (NCCL with a GPU per rank, else gloo)
-    backend: str = field(default="auto", metadata=runtime())
+    final_crops: tuple[int, ...] = field(default=(1, 10), metadata=runtime(flag(
+        "closing table protocols: 1 and/or 10", type=int, nargs="*", convert=tuple)))
+    device: str = field(default="auto", metadata=runtime(flag(
+        "auto: CUDA where torch sees a GPU", choices=["auto", "cpu", "cuda"])))
+    backend: str = field(default="auto", metadata=runtime(flag(
+        "process-group backend (auto: NCCL with a GPU per rank, else gloo)", choices=["auto", "nccl", "gloo"])))
     # "bf16": autocast on CUDA or the CPU (a speed choice; the paper trained in float32)
-    amp: str = field(default="none", metadata=runtime())
-    channels_last: bool = field(default=False, metadata=runtime())
-    # torch.compile each tower stage (or the grouped network) and the optimiser's update
-    compile: bool = field(default=False, metadata=runtime())
-    # torch.compile's mode; "reduce-overhead"/"max-autotune" add CUDA graphs
-    compile_mode: str = field(default="default", metadata=runtime())
+    amp: str = field(default="none", metadata=runtime(flag(
+        "bf16: autocast (a speed choice; the paper trained in float32)", choices=["none", "bf16"])))
+    channels_last: bool = field(default=False, metadata=runtime(flag("channels-last memory format (speed)")))
+    compile: bool = field(default=False, metadata=runtime(flag(
+        "torch.compile each tower stage (or the grouped network) and the optimiser's update")))
+    compile_mode: str = field(default="default", metadata=runtime(flag(
+        "torch.compile's mode (implies --compile); reduce-overhead and max-autotune use CUDA graphs",
+        choices=COMPILE_MODES)))
     # steps between checks for SIGTERM (0: 1 on CPU, 20 on GPU)
     stop_check_every: int = field(default=0, metadata=runtime())
-    # seconds a process-group start or a collective waits for a peer, then fails
-    comm_timeout: float = field(default=600.0, metadata=runtime())
+    comm_timeout: float = field(default=600.0, metadata=runtime(flag(
+        "seconds the process group's start and each collective wait for a peer before failing with an error "
+        "(a dead or missing process)")))
 
     def __post_init__(self) -> None:
         _need(self.epochs >= 1, "--epochs (epochs) must be >= 1", self.epochs)

@@ -8,8 +8,8 @@ refuses recipe flags on --resume all follow from these declarations.
 
 A recipe setting is stored in the checkpoint and kept on resume (a differing flag is refused); a
 runtime setting (where the data is, how long, on what device, what to log) comes from the command line
-of every launch. A declared flag is --field-name; given, it wins over the --variant preset; left out,
-the field keeps its default (or the preset's value).
+of every launch. A declared flag is --field-name (or --dest, where the declaration names one); given,
+it wins over the --variant preset; left out, the field keeps its default (or the preset's value).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from typing import Any, Callable, Iterator
 
 def flag(help: str, **argparse_kw: Any) -> dict:
     """Field metadata: a command-line flag --<field-name> sets this field. argparse_kw go to add_argument
-    (choices, type, nargs, metavar, action); `convert` (a function) turns the parsed value into the field's."""
+    (choices, type, nargs, metavar, action); besides, `dest` names the flag when it is not the field's
+    name, `convert` (a function) turns the parsed value into the field's, and `negate=True` makes a
+    bool field's --no-... switch (given, the field is False)."""
     return {"flag": dict(help=help, **argparse_kw)}
 
 
@@ -30,14 +32,18 @@ def runtime(flag_metadata: dict | None = None) -> dict:
     return {"runtime": True, **(flag_metadata or {})}
 
 
-def _parts(config_cls: type) -> Iterator[tuple[str, dataclasses.Field]]:
-    """(part, field) for the fields of config_cls ("") and of its dataclass-valued fields (their name)."""
+def _parts(config_cls: type, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dataclasses.Field]]:
+    """(path, field) for the fields of config_cls (path ()) and, after them, of its dataclass-valued fields,
+    at any depth (path ("model", "lrn") for ModelConfig's LRNConfig)."""
+    nested = []
     for f in dataclasses.fields(config_cls):
         inner = f.default_factory if f.default_factory is not dataclasses.MISSING else None
         if isinstance(inner, type) and dataclasses.is_dataclass(inner):
-            yield from ((f.name, g) for g in dataclasses.fields(inner))
+            nested.append((f.name, inner))
         else:
-            yield "", f
+            yield path, f
+    for name, inner in nested:
+        yield from _parts(inner, path + (name,))
 
 
 def runtime_fields(config_cls: type) -> tuple[str, ...]:
@@ -45,21 +51,11 @@ def runtime_fields(config_cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(config_cls) if f.metadata.get("runtime"))
 
 
-def declared_flags(config_cls: type) -> list[tuple[str, dataclasses.Field]]:
-    """(part, field) of every field of config_cls and its parts that declares a flag."""
-    return [(part, f) for part, f in _parts(config_cls) if "flag" in f.metadata]
-
-
-def add_declared_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One argparse option per declared flag; its value is None when the command line leaves it out."""
-    for _part, f in declared_flags(config_cls):
-        kw = {k: v for k, v in f.metadata["flag"].items() if k not in ("convert", "dest")}
-        if f.default is False and "action" not in kw:
-            kw["action"] = "store_true"
-        elif "type" not in kw and "action" not in kw and f.default not in (None, dataclasses.MISSING):
-            kw["type"] = type(f.default)
-        dest = flag_dest(f)
-        parser.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None, **kw)
+def declared_flags(config_cls: type, runtime: bool | None = None) -> list[tuple[tuple[str, ...], dataclasses.Field]]:
+    """(path, field) of every field of config_cls and its parts that declares a flag; only the runtime
+    ones, or only the recipe ones, if `runtime` says which."""
+    return [(path, f) for path, f in _parts(config_cls) if "flag" in f.metadata
+            and runtime in (None, bool(f.metadata.get("runtime")))]
 
 
 def flag_dest(f: dataclasses.Field) -> str:
@@ -67,26 +63,73 @@ def flag_dest(f: dataclasses.Field) -> str:
     return f.metadata["flag"].get("dest", f.name)
 
 
+def runtime_flags(config_cls: type) -> set[str]:
+    """The dests of the declared runtime flags: those a resumed run takes from its command line."""
+    return {flag_dest(f) for _path, f in declared_flags(config_cls, runtime=True)}
+
+
+def add_declared_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, config_cls: type,
+                       runtime: bool | None = None) -> None:
+    """One argparse option per declared flag (the runtime ones, or the recipe ones, if `runtime` says
+    which); its value is None when the command line leaves it out."""
+    for _path, f in declared_flags(config_cls, runtime):
+        kw = {k: v for k, v in f.metadata["flag"].items() if k not in ("convert", "dest", "negate")}
+        if isinstance(f.default, bool) and "action" not in kw:
+            kw["action"] = "store_true"
+        elif "type" not in kw and "action" not in kw and f.default not in (None, dataclasses.MISSING):
+            kw["type"] = type(f.default)
+        dest = flag_dest(f)
+        parser.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None, **kw)
+
+
+def _field_value(f: dataclasses.Field, value: Any) -> Any:
+    """A parsed flag's value as its field holds it."""
+    spec = f.metadata["flag"]
+    if spec.get("negate"):
+        return not value
+    return spec["convert"](value) if "convert" in spec else value
+
+
+def _replaced(obj: Any, changes: dict[tuple[str, ...], dict[str, Any]], path: tuple[str, ...] = ()) -> Any:
+    """obj with changes[path] on itself and changes[path + (name,)] on its part `name`, at any depth;
+    each config is built once, with all its changes (its checks see the finished config)."""
+    parts = {name: _replaced(getattr(obj, name), changes, path + (name,))
+             for name in {p[len(path)] for p in changes if len(p) > len(path) and p[:len(path)] == path}}
+    return dataclasses.replace(obj, **changes.get(path, {}), **parts)
+
+
 def apply_declared_flags(cfg: Any, args: argparse.Namespace) -> Any:
     """cfg with every declared flag the command line gave."""
-    changes: dict[str, dict[str, Any]] = {}
-    for part, f in declared_flags(type(cfg)):
+    changes: dict[tuple[str, ...], dict[str, Any]] = {}
+    for path, f in declared_flags(type(cfg)):
         value = getattr(args, flag_dest(f), None)
         if value is not None:
-            convert = f.metadata["flag"].get("convert")
-            changes.setdefault(part, {})[f.name] = convert(value) if convert else value
-    top = changes.pop("", {})
-    parts = {part: dataclasses.replace(getattr(cfg, part), **values) for part, values in changes.items()}
-    return dataclasses.replace(cfg, **top, **parts)
+            changes.setdefault(path, {})[f.name] = _field_value(f, value)
+    return _replaced(cfg, changes) if changes else cfg
 
 
 def recipe_flag_settings(config_cls: type) -> dict[str, Callable[[Any], Any]]:
-    """For each declared recipe flag: how to read its setting from a config (to compare on resume)."""
-    def getter(part: str, name: str) -> Callable[[Any], Any]:
-        return lambda cfg: getattr(getattr(cfg, part) if part else cfg, name)
+    """For each declared recipe flag: how to read its setting from a config, as the flag writes it (to
+    compare on resume, and to name it: --no-flip's setting is `not flip`)."""
+    def getter(path: tuple[str, ...], f: dataclasses.Field) -> Callable[[Any], Any]:
+        def setting(cfg: Any) -> Any:
+            for name in path:
+                cfg = getattr(cfg, name)
+            value = getattr(cfg, f.name)
+            return not value if f.metadata["flag"].get("negate") else value
+        return setting
 
-    return {flag_dest(f): getter(part, f.name) for part, f in declared_flags(config_cls)
-            if not f.metadata.get("runtime")}
+    return {flag_dest(f): getter(path, f) for path, f in declared_flags(config_cls, runtime=False)}
+
+
+def as_flag(dest: str, value: Any) -> str:
+    """A setting as the command line writes it: `--lr 0.02`, `--no-flip`, `--milestones 25 51 79`."""
+    name = "--" + dest.replace("_", "-")
+    if isinstance(value, bool):
+        return name if value else f"no {name}"
+    if isinstance(value, tuple):
+        return " ".join([name, *map(str, value)]) if value else f"{name} (none)"
+    return f"{name} {'(all)' if value is None else format(value, 'g') if isinstance(value, float) else value}"
 
 
 def merge_runtime(saved: Any, requested: Any, keep_saved: tuple[str, ...] = ()) -> Any:

@@ -1,397 +1,39 @@
-"""The paper's training (section 5): the loop and validation, around the owners of the checkpoint format
-(repro.checkpoint), the run folder (repro.run_folder) and the stop agreement (repro.stop).
+"""The paper's training (section 5): `train` sets a run up, `fit` trains it (epochs of steps, a check
+point every few steps, validation and latest.pt at each epoch's end), and the closing evaluation
+scores it.
 
-Launched by scripts/train_two_gpu.py. Everything a step does is a pure function of (seed, epoch,
-step, replica) and the checkpointed state, so an interrupted run resumes to the same weights.
+    torchrun --nproc_per_node=2 scripts/train_two_gpu.py
+
+The loop works on a `Run`, which repro.run_setup builds. Around it, one owner per concern: the
+checkpoint format (repro.checkpoint), the run folder (repro.run_folder), the stop agreement
+(repro.stop) and metrics.jsonl (repro.metrics). Everything a step does is a pure function of (seed,
+epoch, step, replica) and the checkpointed state, so an interrupted run resumes to the same weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
+from torch import Tensor
 
-from repro.checkpoint import ResumePoint, read, resume_point, write_training
+from repro.checkpoint import ResumePoint, write_training
 from repro.cli import RunDiverged, out_of_memory_advice, raised_on_every_rank
 from repro.config import TrainConfig
-from repro.data.augment import Augment, Stats, draw_params, step_generator
-from repro.data.datasets import open_splits
-from repro.data.loader import eval_indices, iterate, steps_per_epoch, train_batches
-from repro.data.skipped import SkippedFiles, gather_and_write
-from repro.data.stats import cached_stats, default_cache_dirs
-from repro.dist import Topology, all_reduce_sum, init_topology, shutdown
+from repro.data.augment import draw_params, step_generator
+from repro.data.loader import Batch, eval_indices, iterate, train_batches
+from repro.data.skipped import gather_and_write
+from repro.dist import all_reduce_sum, init_topology, shutdown
 from repro.evaluate import Counts, EvalSpec, RunningCounts, autocast, evaluate
-from repro.metrics import MetricsLog, Progress, format_eta
-from repro.model import lrn_triton
-from repro.optim import LRSchedule, paper_optimizer, unreached_milestones
-from repro.parallel import Replica, one_tower_message
-from repro.run_folder import on_main_rank, prepare_run_dir, removed_if_setup_fails, restart_resume
-from repro.run_report import closing_table_written, final_report
-from repro.settings import merge_runtime
-from repro.stop import StopAgreement
+from repro.metrics import StepLosses, format_eta
+from repro.optim import unreached_milestones
+from repro.run_folder import on_main_rank, removed_if_setup_fails, restart_resume
+from repro.run_report import closing_table_written, write_report
+from repro.run_setup import Run, setup
 
-
-def resumed_config(requested: TrainConfig, saved: dict, keep_saved: tuple[str, ...] = ()) -> TrainConfig:
-    """The checkpoint's recipe with the requested runtime fields (declared in repro/config.py), except
-    those in `keep_saved` (how long to run, when the command line did not say: the run's own budget)."""
-    return merge_runtime(TrainConfig.from_dict(saved), requested, keep_saved)
-
-
-def read_on_main_rank(path: str, topo: Topology) -> dict:
-    """The checkpoint, read by rank 0 and sent to every rank, so that a multi-node run resumes
-    without its run directory on a shared filesystem. A bad path or file is the same clear error on
-    every rank."""
-    return on_main_rank(lambda: read(path, "cpu"), topo)
-
-
-def resume_point_on_every_rank(path: str, topo: Topology) -> ResumePoint:
-    """The run state to continue from `path`; a checkpoint this launch cannot continue is the same
-    clear error on every rank."""
-    ckpt = read_on_main_rank(path, topo)
-    try:  # every rank has the checkpoint: all raise alike
-        return resume_point(ckpt, path, topo.replicas)
-    except ValueError as exc:
-        raise raised_on_every_rank(exc) from None
-
-
-class Trainer:
-    def __init__(self, cfg: TrainConfig, topo: Topology, resume: str | None = None,
-                 keep_saved: tuple[str, ...] = (), check_recipe: Callable[[TrainConfig], None] | None = None):
-        lrn_triton.check_choice()  # a bad REPRO_LRN_KERNEL fails in seconds, not after the data is read
-        ckpt = resume_point_on_every_rank(resume, topo) if resume else None
-        if ckpt:
-            try:  # every rank has the checkpoint: all raise alike
-                if check_recipe:
-                    check_recipe(TrainConfig.from_dict(ckpt.train_config))
-            except ValueError as exc:
-                raise raised_on_every_rank(exc) from None
-            cfg = resumed_config(cfg, ckpt.train_config, keep_saved)
-        self.topo, self.out = topo, Path(cfg.out)
-        on_main_rank(lambda: prepare_run_dir(self.out, resume), topo)
-        if topo.towers == 2 and cfg.model.towers != 2:  # before the data is read: fail in seconds, not minutes
-            raise raised_on_every_rank(ValueError(one_tower_message(cfg.model)))
-        if topo.device.type == "cuda":
-            # Every training batch has one shape, so cuDNN's autotuner pays off after the first step.
-            # (GPU runs are not bit-repeatable anyway: some CUDA backward kernels sum with atomics.)
-            torch.backends.cudnn.benchmark = True
-        self.train_set, self.val_set = open_splits(cfg.data)
-        self.cfg = cfg = self._fit_classes(cfg, ckpt)
-        # stored JPEGs decode on this GPU, or (None) in the loader's CPU workers
-        self.decode_device = topo.device if cfg.data.decode == "gpu" else None
-        self.stats = self._stats(ckpt)
-        # unreadable files by name, added to the run folder's skipped.txt (the statistics pass's first)
-        self.unreadable = SkippedFiles.load(self.out) if topo.is_main else SkippedFiles()
-        self.augment = Augment(cfg.data, self.stats, topo.device)
-        torch.manual_seed(cfg.seed)  # the initial weights
-        self.replica = Replica(topo, cfg.model, ckpt.model if ckpt else None, cfg.channels_last,
-                               cfg.compile_mode if cfg.compile else None)
-        self.optimizer = paper_optimizer(self.replica.net, cfg.optim, compiled=cfg.compile)
-        self.schedule = LRSchedule(cfg.optim)
-        self.progress = Progress()
-        self.saved_step: int | None = None  # the step of the last checkpoint this process wrote
-        self.resumed_from = resume
-        self.best_top1 = math.inf
-        self.log = MetricsLog(self.out / "metrics.jsonl", enabled=topo.is_main)
-        if ckpt:
-            self._restore(ckpt)
-        self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.batch_size, topo.replicas)
-        self.stop = StopAgreement(topo, self.say)
-        self.stopped_by_signal = False  # set on every rank when they stop for a SIGTERM or Ctrl-C
-        self.nothing_to_train = False  # the run's budget was spent before this launch
-        self.pin = topo.device.type == "cuda"
-        # Pairs' batches can differ in size only where images can be unreadable: files decoded on the CPU.
-        gpu_decoded = getattr(self.train_set, "encoded", False) and self.decode_device is not None
-        self.uneven_batches = topo.replicas > 1 and not getattr(self.train_set, "in_memory", False) and not gpu_decoded
-        self.carried_counts = self._carried_counts(ckpt)
-
-    def say(self, msg: str) -> None:
-        if self.topo.is_main:
-            print(msg, flush=True)
-
-    # --- setup ---------------------------------------------------------------------------------
-
-    def _fit_classes(self, cfg: TrainConfig, ckpt: ResumePoint | None) -> TrainConfig:
-        n = self.train_set.num_classes
-        if n < 2:
-            raise ValueError(f"{self.train_set.name} has {n} class ({', '.join(self.train_set.classes)}): a classifier "
-                             f"needs at least two (for --dataset folder, one subfolder of images per class)")
-        if ckpt and ckpt.classes and list(ckpt.classes) != list(self.train_set.classes):
-            raise ValueError(f"the checkpoint was trained on other classes than {self.train_set.name} "
-                             f"({len(ckpt.classes)} vs {n}); resume with the same --data")
-        if cfg.model.num_classes != n:
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=n))
-        return cfg
-
-    def _stats(self, ckpt: ResumePoint | None) -> Stats | None:
-        if ckpt and ckpt.stats:
-            return Stats(**ckpt.stats)
-        d = self.cfg.data
-        if d.mean == "none" and d.pca != "dataset":
-            return None
-        idx = torch.arange(len(self.train_set))
-        if d.stats_images and d.stats_images < len(idx):
-            idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(self.cfg.seed))[:d.stats_images]]
-
-        def batches():  # loader batches: cached_stats names their unreadable files in the run folder
-            return iterate(self.train_set, idx.split(100), d.workers, decode_device=self.decode_device)
-
-        dirs = default_cache_dirs(d.root, self.out)
-        say = self.say if self.topo.is_main else (lambda _msg: None)
-        if not self.topo.is_main and self.topo.backend:
-            torch.distributed.barrier()  # rank 0 computes and caches first; the others then load
-        stats = cached_stats(self.train_set, d.base_size, batches, dirs, d.stats_images, say, self.topo.device,
-                             subset_seed=self.cfg.seed, skipped_to=self.out if self.topo.is_main else None)
-        if self.topo.is_main and self.topo.backend:
-            torch.distributed.barrier()
-        return stats
-
-    def _carried_counts(self, ckpt: ResumePoint | None) -> Counts | None:
-        """Training errors counted in the interrupted epoch before the checkpoint, kept on rank 0 (the
-        epoch's counts are summed over all ranks), so a resumed epoch reports the whole epoch."""
-        if ckpt and ckpt.epoch_train_counts and self.topo.is_main:
-            return Counts.from_list(ckpt.epoch_train_counts)
-        return None
-
-    def _restore(self, ckpt: ResumePoint) -> None:
-        r = self.replica
-        self.optimizer.load_velocities(r.net.named_parameters(), r.local_from_grouped(ckpt.velocity))
-        self.schedule.load_state_dict(ckpt.schedule)
-        self.progress = Progress(**ckpt.progress)
-        self.best_top1 = ckpt.best_val_top1
-        self.log.truncate_after(self.progress.global_step, self.progress.epoch)
-        p = self.progress
-        self.say(f"resumed in epoch {p.epoch + 1} after its step {p.step_in_epoch} (global step {p.global_step})")
-
-    # --- checkpoints ---------------------------------------------------------------------------
-
-    def save(self, name: str, also_best: bool = False) -> None:
-        """Collective over all ranks (the epoch's partial counts) and pair 0 (tower 1 sends its
-        block); rank 0 writes."""
-        self._check_weights_finite()
-        inside_epoch = self.progress.step_in_epoch > 0  # the same on every rank
-        self.saved_step = self.progress.global_step
-        partial = all_reduce_sum(self.meter.counts().as_list(), self.topo) if inside_epoch else None
-        if self.topo.replica != 0:
-            return
-        r = self.replica
-        model = r.model_state()
-        velocity = r.grouped(self.optimizer.velocities(r.net.named_parameters()))
-        if not self.topo.is_main:
-            return
-        point = ResumePoint(train_config=self.cfg.to_dict(), model=model, velocity=velocity,
-                            schedule=self.schedule.state_dict(), progress=dataclasses.asdict(self.progress),
-                            best_val_top1=self.best_top1, classes=list(self.train_set.classes),
-                            stats=dataclasses.asdict(self.stats) if self.stats else None,
-                            epoch_train_counts=partial, replicas=self.topo.replicas)
-        write_training(point, [self.out / name] + ([self.out / "best.pt"] if also_best else []), self.topo.towers)
-
-    # --- the loop ------------------------------------------------------------------------------
-
-    def _should_stop(self) -> bool:
-        every = self.cfg.stop_check_every or (20 if self.topo.device.type == "cuda" else 1)
-        if self.progress.global_step % every:
-            return False
-        return self.stop.agree().signalled
-
-    def _budget_left(self) -> bool:
-        return self.cfg.max_steps is None or self.progress.global_step < self.cfg.max_steps
-
-    def fit(self) -> None:
-        if self.progress.epoch >= self.cfg.epochs or not self._budget_left():
-            self.say(f"nothing to train: the run has taken {self.progress.global_step} steps and {self.progress.epoch} "
-                     f"epochs of its budget (--max-steps {self.cfg.max_steps}, --epochs {self.cfg.epochs}); "
-                     f"pass a larger one with --resume to continue")
-            self.nothing_to_train = True
-            return
-        o = self.cfg.optim
-        if o.schedule == "milestones" and not o.milestones:
-            self.say(f"note: --milestones gave no epoch: the rate stays {o.lr:g} for the whole run")
-        unreached = unreached_milestones(o, self.cfg.epochs)
-        if unreached:
-            self.say(f"warning: milestones {', '.join(map(str, unreached))} lie at or past the run's last epoch "
-                     f"(--epochs {self.cfg.epochs}; milestone m divides the rate from 0-based epoch m): the rate "
-                     f"is not divided there; " + ("more --epochs reach them" if self.resumed_from else
-                                                    "pass --milestones within the run, or more --epochs"))
-        advice = ("" if self.cfg.amp == "bf16" else "pass --amp bf16, or ") + "start a new run with a smaller --batch-size"
-        # once around the loop, not per step; validation names its own flag (validate)
-        with self.stop.listening(), out_of_memory_advice(
-                f"in a training step of {self.cfg.batch_size} images per pair", advice):
-            while self.progress.epoch < self.cfg.epochs and self._budget_left():
-                if not self._train_epoch():
-                    return
-                self._end_epoch()
-            # A signal after the last stop check (the last epoch's validation, the last steps between
-            # checks): latest.pt is saved already, and a preempted job ends without the closing evaluation.
-            if self.stop.agree().signalled:
-                self.say("SIGTERM or Ctrl-C after the last step: latest.pt holds the run; stopping")
-                self.stopped_by_signal = True
-
-    def _train_epoch(self) -> bool:
-        """One epoch from the saved position; False if the run stopped inside it."""
-        cfg, topo, p = self.cfg, self.topo, self.progress
-        self.optimizer.set_lr(self.schedule.start_epoch(p.epoch), p.epoch)
-        self.replica.train_module.train()
-        index_lists = train_batches(len(self.train_set), cfg.batch_size, topo.replicas, topo.replica,
-                                    cfg.seed, p.epoch, p.step_in_epoch)
-        self.meter = RunningCounts(self.carried_counts)  # train errors, summed on the device
-        self.carried_counts = None
-        tick, losses = time.perf_counter(), []
-        for batch in iterate(self.train_set, index_lists, cfg.data.workers, self.pin, self.decode_device):
-            params = draw_params(cfg.batch_size, cfg.data,
-                                 step_generator(cfg.seed, p.epoch, p.step_in_epoch, topo.replica), p.epoch)
-            if topo.holds_logits:  # one tower per pair counts what both dropped
-                self.meter.skipped += batch.skipped  # unreadable images, dropped from the batch
-            self.unreadable.add(batch)  # ... and their names (both towers read the same files: kept once)
-            if len(batch.labels) or self.uneven_batches:  # an empty batch still joins the other pairs' step
-                loss = self._step(batch, params)
-                if len(batch.labels):
-                    losses.append(loss)
-            p.step_in_epoch += 1
-            p.global_step += 1
-            if p.global_step % cfg.log_every == 0 or p.step_in_epoch == self.steps_per_epoch:
-                tick = self._log_steps(losses, tick)
-                losses = []
-            if self._should_stop():
-                self._log_steps(losses, tick)  # the steps since the last line: the checkpoint holds them
-                self.say("SIGTERM or Ctrl-C: saving latest.pt and stopping")
-                self.stopped_by_signal = True
-                self.save("latest.pt")
-                return False
-            if not self._budget_left():
-                self._log_steps(losses, tick)
-                if p.step_in_epoch == self.steps_per_epoch:  # the epoch is complete: it ends as usual
-                    self.say(f"reached the step budget ({cfg.max_steps} steps) at the end of epoch {p.epoch + 1}")
-                    return True
-                self.say(f"reached the step budget ({cfg.max_steps} steps): saving latest.pt")
-                self.save("latest.pt")
-                return False
-        return True
-
-    def _step(self, batch, params) -> torch.Tensor:
-        """One optimiser step; returns the batch's mean loss, for the log."""
-        dev, n = self.topo.device, len(batch.labels)
-        if n:
-            x = self.augment.train_batch(batch.images.to(dev, non_blocking=True), params.subset(n))
-        else:  # every image unreadable: nothing to augment (union_loss runs a placeholder)
-            x = torch.zeros(0, 3, self.cfg.data.crop_size, self.cfg.data.crop_size, device=dev)
-        y = batch.labels.to(dev, non_blocking=True)
-        with autocast(dev, self.cfg.amp):
-            if self.uneven_batches:
-                loss, out, logged = self.replica.union_loss(x, y)
-            else:
-                out = self.replica.train_module(x)
-                loss = logged = self.replica.loss(out, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        if out.shape[-1] and n:
-            self.meter.add(out.detach().float().softmax(1), y)
-        return logged.detach()
-
-    def _log_steps(self, losses: list[torch.Tensor], tick: float) -> float:
-        """The progress line and the steps' metrics; collective (every rank calls it at the same steps),
-        so that all stop together where the loss stopped being finite."""
-        now, p = time.perf_counter(), self.progress
-        if not losses or not self.topo.is_main:
-            self._stop_if_diverged(None)
-            return now
-        values = torch.stack(losses).float().tolist()  # one device sync per log line
-        first = p.global_step - len(values) + 1
-        for i, loss in enumerate(values):
-            self.log.write(kind="step", step=first + i, epoch=p.epoch, loss=loss, lr=self.optimizer.base_lr)
-        self._stop_if_diverged(next((first + i for i, v in enumerate(values) if not math.isfinite(v)), None))
-        rate = len(values) * self.cfg.batch_size * self.topo.replicas / max(now - tick, 1e-9)
-        total = self.steps_per_epoch * self.cfg.epochs
-        if self.cfg.max_steps is not None:
-            total = min(total, self.cfg.max_steps)
-        eta = (total - p.global_step) * self.cfg.batch_size * self.topo.replicas / rate
-        self.log.write(kind="speed", step=p.global_step, img_per_s=rate)
-        self.say(f"{self._position(total)} loss {values[-1]:.4f} lr {self.optimizer.base_lr:.2e} {rate:.1f} img/s "
-                 f"ETA {format_eta(eta)}")
-        return now
-
-    def _position(self, total: int) -> str:
-        """Where the run is, against the budget it runs: "step 10/60" for a step budget that ends before
-        the epochs do (the CPU budget), else "epoch 1/90 step 10/937"."""
-        p = self.progress
-        if total < self.steps_per_epoch * self.cfg.epochs:
-            return f"step {p.global_step}/{total}" + (f" (epoch {p.epoch + 1})" if p.epoch else "")
-        return f"epoch {p.epoch + 1}/{self.cfg.epochs} step {p.step_in_epoch}/{self.steps_per_epoch}"
-
-    def _stop_if_diverged(self, bad_step: int | None) -> None:
-        """Raise on every rank if rank 0 saw a loss that is NaN or infinite, before anything is saved:
-        latest.pt and best.pt keep the last state that trained, and a run does not go on for days
-        on NaN weights."""
-        bad = self.stop.agree(bad_loss_step=bad_step).bad_loss_step
-        if bad:
-            raise self._diverged(f"the loss is not finite from step {bad}")
-
-    def _diverged(self, what: str) -> RunDiverged:
-        saved = (f"{self.out / 'latest.pt'} holds step {self.saved_step}" if self.saved_step is not None
-                 else f"the checkpoint it resumed from ({self.resumed_from}) is untouched" if self.resumed_from
-                 else "no checkpoint had been written")
-        message = (f"training diverged: {what} (lr {self.optimizer.base_lr:.2e}; every step's loss is in "
-                   f"{self.out / 'metrics.jsonl'}). Stopped without saving: {saved}. A new run with a lower --lr "
-                   f"or another --seed may train")
-        return raised_on_every_rank(RunDiverged(message))  # every rank stops here alike
-
-    def _check_weights_finite(self) -> None:
-        """Collective: the last step's update can make the weights NaN while its loss (computed before
-        it) was finite, so a checkpoint checks the weights themselves."""
-        params = list(self.replica.net.parameters())
-        finite = bool(torch.stack([p.detach().isfinite().all() for p in params]).all()) if params else True
-        if self.stop.agree(bad_weights=not finite).bad_weights:
-            raise self._diverged(f"the weights after step {self.progress.global_step} are not finite")
-
-    def _end_epoch(self) -> None:
-        p = self.progress
-        train = Counts.from_list(all_reduce_sum(self.meter.counts().as_list(), self.topo))
-        val = self.validate((1,))[1]
-        self.schedule.end_epoch(p.epoch, val.top1_error)
-        improved = val.top1_error < self.best_top1
-        self.best_top1 = min(self.best_top1, val.top1_error)
-        self.log.write(kind="epoch", epoch=p.epoch, step=p.global_step, train_loss=train.loss,
-                       train_top1_error=train.top1_error, train_top5_error=train.top5_error,
-                       val_loss=val.loss, val_top1_error=val.top1_error, val_top5_error=val.top5_error,
-                       lr=self.optimizer.base_lr, val_images=val.images,
-                       unreadable_skipped=train.skipped + val.skipped)
-        self.say(f"epoch {p.epoch + 1} done: train top-1 error {train.top1_error:.2f}% | val top-1 error "
-                 f"{val.top1_error:.2f}%, top-5 error {val.top5_error:.2f}%, loss {val.loss:.4f} ({val.images} images)"
-                 + (f"; skipped {train.skipped + val.skipped} unreadable images" if train.skipped + val.skipped else ""))
-        p.epoch, p.step_in_epoch = p.epoch + 1, 0
-        self.write_unreadable(f"epoch {p.epoch}")
-        self.save("latest.pt", also_best=improved)
-
-    def write_unreadable(self, what: str) -> None:
-        """Collective: every rank's unreadable files merged into the run folder's skipped.txt (rank 0
-        writes it and says how many and where)."""
-        self.unreadable = gather_and_write(self.unreadable, self.out, what, self.topo.is_main, self.say)
-
-    # --- evaluation ----------------------------------------------------------------------------
-
-    def validate(self, crops: tuple[int, ...]) -> dict[int, Counts]:
-        """Every validation image scored once across all pairs (both towers of a pair run it), under
-        each protocol of `crops` (1: centre patch, 10: ten patches) in one pass."""
-        idx = eval_indices(len(self.val_set), self.topo.replicas, self.topo.replica, self.cfg.data.val_images)
-        spec = EvalSpec(crops=crops, batch_size=self.cfg.eval_batch_size, amp=self.cfg.amp,
-                        workers=self.cfg.data.workers, pin=self.pin, decode_device=self.decode_device,
-                        skipped=self.unreadable)
-        net = self.replica.net.eval()
-        patches = max(crops)
-        with out_of_memory_advice(f"validating {spec.batch_size} images x {patches} patch(es) per forward",
-                                  "pass a smaller --eval-batch-size"):
-            results = evaluate([net], self.val_set, idx, self.augment, spec)
-        net.train()
-        if not self.topo.holds_logits:
-            for counts in results.values():
-                counts.skipped = 0  # tower 0 of the pair counts them
-        totals = all_reduce_sum([v for c in crops for v in results[c].as_list()], self.topo)
-        width = len(totals) // len(crops)
-        return {c: Counts.from_list(totals[i * width:(i + 1) * width]) for i, c in enumerate(crops)}
+Ended = Literal["trained", "stopped", "nothing to train"]  # how `fit` ended: "stopped" by a signal
 
 
 def train(cfg: TrainConfig, resume: str | None = None, keep_saved: tuple[str, ...] = (),
@@ -403,22 +45,239 @@ def train(cfg: TrainConfig, resume: str | None = None, keep_saved: tuple[str, ..
     try:
         resume = restart_resume(cfg.out, resume, topo)
         with removed_if_setup_fails(cfg.out, topo):
-            trainer = Trainer(cfg, topo, resume, keep_saved, check_recipe)
-        origin = getattr(trainer.train_set, "origin", None) or trainer.cfg.data.root
-        trainer.say(f"{trainer.cfg.data.dataset} (from {origin}): {len(trainer.train_set)} training images, "
-                    f"{trainer.steps_per_epoch} steps per epoch; {topo.replicas} replica(s) of "
-                    f"{topo.towers} tower(s) on {topo.device} ({topo.backend or 'one process'})")
-        trainer.fit()
-        trainer.write_unreadable("training")  # the steps since the last epoch's end (a budget, a stop)
-        if trainer.stopped_by_signal:  # a preempted job should end now, not start an evaluation
-            trainer.say(f"stopped: no closing table; --resume {trainer.out} continues the run")
+            run = setup(cfg, topo, resume, keep_saved, check_recipe)
+        ended = fit(run)
+        write_unreadable(run, "training")  # the steps since the last epoch's end (a budget, a stop)
+        if ended == "stopped":  # a preempted job should end now, not start an evaluation
+            run.say(f"stopped: no closing table; --resume {run.out} continues the run")
             return {}
-        if trainer.nothing_to_train and on_main_rank(lambda: closing_table_written(trainer), topo):
-            trainer.say(f"the closing table of step {trainer.progress.global_step} is already in "
-                        f"{trainer.out / 'results.md'}: not scored again (scripts/evaluate.py scores a checkpoint anew)")
+        if ended == "nothing to train" and on_main_rank(lambda: closing_table_written(run), topo):
+            run.say(f"the closing table of step {run.progress.global_step} is already in {run.out / 'results.md'}: "
+                    f"not scored again (scripts/evaluate.py scores a checkpoint anew)")
             return {}
-        results = final_report(trainer)
-        trainer.write_unreadable("the closing evaluation")
+        if not run.cfg.final_crops:
+            run.say("no closing table: --final-crops named no protocol (1 and/or 10)")
+            return {}
+        results = validate(run, run.cfg.final_crops)
+        if topo.is_main:
+            write_report(run, results)  # results.md, .json, .csv and the learning curves
+        write_unreadable(run, "the closing evaluation")
         return results
     finally:
         shutdown()
+
+
+def fit(run: Run) -> Ended:
+    """Train from where the run stands to the end of its budget (--epochs, --max-steps)."""
+    cfg, topo, p = run.cfg, run.topo, run.progress
+    if not budget_left(run):
+        run.say(f"nothing to train: the run has taken {p.global_step} steps and {p.epoch} epochs of its budget "
+                f"(--max-steps {cfg.max_steps}, --epochs {cfg.epochs}); pass a larger one with --resume to continue")
+        return "nothing to train"
+    warn_about_milestones(run)
+    carried = run.carried_counts  # the interrupted epoch's counts before the checkpoint
+    advice = ("" if cfg.amp == "bf16" else "pass --amp bf16, or ") + "start a new run with a smaller --batch-size"
+    # once around the loop, not per step; validation names its own flag (validate)
+    with run.stop.listening(), out_of_memory_advice(f"in a training step of {cfg.batch_size} images per pair", advice):
+        while budget_left(run):
+            run.optimizer.set_lr(run.schedule.start_epoch(p.epoch), p.epoch)
+            run.replica.train_module.train()
+            counts, carried = RunningCounts(carried), None  # training errors, summed on the device
+            losses = StepLosses(run.log, p.global_step)
+            for batch in epoch_batches(run):
+                params = draw_params(cfg.batch_size, cfg.data,
+                                     step_generator(cfg.seed, p.epoch, p.step_in_epoch, topo.replica), p.epoch)
+                losses.add(p.global_step + 1, train_step(run, batch, params, counts))
+                p.step_in_epoch, p.global_step = p.step_in_epoch + 1, p.global_step + 1
+                epoch_ends, budget_ends = p.step_in_epoch == run.steps_per_epoch, not budget_left(run)
+                line = p.global_step % cfg.log_every == 0 or epoch_ends or budget_ends
+                if line or p.global_step % run.stop_check_every == 0:
+                    signalled = check_point(run, losses)  # every rank, the same answer; raises if diverged
+                    if line or signalled:
+                        progress_line(run, losses)
+                    if signalled:
+                        run.say("SIGTERM or Ctrl-C: saving latest.pt and stopping")
+                        save(run, counts)
+                        return "stopped"
+                if budget_ends and not epoch_ends:
+                    run.say(f"reached the step budget ({cfg.max_steps} steps): saving latest.pt")
+                    save(run, counts)
+                    return "trained"
+                if budget_ends:  # on the epoch's last step: the epoch ends as usual
+                    run.say(f"reached the step budget ({cfg.max_steps} steps) at the end of epoch {p.epoch + 1}")
+            end_epoch(run, counts)
+        # A signal after the last check point (the last epoch's validation): latest.pt is saved already,
+        # and a preempted job ends without the closing evaluation.
+        if run.stop.agree().signalled:
+            run.say("SIGTERM or Ctrl-C after the last step: latest.pt holds the run; stopping")
+            return "stopped"
+    return "trained"
+
+
+# --- the loop's pieces, in the order the loop calls them ----------------------------------------
+
+def budget_left(run: Run) -> bool:
+    p, cfg = run.progress, run.cfg
+    return p.epoch < cfg.epochs and (cfg.max_steps is None or p.global_step < cfg.max_steps)
+
+
+def epoch_batches(run: Run):
+    """This pair's batches for the rest of the epoch, from the step the run stands at."""
+    cfg, topo, p, data = run.cfg, run.topo, run.progress, run.data
+    index_lists = train_batches(len(data.train_set), cfg.batch_size, topo.replicas, topo.replica, cfg.seed,
+                                p.epoch, p.step_in_epoch)
+    return iterate(data.train_set, index_lists, cfg.data.workers, data.pin, data.decode_device)
+
+
+def train_step(run: Run, batch: Batch, params, counts: RunningCounts) -> Tensor | None:
+    """One optimiser step; the batch's mean loss, for the log (None: no image of this pair's batch
+    was readable)."""
+    dev, n, data = run.topo.device, len(batch.labels), run.data
+    if run.topo.holds_logits:  # one tower per pair counts what both dropped
+        counts.skipped += batch.skipped  # unreadable images, dropped from the batch
+    data.unreadable.add(batch)  # ... and their names (both towers read the same files: kept once)
+    if not n and not data.uneven_batches:
+        return None
+    if n:  # an empty batch still joins the other pairs' step (union_loss runs a placeholder)
+        x = data.augment.train_batch(batch.images.to(dev, non_blocking=True), params.subset(n))
+    else:
+        x = torch.zeros(0, 3, run.cfg.data.crop_size, run.cfg.data.crop_size, device=dev)
+    y = batch.labels.to(dev, non_blocking=True)
+    with autocast(dev, run.cfg.amp):
+        if data.uneven_batches:
+            loss, out, logged = run.replica.union_loss(x, y)
+        else:
+            out = run.replica.train_module(x)
+            loss = logged = run.replica.loss(out, y)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    if out.shape[-1] and n:
+        counts.add(out.detach().float().softmax(1), y)
+    return logged.detach() if n else None
+
+
+def check_point(run: Run, losses: StepLosses) -> bool:
+    """The stop agreement's one collective: rank 0 writes the steps' losses to metrics.jsonl, and
+    every rank raises if a loss or the weights are not finite, before anything is saved (latest.pt and
+    best.pt keep the last state that trained; a run does not go on for days on NaN weights). The
+    weights are checked too because the last update can make them NaN after a finite loss. True: some
+    rank was asked to stop (SIGTERM, Ctrl-C)."""
+    bad_step = losses.read(run.progress.epoch, run.optimizer.base_lr)
+    params = [p.detach().isfinite().all() for p in run.replica.net.parameters()]
+    finite = bool(torch.stack(params).all()) if params else True
+    verdict = run.stop.agree(bad_loss_step=bad_step, bad_weights=not finite)
+    if verdict.bad_loss_step:
+        raise diverged(run, f"the loss is not finite from step {verdict.bad_loss_step}")
+    if verdict.bad_weights:
+        raise diverged(run, f"the weights after step {run.progress.global_step} are not finite")
+    return verdict.signalled
+
+
+def diverged(run: Run, what: str) -> RunDiverged:
+    saved = (f"{run.out / 'latest.pt'} holds step {run.saved_step}" if run.saved_step is not None
+             else f"the checkpoint it resumed from ({run.resumed_from}) is untouched" if run.resumed_from
+             else "no checkpoint had been written")
+    message = (f"training diverged: {what} (lr {run.optimizer.base_lr:.2e}; every step's loss is in "
+               f"{run.out / 'metrics.jsonl'}). Stopped without saving: {saved}. A new run with a lower --lr "
+               f"or another --seed may train")
+    return raised_on_every_rank(RunDiverged(message))  # every rank stops here alike
+
+
+def progress_line(run: Run, losses: StepLosses) -> None:
+    """Where the run stands against the budget it runs, the last loss, the speed and the time left:
+    "step 10/60" for a step budget that ends before the epochs do (the CPU budget), else
+    "epoch 1/90 step 10/937"."""
+    cfg, p, per_epoch = run.cfg, run.progress, run.steps_per_epoch
+    images_per_step = cfg.batch_size * run.topo.replicas
+    read = losses.line(p.global_step, images_per_step)
+    if read is None or not run.topo.is_main:
+        return
+    loss, rate = read
+    total = min(per_epoch * cfg.epochs, cfg.max_steps or math.inf)
+    if total < per_epoch * cfg.epochs:
+        where = f"step {p.global_step}/{total}" + (f" (epoch {p.epoch + 1})" if p.epoch else "")
+    else:
+        where = f"epoch {p.epoch + 1}/{cfg.epochs} step {p.step_in_epoch}/{per_epoch}"
+    eta = (total - p.global_step) * images_per_step / rate
+    run.say(f"{where} loss {loss:.4f} lr {run.optimizer.base_lr:.2e} {rate:.1f} img/s ETA {format_eta(eta)}")
+
+
+def save(run: Run, counts: RunningCounts, also_best: bool = False) -> None:
+    """latest.pt (and best.pt). Collective over all ranks (the epoch's partial counts) and pair 0
+    (tower 1 sends its block); rank 0 writes. The check point before it found the weights finite."""
+    inside_epoch = run.progress.step_in_epoch > 0  # the same on every rank
+    run.saved_step = run.progress.global_step
+    partial = all_reduce_sum(counts.counts().as_list(), run.topo) if inside_epoch else None
+    if run.topo.replica != 0:
+        return
+    r = run.replica
+    model, velocity = r.model_state(), r.grouped(run.optimizer.velocities(r.net.named_parameters()))
+    if not run.topo.is_main:
+        return
+    point = ResumePoint(train_config=run.cfg.to_dict(), model=model, velocity=velocity,
+                        schedule=run.schedule.state_dict(), progress=dataclasses.asdict(run.progress),
+                        best_val_top1=run.best_top1, classes=list(run.data.train_set.classes),
+                        stats=dataclasses.asdict(run.data.stats) if run.data.stats else None,
+                        epoch_train_counts=partial, replicas=run.topo.replicas)
+    write_training(point, [run.out / "latest.pt"] + ([run.out / "best.pt"] if also_best else []), run.topo.towers)
+
+
+def end_epoch(run: Run, counts: RunningCounts) -> None:
+    """Collective: the epoch's training and validation errors, the schedule's step, the epoch's record,
+    and latest.pt (best.pt too when validation improved)."""
+    p = run.progress
+    train = Counts.from_list(all_reduce_sum(counts.counts().as_list(), run.topo))
+    val = validate(run, (1,))[1]
+    run.schedule.end_epoch(p.epoch, val.top1_error)
+    improved = val.top1_error < run.best_top1
+    run.best_top1 = min(run.best_top1, val.top1_error)
+    skipped = train.skipped + val.skipped
+    run.log.write(kind="epoch", epoch=p.epoch, step=p.global_step, train_loss=train.loss,
+                  train_top1_error=train.top1_error, train_top5_error=train.top5_error,
+                  val_loss=val.loss, val_top1_error=val.top1_error, val_top5_error=val.top5_error,
+                  lr=run.optimizer.base_lr, val_images=val.images, unreadable_skipped=skipped)
+    run.say(f"epoch {p.epoch + 1} done: train top-1 error {train.top1_error:.2f}% | val top-1 error "
+            f"{val.top1_error:.2f}%, top-5 error {val.top5_error:.2f}%, loss {val.loss:.4f} ({val.images} images)"
+            + (f"; skipped {skipped} unreadable images" if skipped else ""))
+    p.epoch, p.step_in_epoch = p.epoch + 1, 0
+    write_unreadable(run, f"epoch {p.epoch}")
+    save(run, counts, also_best=improved)
+
+
+def validate(run: Run, crops: tuple[int, ...]) -> dict[int, Counts]:
+    """Collective: every validation image scored once across all pairs (both towers of a pair run it),
+    under each protocol of `crops` (1: centre patch, 10: ten patches) in one pass."""
+    cfg, topo, data = run.cfg, run.topo, run.data
+    idx = eval_indices(len(data.val_set), topo.replicas, topo.replica, cfg.data.val_images)
+    spec = EvalSpec(crops=crops, batch_size=cfg.eval_batch_size, amp=cfg.amp, workers=cfg.data.workers,
+                    pin=data.pin, decode_device=data.decode_device, skipped=data.unreadable)
+    net = run.replica.net.eval()
+    with out_of_memory_advice(f"validating {spec.batch_size} images x {max(crops)} patch(es) per forward",
+                              "pass a smaller --eval-batch-size"):
+        results = evaluate([net], data.val_set, idx, data.augment, spec)
+    net.train()
+    if not topo.holds_logits:
+        for counts in results.values():
+            counts.skipped = 0  # tower 0 of the pair counts them
+    totals = all_reduce_sum([v for c in crops for v in results[c].as_list()], topo)
+    width = len(totals) // len(crops)
+    return {c: Counts.from_list(totals[i * width:(i + 1) * width]) for i, c in enumerate(crops)}
+
+
+def write_unreadable(run: Run, what: str) -> None:
+    """Collective: every rank's unreadable files merged into the run folder's skipped.txt (rank 0
+    writes it and says how many and where)."""
+    run.data.unreadable = gather_and_write(run.data.unreadable, run.out, what, run.topo.is_main, run.say)
+
+
+def warn_about_milestones(run: Run) -> None:
+    o, epochs = run.cfg.optim, run.cfg.epochs
+    if o.schedule == "milestones" and not o.milestones:
+        run.say(f"note: --milestones gave no epoch: the rate stays {o.lr:g} for the whole run")
+    unreached = unreached_milestones(o, epochs)
+    if unreached:
+        run.say(f"warning: milestones {', '.join(map(str, unreached))} lie at or past the run's last epoch "
+                f"(--epochs {epochs}; milestone m divides the rate from 0-based epoch m): the rate is not divided "
+                f"there; " + ("more --epochs reach them" if run.resumed_from else
+                              "pass --milestones within the run, or more --epochs"))

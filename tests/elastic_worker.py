@@ -17,15 +17,15 @@ KILLS = {tuple(int(v) for v in item.split(":")[:2]): int(item.split(":")[2])
 HERE = (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), int(os.environ.get("RANK", "0")))
 
 if HERE in KILLS:
-    real_step = train_module.Trainer._step
+    real_step = train_module.train_step
 
-    def step_then_die(self, batch, params):
-        loss = real_step(self, batch, params)
-        if self.progress.global_step + 1 == KILLS[HERE]:
+    def step_then_die(run, batch, params, counts):
+        loss = real_step(run, batch, params, counts)
+        if run.progress.global_step + 1 == KILLS[HERE]:
             os.kill(os.getpid(), signal.SIGKILL)
         return loss
 
-    train_module.Trainer._step = step_then_die
+    train_module.train_step = step_then_die
 
 if __name__ == "__main__":
     sys.exit(main())

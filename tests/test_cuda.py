@@ -218,21 +218,22 @@ def test_a_training_step_never_makes_the_host_wait(data_root, tmp_path):  # noqa
     from repro.data.loader import iterate, train_batches
     from repro.dist import init_topology, shutdown
     from repro.evaluate import RunningCounts
-    from repro.train import Trainer
+    from repro.run_setup import setup
+    from repro.train import train_step
 
     cfg = dataclasses.replace(tiny_config(data_root, tmp_path / "run"), device="cuda")
     topo = init_topology(cfg.device, cfg.backend)
     try:
-        trainer = Trainer(cfg, topo)
-        trainer.meter = RunningCounts()
-        lists = train_batches(len(trainer.train_set), cfg.batch_size, 1, 0, cfg.seed, 0, 0)[:3]
-        batches = list(iterate(trainer.train_set, lists, 0, True, topo.device))
-        trainer._step(batches[0], draw_params(cfg.batch_size, cfg.data, step_generator(cfg.seed, 0, 0, 0)))
+        run, counts = setup(cfg, topo), RunningCounts()
+        lists = train_batches(len(run.data.train_set), cfg.batch_size, 1, 0, cfg.seed, 0, 0)[:3]
+        batches = list(iterate(run.data.train_set, lists, 0, True, topo.device))
+        train_step(run, batches[0], draw_params(cfg.batch_size, cfg.data, step_generator(cfg.seed, 0, 0, 0)), counts)
         torch.cuda.synchronize()  # warm-up done (lazy optimiser state, cuDNN's choices)
         torch.cuda.set_sync_debug_mode("error")
         try:
             for i, batch in enumerate(batches[1:], start=1):
-                trainer._step(batch, draw_params(cfg.batch_size, cfg.data, step_generator(cfg.seed, 0, i, 0)))
+                params = draw_params(cfg.batch_size, cfg.data, step_generator(cfg.seed, 0, i, 0))
+                train_step(run, batch, params, counts)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     finally:

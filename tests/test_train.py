@@ -34,6 +34,7 @@ def tiny_config(root, out, **kw) -> TrainConfig:
 
 
 def _train(rank, world, cfg_dict, resume, hooks):
+    from repro import run_setup
     from repro import train as train_module
 
     cfg = TrainConfig.from_dict(cfg_dict)
@@ -42,44 +43,44 @@ def _train(rank, world, cfg_dict, resume, hooks):
         def no_file(path, *_args):
             raise FileNotFoundError(f"rank {rank} cannot see {path}")
 
-        train_module.read = no_file
+        run_setup.read = no_file
     if "nan_loss_at" in hooks or "nan_weights_at" in hooks:  # as if diverged at that (1-based) step
-        real = train_module.Trainer._step
+        real = train_module.train_step
 
-        def nan_step(self, batch, params):
-            loss = real(self, batch, params)
-            step = self.progress.global_step + 1
+        def nan_step(run, batch, params, counts):
+            loss = real(run, batch, params, counts)
+            step = run.progress.global_step + 1
             if step == hooks.get("nan_weights_at") and rank == 0:  # the update, not the loss, went bad
-                next(self.replica.net.parameters()).data.fill_(float("nan"))
+                next(run.replica.net.parameters()).data.fill_(float("nan"))
             return loss * float("nan") if step == hooks.get("nan_loss_at") else loss
 
-        train_module.Trainer._step = nan_step
+        train_module.train_step = nan_step
         try:
             train_module.train(cfg, resume)
         except train_module.RunDiverged as exc:
             return str(exc)  # every rank must get here: none may wait for the others
         return "trained on"
-    if hooks.get("record") or "sigterm_rank" in hooks:
-        original_init = train_module.Trainer.__init__
+    if hooks.get("record"):
+        from repro.data.augment import Augment
 
-        def patched_init(self, *a, **k):
-            original_init(self, *a, **k)
-            real_batch, real_step = self.augment.train_batch, self._step
+        real_batch = Augment.train_batch
 
-            def record(images, params):
-                x = real_batch(images, params)
-                seen.append(float(x.double().sum()))
-                return x
+        def record(self, images, params):
+            x = real_batch(self, images, params)
+            seen.append(float(x.double().sum()))
+            return x
 
-            def step(batch, params):
-                loss = real_step(batch, params)
-                if "sigterm_rank" in hooks and rank == hooks["sigterm_rank"] and self.progress.global_step == 2:
-                    os.kill(os.getpid(), getattr(signal, hooks.get("signal", "SIGTERM")))  # arrives in step 3
-                return loss
+        Augment.train_batch = record
+    if "sigterm_rank" in hooks:
+        real_step = train_module.train_step
 
-            self.augment.train_batch, self._step = record, step
+        def step(run, batch, params, counts):
+            loss = real_step(run, batch, params, counts)
+            if rank == hooks["sigterm_rank"] and run.progress.global_step == 2:
+                os.kill(os.getpid(), getattr(signal, hooks.get("signal", "SIGTERM")))  # arrives in step 3
+            return loss
 
-        train_module.Trainer.__init__ = patched_init
+        train_module.train_step = step
     train_module.train(cfg, resume)
     return seen
 
@@ -137,15 +138,15 @@ def test_a_signal_during_the_last_validation_ends_the_job_without_the_closing_ev
     from repro import train as train_module
 
     cfg = dataclasses.replace(tiny_config(data_root, tmp_path / "v"), epochs=1, final_crops=(1,))
-    real_validate, calls = train_module.Trainer.validate, []
+    real_validate, calls = train_module.validate, []
 
-    def validate_then_signal(self, crops):
+    def validate_then_signal(run, crops):
         calls.append(crops)
         if len(calls) == 1:  # the epoch's validation, not the closing table's
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_validate(self, crops)
+        return real_validate(run, crops)
 
-    monkeypatch.setattr(train_module.Trainer, "validate", validate_then_signal)
+    monkeypatch.setattr(train_module, "validate", validate_then_signal)
     assert train_module.train(cfg) == {}
     assert len(calls) == 1 and not (tmp_path / "v" / "results.md").exists()
     assert "latest.pt holds the run; stopping" in capsys.readouterr().out
@@ -223,7 +224,7 @@ def test_odd_world_size_is_a_clear_error_said_once(monkeypatch, capsys):
 
 
 def test_resume_keeps_the_checkpoints_recipe(tmp_path):
-    from repro.train import resumed_config
+    from repro.run_setup import resumed_config
 
     saved = dataclasses.replace(tiny_config("data", tmp_path / "a", max_steps=3),
                                 optim=OptimConfig(lr=0.02), batch_size=16, seed=7)
@@ -429,7 +430,7 @@ def test_running_out_of_device_memory_names_the_flag_to_lower(tmp_path, data_roo
     def too_big(*_args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.")
 
-    monkeypatch.setattr(train_module.Trainer, "_step", too_big)
+    monkeypatch.setattr(train_module, "train_step", too_big)
     with pytest.raises(ValueError, match=r"out of device memory in a training step of 24 images per pair \(CUDA "
                                          r"out of memory. Tried to allocate 9.00 GiB\); pass --amp bf16, or start a "
                                          r"new run with a smaller --batch-size"):
@@ -490,3 +491,18 @@ def test_any_signal_after_a_ctrl_c_stops_at_once_but_sigterm_twice_still_saves()
     assert t.signal is not None  # a stop is requested
     with pytest.raises(KeyboardInterrupt):  # a Ctrl-C after a batch system's SIGTERM: now
         t.on_signal(signal.SIGINT, None)
+
+
+def test_each_check_point_is_one_collective(tmp_path, data_root, monkeypatch):
+    """Between steps, the stop signal, the loss and the weights are agreed in one all-reduce: 3 steps on
+    the CPU (a check point after each), then latest.pt's partial counts at the step budget."""
+    from repro import stop
+    from repro import train as train_module
+
+    calls = []
+    for module, name in ((stop, "agree"), (train_module, "other")):
+        real = module.all_reduce_sum
+        monkeypatch.setattr(module, "all_reduce_sum",
+                            lambda values, topo, name=name, real=real: calls.append(name) or real(values, topo))
+    train_module.train(tiny_config(data_root, tmp_path / "a", max_steps=3))
+    assert calls == ["agree"] * 3 + ["other"]

@@ -117,6 +117,9 @@ def test_the_script_flag_gives_the_whole_preset(tmp_path):
     given = build_config(build_parser().parse_args(["--variant", "cuda-convnet-2012", "--device", "cpu", "--out",
                                                     str(tmp_path), "--schedule", "milestones", "--milestones", "7"]))
     assert given.optim.milestones == (7,) and given.optim.bias_lr_fixed  # a flag given wins over the preset
+    plain = build_config(build_parser().parse_args(["--variant", "cuda-convnet-2012", "--device", "cpu", "--out",
+                                                    str(tmp_path), "--schedule", "plateau", "--bias-lr-mult", "1"]))
+    assert (plain.optim.schedule, plain.optim.bias_lr_mult) == ("plateau", 1.0)  # given at its default: still given
     paper = build_config(build_parser().parse_args(["--device", "cpu", "--max-steps", "1", "--out", str(tmp_path)]))
     assert paper.optim == dataclasses.replace(paper.optim, bias_lr_fixed=False, layer_lr_changes=())
     assert paper.data.mean_crop == "same" and paper.data.crop_chunk == 1 and paper.data.crop_size == 227
