@@ -383,6 +383,11 @@ def apply_variant(cfg: "TrainConfig", name: str, network: bool = True) -> "Train
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CPU_LRN_CHOICES = ("auto", "eager", "compiled")
+# --cpu-lrn auto compiles from this many training images per process: compiling costs about 40 s per
+# process on a cold cache (2-core CPU) and saves 4-8 ms per image (docs/benchmarks.md), so it pays
+# from about 10,000 images; twice that leaves a margin. The CPU budget's 3,840 images stay eager.
+AUTO_COMPILE_IMAGES = 20_000
 
 
 @dataclass(frozen=True)
@@ -418,6 +423,12 @@ class TrainConfig:
     amp: str = field(default="none", metadata=runtime(flag(
         "bf16: autocast (a speed choice; the paper trained in float32)", choices=["none", "bf16"])))
     channels_last: bool = field(default=False, metadata=runtime(flag("channels-last memory format (speed)")))
+    # Which LRN code a CPU run computes with (repro/model/lrn_cpu.py). Part of the recipe: "auto" resolves
+    # at the first launch and the checkpoints keep the answer, so a resumed run computes bit for bit alike.
+    cpu_lrn: str = field(default="auto", metadata=flag(
+        "LRN code on the CPU: compiled (the LRN 2.4-2.8x faster; each layer shape compiles once, about 12 s "
+        "on a cold cache), eager, or auto: compiled when this launch trains at least "
+        f"{AUTO_COMPILE_IMAGES:,} images per process on the CPU, else eager", choices=CPU_LRN_CHOICES))
     compile: bool = field(default=False, metadata=runtime(flag(
         "torch.compile each tower stage (or the grouped network) and the optimiser's update")))
     compile_mode: str = field(default="default", metadata=runtime(flag(
@@ -443,6 +454,8 @@ class TrainConfig:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+        if self.cpu_lrn not in CPU_LRN_CHOICES:
+            raise ValueError(f"cpu_lrn must be one of {', '.join(CPU_LRN_CHOICES)} (--cpu-lrn), got {self.cpu_lrn!r}")
         if any(c not in (1, 10) for c in self.final_crops):
             raise ValueError(f"final_crops must hold 1 and/or 10, got {self.final_crops}")
         if self.model.image_size != self.data.crop_size:

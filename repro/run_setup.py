@@ -15,7 +15,7 @@ import torch
 
 from repro.checkpoint import ResumePoint, read, resume_point
 from repro.cli import raised_on_every_rank
-from repro.config import TrainConfig
+from repro.config import AUTO_COMPILE_IMAGES, TrainConfig
 from repro.data.augment import Augment, Stats
 from repro.data.datasets import open_splits
 from repro.data.loader import iterate, steps_per_epoch
@@ -24,7 +24,7 @@ from repro.data.stats import cached_stats, default_cache_dirs
 from repro.dist import Topology
 from repro.evaluate import Counts
 from repro.metrics import MetricsLog, Progress
-from repro.model import lrn_triton
+from repro.model import lrn_cpu, lrn_triton
 from repro.optim import LRSchedule, PaperSGD, paper_optimizer
 from repro.parallel import Replica, one_tower_message
 from repro.run_folder import on_main_rank, prepare_run_dir
@@ -106,6 +106,8 @@ def setup(cfg: TrainConfig, topo: Topology, resume: str | None = None, keep_save
               LRSchedule(cfg.optim), MetricsLog(out / "metrics.jsonl", enabled=topo.is_main), resumed_from=resume)
     if point:
         restore(run, point)
+    run.cfg = with_cpu_lrn_chosen(run, resumed=point is not None)
+    lrn_cpu.set_kernel(run.cfg.cpu_lrn)
     origin = getattr(data.train_set, "origin", None) or cfg.data.root
     run.say(f"{cfg.data.dataset} (from {origin}): {len(data.train_set)} training images, {run.steps_per_epoch} "
             f"steps per epoch; {topo.replicas} replica(s) of {topo.towers} tower(s) on {topo.device} "
@@ -187,6 +189,23 @@ def dataset_stats(cfg: TrainConfig, topo: Topology, train_set, decode_device) ->
     if topo.is_main and topo.backend:
         torch.distributed.barrier()
     return stats
+
+
+def with_cpu_lrn_chosen(run: Run, resumed: bool) -> TrainConfig:
+    """The config with --cpu-lrn auto resolved, which the checkpoints then keep: compiled kernels when this
+    launch trains enough images on the CPU to win back their compile time, else eager. A resumed
+    checkpoint still saying auto was written before the choice existed: its run computed eagerly."""
+    cfg, p = run.cfg, run.progress
+    if cfg.cpu_lrn == "auto":
+        total = min(run.steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
+        images = (total - p.global_step) * cfg.batch_size
+        on_cpu = run.topo.device.type == "cpu"
+        kernel = "compiled" if on_cpu and not resumed and images >= AUTO_COMPILE_IMAGES else "eager"
+        cfg = dataclasses.replace(cfg, cpu_lrn=kernel)
+        if kernel == "compiled":
+            run.say(f"the LRN runs compiled CPU kernels (--cpu-lrn auto: {images:,} training images per process "
+                    f"in this launch); the first steps compile them once, about a minute on a cold cache")
+    return cfg
 
 
 def restore(run: Run, point: ResumePoint) -> None:

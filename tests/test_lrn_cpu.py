@@ -57,7 +57,8 @@ def test_compiled_kernels_are_the_paper_function_in_float64(channels_last, group
 def test_network_float32_runs_the_compiled_kernels_and_equals_the_eager_code(monkeypatch):
     """What the network runs: float32 channels_last through local_response_norm with the compiled kernel
     chosen. Equal to the eager code to float32 rounding; the output and gradient stay channels_last; a
-    second batch size reuses the kernels; NaN stays NaN (a diverged layer must show)."""
+    second batch size reuses the kernels; evaluation's forward writes no denominator; NaN stays NaN (a
+    diverged layer must show)."""
     calls = []
     real_run = lrn_cpu._run
     monkeypatch.setattr(lrn_cpu, "_run", lambda name, *a: calls.append(name) or real_run(name, *a))
@@ -71,11 +72,15 @@ def test_network_float32_runs_the_compiled_kernels_and_equals_the_eager_code(mon
             y.backward(torch.ones_like(y))
             outs.append(y.detach())
             grads.append(v.grad)
+        # No gradient wanted (evaluation): the kernel that writes no denominator, and the same bits, as
+        # every compiled call gives (exact resume)
+        again = local_response_norm(a, CFG, 2, relu=True)
+        assert torch.equal(again, outs[1])
         torch.testing.assert_close(outs[1], outs[0], rtol=2e-6, atol=1e-6)
         torch.testing.assert_close(grads[1], grads[0], rtol=2e-5, atol=1e-6)
         assert outs[1].is_contiguous(memory_format=torch.channels_last)
         assert grads[1].is_contiguous(memory_format=torch.channels_last)
-    assert calls == ["cl_squares", "cl_forward", "cl_backward_t", "cl_backward_dx"] * 2
+    assert calls == ["cl_squares", "cl_forward", "cl_backward_t", "cl_backward_dx", "cl_squares", "cl_forward_y"] * 2
     a[0, 0, 0, 0] = float("nan")
     assert torch.isnan(local_response_norm(a, CFG, 2, relu=True)[0, 0, 0, 0])
     assert lrn_cpu._broken is None

@@ -3,7 +3,6 @@ exact resume, identical batches on both towers, stopping on SIGTERM, and the gro
 
 import dataclasses
 import json
-import math
 import os
 import signal
 
@@ -184,6 +183,7 @@ def test_grouped_form_in_one_process_and_final_table(tmp_path, data_root, capsys
     results = train(cfg)
     ckpt = read(tmp_path / "g" / "latest.pt")
     assert ckpt["topology"] == {"towers": 1, "replicas": 1} and ckpt["progress"]["global_step"] == 5
+    assert ckpt["train_config"]["cpu_lrn"] == "eager"  # --cpu-lrn auto, resolved for 5 steps and kept
     assert results[1].images == results[10].images == 30
     out = capsys.readouterr().out
     assert "NOT comparable" in out and "10 patches" in out
@@ -506,3 +506,26 @@ def test_each_check_point_is_one_collective(tmp_path, data_root, monkeypatch):
                             lambda values, topo, name=name, real=real: calls.append(name) or real(values, topo))
     train_module.train(tiny_config(data_root, tmp_path / "a", max_steps=3))
     assert calls == ["agree"] * 3 + ["other"]
+
+
+@pytest.mark.parametrize("chosen,device,resumed,images,expected", [
+    ("auto", "cpu", False, 20_000, "compiled"),  # a long CPU launch wins its compile time back
+    ("auto", "cpu", False, 19_999, "eager"),  # a short one does not (the CPU budget: 3,840 images)
+    ("auto", "cuda", False, 10 ** 9, "eager"),  # a GPU runs Triton's kernels, not these
+    ("auto", "cpu", True, 10 ** 9, "eager"),  # a checkpoint from before the choice: its run was eager
+    ("eager", "cpu", False, 10 ** 9, "eager"),  # a choice made is kept, resumed or not
+    ("compiled", "cpu", True, 1, "compiled"),
+])
+def test_cpu_lrn_auto_resolves_once_by_the_launchs_images(chosen, device, resumed, images, expected):
+    from types import SimpleNamespace
+
+    from repro.metrics import Progress
+    from repro.run_setup import with_cpu_lrn_chosen
+
+    cfg = dataclasses.replace(tiny_config("data", "out", max_steps=None), cpu_lrn=chosen, epochs=3, batch_size=10)
+    done = 5  # steps already taken; the step budget, not the 3 long epochs, ends the launch
+    per_epoch = images // 10 + done
+    cfg = dataclasses.replace(cfg, max_steps=done + images // 10)
+    run = SimpleNamespace(cfg=cfg, progress=Progress(global_step=done), steps_per_epoch=per_epoch,
+                          topo=SimpleNamespace(device=torch.device(device)), say=lambda _msg: None)
+    assert with_cpu_lrn_chosen(run, resumed).cpu_lrn == expected

@@ -93,8 +93,9 @@ class _LRNFunction(torch.autograd.Function):
         if lrn_triton.supported(x):
             y, denom = torch.ops.repro.lrn_forward(x, size, scale, beta, k, groups, relu)
             ctx.kernel = "triton"
-        elif lrn_cpu.supported(x) and (out := lrn_cpu.forward(x, size, scale, beta, k, groups, relu)):
-            y, denom = out
+        elif lrn_cpu.supported(x) and (out := lrn_cpu.forward(x, size, scale, beta, k, groups, relu,
+                                                              need_denom=ctx.needs_input_grad[0])):
+            y, denom = out  # denom None where no backward will run
             ctx.kernel = "cpu"
         else:
             a = F.relu(x) if relu else x

@@ -87,45 +87,54 @@ def _backward_dx(t: Tensor, grad_y: Tensor, x: Tensor, denom: Tensor, size: int,
 
 
 # channels_last: the window runs along the innermost (channel) axis, where inductor's shifted loads need a
-# mask per lane; over a zero-padded copy, written by the pass before, they need none.
+# mask per lane; over a zero-padded copy, written by the pass before, they need none. Every pass works on
+# the (B, H, W, groups, C/groups) view, whose indices are affine: computed on (B, C, H, W), the group of a
+# channel (c // C/groups) made inductor gather lane by lane, and two groups cost twice one.
 
-def _padded(t: Tensor, size: int, groups: int) -> Tensor:
-    """(B, H, W, groups, C/groups + 2r) with r zeros on both sides of each group's channels."""
+def _grouped(t: Tensor, groups: int) -> Tensor:
     b, c, h, w = t.shape
-    r = size // 2
-    return F.pad(t.permute(0, 2, 3, 1).reshape(b, h, w, groups, c // groups), (r, r))
+    return t.permute(0, 2, 3, 1).reshape(b, h, w, groups, c // groups)
 
 
-def _window_of_padded(u: Tensor, size: int, shape: torch.Size) -> Tensor:
-    b, c, h, w = shape
+def _ungrouped(t: Tensor) -> Tensor:
+    b, h, w, groups, cg = t.shape
+    return t.reshape(b, h, w, groups * cg).permute(0, 3, 1, 2)
+
+
+def _window_of_padded(u: Tensor, size: int) -> Tensor:
     cg = u.shape[-1] - 2 * (size // 2)
     s = u[..., 0:cg]
     for d in range(1, size):
         s = s + u[..., d:d + cg]
-    return s.reshape(b, h, w, c).permute(0, 3, 1, 2)
+    return s
 
 
 def _cl_squares(x: Tensor, size: int, groups: int, relu: bool) -> Tensor:
-    a = _relu(x) if relu else x
-    return _padded(a * a, size, groups)
+    """(B, H, W, groups, C/groups + 2r): the squares, with r zeros on both sides of each group's channels."""
+    a = _grouped(x, groups)
+    a = _relu(a) if relu else a
+    return F.pad(a * a, (size // 2, size // 2))
 
 
-def _cl_forward(u: Tensor, x: Tensor, size: int, scale: float, beta: float, k: float, relu: bool):
-    a = _relu(x) if relu else x
-    denom = _window_of_padded(u, size, x.shape) * scale + k
-    return a * inverse_power(denom, beta), denom
+def _cl_forward(u: Tensor, x: Tensor, size: int, scale: float, beta: float, k: float, groups: int, relu: bool):
+    a = _grouped(x, groups)
+    a = _relu(a) if relu else a
+    denom = _window_of_padded(u, size) * scale + k
+    return _ungrouped(a * inverse_power(denom, beta)), _ungrouped(denom)
 
 
 def _cl_backward_t(grad_y: Tensor, x: Tensor, denom: Tensor, size: int, beta: float, groups: int,
                    relu: bool) -> Tensor:
-    return _padded(_backward_t(grad_y, x, denom, beta, relu), size, groups)
+    t = _backward_t(_grouped(grad_y, groups), _grouped(x, groups), _grouped(denom, groups), beta, relu)
+    return F.pad(t, (size // 2, size // 2))
 
 
 def _cl_backward_dx(t: Tensor, grad_y: Tensor, x: Tensor, denom: Tensor, size: int, scale: float, beta: float,
-                    relu: bool) -> Tensor:
+                    groups: int, relu: bool) -> Tensor:
+    g, x, d = _grouped(grad_y, groups), _grouped(x, groups), _grouped(denom, groups)
     a = _relu(x) if relu else x
-    grad_a = grad_y * inverse_power(denom, beta) - (2.0 * scale * beta) * a * _window_of_padded(t, size, x.shape)
-    return torch.where(x > 0, grad_a, 0.0) if relu else grad_a
+    grad_a = g * inverse_power(d, beta) - (2.0 * scale * beta) * a * _window_of_padded(t, size)
+    return _ungrouped(torch.where(x > 0, grad_a, 0.0) if relu else grad_a)
 
 
 _compiled: dict[str, object] = {}
@@ -191,13 +200,29 @@ def _is_channels_last(x: Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def forward(x: Tensor, size: int, scale: float, beta: float, k: float, groups: int, relu: bool):
+def _forward_y(*args) -> Tensor:
+    return _forward(*args)[0]
+
+
+def _cl_forward_y(*args) -> Tensor:
+    return _cl_forward(*args)[0]
+
+
+def forward(x: Tensor, size: int, scale: float, beta: float, k: float, groups: int, relu: bool,
+            need_denom: bool = True):
     """(y, denom) in x's memory format (NCHW unless x is channels_last), or None where inductor failed
-    (the caller then runs the eager code)."""
+    (the caller then runs the eager code). Without `need_denom` (no backward will run: evaluation),
+    denom is None and never written: one pass over memory less."""
     if _is_channels_last(x):
         u = _run("cl_squares", _cl_squares, x, size, groups, relu)
-        return None if u is None else _run("cl_forward", _cl_forward, u, x, size, scale, beta, k, relu)
-    return _run("forward", _forward, x.contiguous(), size, scale, beta, k, groups, relu)
+        if u is None or need_denom:
+            return None if u is None else _run("cl_forward", _cl_forward, u, x, size, scale, beta, k, groups, relu)
+        y = _run("cl_forward_y", _cl_forward_y, u, x, size, scale, beta, k, groups, relu)
+        return None if y is None else (y, None)
+    if need_denom:
+        return _run("forward", _forward, x.contiguous(), size, scale, beta, k, groups, relu)
+    y = _run("forward_y", _forward_y, x.contiguous(), size, scale, beta, k, groups, relu)
+    return None if y is None else (y, None)
 
 
 def backward(grad_y: Tensor, x: Tensor, denom: Tensor, size: int, scale: float, beta: float, groups: int,
@@ -207,7 +232,7 @@ def backward(grad_y: Tensor, x: Tensor, denom: Tensor, size: int, scale: float, 
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
         t = _run("cl_backward_t", _cl_backward_t, grad_y, x, denom, size, beta, groups, relu)
         return None if t is None else _run("cl_backward_dx", _cl_backward_dx, t, grad_y, x, denom, size, scale,
-                                           beta, relu)
+                                           beta, groups, relu)
     grad_y = grad_y.contiguous()
     t = _run("backward_t", _backward_t, grad_y, x, denom, beta, relu)
     return None if t is None else _run("backward_dx", _backward_dx, t, grad_y, x, denom, size, scale, beta,
