@@ -134,6 +134,12 @@ def all_reduce_sum(values: list[float], topo: Topology) -> list[float]:
     return t.tolist()
 
 
-def shutdown() -> None:
+def shutdown(peers_done: bool = False) -> None:
+    """The process group's end. After a run that ended alike on every rank (`peers_done`), a barrier
+    first, so that no rank tears gloo down while a peer's last collective is still in flight (once, under
+    load, rank 0 aborted in gloo's teardown after the closing table); after an error, no barrier: a peer
+    may be dead."""
     if dist.is_initialized():
+        if peers_done:
+            dist.barrier()
         dist.destroy_process_group()

@@ -25,7 +25,7 @@ from repro.config import TrainConfig
 from repro.data.augment import draw_params, step_generator
 from repro.data.loader import Batch, eval_indices, iterate, train_batches
 from repro.data.skipped import gather_and_write
-from repro.dist import all_reduce_sum, init_topology, shutdown
+from repro.dist import Topology, all_reduce_sum, init_topology, shutdown
 from repro.evaluate import Counts, EvalSpec, RunningCounts, autocast, evaluate
 from repro.metrics import StepLosses, format_eta
 from repro.optim import unreached_milestones
@@ -42,29 +42,37 @@ def train(cfg: TrainConfig, resume: str | None = None, keep_saved: tuple[str, ..
     the fields named in `keep_saved` (e.g. "epochs", "max_steps") keep the checkpoint's values, and
     `check_recipe` (if given) sees the checkpoint's config first and may refuse it with a ValueError."""
     topo = init_topology(cfg.device, cfg.backend, cfg.comm_timeout)
+    ended = False
     try:
-        resume = restart_resume(cfg.out, resume, topo)
-        with removed_if_setup_fails(cfg.out, topo):
-            run = setup(cfg, topo, resume, keep_saved, check_recipe)
-        ended = fit(run)
-        write_unreadable(run, "training")  # the steps since the last epoch's end (a budget, a stop)
-        if ended == "stopped":  # a preempted job should end now, not start an evaluation
-            run.say(f"stopped: no closing table; --resume {run.out} continues the run")
-            return {}
-        if ended == "nothing to train" and on_main_rank(lambda: closing_table_written(run), topo):
-            run.say(f"the closing table of step {run.progress.global_step} is already in {run.out / 'results.md'}: "
-                    f"not scored again (scripts/evaluate.py scores a checkpoint anew)")
-            return {}
-        if not run.cfg.final_crops:
-            run.say("no closing table: --final-crops named no protocol (1 and/or 10)")
-            return {}
-        results = validate(run, run.cfg.final_crops)
-        if topo.is_main:
-            write_report(run, results)  # results.md, .json, .csv and the learning curves
-        write_unreadable(run, "the closing evaluation")
+        results = train_and_score(cfg, topo, resume, keep_saved, check_recipe)
+        ended = True
         return results
     finally:
-        shutdown()
+        shutdown(peers_done=ended)
+
+
+def train_and_score(cfg: TrainConfig, topo: Topology, resume: str | None, keep_saved: tuple[str, ...],
+                    check_recipe: Callable[[TrainConfig], None] | None) -> dict[int, Counts]:
+    resume = restart_resume(cfg.out, resume, topo)
+    with removed_if_setup_fails(cfg.out, topo):
+        run = setup(cfg, topo, resume, keep_saved, check_recipe)
+    ended = fit(run)
+    write_unreadable(run, "training")  # the steps since the last epoch's end (a budget, a stop)
+    if ended == "stopped":  # a preempted job should end now, not start an evaluation
+        run.say(f"stopped: no closing table; --resume {run.out} continues the run")
+        return {}
+    if ended == "nothing to train" and on_main_rank(lambda: closing_table_written(run), topo):
+        run.say(f"the closing table of step {run.progress.global_step} is already in {run.out / 'results.md'}: "
+                f"not scored again (scripts/evaluate.py scores a checkpoint anew)")
+        return {}
+    if not run.cfg.final_crops:
+        run.say("no closing table: --final-crops named no protocol (1 and/or 10)")
+        return {}
+    results = validate(run, run.cfg.final_crops)
+    if topo.is_main:
+        write_report(run, results)  # results.md, .json, .csv and the learning curves
+    write_unreadable(run, "the closing evaluation")
+    return results
 
 
 def fit(run: Run) -> Ended:

@@ -3,6 +3,7 @@ exact resume, identical batches on both towers, stopping on SIGTERM, and the gro
 
 import dataclasses
 import json
+import math
 import os
 import signal
 
