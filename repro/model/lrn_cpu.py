@@ -1,6 +1,6 @@
 """The LRN's compiled CPU kernels: the paper's ReLU + LRN (section 3.3) in a few passes that torch.compile
 (inductor's C++ backend) builds, instead of the dozen passes over memory the same formula costs eagerly:
-measured 2.4-2.8x faster forward + backward at the network's shapes (docs/benchmarks.md).
+measured 2.4-6.1x faster forward + backward at the network's shapes, by CPU (docs/benchmarks.md).
 
 Not always the better choice: each layer shape compiles its kernels once per machine (about 12 s each on
 a 2-core CPU with a cold cache, under a second from inductor's on-disk cache), so a short run is faster
