@@ -27,6 +27,7 @@ from repro.model import lrn_cpu  # noqa: E402
 from repro.model.layers import local_response_norm  # noqa: E402
 
 # (name, channels, spatial size, groups) after conv1 and conv2 at 227 pixels (paper section 3.5)
+LRN = LRNConfig()  # the paper's constants (section 3.3)
 SHAPES = [("conv1, grouped", 96, 55, 2), ("conv1, one tower", 48, 55, 1),
           ("conv2, grouped", 256, 27, 2), ("conv2, one tower", 128, 27, 1)]
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -46,7 +47,7 @@ def best_ms(fns: dict[str, callable], repeats: int, calls: int = 5) -> dict[str,
 
 
 def measure(batch: int, layouts: list[str], repeats: int) -> list[tuple]:
-    cfg, rows = LRNConfig(), []
+    cfg, rows = LRN, []
     for name, c, s, groups in SHAPES:
         for layout in layouts:
             x = (torch.randn(batch, c, s, s) * 3).contiguous(memory_format=LAYOUTS[layout])

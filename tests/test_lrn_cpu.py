@@ -1,7 +1,7 @@
 """The compiled CPU LRN kernels (repro/model/lrn_cpu.py): the paper's function in float64 to 1e-12 forward
 and backward (the NumPy reference of test_layers.py and gradcheck), at channel edges and tower boundaries,
 in both memory layouts; in the network's float32 through the autograd function, equal to the eager code,
-layout kept, one kernel for every batch size; and the choice between kernels. Each layer shape compiles
+layout kept, one kernel for every batch size; the choice between kernels; and the benchmark script's table. Each layer shape compiles
 (seconds), so the shapes here are few and small."""
 
 import numpy as np
@@ -11,6 +11,8 @@ import torch
 from repro.config import LRNConfig
 from repro.model import lrn_cpu
 from repro.model.layers import local_response_norm
+from scripts import benchmark_lrn_cpu
+from scripts.benchmark_lrn_cpu import COLUMNS
 from tests.test_layers import lrn_reference
 
 CFG = LRNConfig(alpha=1e-2)  # a larger alpha than the paper's makes the window sums matter in the checks
@@ -102,3 +104,33 @@ def test_the_choice_of_kernel(monkeypatch):
         lrn_cpu.supported(x32)
     with pytest.raises(ValueError, match="choose one of"):
         lrn_cpu.set_kernel("fast")
+
+
+def test_benchmark_table_has_a_row_per_shape_and_layout_and_numbers_parse(capsys, monkeypatch):
+    """scripts/benchmark_lrn_cpu.py: one row per (shape, layout) with both kernels' times and their
+    difference; speeds are never asserted. Here, after the network test above: its shape, constants and
+    thread count, so the kernels it compiled serve (a compile is seconds)."""
+    monkeypatch.setattr(benchmark_lrn_cpu, "SHAPES", [("small", 12, 5, 2)])
+    monkeypatch.setattr(benchmark_lrn_cpu, "LRN", CFG)
+    monkeypatch.delenv("REPRO_LRN_CPU", raising=False)
+    benchmark_lrn_cpu.main(["--batch", "4", "--repeats", "1", "--layouts", "channels_last",
+                            "--threads", str(torch.get_num_threads())])
+    lines = capsys.readouterr().out.splitlines()
+    header = lines.index("| " + " | ".join(COLUMNS) + " |")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[header + 2:]]
+    assert len(rows) == 1
+    shape, layout, *times, speedup, errs = rows[0]
+    assert (shape, layout) == ("small (4, 12, 5, 5)", "channels_last")
+    assert all(float(t) > 0 for t in times) and float(speedup.rstrip("x")) > 0
+    assert all(float(e) < 1e-5 for e in errs.split(" / "))  # float32 rounding: the same function
+
+
+def test_benchmark_bad_layout_and_an_overriding_environment_are_clear_errors(capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        benchmark_lrn_cpu.main(["--layouts", "nhwc"])
+    assert "--layouts takes nchw, channels_last; got 'nhwc'" in capsys.readouterr().err
+    monkeypatch.setenv("REPRO_LRN_CPU", "eager")
+    with pytest.raises(SystemExit):
+        benchmark_lrn_cpu.main([])
+    assert "REPRO_LRN_CPU is set" in capsys.readouterr().err
+

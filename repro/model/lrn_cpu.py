@@ -182,6 +182,10 @@ def _run(name: str, fn, *args):
         finally:
             quiet.setLevel(level)
         _compiled[name] = torch.compile(fn, fullgraph=True)
+    # Detached: autograd never runs through these kernels (layers.py's Function calls the backward
+    # kernels itself), and a requires_grad flag would be a guard, so training's and evaluation's calls
+    # would compile a kernel each
+    args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
     for t in args:
         if isinstance(t, Tensor):
             torch._dynamo.maybe_mark_dynamic(t, 0)  # one kernel for every batch size
