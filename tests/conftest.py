@@ -126,12 +126,16 @@ def pytest_xdist_auto_num_workers(config):
     return workers
 
 
-# The longest test files first (seconds of test time each on the 2-core VM, 2026-12-03: 72, 71, 60, 46,
-# 43, 37, 30, 26, 21, 18; the suite's total is about 500). `--dist loadfile` hands files to the workers
-# in the collection's order: had a long file started last, one worker would run it alone at the end
-# (the elastic test did, costing the suite about 45 s). The rest keep pytest's order.
-LONGEST_FILES_FIRST = ("test_elastic.py", "test_train.py", "test_benchmark.py", "test_two_tower.py",
-                       "test_distributed_model.py", "test_lrn_cpu.py", "test_eval_script.py", "test_layers.py",
+# The longest test files first (seconds of test time each on the 2-core VM, 2026-12-03: elastic 72,
+# train 71, benchmark 60, two_tower 46 and distributed_model 43 (together 60: in one worker they share
+# grouped_reference's full-size float64 results), lrn_cpu 37, eval_script 30, layers 26, scripts 21,
+# model 18; the suite's total is about 500). `--dist loadfile` hands files to the workers in the
+# collection's order, a new one when a worker has two tests left: had a long file started last, one
+# worker would run it alone at the end (the elastic test did, costing the suite about 45 s). The
+# elastic file has two tests, so its worker takes the third file at once and the second worker's
+# two_tower is followed by distributed_model. The rest keep pytest's order.
+LONGEST_FILES_FIRST = ("test_elastic.py", "test_two_tower.py", "test_train.py", "test_distributed_model.py",
+                       "test_benchmark.py", "test_lrn_cpu.py", "test_eval_script.py", "test_layers.py",
                        "test_scripts.py", "test_model.py")
 
 
