@@ -426,8 +426,8 @@ class TrainConfig:
     # Which LRN code a CPU run computes with (repro/model/lrn_cpu.py). Part of the recipe: "auto" resolves
     # at the first launch and the checkpoints keep the answer, so a resumed run computes bit for bit alike.
     cpu_lrn: str = field(default="auto", metadata=flag(
-        "LRN code on the CPU: compiled (the LRN 2.4-6x faster, by CPU and shape; each layer shape compiles once, about 12 s "
-        "on a cold cache), eager, or auto: compiled when this launch trains at least "
+        "LRN code on the CPU: compiled (the LRN 2.4-6x faster, by CPU and shape; each layer shape compiles once, "
+        "about 12 s on a cold cache), eager, or auto: compiled when this launch trains at least "
         f"{AUTO_COMPILE_IMAGES:,} images per process on the CPU, else eager", choices=CPU_LRN_CHOICES))
     compile: bool = field(default=False, metadata=runtime(flag(
         "torch.compile each tower stage (or the grouped network) and the optimiser's update")))

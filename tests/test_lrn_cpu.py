@@ -1,8 +1,8 @@
 """The compiled CPU LRN kernels (repro/model/lrn_cpu.py): the paper's function in float64 to 1e-12 forward
 and backward (the NumPy reference of test_layers.py and gradcheck), at channel edges and tower boundaries,
 in both memory layouts; in the network's float32 through the autograd function, equal to the eager code,
-layout kept, one kernel for every batch size; the choice between kernels; and the benchmark script's table. Each layer shape compiles
-(seconds), so the shapes here are few and small."""
+layout kept, one kernel for every batch size; the choice between kernels; and the benchmark script's
+table. Each layer shape compiles (seconds), so the shapes here are few and small."""
 
 import numpy as np
 import pytest
