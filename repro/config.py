@@ -383,10 +383,10 @@ def apply_variant(cfg: "TrainConfig", name: str, network: bool = True) -> "Train
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CPU_LRN_CHOICES = ("auto", "eager", "compiled")
-# --cpu-lrn auto compiles from this many training images per process: compiling costs about 40 s per
-# process on a cold cache (2-core CPU) and saves 4-8 ms per image (docs/benchmarks.md), so it pays
-# from about 10,000 images; twice that leaves a margin. The CPU budget's 3,840 images stay eager.
+CPU_LRN_CHOICES = ("auto", "eager", "compiled", "native")
+# --cpu-lrn auto, where the native kernel cannot be built, compiles from this many training images per
+# process: compiling costs about 40 s per process on a cold cache (2-core CPU) and saves 4-8 ms per
+# image (docs/benchmarks.md), so it pays from about 10,000 images; twice that leaves a margin.
 AUTO_COMPILE_IMAGES = 20_000
 
 
@@ -426,8 +426,9 @@ class TrainConfig:
     # Which LRN code a CPU run computes with (repro/model/lrn_cpu.py). Part of the recipe: "auto" resolves
     # at the first launch and the checkpoints keep the answer, so a resumed run computes bit for bit alike.
     cpu_lrn: str = field(default="auto", metadata=flag(
-        "LRN code on the CPU: compiled (the LRN 2.4-6x faster, by CPU and shape; each layer shape compiles once, "
-        "about 12 s on a cold cache), eager, or auto: compiled when this launch trains at least "
+        "LRN code on the CPU: native (C kernels built by the machine's C compiler in seconds, once), compiled "
+        "(torch.compile; each layer shape compiles once, about 12 s on a cold cache), eager (the torch "
+        "reference), or auto: native where it builds, else compiled when this launch trains at least "
         f"{AUTO_COMPILE_IMAGES:,} images per process on the CPU, else eager", choices=CPU_LRN_CHOICES))
     compile: bool = field(default=False, metadata=runtime(flag(
         "torch.compile each tower stage (or the grouped network) and the optimiser's update")))

@@ -24,7 +24,7 @@ from repro.data.stats import cached_stats, default_cache_dirs
 from repro.dist import Topology
 from repro.evaluate import Counts
 from repro.metrics import MetricsLog, Progress
-from repro.model import lrn_cpu, lrn_triton
+from repro.model import lrn_cpu, lrn_native, lrn_triton
 from repro.optim import LRSchedule, PaperSGD, paper_optimizer
 from repro.parallel import Replica, one_tower_message
 from repro.run_folder import on_main_rank, prepare_run_dir
@@ -192,20 +192,38 @@ def dataset_stats(cfg: TrainConfig, topo: Topology, train_set, decode_device) ->
 
 
 def with_cpu_lrn_chosen(run: Run, resumed: bool) -> TrainConfig:
-    """The config with --cpu-lrn auto resolved, which the checkpoints then keep: compiled kernels when this
-    launch trains enough images on the CPU to win back their compile time, else eager. A resumed
-    checkpoint still saying auto was written before the choice existed: its run computed eagerly."""
+    """The config with --cpu-lrn auto resolved, which the checkpoints then keep: on the CPU the native
+    kernels where the C compiler builds them (seconds, once per machine); else compiled kernels when this
+    launch trains enough images to win back their compile time; else eager. A resumed checkpoint still
+    saying auto was written before the choice existed: its run computed eagerly."""
     cfg, p = run.cfg, run.progress
     if cfg.cpu_lrn == "auto":
         total = min(run.steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
         images = (total - p.global_step) * cfg.batch_size
-        on_cpu = run.topo.device.type == "cpu"
-        kernel = "compiled" if on_cpu and not resumed and images >= AUTO_COMPILE_IMAGES else "eager"
+        on_cpu = run.topo.device.type == "cpu" and not resumed
+        kernel = "eager"
+        if on_cpu and native_lrn_builds(run):
+            kernel = "native"
+        elif on_cpu and images >= AUTO_COMPILE_IMAGES:
+            kernel = "compiled"
         cfg = dataclasses.replace(cfg, cpu_lrn=kernel)
+        if kernel == "native":
+            run.say("the LRN runs the native CPU kernels (--cpu-lrn auto; repro/model/lrn_native.c, built once per "
+                    f"machine into {lrn_native.cache_dir()})")
         if kernel == "compiled":
             run.say(f"the LRN runs compiled CPU kernels (--cpu-lrn auto: {images:,} training images per process "
                     f"in this launch); the first steps compile them once, about a minute on a cold cache")
     return cfg
+
+
+def native_lrn_builds(run: Run) -> bool:
+    """Whether lrn_native.c builds (or is cached) here; why not, once, where it does not."""
+    try:
+        lrn_native.build()
+        return True
+    except lrn_native.NativeUnavailable as exc:
+        run.say(f"--cpu-lrn auto: the native CPU LRN does not build here ({exc}); choosing without it")
+        return False
 
 
 def restore(run: Run, point: ResumePoint) -> None:

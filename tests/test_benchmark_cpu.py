@@ -33,7 +33,7 @@ def test_unknown_lrn_kernel_and_an_overriding_environment_are_clear_errors(capsy
 
     with pytest.raises(SystemExit):
         main(["--cpu-lrn", "fast"])
-    assert "--cpu-lrn takes eager, compiled; got 'fast'" in capsys.readouterr().err
+    assert "--cpu-lrn takes eager, compiled, native; got 'fast'" in capsys.readouterr().err
     monkeypatch.setenv("REPRO_LRN_CPU", "eager")
     with pytest.raises(SystemExit):
         main([])

@@ -184,7 +184,7 @@ def test_grouped_form_in_one_process_and_final_table(tmp_path, data_root, capsys
     results = train(cfg)
     ckpt = read(tmp_path / "g" / "latest.pt")
     assert ckpt["topology"] == {"towers": 1, "replicas": 1} and ckpt["progress"]["global_step"] == 5
-    assert ckpt["train_config"]["cpu_lrn"] == "eager"  # --cpu-lrn auto, resolved for 5 steps and kept
+    assert ckpt["train_config"]["cpu_lrn"] == "native"  # --cpu-lrn auto, resolved where cc builds it, and kept
     assert results[1].images == results[10].images == 30
     out = capsys.readouterr().out
     assert "NOT comparable" in out and "10 patches" in out
@@ -509,19 +509,29 @@ def test_each_check_point_is_one_collective(tmp_path, data_root, monkeypatch):
     assert calls == ["agree"] * 3 + ["other"]
 
 
-@pytest.mark.parametrize("chosen,device,resumed,images,expected", [
-    ("auto", "cpu", False, 20_000, "compiled"),  # a long CPU launch wins its compile time back
-    ("auto", "cpu", False, 19_999, "eager"),  # a short one does not (the CPU budget: 3,840 images)
-    ("auto", "cuda", False, 10 ** 9, "eager"),  # a GPU runs Triton's kernels, not these
-    ("auto", "cpu", True, 10 ** 9, "eager"),  # a checkpoint from before the choice: its run was eager
-    ("eager", "cpu", False, 10 ** 9, "eager"),  # a choice made is kept, resumed or not
-    ("compiled", "cpu", True, 1, "compiled"),
+@pytest.mark.parametrize("chosen,device,resumed,images,native,expected", [
+    ("auto", "cpu", False, 1, True, "native"),  # builds in seconds: worth it for any launch
+    ("auto", "cpu", False, 20_000, False, "compiled"),  # no C compiler: a long CPU launch wins its compile time back
+    ("auto", "cpu", False, 19_999, False, "eager"),  # a short one does not (the CPU budget: 3,840 images)
+    ("auto", "cuda", False, 10 ** 9, True, "eager"),  # a GPU runs Triton's kernels, not these
+    ("auto", "cpu", True, 10 ** 9, True, "eager"),  # a checkpoint from before the choice: its run was eager
+    ("eager", "cpu", False, 10 ** 9, True, "eager"),  # a choice made is kept, resumed or not
+    ("compiled", "cpu", True, 1, True, "compiled"),
+    ("native", "cpu", True, 1, False, "native"),  # kept; where it cannot build, the first call warns (lrn_cpu)
 ])
-def test_cpu_lrn_auto_resolves_once_by_the_launchs_images(chosen, device, resumed, images, expected):
+def test_cpu_lrn_auto_resolves_once_by_the_launchs_images(chosen, device, resumed, images, native, expected,
+                                                          monkeypatch):
     from types import SimpleNamespace
 
+    from repro import run_setup
     from repro.metrics import Progress
+    from repro.model import lrn_native
     from repro.run_setup import with_cpu_lrn_chosen
+
+    def build():
+        if not native:
+            raise lrn_native.NativeUnavailable("no C compiler: 'cc' is not on PATH")
+    monkeypatch.setattr(run_setup.lrn_native, "build", build)
 
     cfg = dataclasses.replace(tiny_config("data", "out", max_steps=None), cpu_lrn=chosen, epochs=3, batch_size=10)
     done = 5  # steps already taken; the step budget, not the 3 long epochs, ends the launch

@@ -81,21 +81,21 @@ class _LRNFunction(torch.autograd.Function):
     and with `relu`, dL/dx_j = dL/da_j where x_j > 0, else 0 (as torch's ReLU backward).
 
     On a GPU lrn_triton.py's kernels run (float32/bf16/fp16; measured faster); on the CPU lrn_cpu.py's
-    compiled kernels (float32/bf16); the torch code below in float64, with REPRO_LRN_KERNEL=torch on a
+    compiled or native kernels (float32/bf16, --cpu-lrn); the torch code below in float64, with REPRO_LRN_KERNEL=torch on a
     GPU or REPRO_LRN_CPU=eager on the CPU, and inside a caller's torch.compile (which fuses it).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, size: int, scale: float, beta: float, k: float, groups: int,
                 relu: bool = False) -> Tensor:
-        ctx.params = (size, scale, beta, groups, relu)
+        ctx.params = (size, scale, beta, k, groups, relu)
         ctx.kernel = "torch"
         if lrn_triton.supported(x):
             y, denom = torch.ops.repro.lrn_forward(x, size, scale, beta, k, groups, relu)
             ctx.kernel = "triton"
         elif lrn_cpu.supported(x) and (out := lrn_cpu.forward(x, size, scale, beta, k, groups, relu,
                                                               need_denom=ctx.needs_input_grad[0])):
-            y, denom = out  # denom None where no backward will run
+            y, denom = out  # denom None where no backward will run, or the native kernel recomputes it
             ctx.kernel = "cpu"
         else:
             a = F.relu(x) if relu else x
@@ -107,11 +107,11 @@ class _LRNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, denom = ctx.saved_tensors
-        size, scale, beta, groups, relu = ctx.params
+        size, scale, beta, k, groups, relu = ctx.params
         if ctx.kernel == "triton":
             return torch.ops.repro.lrn_backward(grad_y, x, denom, size, scale, beta, groups, relu), *[None] * 6
         if ctx.kernel == "cpu":
-            grad_x = lrn_cpu.backward(grad_y, x, denom, size, scale, beta, groups, relu)
+            grad_x = lrn_cpu.backward(grad_y, x, denom, size, scale, beta, groups, relu, k)
             if grad_x is not None:
                 return grad_x, *[None] * 6
         a = F.relu(x) if relu else x

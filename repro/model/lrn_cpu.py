@@ -1,16 +1,18 @@
-"""The LRN's compiled CPU kernels: the paper's ReLU + LRN (section 3.3) in a few passes that torch.compile
-(inductor's C++ backend) builds, instead of the dozen passes over memory the same formula costs eagerly:
-measured 2.4-6.1x faster forward + backward at the network's shapes, by CPU (docs/benchmarks.md).
+"""Which LRN code runs on the CPU, and the compiled kernels: the paper's ReLU + LRN (section 3.3) in a few
+passes that torch.compile (inductor's C++ backend) builds, instead of the dozen passes over memory the
+same formula costs eagerly: measured 2.4-6.1x faster forward + backward at the network's shapes, by CPU
+(docs/benchmarks.md). The third choice, "native", is lrn_native.py's C kernels: one pass each way, one
+build of a few seconds for every shape.
 
 Not always the better choice: each layer shape compiles its kernels once per machine (about 12 s each on
 a 2-core CPU with a cold cache, under a second from inductor's on-disk cache), so a short run is faster
 eagerly. A training run chooses once, at its first launch, and keeps the choice in its checkpoints
-(TrainConfig.cpu_lrn): a resumed run computes with the same kernel, bit for bit. REPRO_LRN_CPU=eager or
-=compiled overrides every choice in the process (benchmarks, evaluation, tests).
+(TrainConfig.cpu_lrn): a resumed run computes with the same kernel, bit for bit. REPRO_LRN_CPU=eager,
+=compiled or =native overrides every choice in the process (benchmarks, evaluation, tests).
 
 float32 and bfloat16 only: float64 stays on layers.py's eager torch code, the exact path the equivalence
-tests compare with. Where inductor cannot build (no C++ compiler), the first call says so once and the
-eager code runs.
+tests compare with. Where inductor (or, for "native", the C compiler) cannot build, the first call says
+so once and the eager code runs.
 
 Passes, each one read of its inputs and one write:
   forward:  y, D = a * D^-beta, k + scale * window_sum(a^2)       (a = max(x, 0) with `relu`)
@@ -32,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-KERNEL_ENV = "REPRO_LRN_CPU"  # "eager" or "compiled": overrides set_kernel for the whole process
-KERNELS = ("eager", "compiled")
+from repro.model import lrn_native
+
+KERNEL_ENV = "REPRO_LRN_CPU"  # "eager", "compiled" or "native": overrides set_kernel for the whole process
+KERNELS = ("eager", "compiled", "native")
 
 
 def window_sum_fusable(t: Tensor, size: int, groups: int) -> Tensor:
@@ -138,7 +142,7 @@ def _cl_backward_dx(t: Tensor, grad_y: Tensor, x: Tensor, denom: Tensor, size: i
 
 
 _compiled: dict[str, object] = {}
-_broken: str | None = None  # why inductor could not build here, once it failed
+_broken: dict[str, str] = {}  # kernel -> why it could not be built here, once it failed
 _kernel = "eager"  # until a run or a script chooses
 
 
@@ -160,10 +164,18 @@ def current_kernel() -> str:
 
 
 def supported(x: Tensor) -> bool:
-    """Whether the compiled kernels take `x`: a 4-D float32 or bfloat16 CPU tensor, the compiled kernel
-    chosen, outside a torch.compile of the caller (which fuses the eager formula itself), inductor working."""
+    """Whether the chosen kernel (compiled or native) takes `x`: a 4-D float32 or bfloat16 CPU tensor,
+    outside a torch.compile of the caller (which fuses the eager formula itself), the kernel buildable here."""
+    kernel = current_kernel()
     return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
-            and _broken is None and not torch.compiler.is_compiling() and current_kernel() == "compiled")
+            and kernel != "eager" and kernel not in _broken and not torch.compiler.is_compiling())
+
+
+def _unbuildable(kernel: str, exc: Exception) -> None:
+    """Say once why `kernel` cannot run here; the eager code runs from now on."""
+    _broken[kernel] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    warnings.warn(f"the {kernel} CPU LRN could not be built ({_broken[kernel]}); using the eager torch code, "
+                  f"which is slower. Set {KERNEL_ENV}=eager to choose it and silence this.", stacklevel=4)
 
 
 # Channels and sizes stay static (a kernel with symbolic sizes measured 2-3x slower): a new layer shape
@@ -172,7 +184,6 @@ _DYNAMO_SETTINGS = {"automatic_dynamic_shapes": False, "recompile_limit": 64}
 
 
 def _run(name: str, fn, *args):
-    global _broken
     if name not in _compiled:
         quiet = logging.getLogger("torch.utils.cpp_extension")  # its "No CUDA runtime" line on CPU machines
         level = quiet.level
@@ -194,9 +205,7 @@ def _run(name: str, fn, *args):
         with torch._dynamo.config.patch(**settings):
             return _compiled[name](*args)
     except Exception as exc:  # noqa: BLE001 - any build failure: say it once, then the eager code runs
-        _broken = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        warnings.warn(f"the compiled CPU LRN could not be built ({_broken}); using the eager torch code, "
-                      f"which is slower. Set {KERNEL_ENV}=eager to choose it and silence this.", stacklevel=3)
+        _unbuildable("compiled", exc)
         return None
 
 
@@ -214,9 +223,16 @@ def _cl_forward_y(*args) -> Tensor:
 
 def forward(x: Tensor, size: int, scale: float, beta: float, k: float, groups: int, relu: bool,
             need_denom: bool = True):
-    """(y, denom) in x's memory format (NCHW unless x is channels_last), or None where inductor failed
-    (the caller then runs the eager code). Without `need_denom` (no backward will run: evaluation),
-    denom is None and never written: one pass over memory less."""
+    """(y, denom) in x's memory format (NCHW unless x is channels_last), or None where the kernel could not
+    be built (the caller then runs the eager code). Without `need_denom` (no backward will run:
+    evaluation), denom is None and never written: one pass over memory less. The native kernel never
+    writes denom (its backward recomputes it): (y, None) always."""
+    if current_kernel() == "native":
+        try:
+            return lrn_native.forward(x, size, scale, beta, k, groups, relu), None
+        except lrn_native.NativeUnavailable as exc:
+            _unbuildable("native", exc)
+            return None
     if _is_channels_last(x):
         u = _run("cl_squares", _cl_squares, x, size, groups, relu)
         if u is None or need_denom:
@@ -229,9 +245,14 @@ def forward(x: Tensor, size: int, scale: float, beta: float, k: float, groups: i
     return None if y is None else (y, None)
 
 
-def backward(grad_y: Tensor, x: Tensor, denom: Tensor, size: int, scale: float, beta: float, groups: int,
-             relu: bool):
-    """dL/dx, or None where inductor failed."""
+def backward(grad_y: Tensor, x: Tensor, denom: Tensor | None, size: int, scale: float, beta: float, groups: int,
+             relu: bool, k: float | None = None):
+    """dL/dx, or None where inductor failed. denom None: the native forward ran, and the native backward
+    recomputes the denominator from x (it needs k)."""
+    if denom is None:
+        if k is None:
+            raise ValueError("the native LRN backward recomputes the denominator: it needs k")
+        return lrn_native.backward(grad_y, x, size, scale, beta, k, groups, relu)
     if _is_channels_last(x):
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
         t = _run("cl_backward_t", _cl_backward_t, grad_y, x, denom, size, beta, groups, relu)

@@ -1,0 +1,205 @@
+/* The paper's ReLU + LRN (section 3.3) on the CPU in one pass over memory each way; built and called by
+ * lrn_native.py. Forward reads x and writes y; backward reads the gradient and x and writes dx: the
+ * denominator is recomputed, never stored, so nothing is saved for the backward but x.
+ *
+ *   forward:  a = max(x, 0) (or x), D = k + scale * window_sum(a^2), y = a * D^-beta
+ *   backward: m = D^-beta, t = g * m * a / D, dx = g * m - 2 scale beta * a * window_sum(t)
+ *             (0 where x <= 0 with the ReLU, as torch's)
+ *
+ * Work comes in tiles of a few pixels of one image, one channel group (tower) at a time, so a window
+ * never crosses a group boundary. A tile is copied into a small flat buffer where the next channel of
+ * element i is element i + step, with zeros where a clipped window reaches past the group's first or
+ * last channel: channels_last tiles are rows of r zeros, the group's channels, r zeros (step 1); NCHW
+ * tiles are [channel][pixel] (step = pixels per tile), with r rows of zeros before and after. Every
+ * loop then runs over the whole flat buffer, contiguous, which the compiler vectorises (the padding
+ * computes zeros), and a window sum is `size` shifted loads. Each copy reads contiguous runs of memory.
+ * Storage types: float, double, and bfloat16 (computed in float, rounded once when stored).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CL_PIXELS 16     /* channels_last: pixels per tile, each a row of one group's channels */
+#define NCHW_PIXELS 256  /* NCHW: pixels per tile, one contiguous run per channel (64 and 128 measured slower) */
+
+typedef uint16_t bf16_t;
+
+static inline float bf16_load(bf16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline bf16_t bf16_store(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u); /* NaN stays a quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even, as torch */
+    return (bf16_t)(u >> 16);
+}
+
+#define PLAIN(v) (v)
+#define INLINE static inline __attribute__((always_inline))
+
+/* S: storage type, T: compute type. A tile's buffers hold `total` elements after a margin of `margin`
+ * zeros (margin = r * step); the window of element i is elements i - margin .. i + margin, step apart. */
+#define DEFINE_LRN(NAME, S, T, LOAD, STORE, SQRT, POW)                                                     \
+typedef struct {                                                                                          \
+    int64_t runs, len, stride, width, offset; /* runs of len elements, stride apart in memory, width    \
+                                                 apart in the buffer, from buffer element offset */       \
+    int64_t step, total, margin;                                                                          \
+} NAME##_tile;                                                                                            \
+                                                                                                          \
+static inline void NAME##_gather(const S *restrict src, T *restrict dst, const NAME##_tile *tl) {         \
+    for (int64_t j = 0; j < tl->runs; j++)                                                                \
+        for (int64_t i = 0; i < tl->len; i++) dst[tl->offset + j * tl->width + i] = LOAD(src[j * tl->stride + i]); \
+}                                                                                                         \
+                                                                                                          \
+static inline void NAME##_scatter(const T *restrict src, S *restrict dst, const NAME##_tile *tl) {        \
+    for (int64_t j = 0; j < tl->runs; j++)                                                                \
+        for (int64_t i = 0; i < tl->len; i++) dst[j * tl->stride + i] = STORE(src[tl->offset + j * tl->width + i]); \
+}                                                                                                         \
+                                                                                                          \
+/* sq = relu(x)^2 or x^2 */                                                                               \
+INLINE void NAME##_squares(const T *restrict x, T *restrict sq, int64_t n, int relu) {                    \
+    for (int64_t i = 0; i < n; i++) {                                                                     \
+        T v = relu && x[i] < 0 ? 0 : x[i]; /* as torch.where(x < 0, 0, x): NaN passes, a diverged layer shows */ \
+        sq[i] = v * v;                                                                                    \
+    }                                                                                                     \
+}                                                                                                         \
+                                                                                                          \
+/* The sum of v[i + (w - r) * step] for w = 0 .. size - 1 (v has margins of zeros on both sides) */       \
+INLINE T NAME##_window(const T *restrict v, int64_t i, int size, int64_t step) {                          \
+    const T *first = v + i - (size / 2) * step;                                                           \
+    T s = first[0];                                                                                       \
+    for (int w = 1; w < size; w++) s += first[w * step];                                                  \
+    return s;                                                                                             \
+}                                                                                                         \
+                                                                                                          \
+INLINE T NAME##_inverse_power(T d, T beta, int three_quarters) {                                          \
+    if (three_quarters) { /* beta = 0.75, the paper's */                                                  \
+        T rs = (T)1 / SQRT(d);                                                                            \
+        return rs * SQRT(rs); /* d^-3/4, faster than a general power */                                   \
+    }                                                                                                     \
+    return POW(d, -beta);                                                                                 \
+}                                                                                                         \
+                                                                                                          \
+/* One tile: y = a * D^-beta, from x and the buffer sq (margins of zeros on both sides) */               \
+INLINE void NAME##_forward_tile(const T *restrict x, T *restrict y, T *restrict sq, int64_t n, int size,  \
+                                int64_t step, T scale, T beta, T k, int relu, int paper) {               \
+    NAME##_squares(x, sq, n, relu);                                                                       \
+    for (int64_t i = 0; i < n; i++) {                                                                     \
+        T a = relu && x[i] < 0 ? 0 : x[i];                                                                \
+        y[i] = a * NAME##_inverse_power(k + scale * NAME##_window(sq, i, size, step), beta, paper);              \
+    }                                                                                                     \
+}                                                                                                         \
+                                                                                                          \
+/* One tile: dx from x and g (g is overwritten with g D^-beta; sq and t need margins) */                  \
+INLINE void NAME##_backward_tile(const T *restrict x, T *restrict g, T *restrict dx, T *restrict sq,      \
+                                 T *restrict t, int64_t n, int size, int64_t step, T scale, T beta, T k,  \
+                                 int relu, int paper) {                                                              \
+    T coef = (T)2 * scale * beta;                                                                         \
+    NAME##_squares(x, sq, n, relu);                                                                       \
+    for (int64_t i = 0; i < n; i++) {                                                                     \
+        T a = relu && x[i] < 0 ? 0 : x[i];                                                                \
+        T d = k + scale * NAME##_window(sq, i, size, step);                                               \
+        T gm = g[i] * NAME##_inverse_power(d, beta, paper); /* g D^-beta, the first term */                      \
+        g[i] = gm;                                                                                        \
+        t[i] = gm * a / d;                                                                                \
+    }                                                                                                     \
+    for (int64_t i = 0; i < n; i++) {                                                                     \
+        T a = relu && x[i] < 0 ? 0 : x[i];                                                                \
+        T v = g[i] - coef * a * NAME##_window(t, i, size, step);                                          \
+        dx[i] = relu && !(x[i] > 0) ? 0 : v; /* as torch's ReLU backward: 0 where x <= 0 */               \
+    }                                                                                                     \
+}                                                                                                         \
+                                                                                                          \
+/* The tile shape of a layer, and where group g of tile t starts in memory (relative to image b's start) */ \
+static NAME##_tile NAME##_shape(int channels_last, int64_t cg, int r) {                                   \
+    if (channels_last)                                                                                    \
+        return (NAME##_tile){CL_PIXELS, cg, 0, cg + 2 * r, r, 1, CL_PIXELS * (cg + 2 * r), r};            \
+    return (NAME##_tile){cg, NCHW_PIXELS, 0, NCHW_PIXELS, 0, NCHW_PIXELS, cg * NCHW_PIXELS,               \
+                         (int64_t)r * NCHW_PIXELS};                                                       \
+}                                                                                                         \
+                                                                                                          \
+static int64_t NAME##_place(NAME##_tile *tl, int channels_last, int64_t channels, int64_t pixels,         \
+                            int64_t cg, int64_t g, int64_t p0, int64_t count, T *const *zeroed, int nz) {  \
+    int64_t per = channels_last ? CL_PIXELS : NCHW_PIXELS;                                                \
+    if (channels_last) {                                                                                  \
+        tl->runs = count;                                                                                 \
+        tl->stride = channels;                                                                            \
+    } else {                                                                                              \
+        tl->len = count;                                                                                  \
+        tl->stride = pixels;                                                                              \
+    }                                                                                                     \
+    if (count < per) /* a short last tile: the pixels it lacks read as zeros */                           \
+        for (int z = 0; z < nz; z++) memset(zeroed[z], 0, (size_t)tl->total * sizeof(T));                 \
+    return channels_last ? p0 * channels + g * cg : g * cg * pixels + p0;                                 \
+}                                                                                                         \
+                                                                                                          \
+int NAME##_forward(const S *x, S *y, int64_t channels, int64_t pixels, int64_t groups, int channels_last,  \
+                   int64_t tile0, int64_t tile1, int size, double scale, double beta, double k, int relu) { \
+    int r = size / 2;                                                                                     \
+    int64_t cg = channels / groups;                                                                       \
+    NAME##_tile tl = NAME##_shape(channels_last, cg, r);                                                  \
+    int64_t per = channels_last ? CL_PIXELS : NCHW_PIXELS, tiles_per_image = (pixels + per - 1) / per;   \
+    int64_t n = tl.total, mg = tl.margin;                                                                 \
+    int paper = size == 5 && beta == 0.75;                                                                \
+    T *buf = (T *)calloc((size_t)(2 * n + n + 2 * mg), sizeof(T));                                        \
+    if (!buf) return 1;                                                                                   \
+    T *xt = buf, *yt = xt + n, *sq = yt + n + mg; /* sq: margins both sides */                             \
+    for (int64_t t = tile0; t < tile1; t++) {                                                             \
+        int64_t b = t / tiles_per_image, p0 = (t % tiles_per_image) * per;                                \
+        int64_t count = pixels - p0 < per ? pixels - p0 : per;                                            \
+        for (int64_t g = 0; g < groups; g++) {                                                            \
+            int64_t at = b * channels * pixels +                                                          \
+                         NAME##_place(&tl, channels_last, channels, pixels, cg, g, p0, count, &xt, 1);    \
+            NAME##_gather(x + at, xt, &tl);                                                               \
+            if (paper) /* constants the compiler folds: an unrolled window, no branch in the loops */      \
+                NAME##_forward_tile(xt, yt, sq, n, 5, tl.step, (T)scale, (T)0.75, (T)k, relu, 1);         \
+            else                                                                                          \
+                NAME##_forward_tile(xt, yt, sq, n, size, tl.step, (T)scale, (T)beta, (T)k, relu, 0);      \
+            NAME##_scatter(yt, y + at, &tl);                                                              \
+        }                                                                                                 \
+    }                                                                                                     \
+    free(buf);                                                                                            \
+    return 0;                                                                                             \
+}                                                                                                         \
+                                                                                                          \
+int NAME##_backward(const S *grad_y, const S *x, S *grad_x, int64_t channels, int64_t pixels,             \
+                    int64_t groups, int channels_last, int64_t tile0, int64_t tile1, int size, double scale, \
+                    double beta, double k, int relu) {                                                    \
+    int r = size / 2;                                                                                     \
+    int64_t cg = channels / groups;                                                                       \
+    NAME##_tile tl = NAME##_shape(channels_last, cg, r);                                                  \
+    int64_t per = channels_last ? CL_PIXELS : NCHW_PIXELS, tiles_per_image = (pixels + per - 1) / per;   \
+    int64_t n = tl.total, mg = tl.margin;                                                                 \
+    int paper = size == 5 && beta == 0.75;                                                                \
+    T *buf = (T *)calloc((size_t)(3 * n + 2 * (n + 2 * mg)), sizeof(T));                                  \
+    if (!buf) return 1;                                                                                   \
+    T *xt = buf, *gt = xt + n, *dt = gt + n, *sq = dt + n + mg, *tp = sq + n + 2 * mg; /* with margins */  \
+    T *zeroed[2] = {xt, gt};                                                                              \
+    for (int64_t t = tile0; t < tile1; t++) {                                                             \
+        int64_t b = t / tiles_per_image, p0 = (t % tiles_per_image) * per;                                \
+        int64_t count = pixels - p0 < per ? pixels - p0 : per;                                            \
+        for (int64_t g = 0; g < groups; g++) {                                                            \
+            int64_t at = b * channels * pixels +                                                          \
+                         NAME##_place(&tl, channels_last, channels, pixels, cg, g, p0, count, zeroed, 2); \
+            NAME##_gather(x + at, xt, &tl);                                                               \
+            NAME##_gather(grad_y + at, gt, &tl);                                                          \
+            if (paper)                                                                                    \
+                NAME##_backward_tile(xt, gt, dt, sq, tp, n, 5, tl.step, (T)scale, (T)0.75, (T)k, relu, 1); \
+            else                                                                                          \
+                NAME##_backward_tile(xt, gt, dt, sq, tp, n, size, tl.step, (T)scale, (T)beta, (T)k, relu, 0); \
+            NAME##_scatter(dt, grad_x + at, &tl);                                                         \
+        }                                                                                                 \
+    }                                                                                                     \
+    free(buf);                                                                                            \
+    return 0;                                                                                             \
+}
+
+DEFINE_LRN(lrn_f32, float, float, PLAIN, PLAIN, sqrtf, powf)
+DEFINE_LRN(lrn_f64, double, double, PLAIN, PLAIN, sqrt, pow)
+DEFINE_LRN(lrn_bf16, bf16_t, float, bf16_load, bf16_store, sqrtf, powf)

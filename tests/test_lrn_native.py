@@ -1,0 +1,182 @@
+"""The native CPU LRN (repro/model/lrn_native.c via lrn_native.py): the paper's function in float64 to 1e-12
+forward and backward against the NumPy reference of test_layers.py and gradcheck, at channel edges,
+tower boundaries, short last tiles and both memory layouts, for the paper's constants and for others
+(the general power and window); NaN and the ReLU's zero gradient as torch has them; bfloat16 rounded
+once; threads splitting the work give the same bits; in the network's float32 through the autograd
+function, equal to the eager code and saving no denominator; the build: cached by content, atomic, and
+a missing compiler is one clear warning, then the eager code."""
+
+import numpy as np
+import pytest
+import torch
+
+from repro.config import LRNConfig
+from repro.model import lrn_cpu, lrn_native
+from repro.model.layers import local_response_norm
+from tests.test_layers import lrn_reference
+
+CFG = LRNConfig(alpha=1e-2)  # a larger alpha than the paper's makes the window sums matter in the checks
+
+
+class _Native(torch.autograd.Function):
+    """The C forward and backward called directly, in any dtype they take (the network keeps float64 on
+    the eager path; here float64 proves the C code the paper's function)."""
+
+    @staticmethod
+    def forward(ctx, x, groups, relu, size, scale, beta, k):
+        ctx.save_for_backward(x)
+        ctx.args = (size, scale, beta, k, groups, relu)
+        return lrn_native.forward(x, size, scale, beta, k, groups, relu)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        return lrn_native.backward(grad_y, x, *ctx.args), *[None] * 6
+
+
+def _inputs(shape, channels_last, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a = (torch.rand(shape, dtype=torch.float64, generator=gen) - 0.3) * 30
+    return a.contiguous(memory_format=torch.channels_last) if channels_last else a
+
+
+# (shape, groups): 12 channels in 2 groups of 6 (most windows clipped); 3 channels, fewer than the window;
+# 17 x 19 = 323 pixels, which leave a short last tile in both layouts (16 and 256 pixels a tile)
+CASES = [((2, 12, 3, 4), 2), ((1, 3, 2, 5), 1), ((2, 8, 17, 19), 2)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape,groups", CASES)
+@pytest.mark.parametrize("relu", [True, False])
+def test_native_kernels_are_the_paper_function_in_float64(shape, groups, channels_last, relu):
+    a = _inputs(shape, channels_last).requires_grad_()
+    args = (groups, relu, CFG.size, CFG.sum_scale, CFG.beta, CFG.k)
+    y = _Native.apply(a, *args)
+    x = a.detach().clamp(min=0) if relu else a.detach()
+    expected = lrn_reference(x.numpy(), CFG.size, CFG.sum_scale, CFG.beta, CFG.k, groups)
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    g = torch.rand_like(y)
+    (grad,) = torch.autograd.grad(y, a, g)
+    eager = a.detach().clone().requires_grad_()
+    (expected_grad,) = torch.autograd.grad(local_response_norm(eager, CFG, groups, relu=relu), eager, g)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    if a.numel() < 500:  # gradcheck perturbs every element: the short-tile case is held to the eager gradient
+        assert torch.autograd.gradcheck(lambda v: _Native.apply(v, *args), (a,))
+
+
+@pytest.mark.parametrize("size,beta", [(3, 0.75), (5, 0.5), (7, 1.0)])
+def test_other_windows_and_powers_take_the_general_path(size, beta):
+    """The paper's size 5 and beta 0.75 are unrolled; anything else runs the general loops."""
+    a = _inputs((2, 10, 4, 5), channels_last=True, seed=1).requires_grad_()
+    args = (2, True, size, 3e-3, beta, 1.5)
+    y = _Native.apply(a, *args)
+    expected = lrn_reference(a.detach().clamp(min=0).numpy(), size, 3e-3, beta, 1.5, 2)
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda v: _Native.apply(v, *args), (a,))
+
+
+def test_nan_passes_and_the_relu_gradient_is_zero_where_x_is_not_positive(monkeypatch):
+    """A NaN spreads through its windows exactly as in the eager code (a diverged layer must show); the
+    ReLU's gradient is 0 where x <= 0."""
+    x = torch.tensor([-1.0, 0.0, 2.0, float("nan"), 3.0, 1.0, 0.5, -2.0, 4.0]).reshape(1, 9, 1, 1)
+    y = lrn_native.forward(x, CFG.size, CFG.sum_scale, CFG.beta, CFG.k, 1, True)
+    monkeypatch.setenv(lrn_cpu.KERNEL_ENV, "eager")
+    expected = local_response_norm(x, CFG, 1, relu=True)
+    assert torch.isnan(y).flatten().tolist() == [False, True, True, True, True, True, False, False, False]
+    torch.testing.assert_close(y, expected, equal_nan=True)
+    finite = x.nan_to_num()
+    dx = lrn_native.backward(torch.ones_like(x), finite, CFG.size, CFG.sum_scale, CFG.beta, CFG.k, 1, True)
+    assert (dx.flatten()[[0, 1, 7]] == 0).all() and (dx.flatten()[[2, 4, 5, 6, 8]] != 0).all()
+
+
+def test_bfloat16_is_computed_in_float_and_rounded_once():
+    x = _inputs((2, 12, 5, 6), channels_last=True).float()
+    g = torch.randn_like(x)
+    y32 = lrn_native.forward(x, 5, CFG.sum_scale, 0.75, CFG.k, 2, True)
+    y16 = lrn_native.forward(x.bfloat16(), 5, CFG.sum_scale, 0.75, CFG.k, 2, True)
+    assert y16.dtype == torch.bfloat16
+    # from the rounded input: the float result of bf16 inputs, rounded once, is what it stores
+    expected = lrn_native.forward(x.bfloat16().float(), 5, CFG.sum_scale, 0.75, CFG.k, 2, True).bfloat16()
+    assert torch.equal(y16, expected)
+    torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=1e-2)
+    dx16 = lrn_native.backward(g.bfloat16(), x.bfloat16(), 5, CFG.sum_scale, 0.75, CFG.k, 2, True)
+    torch.testing.assert_close(dx16.float(), lrn_native.backward(g, x, 5, CFG.sum_scale, 0.75, CFG.k, 2, True),
+                               rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_threads_split_the_tiles_and_give_the_same_bits(channels_last):
+    x = _inputs((3, 16, 20, 21), channels_last).float()
+    g = torch.randn_like(x)
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            assert len(lrn_native._tile_ranges(100)) == threads
+            out.append((lrn_native.forward(x, 5, 1e-2, 0.75, 2.0, 2, True),
+                        lrn_native.backward(g, x, 5, 1e-2, 0.75, 2.0, 2, True)))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+def test_network_float32_runs_the_native_kernels_and_equals_the_eager_code(monkeypatch):
+    """What the network runs: float32 through local_response_norm with the native kernel chosen: equal
+    to the eager code to float32 rounding, the layout kept, no denominator saved for the backward."""
+    for channels_last in (True, False):
+        a = _inputs((4, 12, 5, 5), channels_last).float()
+        outs, grads = [], []
+        for kernel in ("eager", "native"):
+            monkeypatch.setenv(lrn_cpu.KERNEL_ENV, kernel)
+            v = a.clone().requires_grad_()
+            y = local_response_norm(v, CFG, 2, relu=True)
+            if kernel == "native":
+                assert y.grad_fn.saved_tensors[1] is None  # x only: the backward recomputes the denominator
+            y.backward(torch.ones_like(y))
+            outs.append(y.detach())
+            grads.append(v.grad)
+        torch.testing.assert_close(outs[1], outs[0], rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(grads[1], grads[0], rtol=2e-5, atol=1e-6)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert outs[1].is_contiguous(memory_format=fmt) and grads[1].is_contiguous(memory_format=fmt)
+    assert "native" not in lrn_cpu._broken
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="4-D CPU tensors"):
+        lrn_native.forward(torch.ones(2, 3, 4, dtype=torch.float32), 5, 1e-4, 0.75, 2.0, 1, True)
+    with pytest.raises(ValueError, match="4-D CPU tensors"):
+        lrn_native.forward(torch.ones(1, 4, 2, 2, dtype=torch.float16), 5, 1e-4, 0.75, 2.0, 1, True)
+    with pytest.raises(ValueError, match="divisible"):
+        lrn_native.forward(torch.ones(1, 5, 2, 2), 5, 1e-4, 0.75, 2.0, 2, True)
+
+
+def test_the_build_is_cached_by_content_and_written_whole(tmp_path, monkeypatch):
+    monkeypatch.setenv(lrn_native.CACHE_ENV, str(tmp_path))
+    path = lrn_native.build()
+    assert path.parent == tmp_path and path.name.startswith("lrn_native-") and path.suffix == ".so"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+    stamp = path.stat().st_mtime_ns
+    assert lrn_native.build() == path and path.stat().st_mtime_ns == stamp  # built once
+    source = tmp_path / "lrn_native.c"
+    source.write_text(lrn_native.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(lrn_native, "SOURCE", source)
+    assert lrn_native.library_path() != path  # other source, other library
+
+
+def test_no_compiler_is_one_clear_warning_then_the_eager_code(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    monkeypatch.setenv(lrn_native.CACHE_ENV, str(tmp_path))
+    with pytest.raises(lrn_native.NativeUnavailable, match="no C compiler: 'no-such-compiler-here' is not on PATH"):
+        lrn_native.build()
+    monkeypatch.setattr(lrn_native, "_lib", None)
+    monkeypatch.setattr(lrn_cpu, "_broken", {})
+    monkeypatch.setenv(lrn_cpu.KERNEL_ENV, "native")
+    x = _inputs((2, 12, 3, 4), channels_last=False).float()
+    with pytest.warns(UserWarning, match="the native CPU LRN could not be built .*no C compiler"):
+        y = local_response_norm(x, CFG, 2, relu=True)
+    assert not lrn_cpu.supported(x)  # eager from now on, no second warning
+    monkeypatch.setenv(lrn_cpu.KERNEL_ENV, "eager")
+    assert torch.equal(y, local_response_norm(x, CFG, 2, relu=True))
