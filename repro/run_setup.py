@@ -23,6 +23,7 @@ from repro.data.skipped import SkippedFiles
 from repro.data.stats import cached_stats, default_cache_dirs
 from repro.dist import Topology
 from repro.evaluate import Counts
+from repro.host_memory import keep_freed_memory
 from repro.metrics import MetricsLog, Progress
 from repro.model import lrn_cpu, lrn_native, lrn_triton
 from repro.optim import LRSchedule, PaperSGD, paper_optimizer
@@ -94,6 +95,7 @@ def setup(cfg: TrainConfig, topo: Topology, resume: str | None = None, keep_save
     on_main_rank(lambda: prepare_run_dir(out, resume), topo)
     if topo.towers == 2 and cfg.model.towers != 2:  # before the data is read: fail in seconds, not minutes
         raise raised_on_every_rank(ValueError(one_tower_message(cfg.model)))
+    memory = keep_freed_memory() if topo.device.type == "cpu" else None  # before the loader forks its workers
     if topo.device.type == "cuda":
         # Every training batch has one shape, so cuDNN's autotuner pays off after the first step.
         # (GPU runs are not bit-repeatable anyway: some CUDA backward kernels sum with atomics.)
@@ -108,6 +110,8 @@ def setup(cfg: TrainConfig, topo: Topology, resume: str | None = None, keep_save
         restore(run, point)
     run.cfg = with_cpu_lrn_chosen(run, resumed=point is not None)
     lrn_cpu.set_kernel(run.cfg.cpu_lrn)
+    if memory:
+        run.say(f"host memory: {memory}")
     origin = getattr(data.train_set, "origin", None) or cfg.data.root
     run.say(f"{cfg.data.dataset} (from {origin}): {len(data.train_set)} training images, {run.steps_per_epoch} "
             f"steps per epoch; {topo.replicas} replica(s) of {topo.towers} tower(s) on {topo.device} "

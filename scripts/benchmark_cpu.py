@@ -7,9 +7,12 @@ cores.
     python scripts/benchmark_cpu.py                        # defaults: about 5 minutes on 2 cores
     python scripts/benchmark_cpu.py --dtypes fp32,bf16 --repeats 5 --channels-last
 
-The paper's network is timed with each CPU LRN kernel (--cpu-lrn: the eager torch code, and the compiled
-kernels of repro/model/lrn_cpu.py, whose compilation happens in an untimed first call as it does once
-at the start of a long run).
+The paper's network is timed with each CPU LRN kernel (--cpu-lrn: the eager torch code, the compiled
+kernels of repro/model/lrn_cpu.py and the native ones of repro/model/lrn_native.c; building either
+happens in an untimed first call, as it does once at the start of a run).
+
+As a CPU training run does, the process first asks glibc to keep freed memory for reuse
+(repro/host_memory.py), for every network alike; --no-keep-freed-memory leaves the allocator as it is.
 
 Repeats are interleaved (A B C A B C ...) so that load from other processes falls on every network
 alike: read the ratios to torchvision, not the absolute rates, on a shared machine. bf16 is in the
@@ -36,6 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 from repro.cli import at_least  # noqa: E402
 from repro.config import ModelConfig  # noqa: E402
 from repro.cores import available_cores  # noqa: E402
+from repro.host_memory import keep_freed_memory  # noqa: E402
 from repro.model import lrn_cpu  # noqa: E402
 from repro.model.grouped import AlexNet  # noqa: E402
 from repro.model.two_tower import TwoTowerAlexNet  # noqa: E402
@@ -190,6 +194,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--num-classes", type=at_least(2), default=1000)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="inputs and every network in channels_last (default; --no-channels-last for NCHW)")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="glibc keeps freed memory for reuse, as CPU training runs (default; repro/host_memory.py)")
     p.add_argument("--profile", type=at_least(1), default=None, metavar="N",
                    help="instead of the table: each network's N costliest operators in one training step")
     args = p.parse_args(argv)
@@ -210,6 +216,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    memory = keep_freed_memory() if args.keep_freed_memory else "the allocator left as it is"
     if args.profile:
         return profile(args)
     rows = measure(args)
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
           f"torch {torch.__version__}; capability {torch.backends.cpu.get_cpu_capability()}; "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"train = forward + backward + SGD step; eval = no_grad forward; median of {args.repeats} interleaved "
-          f"repeats; {'channels_last' if args.channels_last else 'NCHW'}")
+          f"repeats; {'channels_last' if args.channels_last else 'NCHW'}; host memory: {memory}")
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for row in rows:
