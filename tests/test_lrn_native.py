@@ -180,3 +180,20 @@ def test_no_compiler_is_one_clear_warning_then_the_eager_code(tmp_path, monkeypa
     assert not lrn_cpu.supported(x)  # eager from now on, no second warning
     monkeypatch.setenv(lrn_cpu.KERNEL_ENV, "eager")
     assert torch.equal(y, local_response_norm(x, CFG, 2, relu=True))
+
+
+def test_in_place_only_where_no_gradient_is_wanted(monkeypatch):
+    """The network's LRN layers may overwrite their input (a conv output nothing else reads) in an
+    evaluation forward, with the same result; a training forward leaves it whole for the backward."""
+    monkeypatch.setenv(lrn_cpu.KERNEL_ENV, "native")
+    x = _inputs((2, 12, 5, 5), channels_last=True).float()
+    expected = local_response_norm(x.clone(), CFG, 2, relu=True)
+    with torch.no_grad():
+        y = local_response_norm(x, CFG, 2, relu=True, inplace=True)
+    assert y.data_ptr() == x.data_ptr() and torch.equal(y, expected)
+    v = x.clone().requires_grad_()
+    kept = v.detach().clone()
+    y = local_response_norm(v, CFG, 2, relu=True, inplace=True)
+    assert y.data_ptr() != v.data_ptr() and torch.equal(v.detach(), kept)
+    y.sum().backward()
+    assert v.grad is not None

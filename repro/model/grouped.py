@@ -34,9 +34,10 @@ class AlexNet(nn.Module):
         for spec in specs:
             self.add_module(spec.name, make_layer(spec, t))
         self.fc8 = make_classifier(cfg)
-        # ReLU, then LRN: one pass (layers.py); the 2012 code's layer 1 has its ReLU after the pool instead
-        self.lrn1 = LocalResponseNorm(cfg.lrn, groups=t, relu=not cfg.relu1_after_pool)
-        self.lrn2 = LocalResponseNorm(cfg.lrn, groups=t, relu=True)
+        # ReLU, then LRN: one pass (layers.py); the 2012 code's layer 1 has its ReLU after the pool instead.
+        # In place where no gradient is wanted: their inputs are conv outputs that nothing else reads
+        self.lrn1 = LocalResponseNorm(cfg.lrn, groups=t, relu=not cfg.relu1_after_pool, inplace=True)
+        self.lrn2 = LocalResponseNorm(cfg.lrn, groups=t, relu=True, inplace=True)
         self.norm2 = SameMapResponseNorm() if cfg.same_map_norm2 else nn.Identity()  # the 2012 code's cnorm2
         self.pool = nn.MaxPool2d(cfg.pool_kernel, cfg.pool_stride)
         fc6, fc7 = t * cfg.widths.fc6, t * cfg.widths.fc7

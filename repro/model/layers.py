@@ -87,14 +87,14 @@ class _LRNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, size: int, scale: float, beta: float, k: float, groups: int,
-                relu: bool = False) -> Tensor:
+                relu: bool = False, inplace: bool = False) -> Tensor:
         ctx.params = (size, scale, beta, k, groups, relu)
         ctx.kernel = "torch"
         if lrn_triton.supported(x):
             y, denom = torch.ops.repro.lrn_forward(x, size, scale, beta, k, groups, relu)
             ctx.kernel = "triton"
         elif lrn_cpu.supported(x) and (out := lrn_cpu.forward(x, size, scale, beta, k, groups, relu,
-                                                              need_denom=ctx.needs_input_grad[0])):
+                                                              need_denom=ctx.needs_input_grad[0], inplace=inplace)):
             y, denom = out  # denom None where no backward will run, or the native kernel recomputes it
             ctx.kernel = "cpu"
         else:
@@ -109,24 +109,28 @@ class _LRNFunction(torch.autograd.Function):
         x, denom = ctx.saved_tensors
         size, scale, beta, k, groups, relu = ctx.params
         if ctx.kernel == "triton":
-            return torch.ops.repro.lrn_backward(grad_y, x, denom, size, scale, beta, groups, relu), *[None] * 6
+            return torch.ops.repro.lrn_backward(grad_y, x, denom, size, scale, beta, groups, relu), *[None] * 7
         if ctx.kernel == "cpu":
             grad_x = lrn_cpu.backward(grad_y, x, denom, size, scale, beta, groups, relu, k)
             if grad_x is not None:
-                return grad_x, *[None] * 6
+                return grad_x, *[None] * 7
         a = F.relu(x) if relu else x
         g_inv = grad_y * inverse_power(denom, beta)  # g D^-beta, the first term; g b / D = g_inv a / D
         window = channel_window_sum(g_inv.mul(a).div_(denom), size, groups)
         grad_a = torch.addcmul(g_inv, a, window, value=-2.0 * scale * beta)
-        return (torch.where(x > 0, grad_a, 0.0) if relu else grad_a), *[None] * 6
+        return (torch.where(x > 0, grad_a, 0.0) if relu else grad_a), *[None] * 7
 
 
-def local_response_norm(x: Tensor, cfg: LRNConfig, groups: int = 1, relu: bool = False) -> Tensor:
+def local_response_norm(x: Tensor, cfg: LRNConfig, groups: int = 1, relu: bool = False,
+                        inplace: bool = False) -> Tensor:
     """The paper's formula (section 3.3), with the window restricted to each of `groups` channel blocks;
-    with `relu`, of max(x, 0) (the same function as local_response_norm(F.relu(x), ...), fused)."""
+    with `relu`, of max(x, 0) (the same function as local_response_norm(F.relu(x), ...), fused). With
+    `inplace`, x may be overwritten by the result where no gradient is wanted (the native CPU kernel
+    does so: an evaluation forward allocates nothing for it)."""
     if x.shape[1] % groups:
         raise ValueError(f"LRN over {groups} groups needs channels divisible by it, got {x.shape[1]}")
-    return _LRNFunction.apply(x, cfg.size, cfg.sum_scale, cfg.beta, cfg.k, groups, relu)
+    inplace = inplace and not (torch.is_grad_enabled() and x.requires_grad)
+    return _LRNFunction.apply(x, cfg.size, cfg.sum_scale, cfg.beta, cfg.k, groups, relu, inplace)
 
 
 class LocalResponseNorm(nn.Module):
@@ -134,21 +138,23 @@ class LocalResponseNorm(nn.Module):
     inside one tower's channels, so the grouped network is the two-tower network. With `relu`, the
     module is ReLU then LRN, the paper's order after conv1 and conv2, computed in one pass."""
 
-    def __init__(self, cfg: LRNConfig, groups: int = 1, relu: bool = False):
+    def __init__(self, cfg: LRNConfig, groups: int = 1, relu: bool = False, inplace: bool = False):
         super().__init__()
         self.cfg = cfg
         self.groups = groups
         self.relu = relu
+        self.inplace = inplace  # the input may be overwritten where no gradient is wanted
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.cfg.enabled:
             return F.relu(x) if self.relu else x
-        return local_response_norm(x, self.cfg, self.groups, self.relu)
+        return local_response_norm(x, self.cfg, self.groups, self.relu, self.inplace)
 
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"{'ReLU first, ' if self.relu else ''}size={c.size}, alpha={c.alpha} ({c.alpha_convention}), "
-                f"beta={c.beta}, k={c.k}, groups={self.groups}, enabled={c.enabled}")
+                f"beta={c.beta}, k={c.k}, groups={self.groups}, enabled={c.enabled}"
+                + (", in place without grad" if self.inplace else ""))
 
 
 _MASK32 = 0xFFFFFFFF

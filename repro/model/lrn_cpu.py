@@ -222,14 +222,15 @@ def _cl_forward_y(*args) -> Tensor:
 
 
 def forward(x: Tensor, size: int, scale: float, beta: float, k: float, groups: int, relu: bool,
-            need_denom: bool = True):
+            need_denom: bool = True, inplace: bool = False):
     """(y, denom) in x's memory format (NCHW unless x is channels_last), or None where the kernel could not
     be built (the caller then runs the eager code). Without `need_denom` (no backward will run:
     evaluation), denom is None and never written: one pass over memory less. The native kernel never
-    writes denom (its backward recomputes it): (y, None) always."""
+    writes denom (its backward recomputes it): (y, None) always; with `inplace` (the caller's x is no
+    longer needed) it writes y over x."""
     if current_kernel() == "native":
         try:
-            return lrn_native.forward(x, size, scale, beta, k, groups, relu), None
+            return lrn_native.forward(x, size, scale, beta, k, groups, relu, inplace), None
         except lrn_native.NativeUnavailable as exc:
             _unbuildable("native", exc)
             return None

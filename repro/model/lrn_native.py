@@ -173,11 +173,14 @@ def _check(x: Tensor, groups: int) -> None:
         raise ValueError(f"LRN over {groups} groups needs channels divisible by it, got {x.shape[1]}")
 
 
-def forward(x: Tensor, size: int, scale: float, beta: float, k: float, groups: int, relu: bool) -> Tensor:
-    """y = a * (k + scale * window_sum(a^2))^-beta, a = relu(x) or x; in x's memory format."""
+def forward(x: Tensor, size: int, scale: float, beta: float, k: float, groups: int, relu: bool,
+            inplace: bool = False) -> Tensor:
+    """y = a * (k + scale * window_sum(a^2))^-beta, a = relu(x) or x; in x's memory format. With `inplace`,
+    y is written over x (each tile is read whole before it is written): no new tensor, and the lines
+    written are the ones just read."""
     _check(x, groups)
     x, channels_last = _layout(x)
-    y = torch.empty_like(x)
+    y = x if inplace else torch.empty_like(x)
     fn = getattr(load(), f"lrn_{_SUFFIX[x.dtype]}_forward")
     _call(fn, [x.data_ptr(), y.data_ptr()], x, channels_last, size, scale, beta, k, groups, relu)
     return y

@@ -28,8 +28,8 @@ class Tower(nn.Module):
             self.add_module(spec.name, make_layer(spec, towers=1))
         self.fc8 = make_classifier(config) if index == 0 else None
         # ReLU, then LRN: one pass (layers.py); the 2012 code's layer 1 has its ReLU after the pool instead
-        self.lrn1 = LocalResponseNorm(config.lrn, relu=not config.relu1_after_pool)
-        self.lrn2 = LocalResponseNorm(config.lrn, relu=True)
+        self.lrn1 = LocalResponseNorm(config.lrn, relu=not config.relu1_after_pool, inplace=True)
+        self.lrn2 = LocalResponseNorm(config.lrn, relu=True, inplace=True)
         self.norm2 = SameMapResponseNorm() if config.same_map_norm2 else nn.Identity()  # the 2012 code's cnorm2
         self.pool = nn.MaxPool2d(config.pool_kernel, config.pool_stride)
         w, t, p, scaling = config.widths, config.towers, config.dropout, config.dropout_scaling
