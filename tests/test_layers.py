@@ -20,6 +20,22 @@ def lrn_reference(a: np.ndarray, n: int, alpha: float, beta: float, k: float, gr
     return out
 
 
+def assert_the_paper_function(lrn, a: torch.Tensor, cfg: LRNConfig, groups: int, relu: bool) -> None:
+    """A fast LRN kernel `lrn` (a -> y, differentiable) in float64: its output equals lrn_reference and
+    its gradient the eager code's to 1e-12, and the output keeps a's memory format."""
+    y = lrn(a)
+    x = a.detach().clamp(min=0) if relu else a.detach()
+    expected = lrn_reference(x.numpy(), cfg.size, cfg.sum_scale, cfg.beta, cfg.k, groups)
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-12, atol=1e-12)
+    channels_last = a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    g = torch.rand_like(y)
+    (grad,) = torch.autograd.grad(y, a, g)
+    eager = a.detach().clone().requires_grad_()
+    (expected_grad,) = torch.autograd.grad(local_response_norm(eager, cfg, groups, relu=relu), eager, g)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("groups,channels", [(1, 7), (1, 48), (2, 96), (2, 12), (3, 9)])
 @pytest.mark.parametrize("convention", ["paper", "divided"])
 def test_lrn_matches_numpy_formula(groups, channels, convention):

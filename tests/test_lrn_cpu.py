@@ -4,7 +4,6 @@ in both memory layouts; in the network's float32 through the autograd function, 
 layout kept, one kernel for every batch size; the choice between kernels; and the benchmark script's
 table. Each layer shape compiles (seconds), so the shapes here are few and small."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,7 +12,7 @@ from repro.model import lrn_cpu
 from repro.model.layers import local_response_norm
 from scripts import benchmark_lrn_cpu
 from scripts.benchmark_lrn_cpu import COLUMNS
-from tests.test_layers import lrn_reference
+from tests.test_layers import assert_the_paper_function
 
 CFG = LRNConfig(alpha=1e-2)  # a larger alpha than the paper's makes the window sums matter in the checks
 
@@ -42,16 +41,7 @@ def test_compiled_kernels_are_the_paper_function_in_float64(channels_last, group
     if channels_last:
         a = a.contiguous(memory_format=torch.channels_last)
     a.requires_grad_()
-    y = _Compiled.apply(a, groups, relu)
-    x = a.detach().clamp(min=0) if relu else a.detach()
-    expected = lrn_reference(x.numpy(), CFG.size, CFG.sum_scale, CFG.beta, CFG.k, groups)
-    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-12, atol=1e-12)
-    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    g = torch.rand_like(y)
-    (grad,) = torch.autograd.grad(y, a, g)
-    eager = a.detach().clone().requires_grad_()
-    (expected_grad,) = torch.autograd.grad(local_response_norm(eager, CFG, groups, relu=relu), eager, g)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    assert_the_paper_function(lambda v: _Compiled.apply(v, groups, relu), a, CFG, groups, relu)
     assert torch.autograd.gradcheck(lambda v: _Compiled.apply(v, groups, relu), (a,))
     assert not lrn_cpu._broken
 

@@ -13,7 +13,7 @@ import torch
 from repro.config import LRNConfig
 from repro.model import lrn_cpu, lrn_native
 from repro.model.layers import local_response_norm
-from tests.test_layers import lrn_reference
+from tests.test_layers import assert_the_paper_function, lrn_reference
 
 CFG = LRNConfig(alpha=1e-2)  # a larger alpha than the paper's makes the window sums matter in the checks
 
@@ -51,16 +51,7 @@ CASES = [((2, 12, 3, 4), 2), ((1, 3, 2, 5), 1), ((2, 8, 17, 19), 2)]
 def test_native_kernels_are_the_paper_function_in_float64(shape, groups, channels_last, relu):
     a = _inputs(shape, channels_last).requires_grad_()
     args = (groups, relu, CFG.size, CFG.sum_scale, CFG.beta, CFG.k)
-    y = _Native.apply(a, *args)
-    x = a.detach().clamp(min=0) if relu else a.detach()
-    expected = lrn_reference(x.numpy(), CFG.size, CFG.sum_scale, CFG.beta, CFG.k, groups)
-    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-12, atol=1e-12)
-    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    g = torch.rand_like(y)
-    (grad,) = torch.autograd.grad(y, a, g)
-    eager = a.detach().clone().requires_grad_()
-    (expected_grad,) = torch.autograd.grad(local_response_norm(eager, CFG, groups, relu=relu), eager, g)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    assert_the_paper_function(lambda v: _Native.apply(v, *args), a, CFG, groups, relu)
     if a.numel() < 500:  # gradcheck perturbs every element: the short-tile case is held to the eager gradient
         assert torch.autograd.gradcheck(lambda v: _Native.apply(v, *args), (a,))
 
