@@ -188,3 +188,80 @@ def test_in_place_only_where_no_gradient_is_wanted(monkeypatch):
     assert y.data_ptr() != v.data_ptr() and torch.equal(v.detach(), kept)
     y.sum().backward()
     assert v.grad is not None
+
+
+def _with_nans(x: torch.Tensor) -> torch.Tensor:
+    x.as_strided((x.numel() // 37,), (37,)).fill_(float("nan"))  # every 37th element in memory order
+    return x
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.5), b.nan_to_num(0.5))
+
+
+# (shape, groups, pooling kernel, stride): the paper's 3/2; non-overlapping 2/2 (the ablation); a window
+# wider than the stride by more than one row; odd sizes that leave rows and columns unpooled
+POOL_CASES = [((2, 12, 17, 19), 2, 3, 2), ((1, 3, 7, 9), 1, 2, 2), ((3, 8, 11, 6), 2, 4, 1), ((2, 6, 5, 5), 1, 3, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,groups,kernel,stride", POOL_CASES)
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("size,beta", [(5, 0.75), (3, 0.5)])
+def test_lrn_and_pooling_in_one_pass_are_the_two_calls_bit_for_bit(dtype, shape, groups, kernel, stride, relu,
+                                                                    size, beta):
+    x = _with_nans(_inputs(shape, channels_last=True).to(dtype))
+    args = (size, 1e-2 / size, beta, 2.0, groups, relu)
+    expected = torch.nn.functional.max_pool2d(lrn_native.forward(x, *args), kernel, stride)
+    got = lrn_native.forward_pool(x, *args, kernel, stride)
+    assert got.shape == expected.shape and got.dtype == dtype
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert expected.isnan().any() and _same(got, expected)  # a window holding a NaN pools to NaN, as torch's
+
+
+def test_lrn_and_pooling_in_one_pass_split_across_threads_give_the_same_bits():
+    x = _with_nans(_inputs((3, 16, 21, 20), channels_last=True).float())
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            out.append(lrn_native.forward_pool(x, 5, 1e-2, 0.75, 2.0, 2, True, 3, 2))
+    finally:
+        torch.set_num_threads(before)
+    assert _same(out[0], out[1])
+
+
+def test_lrn_and_pooling_in_one_pass_refuse_what_they_cannot_do():
+    x = _inputs((1, 4, 6, 6), channels_last=True).float()
+    with pytest.raises(ValueError, match="channels_last"):
+        lrn_native.forward_pool(x.contiguous(), 5, 1e-2, 0.75, 2.0, 1, True, 3, 2)
+    with pytest.raises(ValueError, match="does not fit a 6x6 input"):
+        lrn_native.forward_pool(x, 5, 1e-2, 0.75, 2.0, 1, True, 7, 2)
+
+
+@pytest.mark.parametrize("form", ["grouped", "towers"])
+def test_network_evaluation_pools_in_the_lrn_pass_with_the_same_output(form, monkeypatch):
+    """An evaluation forward of either form, channels_last with the native kernel, pools in the LRN's pass
+    (both layers) and gives the bits of the separate LRN and pooling that a training forward runs."""
+    from repro.model import AlexNet, TwoTowerAlexNet
+    from tests.conftest import SMALL
+
+    monkeypatch.setenv(lrn_cpu.KERNEL_ENV, "native")
+    torch.manual_seed(0)
+    net = AlexNet(config=SMALL) if form == "grouped" else TwoTowerAlexNet(devices=("cpu", "cpu"), config=SMALL)
+    net = net.to(memory_format=torch.channels_last).eval()
+    x = torch.randn(3, 3, 67, 67).contiguous(memory_format=torch.channels_last)
+    calls = []
+    fused = lrn_native.forward_pool
+    monkeypatch.setattr(lrn_native, "forward_pool", lambda *a: calls.append(a[-2:]) or fused(*a))
+    with torch.no_grad():
+        evaluated = net(x)
+    assert calls == [(3, 2)] * (2 if form == "grouped" else 4)  # conv1's and conv2's, per tower for the towers
+    calls.clear()
+    separate = net(x.clone().requires_grad_())  # a gradient wanted: the LRN and the pooling run apart
+    assert calls == [] and torch.equal(evaluated, separate.detach())
+    monkeypatch.setenv(lrn_cpu.KERNEL_ENV, "eager")  # another kernel: the modules, not the fused pass
+    with torch.no_grad():
+        net(x)
+    assert calls == []

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repro.config import ModelConfig
-from repro.model.layers import LocalResponseNorm, SameMapResponseNorm, SharedMaskDropout, pad_for_conv1
+from repro.model.layers import (LocalResponseNorm, SameMapResponseNorm, SharedMaskDropout, lrn_then_pool,
+                                pad_for_conv1)
 from repro.model.spec import init_paper_, make_classifier, make_layer, tower_layers
 
 
@@ -48,9 +49,13 @@ class AlexNet(nn.Module):
     def fc7_activations(self, x: Tensor) -> Tensor:
         """The 4096-d hidden code of the paper's Figure 4 (after ReLU, before fc7's dropout)."""
         cfg = self.config
-        x = self.pool(self.lrn1(self.conv1(pad_for_conv1(x, cfg))))  # ReLU + LRN + pool: (B, 96, 27, 27)
+        x = lrn_then_pool(self.lrn1, self.pool, self.conv1(pad_for_conv1(x, cfg)))  # ReLU + LRN + pool: (B, 96, 27, 27)
         x = F.relu(x) if cfg.relu1_after_pool else x  # the 2012 order: LRN + pool + ReLU
-        x = self.pool(self.norm2(self.lrn2(self.conv2(x))))  # ReLU + LRN (+ same-map norm) + pool: (B, 256, 13, 13)
+        x = self.conv2(x)
+        if isinstance(self.norm2, nn.Identity):
+            x = lrn_then_pool(self.lrn2, self.pool, x)  # ReLU + LRN + pool: (B, 256, 13, 13)
+        else:
+            x = self.pool(self.norm2(self.lrn2(x)))  # ReLU + LRN + same-map norm + pool
         x = F.relu(self.conv3(x))  # (B, 384, 13, 13): reads both towers
         x = F.relu(self.conv4(x))  # (B, 384, 13, 13)
         x = self.pool(F.relu(self.conv5(x)))  # (B, 256, 6, 6)

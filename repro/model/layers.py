@@ -157,6 +157,31 @@ class LocalResponseNorm(nn.Module):
                 + (", in place without grad" if self.inplace else ""))
 
 
+def _plain_pooling(pool: nn.Module) -> tuple[int, int] | None:
+    """(kernel, stride) of a square max pooling without padding, dilation, ceil mode or indices; else None."""
+    if type(pool) is not nn.MaxPool2d or pool.return_indices or pool.ceil_mode:
+        return None
+    kernel, stride, padding, dilation = (v if isinstance(v, tuple) else (v, v)
+                                         for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation))
+    if kernel[0] != kernel[1] or stride[0] != stride[1] or padding != (0, 0) or dilation != (1, 1):
+        return None
+    return kernel[0], stride[0]
+
+
+def lrn_then_pool(lrn: LocalResponseNorm, pool: nn.Module, x: Tensor) -> Tensor:
+    """pool(lrn(x)). Where no gradient is wanted and the native CPU LRN runs on channels_last activations (an
+    evaluation forward), one pass computes both and the LRN's output is never written to memory: the same
+    bits as the two modules (lrn_native.forward_pool)."""
+    pooling = _plain_pooling(pool)
+    if (lrn.cfg.enabled and pooling is not None and not (torch.is_grad_enabled() and x.requires_grad)
+            and x.dim() == 4 and x.shape[1] % lrn.groups == 0 and min(x.shape[2:]) >= pooling[0]):
+        c = lrn.cfg
+        out = lrn_cpu.forward_pool(x, c.size, c.sum_scale, c.beta, c.k, lrn.groups, lrn.relu, *pooling)
+        if out is not None:
+            return out
+    return pool(lrn(x))
+
+
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # < 2^27: products of 32-bit values stay below 2^59, so int64 never overflows
 

@@ -246,6 +246,20 @@ def forward(x: Tensor, size: int, scale: float, beta: float, k: float, groups: i
     return None if y is None else (y, None)
 
 
+def forward_pool(x: Tensor, size: int, scale: float, beta: float, k: float, groups: int, relu: bool, kernel: int,
+                 stride: int) -> Tensor | None:
+    """max_pool2d(LRN(x), kernel, stride) in one native pass (the LRN's output never written), or None where
+    that does not apply: another kernel chosen, x not a channels_last CPU tensor the kernel takes, or the C
+    kernel not buildable here. No backward: for evaluation forwards only."""
+    if current_kernel() != "native" or not supported(x) or not _is_channels_last(x):
+        return None
+    try:
+        return lrn_native.forward_pool(x, size, scale, beta, k, groups, relu, kernel, stride)
+    except lrn_native.NativeUnavailable as exc:
+        _unbuildable("native", exc)
+        return None
+
+
 def backward(grad_y: Tensor, x: Tensor, denom: Tensor | None, size: int, scale: float, beta: float, groups: int,
              relu: bool, k: float | None = None):
     """dL/dx, or None where inductor failed. denom None: the native forward ran, and the native backward

@@ -139,16 +139,21 @@ static int64_t NAME##_place(NAME##_tile *tl, int channels_last, int64_t channels
     return channels_last ? p0 * channels + g * cg : g * cg * pixels + p0;                                 \
 }                                                                                                         \
                                                                                                           \
-int NAME##_forward(const S *x, S *y, int64_t channels, int64_t pixels, int64_t groups, int channels_last,  \
-                   int64_t tile0, int64_t tile1, int size, double scale, double beta, double k, int relu) { \
+/* The forward's tile buffers: x and y tiles, and the squares with margins on both sides */               \
+static T *NAME##_forward_buffer(int64_t channels, int64_t groups, int channels_last, int size) {           \
+    NAME##_tile tl = NAME##_shape(channels_last, channels / groups, size / 2);                             \
+    return (T *)calloc((size_t)(3 * tl.total + 2 * tl.margin), sizeof(T));                                \
+}                                                                                                         \
+                                                                                                          \
+static void NAME##_forward_tiles(const S *x, S *y, int64_t channels, int64_t pixels, int64_t groups,      \
+                                 int channels_last, int64_t tile0, int64_t tile1, int size, double scale,  \
+                                 double beta, double k, int relu, T *buf) {                                \
     int r = size / 2;                                                                                     \
     int64_t cg = channels / groups;                                                                       \
     NAME##_tile tl = NAME##_shape(channels_last, cg, r);                                                  \
     int64_t per = channels_last ? CL_PIXELS : NCHW_PIXELS, tiles_per_image = (pixels + per - 1) / per;   \
     int64_t n = tl.total, mg = tl.margin;                                                                 \
     int paper = size == 5 && beta == 0.75;                                                                \
-    T *buf = (T *)calloc((size_t)(2 * n + n + 2 * mg), sizeof(T));                                        \
-    if (!buf) return 1;                                                                                   \
     T *xt = buf, *yt = xt + n, *sq = yt + n + mg; /* sq: margins both sides */                             \
     for (int64_t t = tile0; t < tile1; t++) {                                                             \
         int64_t b = t / tiles_per_image, p0 = (t % tiles_per_image) * per;                                \
@@ -164,7 +169,62 @@ int NAME##_forward(const S *x, S *y, int64_t channels, int64_t pixels, int64_t g
             NAME##_scatter(yt, y + at, &tl);                                                              \
         }                                                                                                 \
     }                                                                                                     \
+}                                                                                                         \
+                                                                                                          \
+int NAME##_forward(const S *x, S *y, int64_t channels, int64_t pixels, int64_t groups, int channels_last,  \
+                   int64_t tile0, int64_t tile1, int size, double scale, double beta, double k, int relu) { \
+    T *buf = NAME##_forward_buffer(channels, groups, channels_last, size);                                \
+    if (!buf) return 1;                                                                                   \
+    NAME##_forward_tiles(x, y, channels, pixels, groups, channels_last, tile0, tile1, size, scale, beta, k, \
+                         relu, buf);                                                                      \
     free(buf);                                                                                            \
+    return 0;                                                                                             \
+}                                                                                                         \
+                                                                                                          \
+/* ReLU + LRN + max pooling (kernel pk, stride ps, no padding, floor) of a channels_last x, for an        \
+ * evaluation forward: the LRN's output never reaches memory. Work is output rows row0 .. row1 - 1 of     \
+ * batch * out_height; each input row's LRN is computed once into a ring of pk rows (as the unfused      \
+ * kernel computes it: one image of `width` pixels, so the bits are the same) and pooled from there.     \
+ * A window holding a NaN gives NaN, as torch's max pooling. */                                           \
+int NAME##_forward_pool(const S *x, S *out, int64_t channels, int64_t height, int64_t width,              \
+                        int64_t groups, int64_t row0, int64_t row1, int size, double scale, double beta,  \
+                        double k, int relu, int pk, int ps) {                                             \
+    int64_t oh_n = (height - pk) / ps + 1, ow_n = (width - pk) / ps + 1, row_len = channels * width;      \
+    int64_t row_tiles = (width + CL_PIXELS - 1) / CL_PIXELS;                                              \
+    T *buf = NAME##_forward_buffer(channels, groups, 1, size);                                            \
+    S *rows = (S *)malloc((size_t)(pk * row_len) * sizeof(S));                                            \
+    int64_t *held = (int64_t *)malloc((size_t)pk * sizeof(int64_t)); /* which input row each slot holds */ \
+    T *best = (T *)malloc((size_t)channels * sizeof(T));                                                  \
+    if (!buf || !rows || !held || !best) {                                                                \
+        free(buf); free(rows); free(held); free(best);                                                    \
+        return 1;                                                                                         \
+    }                                                                                                     \
+    for (int i = 0; i < pk; i++) held[i] = -1;                                                            \
+    for (int64_t t = row0; t < row1; t++) {                                                               \
+        int64_t b = t / oh_n, oh = t % oh_n;                                                              \
+        for (int i = 0; i < pk; i++) {                                                                    \
+            int64_t h = oh * ps + i, slot = h % pk;                                                       \
+            if (held[slot] != b * height + h) {                                                           \
+                NAME##_forward_tiles(x + (b * height + h) * row_len, rows + slot * row_len, channels, width, \
+                                     groups, 1, 0, row_tiles, size, scale, beta, k, relu, buf);           \
+                held[slot] = b * height + h;                                                              \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int64_t ow = 0; ow < ow_n; ow++) {                                                           \
+            for (int64_t c = 0; c < channels; c++) best[c] = (T)-INFINITY;                                \
+            for (int i = 0; i < pk; i++) {                                                                \
+                const S *in = rows + ((oh * ps + i) % pk) * row_len + ow * ps * channels;                 \
+                for (int j = 0; j < pk; j++)                                                              \
+                    for (int64_t c = 0; c < channels; c++) {                                              \
+                        T v = LOAD(in[j * channels + c]);                                                 \
+                        best[c] = (v > best[c] || v != v) ? v : best[c];                                  \
+                    }                                                                                     \
+            }                                                                                             \
+            S *o = out + ((b * oh_n + oh) * ow_n + ow) * channels;                                        \
+            for (int64_t c = 0; c < channels; c++) o[c] = STORE(best[c]);                                 \
+        }                                                                                                 \
+    }                                                                                                     \
+    free(buf); free(rows); free(held); free(best);                                                        \
     return 0;                                                                                             \
 }                                                                                                         \
                                                                                                           \

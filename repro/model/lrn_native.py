@@ -120,6 +120,9 @@ def load() -> ctypes.CDLL:
                     fn = getattr(lib, f"lrn_{suffix}_{name}")
                     fn.argtypes = [ptr] * pointers + shape
                     fn.restype = c_int
+                pool = getattr(lib, f"lrn_{suffix}_forward_pool")
+                pool.argtypes = [ptr, ptr] + [i64] * 6 + [c_int, c_double, c_double, c_double] + [c_int] * 3
+                pool.restype = c_int
             _lib = lib
         return _lib
 
@@ -147,20 +150,22 @@ def _tile_ranges(tiles: int) -> list[tuple[int, int]]:
 
 def _call(fn, pointers: list[int], x: Tensor, channels_last: bool, size: int, scale: float, beta: float, k: float,
           groups: int, relu: bool) -> None:
-    global _pool
     b, c, h, w = x.shape
     per = CL_PIXELS if channels_last else NCHW_PIXELS
-    ranges = _tile_ranges(b * -(-(h * w) // per))
+    _in_threads(lambda lo, hi: fn(*pointers, c, h * w, groups, int(channels_last), lo, hi, size, scale, beta, k,
+                                  int(relu)), b * -(-(h * w) // per))
 
-    def run(lo_hi):
-        return fn(*pointers, c, h * w, groups, int(channels_last), *lo_hi, size, scale, beta, k, int(relu))
 
+def _in_threads(run, tiles: int) -> None:
+    """run(lo, hi) over tiles 0 .. tiles - 1, cut into one range per intra-op thread."""
+    global _pool
+    ranges = _tile_ranges(tiles)
     if len(ranges) == 1:
-        codes = [run(ranges[0])]
+        codes = [run(*ranges[0])]
     else:  # the C code holds no GIL: threads run it side by side, as torch's intra-op threads would
         if _pool is None or _pool._max_workers < len(ranges):
             _pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="repro-lrn")
-        codes = list(_pool.map(run, ranges))
+        codes = list(_pool.map(lambda lo_hi: run(*lo_hi), ranges))
     if any(codes):
         raise MemoryError("lrn_native: the kernel could not allocate its tile buffers")
 
@@ -198,3 +203,26 @@ def backward(grad_y: Tensor, x: Tensor, size: int, scale: float, beta: float, k:
     _call(fn, [grad_y.data_ptr(), x.data_ptr(), grad_x.data_ptr()], x, channels_last, size, scale, beta, k,
           groups, relu)
     return grad_x
+
+
+def pooled_size(n: int, kernel: int, stride: int) -> int:
+    return (n - kernel) // stride + 1
+
+
+def forward_pool(x: Tensor, size: int, scale: float, beta: float, k: float, groups: int, relu: bool, kernel: int,
+                 stride: int) -> Tensor:
+    """max_pool2d(forward(x, ...), kernel, stride) for a channels_last x, without the LRN's output ever
+    written to memory: each image row's LRN goes to a small ring of rows that the pooling reads. The same
+    bits as the two calls (the LRN is computed as `forward` computes it). Evaluation only: no backward."""
+    _check(x, groups)
+    if not is_channels_last(x):
+        raise ValueError("lrn_native.forward_pool takes a channels_last tensor (others: forward, then max_pool2d)")
+    b, c, h, w = x.shape
+    if kernel < 1 or stride < 1 or h < kernel or w < kernel:
+        raise ValueError(f"max pooling {kernel}/{stride} does not fit a {h}x{w} input")
+    oh, ow = pooled_size(h, kernel, stride), pooled_size(w, kernel, stride)
+    out = torch.empty(b, c, oh, ow, dtype=x.dtype, memory_format=torch.channels_last)
+    fn = getattr(load(), f"lrn_{_SUFFIX[x.dtype]}_forward_pool")
+    _in_threads(lambda lo, hi: fn(x.data_ptr(), out.data_ptr(), c, h, w, groups, lo, hi, size, scale, beta, k,
+                                  int(relu), kernel, stride), b * oh)
+    return out

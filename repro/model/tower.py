@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repro.config import ModelConfig
-from repro.model.layers import LocalResponseNorm, SameMapResponseNorm, SharedMaskDropout, pad_for_conv1
+from repro.model.layers import (LocalResponseNorm, SameMapResponseNorm, SharedMaskDropout, lrn_then_pool,
+                                pad_for_conv1)
 from repro.model.spec import init_paper_, make_classifier, make_layer, tower_layers
 
 
@@ -41,9 +42,12 @@ class Tower(nn.Module):
 
     def conv1_to_pool2(self, image: Tensor) -> Tensor:
         cfg = self.config
-        x = self.pool(self.lrn1(self.conv1(pad_for_conv1(image, cfg))))  # ReLU + LRN + pool: (B, 48, 27, 27)
+        x = lrn_then_pool(self.lrn1, self.pool, self.conv1(pad_for_conv1(image, cfg)))  # ReLU + LRN + pool: (B, 48, 27, 27)
         x = F.relu(x) if cfg.relu1_after_pool else x  # the 2012 order: LRN + pool + ReLU
-        return self.pool(self.norm2(self.lrn2(self.conv2(x))))  # (B, 128, 13, 13) = pool2_local
+        x = self.conv2(x)
+        if isinstance(self.norm2, nn.Identity):
+            return lrn_then_pool(self.lrn2, self.pool, x)  # (B, 128, 13, 13) = pool2_local
+        return self.pool(self.norm2(self.lrn2(x)))
 
     def conv3_to_pool5(self, pool2_full: Tensor) -> Tensor:
         x = F.relu(self.conv3(pool2_full))  # (B, 192, 13, 13)
