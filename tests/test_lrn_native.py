@@ -261,6 +261,14 @@ def test_network_evaluation_pools_in_the_lrn_pass_with_the_same_output(form, mon
     calls.clear()
     separate = net(x.clone().requires_grad_())  # a gradient wanted: the LRN and the pooling run apart
     assert calls == [] and torch.equal(evaluated, separate.detach())
+    seen = []
+    lrn1 = net.lrn1 if form == "grouped" else net.towers[0].lrn1
+    handle = lrn1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        assert torch.equal(net(x), evaluated)
+    handle.remove()
+    assert len(seen) == 1 and len(calls) == (1 if form == "grouped" else 3)  # a hooked layer runs as a module
+    calls.clear()
     monkeypatch.setenv(lrn_cpu.KERNEL_ENV, "eager")  # another kernel: the modules, not the fused pass
     with torch.no_grad():
         net(x)

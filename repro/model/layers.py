@@ -173,7 +173,8 @@ def lrn_then_pool(lrn: LocalResponseNorm, pool: nn.Module, x: Tensor) -> Tensor:
     evaluation forward), one pass computes both and the LRN's output is never written to memory: the same
     bits as the two modules (lrn_native.forward_pool)."""
     pooling = _plain_pooling(pool)
-    if (lrn.cfg.enabled and pooling is not None and not (torch.is_grad_enabled() and x.requires_grad)
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (lrn, pool))  # a user's hook sees the LRN's output
+    if (lrn.cfg.enabled and pooling is not None and not hooked and not (torch.is_grad_enabled() and x.requires_grad)
             and x.dim() == 4 and x.shape[1] % lrn.groups == 0 and min(x.shape[2:]) >= pooling[0]):
         c = lrn.cfg
         out = lrn_cpu.forward_pool(x, c.size, c.sum_scale, c.beta, c.k, lrn.groups, lrn.relu, *pooling)
