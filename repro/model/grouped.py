@@ -51,11 +51,7 @@ class AlexNet(nn.Module):
         cfg = self.config
         x = lrn_then_pool(self.lrn1, self.pool, self.conv1(pad_for_conv1(x, cfg)))  # ReLU + LRN + pool: (B, 96, 27, 27)
         x = F.relu(x) if cfg.relu1_after_pool else x  # the 2012 order: LRN + pool + ReLU
-        x = self.conv2(x)
-        if isinstance(self.norm2, nn.Identity):
-            x = lrn_then_pool(self.lrn2, self.pool, x)  # ReLU + LRN + pool: (B, 256, 13, 13)
-        else:
-            x = self.pool(self.norm2(self.lrn2(x)))  # ReLU + LRN + same-map norm + pool
+        x = lrn_then_pool(self.lrn2, self.pool, self.conv2(x), self.norm2)  # ReLU + LRN (+ same-map norm) + pool: (B, 256, 13, 13)
         x = F.relu(self.conv3(x))  # (B, 384, 13, 13): reads both towers
         x = F.relu(self.conv4(x))  # (B, 384, 13, 13)
         x = self.pool(F.relu(self.conv5(x)))  # (B, 256, 6, 6)

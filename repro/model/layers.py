@@ -168,10 +168,13 @@ def _plain_pooling(pool: nn.Module) -> tuple[int, int] | None:
     return kernel[0], stride[0]
 
 
-def lrn_then_pool(lrn: LocalResponseNorm, pool: nn.Module, x: Tensor) -> Tensor:
-    """pool(lrn(x)). Where no gradient is wanted and the native CPU LRN runs on channels_last activations (an
-    evaluation forward), one pass computes both and the LRN's output is never written to memory: the same
-    bits as the two modules (lrn_native.forward_pool)."""
+def lrn_then_pool(lrn: LocalResponseNorm, pool: nn.Module, x: Tensor, between: nn.Module | None = None) -> Tensor:
+    """pool(between(lrn(x))), `between` a layer in the middle or None. Where there is none, no gradient is
+    wanted and the native CPU LRN runs on channels_last activations (an evaluation forward), one pass
+    computes both and the LRN's output is never written to memory: the same bits as the two modules
+    (lrn_native.forward_pool)."""
+    if between is not None and not isinstance(between, nn.Identity):
+        return pool(between(lrn(x)))
     pooling = _plain_pooling(pool)
     hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (lrn, pool))  # a user's hook sees the LRN's output
     if (lrn.cfg.enabled and pooling is not None and not hooked and not (torch.is_grad_enabled() and x.requires_grad)

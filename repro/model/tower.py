@@ -44,10 +44,7 @@ class Tower(nn.Module):
         cfg = self.config
         x = lrn_then_pool(self.lrn1, self.pool, self.conv1(pad_for_conv1(image, cfg)))  # ReLU + LRN + pool: (B, 48, 27, 27)
         x = F.relu(x) if cfg.relu1_after_pool else x  # the 2012 order: LRN + pool + ReLU
-        x = self.conv2(x)
-        if isinstance(self.norm2, nn.Identity):
-            return lrn_then_pool(self.lrn2, self.pool, x)  # (B, 128, 13, 13) = pool2_local
-        return self.pool(self.norm2(self.lrn2(x)))
+        return lrn_then_pool(self.lrn2, self.pool, self.conv2(x), self.norm2)  # (B, 128, 13, 13) = pool2_local
 
     def conv3_to_pool5(self, pool2_full: Tensor) -> Tensor:
         x = F.relu(self.conv3(pool2_full))  # (B, 192, 13, 13)
