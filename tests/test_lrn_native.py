@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from repro import native
 from repro.config import LRNConfig
 from repro.model import lrn_cpu, lrn_native
 from repro.model.layers import local_response_norm
@@ -105,7 +106,7 @@ def test_threads_split_the_tiles_and_give_the_same_bits(channels_last):
         out = []
         for threads in (1, 3):
             torch.set_num_threads(threads)
-            assert len(lrn_native._tile_ranges(100)) == threads
+            assert len(native.tile_ranges(100)) == threads
             out.append((lrn_native.forward(x, 5, 1e-2, 0.75, 2.0, 2, True),
                         lrn_native.backward(g, x, 5, 1e-2, 0.75, 2.0, 2, True)))
     finally:

@@ -7,11 +7,8 @@ Why a C file and not torch.compile: the same passes, but one build of a few seco
 shape, batch size and dtype (inductor compiles each shape, 12-27 s on a 2-core machine with a cold
 cache), so even a short run such as the main job gains from it.
 
-The library is cached under REPRO_CACHE_DIR (default: $XDG_CACHE_HOME/repro or ~/.cache/repro), named by a
-hash of the source, the compiler and its version, the flags and the CPU's flags: code built with
--march=native for one CPU is never loaded on another that shares the home directory. It is written to a
-temporary name and renamed, so ranks building at once never load half a file. CC chooses the compiler
-(default cc). Where none works, `load` raises NativeUnavailable with the compiler's message.
+Built and cached by repro/native.py (once per machine, keyed by the source, compiler and CPU); CC chooses
+the compiler, and where none works `load` raises NativeUnavailable with the compiler's message.
 
 float32 and bfloat16 serve the network (bfloat16 computed in float, rounded once when stored);
 float64 exists so that the tests can hold the C code to the reference to 1e-12 and gradcheck it.
@@ -20,87 +17,29 @@ float64 exists so that the tests can hold the C code to the reference to 1e-12 a
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from repro import native
+from repro.native import CACHE_ENV, NativeUnavailable, cache_dir  # noqa: F401 (this module's callers use them)
+
 SOURCE = Path(__file__).with_name("lrn_native.c")
-CACHE_ENV = "REPRO_CACHE_DIR"
-FLAGS = ("-O3", "-fno-math-errno", "-fPIC", "-shared")  # no fast-math: NaN, rounding and sqrt stay IEEE
-CPU_FLAGS = ("-march=native",)  # dropped where the compiler does not take it
 CL_PIXELS, NCHW_PIXELS = 16, 256  # pixels per tile, as lrn_native.c's CL_PIXELS and NCHW_PIXELS
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 DTYPES = tuple(_SUFFIX)
 
 
-class NativeUnavailable(RuntimeError):
-    """No C compiler, or it could not build lrn_native.c here."""
-
-
-def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "repro"
-
-
-def _compiler() -> str:
-    cc = os.environ.get("CC", "cc")
-    path = shutil.which(cc.split()[0]) if cc else None
-    if not path:
-        raise NativeUnavailable(f"no C compiler: {cc!r} is not on PATH (set CC to one, or install gcc or clang)")
-    return path
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-
-
 def library_path() -> Path:
     """Where the library built for this source, compiler and CPU lives (built or not)."""
-    cc = _compiler()
-    version = _run([cc, "--version"]).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS + CPU_FLAGS), platform.machine(),
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
-    return cache_dir() / f"lrn_native-{key}.so"
+    return native.library_path(SOURCE)
 
 
 def build() -> Path:
     """The library's path, compiling it first unless the cache holds it."""
-    target = library_path()
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".lrn_native-", suffix=".so")
-    os.close(fd)
-    try:
-        errors = []
-        for cpu_flags in (CPU_FLAGS, ()):
-            done = _run([_compiler(), *FLAGS, *cpu_flags, "-o", tmp, str(SOURCE), "-lm"])
-            if done.returncode == 0:
-                os.replace(tmp, target)  # atomic: another rank sees no file or the whole file
-                return target
-            errors.append(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
-        raise NativeUnavailable(f"{_compiler()} could not build {SOURCE.name}: {errors[-1]}")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return native.build(SOURCE)
 
 
 _lib = None
@@ -138,16 +77,6 @@ def _layout(x: Tensor) -> tuple[Tensor, bool]:
     return x.contiguous(), False
 
 
-_pool: ThreadPoolExecutor | None = None
-
-
-def _tile_ranges(tiles: int) -> list[tuple[int, int]]:
-    """The tiles cut into one range per intra-op thread that torch would use (at most one per tile)."""
-    parts = max(1, min(torch.get_num_threads(), tiles))
-    bounds = [tiles * i // parts for i in range(parts + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
-
-
 def _call(fn, pointers: list[int], x: Tensor, channels_last: bool, size: int, scale: float, beta: float, k: float,
           groups: int, relu: bool) -> None:
     b, c, h, w = x.shape
@@ -157,16 +86,7 @@ def _call(fn, pointers: list[int], x: Tensor, channels_last: bool, size: int, sc
 
 
 def _in_threads(run, tiles: int) -> None:
-    """run(lo, hi) over tiles 0 .. tiles - 1, cut into one range per intra-op thread."""
-    global _pool
-    ranges = _tile_ranges(tiles)
-    if len(ranges) == 1:
-        codes = [run(*ranges[0])]
-    else:  # the C code holds no GIL: threads run it side by side, as torch's intra-op threads would
-        if _pool is None or _pool._max_workers < len(ranges):
-            _pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="repro-lrn")
-        codes = list(_pool.map(lambda lo_hi: run(*lo_hi), ranges))
-    if any(codes):
+    if any(native.in_threads(run, tiles)):
         raise MemoryError("lrn_native: the kernel could not allocate its tile buffers")
 
 
