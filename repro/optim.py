@@ -8,6 +8,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from repro import update_native
 from repro.config import OptimConfig
 
 
@@ -122,7 +123,11 @@ def _by_device(params: list[Tensor]) -> list[list[int]]:
 def paper_update(params: list[Tensor], grads: list[Tensor], velocity: list[Tensor], lr: float, momentum: float,
                  weight_decay: float) -> None:
     """v <- momentum * v - weight_decay * lr * w - lr * grad ;  w <- w + v, in place, on lists of tensors.
-    Eager, each line is one multi-tensor kernel: four passes over the parameters' memory."""
+    Eager, each line is one multi-tensor kernel: four passes over the parameters' memory. On the CPU in
+    float32 or float64 the same arithmetic runs in one pass (repro/update_native.c), to the same bits."""
+    if update_native.applies(params, grads, velocity):
+        update_native.update(params, grads, velocity, lr, momentum, weight_decay)
+        return
     torch._foreach_mul_(velocity, momentum)
     if weight_decay:
         torch._foreach_add_(velocity, params, alpha=-weight_decay * lr)
