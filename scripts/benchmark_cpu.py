@@ -14,8 +14,10 @@ happens in an untimed first call, as it does once at the start of a run).
 As a CPU training run does, the process first asks glibc to keep freed memory for reuse
 (repro/host_memory.py), for every network alike; --no-keep-freed-memory leaves the allocator as it is.
 
-Repeats are interleaved (A B C A B C ...) so that load from other processes falls on every network
-alike: read the ratios to torchvision, not the absolute rates, on a shared machine. bf16 is in the
+Repeats are interleaved in rounds (A B C, A B C, ...) so that load from other processes falls on every
+network alike: read the ratios to torchvision, not the absolute rates, on a shared machine. The ratio is
+the median over rounds of each round's ratio, beside the count of rounds the network was the faster
+(a sign test: see `against`). bf16 is in the
 default only where the CPU has native bf16 (AVX-512 BF16 or AMX); elsewhere oneDNN emulates it and
 it runs many times slower than fp32 (see docs/benchmarks.md).
 """
@@ -46,7 +48,8 @@ from repro.model.two_tower import TwoTowerAlexNet  # noqa: E402
 
 NETWORKS = ("grouped", "towers", "torchvision")
 WITH_LRN = ("grouped", "towers")  # torchvision's AlexNet has no LRN: one row whatever the kernel
-COLUMNS = ("threads", "dtype", "mode", "network", "batch", "img/s", "spread (min..max img/s)", "x torchvision")
+COLUMNS = ("threads", "dtype", "mode", "network", "batch", "img/s", "spread (min..max img/s)", "x torchvision",
+           "rounds faster than torchvision")
 
 
 def cpu_model_and_flags() -> tuple[str, list[str]]:
@@ -145,12 +148,22 @@ def measure(args) -> list[tuple]:
                            for label, n, kernel in row_names(args.networks, args.cpu_lrn)}
                 seconds = time_interleaved(runners, args.repeats)
                 rates = {n: [batch / s for s in ts] for n, ts in seconds.items()}
-                base = statistics.median(rates["torchvision"]) if "torchvision" in rates else None
                 for n, r in rates.items():
-                    med = statistics.median(r)
-                    ratio = f"{med / base:.2f}" if base else "-"
-                    rows.append((threads, dtype, mode, n, batch, f"{med:.2f}", f"{min(r):.2f}..{max(r):.2f}", ratio))
+                    ratio, ahead = against(r, rates.get("torchvision"))
+                    rows.append((threads, dtype, mode, n, batch, f"{statistics.median(r):.2f}",
+                                 f"{min(r):.2f}..{max(r):.2f}", ratio, ahead))
     return rows
+
+
+def against(rates: list[float], base: list[float] | None) -> tuple[str, str]:
+    """The median over rounds of rate / base's rate in the same round, and in how many rounds the rate was
+    the higher: a round runs every network back to back, so a slow spell of a shared machine falls on
+    both sides of each ratio. Under no real difference each round is a coin toss: with 15 rounds, 12 or
+    more ahead (or 3 or fewer) happens by chance less than 2% of the time (sign test)."""
+    if not base:
+        return "-", "-"
+    paired = [r / b for r, b in zip(rates, base, strict=True)]
+    return f"{statistics.median(paired):.2f}", f"{sum(p > 1 for p in paired)}/{len(paired)}"
 
 
 def profile(args) -> None:
@@ -223,8 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CPU: {args.cpu}; flags: {' '.join(args.flags) or 'none of avx2/avx512/amx'}; "
           f"torch {torch.__version__}; capability {torch.backends.cpu.get_cpu_capability()}; "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"train = forward + backward + SGD step; eval = no_grad forward; median of {args.repeats} interleaved "
-          f"repeats; {'channels_last' if args.channels_last else 'NCHW'}; host memory: {memory}")
+    print(f"train = forward + backward + SGD step (torch.optim.SGD for every network); eval = no_grad forward; "
+          f"median of {args.repeats} interleaved rounds; x torchvision = median of the rounds' ratios; "
+          f"{'channels_last' if args.channels_last else 'NCHW'}; host memory: {memory}")
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for row in rows:

@@ -1,7 +1,7 @@
 """scripts/benchmark_cpu.py prints one table row per (threads, dtype, mode, network); speeds are never
 asserted, only that the table has its shape and its numbers parse."""
 
-from scripts.benchmark_cpu import COLUMNS, NETWORKS, main, row_names
+from scripts.benchmark_cpu import COLUMNS, NETWORKS, against, main, row_names
 
 
 def test_table_has_a_row_per_case_and_numbers_parse(capsys):
@@ -14,11 +14,21 @@ def test_table_has_a_row_per_case_and_numbers_parse(capsys):
     assert len(rows) == 2 * len(NETWORKS)  # train and eval, each network
     names = ["grouped (eager LRN)", "towers (eager LRN)", "torchvision"]
     assert [(r[2], r[3]) for r in rows] == [(m, n) for m in ("train", "eval") for n in names]
-    for threads, dtype, _, network, batch, rate, spread, ratio in rows:
+    for threads, dtype, _, network, batch, rate, spread, ratio, ahead in rows:
         assert (threads, dtype, batch) == ("1", "fp32", "1")
         low, high = (float(v) for v in spread.split(".."))
         assert 0 < low <= float(rate) <= high
         assert float(ratio) > 0 and (network != "torchvision" or ratio == "1.00")
+        assert ahead in ("0/1", "1/1") and (network != "torchvision" or ahead == "0/1")
+
+
+def test_ratios_are_paired_by_round():
+    """Each round's ratio, then their median; a loaded round (the third) slows both sides of its ratio."""
+    ours = [10.0, 9.0, 5.0, 9.9, 10.2]
+    theirs = [9.0, 9.5, 4.0, 9.0, 10.0]
+    assert against(ours, theirs) == ("1.10", "4/5")  # ratios 1.11, 0.95, 1.25, 1.10, 1.02
+    assert against(theirs, theirs) == ("1.00", "0/5")
+    assert against(ours, None) == ("-", "-")
 
 
 def test_the_paper_network_gets_a_row_per_lrn_kernel_and_torchvision_one():
