@@ -45,6 +45,7 @@ from repro.host_memory import keep_freed_memory  # noqa: E402
 from repro.model import lrn_cpu  # noqa: E402
 from repro.model.grouped import AlexNet  # noqa: E402
 from repro.model.two_tower import TwoTowerAlexNet  # noqa: E402
+from repro.optim import PaperSGD  # noqa: E402
 
 NETWORKS = ("grouped", "towers", "torchvision")
 WITH_LRN = ("grouped", "towers")  # torchvision's AlexNet has no LRN: one row whatever the kernel
@@ -81,8 +82,9 @@ def build(network: str, num_classes: int) -> tuple[torch.nn.Module, int]:
 
 
 def make_runner(net: torch.nn.Module, size: int, mode: str, dtype: str, batch: int, channels_last: bool,
-                num_classes: int):
-    """A function that runs one training step or one evaluation forward of `batch` images."""
+                num_classes: int, optimizer: str = "torch"):
+    """A function that runs one training step or one evaluation forward of `batch` images; the step's
+    update is torch.optim.SGD's or (optimizer="paper") the paper's rule as the training loop runs it."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     images = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
     labels = torch.randint(0, num_classes, (batch,))
@@ -95,7 +97,10 @@ def make_runner(net: torch.nn.Module, size: int, mode: str, dtype: str, batch: i
                 net(images)
         return forward
     net.train()
-    opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+    if optimizer == "paper":
+        opt = PaperSGD(net.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -144,7 +149,7 @@ def measure(args) -> list[tuple]:
         for dtype in args.dtypes:
             for mode, batch in (("train", args.train_batch), ("eval", args.eval_batch)):
                 runners = {label: with_lrn_kernel(make_runner(*nets[n], mode, dtype, batch, args.channels_last,
-                                                              args.num_classes), kernel)
+                                                              args.num_classes, args.optimizer), kernel)
                            for label, n, kernel in row_names(args.networks, args.cpu_lrn)}
                 seconds = time_interleaved(runners, args.repeats)
                 rates = {n: [batch / s for s in ts] for n, ts in seconds.items()}
@@ -179,7 +184,7 @@ def profile(args) -> None:
         net, size = build(n, args.num_classes)
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         step = make_runner(net.to(memory_format=fmt), size, "train", args.dtypes[0], args.train_batch,
-                           args.channels_last, args.num_classes)
+                           args.channels_last, args.num_classes, args.optimizer)
         step()
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
@@ -209,6 +214,9 @@ def parse_args(argv: list[str] | None):
                    help="inputs and every network in channels_last (default; --no-channels-last for NCHW)")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="glibc keeps freed memory for reuse, as CPU training runs (default; repro/host_memory.py)")
+    p.add_argument("--optimizer", choices=["torch", "paper"], default="torch",
+                   help="the training step's update, the same for every network: torch.optim.SGD (default) or "
+                        "the paper's rule as repro's training loop runs it (repro/optim.py; one native pass on the CPU)")
     p.add_argument("--profile", type=at_least(1), default=None, metavar="N",
                    help="instead of the table: each network's N costliest operators in one training step")
     args = p.parse_args(argv)
@@ -236,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CPU: {args.cpu}; flags: {' '.join(args.flags) or 'none of avx2/avx512/amx'}; "
           f"torch {torch.__version__}; capability {torch.backends.cpu.get_cpu_capability()}; "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"train = forward + backward + SGD step (torch.optim.SGD for every network); eval = no_grad forward; "
+    update = "torch.optim.SGD" if args.optimizer == "torch" else "the paper's update, repro.optim.PaperSGD"
+    print(f"train = forward + backward + SGD step ({update} for every network); eval = no_grad forward; "
           f"median of {args.repeats} interleaved rounds; x torchvision = median of the rounds' ratios; "
           f"{'channels_last' if args.channels_last else 'NCHW'}; host memory: {memory}")
     print("| " + " | ".join(COLUMNS) + " |")
