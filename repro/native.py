@@ -8,7 +8,11 @@ temporary name and renamed, so ranks building at once never load half a file. CC
 (default cc). Where none works, `build` raises NativeUnavailable with the compiler's message.
 
 The kernels hold no GIL (ctypes.CDLL releases it for each call), so `in_threads` runs one range of work per
-intra-op thread that torch would use, side by side.
+intra-op thread that torch would use, side by side. Where torch's OpenMP runtime is GNU libgomp (the pip
+wheels), the libraries are built with -fopenmp and link the libgomp.so.1 already loaded, so the ranges
+run on torch's own threads: after each of torch's operators those spin for a while waiting for more
+work, and on a machine with as many cores as threads they would otherwise take the cores from Python's.
+Measured in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 CACHE_ENV = "REPRO_CACHE_DIR"
 FLAGS = ("-O3", "-fno-math-errno", "-fPIC", "-shared")  # no fast-math: NaN, rounding and sqrt stay IEEE
 CPU_FLAGS = ("-march=native",)  # dropped where the compiler does not take it
+HEADER = Path(__file__).with_name("native.h")  # the kernels' shared macros (IN_THREADS)
 
 
 class NativeUnavailable(RuntimeError):
@@ -60,11 +65,28 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
+def torch_uses_libgomp() -> bool:
+    """Whether torch's OpenMP runtime is GNU libgomp under the soname libgomp.so.1 (loaded with torch), so
+    that a library built with -fopenmp shares its threads rather than loading a second runtime."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        with open("/proc/self/maps") as f:
+            return any(line.rstrip().endswith("/libgomp.so.1") for line in f)
+    except OSError:
+        return False
+
+
+def _openmp_flags() -> tuple[str, ...]:
+    return ("-fopenmp",) if torch_uses_libgomp() else ()
+
+
 def library_path(source: Path) -> Path:
-    """Where the library built from `source` for this compiler and CPU lives (built or not)."""
+    """Where the library built from `source` for this compiler, CPU and OpenMP runtime lives (built or not)."""
     cc = _compiler()
     version = _run([cc, "--version"]).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), cc, version, " ".join(FLAGS + CPU_FLAGS), platform.machine(),
+    key = hashlib.sha256("\0".join([source.read_text(), HEADER.read_text(), cc, version,
+                                    " ".join(FLAGS + CPU_FLAGS + _openmp_flags()), platform.machine(),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     return cache_dir() / f"{source.stem}-{key}.so"
 
@@ -79,8 +101,10 @@ def build(source: Path) -> Path:
     os.close(fd)
     try:
         errors = []
-        for cpu_flags in (CPU_FLAGS, ()):
-            done = _run([_compiler(), *FLAGS, *cpu_flags, "-o", tmp, str(source), "-lm"])
+        omp = _openmp_flags()
+        tries = [(*CPU_FLAGS, *omp), omp, CPU_FLAGS, ()]  # without what the compiler does not take
+        for extra in dict.fromkeys(tries):
+            done = _run([_compiler(), *FLAGS, *extra, f"-I{HEADER.parent}", "-o", tmp, str(source), "-lm"])
             if done.returncode == 0:
                 os.replace(tmp, target)  # atomic: another rank sees no file or the whole file
                 return target
@@ -101,12 +125,17 @@ def tile_ranges(tiles: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-def in_threads(run: Callable[[int, int], int], tiles: int) -> list[int]:
-    """run(lo, hi) over tiles 0 .. tiles - 1, one range per intra-op thread; the codes run returned."""
+def in_threads(run: Callable[[int, int], int], tiles: int,
+               run_all: Callable[[int], int] | None = None) -> list[int]:
+    """run(lo, hi) over tiles 0 .. tiles - 1, one range per intra-op thread; the codes run returned.
+    run_all(threads), where given, is the library's own split of all tiles over that many OpenMP threads
+    (a kernel's *_all entry, built with OpenMP): it runs instead of Python's threads."""
     global _pool
     ranges = tile_ranges(tiles)
     if len(ranges) == 1:
         return [run(*ranges[0])]
+    if run_all is not None:
+        return [run_all(len(ranges))]
     if _pool is None or _pool._max_workers < len(ranges):
         _pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="repro-native")
     return list(_pool.map(lambda lo_hi: run(*lo_hi), ranges))

@@ -12,9 +12,11 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "native.h"
+
 #define DEFINE_UPDATE(NAME, T, FMA)                                                                       \
-void NAME(T *restrict w, const T *restrict g, T *restrict v, int64_t lo, int64_t hi, double lr,            \
-          double momentum, double weight_decay) {                                                          \
+static int NAME##_range(T *restrict w, const T *restrict g, T *restrict v, int64_t lo, int64_t hi,         \
+                        double lr, double momentum, double weight_decay) {                                 \
     const T m = (T)momentum, alpha_w = (T)(-weight_decay * lr), alpha_g = (T)(-lr);                       \
     for (int64_t i = lo; i < hi; i++) {                                                                    \
         T t = v[i] * m;                       /* _foreach_mul_(velocity, momentum) */                      \
@@ -24,7 +26,16 @@ void NAME(T *restrict w, const T *restrict g, T *restrict v, int64_t lo, int64_t
         v[i] = t;                                                                                          \
         w[i] = w[i] + t;                      /* _foreach_add_(params, velocity) */                        \
     }                                                                                                      \
+    return 0;                                                                                              \
+}                                                                                                          \
+                                                                                                           \
+/* Elements first .. last - 1, split over `threads` (OpenMP builds; see native.h) */                            \
+int NAME(T *w, const T *g, T *v, int64_t first, int64_t last, double lr, double momentum,                 \
+         double weight_decay, int threads) {                                                               \
+    IN_THREADS(threads, first, last, NAME##_range(w, g, v, lo, hi, lr, momentum, weight_decay));          \
 }
+
+DEFINE_OPENMP_QUERY(update)
 
 DEFINE_UPDATE(update_f32, float, fmaf)
 DEFINE_UPDATE(update_f64, double, fma)

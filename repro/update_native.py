@@ -39,8 +39,9 @@ def load() -> ctypes.CDLL | None:
                 return None
             for suffix in _SUFFIX.values():
                 fn = getattr(lib, f"update_{suffix}")
-                fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_double] * 3
-                fn.restype = None
+                fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_double] * 3 + [ctypes.c_int]
+                fn.restype = ctypes.c_int
+            lib.update_openmp.restype = ctypes.c_int
             _lib = lib
         return _lib
 
@@ -71,15 +72,18 @@ def update(params: list[Tensor], grads: list[Tensor], velocity: list[Tensor], lr
            weight_decay: float) -> None:
     """paper_update's step, in place, for lists `applies` accepted."""
     lib = load()
+    openmp = lib.update_openmp()
     for p, g, v in zip(params, grads, velocity):
         fn = getattr(lib, f"update_{_SUFFIX[p.dtype]}")
         n = p.numel()
         pointers = (p.data_ptr(), g.data_ptr(), v.data_ptr())
 
-        def run(lo: int, hi: int, fn=fn, n=n, pointers=pointers) -> int:
-            fn(*pointers, lo * CHUNK, min(hi * CHUNK, n), lr, momentum, weight_decay)
-            return 0
-        native.in_threads(run, -(-n // CHUNK))
+        def run(lo: int, hi: int, fn=fn, n=n, pointers=pointers) -> int:  # chunks lo .. hi - 1, this thread
+            return fn(*pointers, lo * CHUNK, min(hi * CHUNK, n), lr, momentum, weight_decay, 1)
+
+        def run_all(threads: int, fn=fn, n=n, pointers=pointers) -> int:  # every element, OpenMP's threads
+            return fn(*pointers, 0, n, lr, momentum, weight_decay, threads)
+        native.in_threads(run, -(-n // CHUNK), run_all if openmp else None)
     # as torch's in-place kernels do: autograd sees that the parameters and velocities changed
     for t in params + velocity:  # one at a time: torch 2.11 and 2.14 both take that
         torch.autograd.graph.increment_version(t)

@@ -274,3 +274,20 @@ def test_network_evaluation_pools_in_the_lrn_pass_with_the_same_output(form, mon
     with torch.no_grad():
         net(x)
     assert calls == []
+
+
+def test_an_openmp_build_shares_torchs_threads():
+    """Where torch's OpenMP runtime is GNU libgomp, both native libraries are built with OpenMP and link
+    that runtime (one libgomp in the process, not a second pool of threads); elsewhere they are not."""
+    from repro import update_native
+
+    openmp = native.torch_uses_libgomp()
+    assert lrn_native.load().lrn_openmp() == int(openmp)
+    if update_native.load() is not None:
+        assert update_native.load().update_openmp() == int(openmp)
+    try:
+        with open("/proc/self/maps") as f:
+            runtimes = {line.split()[-1] for line in f if "libgomp" in line}
+    except OSError:
+        pytest.skip("no /proc/self/maps here")
+    assert len(runtimes) <= 1, runtimes

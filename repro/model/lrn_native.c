@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "native.h"
+
 #define CL_PIXELS 16     /* channels_last: pixels per tile, each a row of one group's channels */
 #define NCHW_PIXELS 256  /* NCHW: pixels per tile, one contiguous run per channel (64 and 128 measured slower) */
 
@@ -258,7 +260,31 @@ int NAME##_backward(const S *grad_y, const S *x, S *grad_x, int64_t channels, in
     }                                                                                                     \
     free(buf);                                                                                            \
     return 0;                                                                                             \
+}                                                                                                         \
+                                                                                                          \
+/* The same three over all of tile0 .. tile1 - 1 (rows for the pooling), split over `threads` */          \
+int NAME##_forward_all(const S *x, S *y, int64_t channels, int64_t pixels, int64_t groups, int channels_last, \
+                       int64_t tile0, int64_t tile1, int size, double scale, double beta, double k, int relu, \
+                       int threads) {                                                                     \
+    IN_THREADS(threads, tile0, tile1, NAME##_forward(x, y, channels, pixels, groups, channels_last, lo, hi,  \
+                                                     size, scale, beta, k, relu));                        \
+}                                                                                                         \
+                                                                                                          \
+int NAME##_backward_all(const S *grad_y, const S *x, S *grad_x, int64_t channels, int64_t pixels,         \
+                        int64_t groups, int channels_last, int64_t tile0, int64_t tile1, int size,        \
+                        double scale, double beta, double k, int relu, int threads) {                     \
+    IN_THREADS(threads, tile0, tile1, NAME##_backward(grad_y, x, grad_x, channels, pixels, groups,       \
+                                                      channels_last, lo, hi, size, scale, beta, k, relu)); \
+}                                                                                                         \
+                                                                                                          \
+int NAME##_forward_pool_all(const S *x, S *out, int64_t channels, int64_t height, int64_t width,          \
+                            int64_t groups, int64_t row0, int64_t row1, int size, double scale,           \
+                            double beta, double k, int relu, int pk, int ps, int threads) {               \
+    IN_THREADS(threads, row0, row1, NAME##_forward_pool(x, out, channels, height, width, groups, lo, hi,  \
+                                                        size, scale, beta, k, relu, pk, ps));             \
 }
+
+DEFINE_OPENMP_QUERY(lrn)
 
 DEFINE_LRN(lrn_f32, float, float, PLAIN, PLAIN, sqrtf, powf)
 DEFINE_LRN(lrn_f64, double, double, PLAIN, PLAIN, sqrt, pow)

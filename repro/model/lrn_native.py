@@ -54,14 +54,15 @@ def load() -> ctypes.CDLL:
             lib = ctypes.CDLL(str(build()))  # CDLL, not PyDLL: every call releases the GIL
             i64, c_int, c_double, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
             shape = [i64, i64, i64, c_int, i64, i64, c_int, c_double, c_double, c_double, c_int]
+            pool_shape = [i64] * 6 + [c_int, c_double, c_double, c_double] + [c_int] * 3
             for suffix in _SUFFIX.values():
-                for name, pointers in (("forward", 2), ("backward", 3)):
-                    fn = getattr(lib, f"lrn_{suffix}_{name}")
-                    fn.argtypes = [ptr] * pointers + shape
-                    fn.restype = c_int
-                pool = getattr(lib, f"lrn_{suffix}_forward_pool")
-                pool.argtypes = [ptr, ptr] + [i64] * 6 + [c_int, c_double, c_double, c_double] + [c_int] * 3
-                pool.restype = c_int
+                for name, args in (("forward", [ptr] * 2 + shape), ("backward", [ptr] * 3 + shape),
+                                   ("forward_pool", [ptr] * 2 + pool_shape)):
+                    for kernel, threads in ((name, []), (f"{name}_all", [c_int])):  # a range; all, split
+                        fn = getattr(lib, f"lrn_{suffix}_{kernel}")
+                        fn.argtypes = args + threads
+                        fn.restype = c_int
+            lib.lrn_openmp.restype = c_int
             _lib = lib
         return _lib
 
@@ -77,16 +78,22 @@ def _layout(x: Tensor) -> tuple[Tensor, bool]:
     return x.contiguous(), False
 
 
-def _call(fn, pointers: list[int], x: Tensor, channels_last: bool, size: int, scale: float, beta: float, k: float,
-          groups: int, relu: bool) -> None:
+def _call(name: str, pointers: list[int], x: Tensor, channels_last: bool, size: int, scale: float, beta: float,
+          k: float, groups: int, relu: bool) -> None:
     b, c, h, w = x.shape
     per = CL_PIXELS if channels_last else NCHW_PIXELS
-    _in_threads(lambda lo, hi: fn(*pointers, c, h * w, groups, int(channels_last), lo, hi, size, scale, beta, k,
-                                  int(relu)), b * -(-(h * w) // per))
+    shape = (c, h * w, groups, int(channels_last))
+    _in_threads(name, x.dtype, lambda fn, lo, hi, *threads: fn(*pointers, *shape, lo, hi, size, scale, beta, k,
+                                                               int(relu), *threads), b * -(-(h * w) // per))
 
 
-def _in_threads(run, tiles: int) -> None:
-    if any(native.in_threads(run, tiles)):
+def _in_threads(name: str, dtype: torch.dtype, call, tiles: int) -> None:
+    """Kernel `name` over tiles 0 .. tiles - 1: call(fn, lo, hi) runs fn over one range; with an OpenMP
+    build, call(fn_all, 0, tiles, threads) splits them all on torch's threads (repro/native.py)."""
+    lib = load()
+    fn, fn_all = (getattr(lib, f"lrn_{_SUFFIX[dtype]}_{kernel}") for kernel in (name, f"{name}_all"))
+    run_all = (lambda threads: call(fn_all, 0, tiles, threads)) if lib.lrn_openmp() else None
+    if any(native.in_threads(lambda lo, hi: call(fn, lo, hi), tiles, run_all)):
         raise MemoryError("lrn_native: the kernel could not allocate its tile buffers")
 
 
@@ -106,8 +113,7 @@ def forward(x: Tensor, size: int, scale: float, beta: float, k: float, groups: i
     _check(x, groups)
     x, channels_last = _layout(x)
     y = x if inplace else torch.empty_like(x)
-    fn = getattr(load(), f"lrn_{_SUFFIX[x.dtype]}_forward")
-    _call(fn, [x.data_ptr(), y.data_ptr()], x, channels_last, size, scale, beta, k, groups, relu)
+    _call("forward", [x.data_ptr(), y.data_ptr()], x, channels_last, size, scale, beta, k, groups, relu)
     return y
 
 
@@ -119,8 +125,7 @@ def backward(grad_y: Tensor, x: Tensor, size: int, scale: float, beta: float, k:
     grad_y = grad_y.to(x.dtype).contiguous(memory_format=torch.channels_last if channels_last
                                            else torch.contiguous_format)
     grad_x = torch.empty_like(x)
-    fn = getattr(load(), f"lrn_{_SUFFIX[x.dtype]}_backward")
-    _call(fn, [grad_y.data_ptr(), x.data_ptr(), grad_x.data_ptr()], x, channels_last, size, scale, beta, k,
+    _call("backward", [grad_y.data_ptr(), x.data_ptr(), grad_x.data_ptr()], x, channels_last, size, scale, beta, k,
           groups, relu)
     return grad_x
 
@@ -142,7 +147,7 @@ def forward_pool(x: Tensor, size: int, scale: float, beta: float, k: float, grou
         raise ValueError(f"max pooling {kernel}/{stride} does not fit a {h}x{w} input")
     oh, ow = pooled_size(h, kernel, stride), pooled_size(w, kernel, stride)
     out = torch.empty(b, c, oh, ow, dtype=x.dtype, memory_format=torch.channels_last)
-    fn = getattr(load(), f"lrn_{_SUFFIX[x.dtype]}_forward_pool")
-    _in_threads(lambda lo, hi: fn(x.data_ptr(), out.data_ptr(), c, h, w, groups, lo, hi, size, scale, beta, k,
-                                  int(relu), kernel, stride), b * oh)
+    _in_threads("forward_pool", x.dtype, lambda fn, lo, hi, *threads: fn(
+        x.data_ptr(), out.data_ptr(), c, h, w, groups, lo, hi, size, scale, beta, k, int(relu), kernel, stride,
+        *threads), b * oh)
     return out

@@ -1,0 +1,43 @@
+/* What repro's C kernels share (repro/native.py builds them with this folder on the include path).
+ *
+ * IN_THREADS(threads, first, last, CALL): run CALL, an int expression of `lo` and `hi`, over the range
+ * first .. last - 1 cut into one part per thread, and return the OR of the parts' codes. Built with
+ * OpenMP (only where torch's own OpenMP runtime is GNU libgomp, so the library shares torch's threads
+ * rather than starting a second pool), the parts run on torch's intra-op threads, which after one of
+ * torch's operators are still spinning, waiting for work; without it, CALL runs once over the whole
+ * range and Python's threads split the work instead (repro/native.py, in_threads).
+ */
+#ifndef REPRO_NATIVE_H
+#define REPRO_NATIVE_H
+
+#include <stdint.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#define NATIVE_OPENMP 1
+#define IN_THREADS(threads, first, last, CALL)                                                  \
+    do {                                                                                        \
+        int err_ = 0;                                                                           \
+        _Pragma("omp parallel num_threads(threads) reduction(|:err_)")                          \
+        {                                                                                       \
+            int64_t n_ = omp_get_num_threads(), i_ = omp_get_thread_num();                      \
+            int64_t lo = (first) + ((last) - (first)) * i_ / n_;                                \
+            int64_t hi = (first) + ((last) - (first)) * (i_ + 1) / n_;                          \
+            if (lo < hi) err_ |= (CALL);                                                        \
+        }                                                                                       \
+        return err_;                                                                            \
+    } while (0)
+#else
+#define NATIVE_OPENMP 0
+#define IN_THREADS(threads, first, last, CALL)                                                  \
+    do {                                                                                        \
+        (void)(threads);                                                                        \
+        int64_t lo = (first), hi = (last);                                                      \
+        return (CALL);                                                                          \
+    } while (0)
+#endif
+
+/* int PREFIX_openmp(void): whether this library was built with OpenMP (its *_all kernels split work). */
+#define DEFINE_OPENMP_QUERY(PREFIX) int PREFIX##_openmp(void) { return NATIVE_OPENMP; }
+
+#endif
