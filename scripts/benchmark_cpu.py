@@ -193,6 +193,77 @@ def profile(args) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
 
 
+class StageClock:
+    """Timestamps at the start and end of every convolution and linear layer of a network (forward hooks
+    on those modules only: a hook on an LRN or pooling module would make the network run them unfused),
+    so that a forward splits into conv1, what runs between conv1 and conv2 (ReLU, LRN, pooling), conv2,
+    ..., conv5, what follows it, and the fully connected layers."""
+
+    def __init__(self, net: torch.nn.Module):
+        layers = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        self.names = {id(m): (f"conv{i + 1}" if isinstance(m, torch.nn.Conv2d) else "fc")
+                      for i, m in enumerate(layers)}
+        self.events: list[tuple[str, float]] = []
+        for m in layers:
+            m.register_forward_pre_hook(lambda mod, _: self.events.append((self.names[id(mod)], time.perf_counter())))
+            m.register_forward_hook(lambda mod, *_: self.events.append((self.names[id(mod)] + " end",
+                                                                         time.perf_counter())))
+
+    def stages(self, forward: Callable[[], None]) -> dict[str, float]:
+        """Seconds per stage of one call of `forward`: each convolution, the gap after it (to the next
+        layer's start), and everything from the first linear layer's start to the end as "fully connected"."""
+        self.events.clear()
+        forward()
+        end = time.perf_counter()
+        out: dict[str, float] = {}
+        marks = self.events + [("end", end)]
+        for (name, t0), (_, t1) in zip(marks, marks[1:]):
+            if name == "fc" or name == "fc end" or "fully connected" in out:
+                label = "fully connected"
+            elif name.endswith(" end"):
+                label = f"after {name[:-4]}"  # ReLU, LRN, pooling, as the network has them
+            else:
+                label = name
+            out[label] = out.get(label, 0.0) + (t1 - t0)
+        return out
+
+
+def stages(args) -> None:
+    """The evaluation forward of the grouped form and torchvision's AlexNet stage by stage, interleaved
+    rounds, medians (the first thread count, the last --cpu-lrn kernel)."""
+    torch.set_num_threads(args.threads[0])
+    lrn_cpu.set_kernel(args.cpu_lrn[-1])
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    runs, clocks = {}, {}
+    for n in ("grouped", "torchvision"):
+        torch.manual_seed(0)
+        net, size = build(n, args.num_classes)
+        net = net.to(memory_format=fmt)
+        clocks[n] = StageClock(net)
+        runs[n] = make_runner(net, size, "eval", args.dtypes[0], args.eval_batch, args.channels_last,
+                              args.num_classes)
+    times: dict[str, dict[str, list[float]]] = {n: {} for n in runs}
+    for n, run in runs.items():
+        run()  # untimed: builds the kernels, touches every buffer
+    for _ in range(args.repeats):
+        for n, run in runs.items():
+            for label, sec in clocks[n].stages(run).items():
+                times[n].setdefault(label, []).append(sec)
+    print(f"evaluation forward by stage: batch {args.eval_batch}, {args.dtypes[0]}, {args.threads[0]} thread(s), "
+          f"{'channels_last' if args.channels_last else 'NCHW'}, {args.cpu_lrn[-1]} LRN; median ms of "
+          f"{args.repeats} interleaved rounds")
+    print("| stage | grouped | torchvision | difference |")
+    print("|---|---|---|---|")
+    total = {n: 0.0 for n in runs}
+    for label in times["grouped"]:
+        ms = {n: 1e3 * statistics.median(times[n].get(label, [0.0])) for n in runs}
+        for n in runs:
+            total[n] += ms[n]
+        print(f"| {label} | {ms['grouped']:.1f} | {ms['torchvision']:.1f} | {ms['grouped'] - ms['torchvision']:+.1f} |")
+    print(f"| sum of the stages | {total['grouped']:.1f} | {total['torchvision']:.1f} | "
+          f"{total['grouped'] - total['torchvision']:+.1f} |")
+
+
 def parse_args(argv: list[str] | None):
     name, flags = cpu_model_and_flags()
     native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
@@ -217,6 +288,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--optimizer", choices=["torch", "paper"], default="torch",
                    help="the training step's update, the same for every network: torch.optim.SGD (default) or "
                         "the paper's rule as repro's training loop runs it (repro/optim.py; one native pass on the CPU)")
+    p.add_argument("--stages", action="store_true",
+                   help="instead of the table: the evaluation forward of the grouped form and torchvision's "
+                        "AlexNet split at their convolutions, stage by stage (--repeats rounds)")
     p.add_argument("--profile", type=at_least(1), default=None, metavar="N",
                    help="instead of the table: each network's N costliest operators in one training step")
     args = p.parse_args(argv)
@@ -240,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     memory = keep_freed_memory() if args.keep_freed_memory else "the allocator left as it is"
     if args.profile:
         return profile(args)
+    if args.stages:
+        return stages(args)
     rows = measure(args)
     print(f"CPU: {args.cpu}; flags: {' '.join(args.flags) or 'none of avx2/avx512/amx'}; "
           f"torch {torch.__version__}; capability {torch.backends.cpu.get_cpu_capability()}; "

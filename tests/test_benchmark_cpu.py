@@ -1,6 +1,8 @@
 """scripts/benchmark_cpu.py prints one table row per (threads, dtype, mode, network); speeds are never
 asserted, only that the table has its shape and its numbers parse."""
 
+import pytest
+
 from scripts.benchmark_cpu import COLUMNS, NETWORKS, against, main, row_names
 
 
@@ -66,3 +68,19 @@ def test_profile_names_each_network_and_its_operators(capsys):
     out = capsys.readouterr().out
     assert "grouped (eager LRN), one training step, batch 1, fp32, 1 thread(s):" in out
     assert "convolution" in out and "Self CPU" in out
+
+
+def test_stages_split_both_networks_at_their_convolutions(capsys):
+    main(["--stages", "--threads", "1", "--dtypes", "fp32", "--repeats", "1", "--eval-batch", "1",
+          "--num-classes", "10", "--cpu-lrn", "eager"])
+    lines = capsys.readouterr().out.splitlines()
+    header = lines.index("| stage | grouped | torchvision | difference |")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[header + 2:]]
+    expected = [s for i in range(1, 6) for s in (f"conv{i}", f"after conv{i}")] + ["fully connected",
+                                                                                 "sum of the stages"]
+    assert [r[0] for r in rows] == expected
+    for _, ours, theirs, diff in rows:
+        assert float(ours) > 0 and float(theirs) > 0
+        assert abs(float(ours) - float(theirs) - float(diff)) < 0.11
+    sums = [sum(float(r[i]) for r in rows[:-1]) for i in (1, 2)]
+    assert [float(rows[-1][1]), float(rows[-1][2])] == pytest.approx(sums, abs=0.1 * len(rows))
