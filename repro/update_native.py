@@ -65,7 +65,14 @@ def applies(params: list[Tensor], grads: list[Tensor], velocity: list[Tensor]) -
             return False
         if not (_dense(p) and g.stride() == v.stride() == p.stride() and g.shape == v.shape == p.shape):
             return False
+        if _overlap(p, g) or _overlap(p, v) or _overlap(g, v):  # the C loop assumes three separate arrays
+            return False
     return load() is not None
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def update(params: list[Tensor], grads: list[Tensor], velocity: list[Tensor], lr: float, momentum: float,

@@ -81,6 +81,8 @@ def test_layouts_it_takes_and_those_it_leaves_to_the_eager_kernels():
         "bfloat16": ([w.bfloat16()], [w.bfloat16()], [w.bfloat16()]),
         "a float64 gradient for a float32 weight": ([w], [w.double()], [torch.zeros(6, 4)]),
         "an NCHW gradient for a channels_last weight": ([conv], [conv.contiguous()], [torch.zeros_like(conv)]),
+        "a gradient sharing the weight's memory": ([w], [w], [torch.zeros(6, 4)]),
+        "a velocity overlapping the gradient": ([w], [(buf := torch.zeros(30))[:24].view(6, 4)], [buf[6:].view(6, 4)]),
     }
     for name, lists in cases.items():
         assert not update_native.applies(*lists), name
