@@ -76,6 +76,13 @@ def _start_process_group(backend: str, rank: int, world: int, timeout_s: float) 
     """init_process_group on env://'s store, under this restart round's prefix, with a timeout."""
     from torch.distributed.rendezvous import rendezvous
 
+    # torch._dynamo's first import (the first torch.optim optimiser makes it) keeps references to the
+    # default process group that destroy_process_group does not drop (torch 2.14: 10 of them), so gloo's
+    # threads would outlive shutdown() into the interpreter's finalization, where tearing them down can
+    # abort a finished run ("terminate called without an active exception"). Imported before the group
+    # exists, it holds none (tests/test_shutdown.py).
+    import torch._dynamo  # noqa: F401
+
     timeout = datetime.timedelta(seconds=timeout_s)
     where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
     try:
