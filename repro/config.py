@@ -384,6 +384,7 @@ def apply_variant(cfg: "TrainConfig", name: str, network: bool = True) -> "Train
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CPU_LRN_CHOICES = ("auto", "eager", "compiled", "native")
+CPU_CONV_CHOICES = ("auto", "direct", "winograd")
 # --cpu-lrn auto, where the native kernel cannot be built, compiles from this many training images per
 # process: compiling costs about 40 s per process on a cold cache (2-core CPU) and saves 4-8 ms per
 # image (docs/benchmarks.md), so it pays from about 10,000 images; twice that leaves a margin.
@@ -430,6 +431,12 @@ class TrainConfig:
         "(torch.compile; each layer shape compiles once, about 12 s on a cold cache), eager (the torch "
         "reference), or auto: native where it builds, else compiled when this launch trains at least "
         f"{AUTO_COMPILE_IMAGES:,} images per process on the CPU, else eager", choices=CPU_LRN_CHOICES))
+    # How a CPU run computes conv3-conv5 (repro/model/winograd.py): the same function, rounded differently,
+    # so like cpu_lrn it resolves at the first launch and the checkpoints keep it.
+    cpu_conv: str = field(default="auto", metadata=flag(
+        "conv3-conv5 on the CPU: winograd (F(2x2,3x3) transforms in C, built once by the machine's C compiler, "
+        "and torch's matrix products), direct (torch's convolution), or auto: winograd where it builds",
+        choices=CPU_CONV_CHOICES))
     compile: bool = field(default=False, metadata=runtime(flag(
         "torch.compile each tower stage (or the grouped network) and the optimiser's update")))
     compile_mode: str = field(default="default", metadata=runtime(flag(
@@ -457,6 +464,8 @@ class TrainConfig:
             raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
         if self.cpu_lrn not in CPU_LRN_CHOICES:
             raise ValueError(f"cpu_lrn must be one of {', '.join(CPU_LRN_CHOICES)} (--cpu-lrn), got {self.cpu_lrn!r}")
+        if self.cpu_conv not in CPU_CONV_CHOICES:
+            raise ValueError(f"cpu_conv must be one of {', '.join(CPU_CONV_CHOICES)} (--cpu-conv), got {self.cpu_conv!r}")
         if any(c not in (1, 10) for c in self.final_crops):
             raise ValueError(f"final_crops must hold 1 and/or 10, got {self.final_crops}")
         if self.model.image_size != self.data.crop_size:

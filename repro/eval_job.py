@@ -19,7 +19,7 @@ from repro.data.loader import eval_indices, evenly_spaced, iterate
 from repro.data.skipped import SKIPPED_FILE, SkippedFiles
 from repro.evaluate import EvalSpec, evaluate
 from repro.host_memory import keep_freed_memory
-from repro.model import lrn_cpu
+from repro.model import lrn_cpu, winograd
 from repro.model.grouped import AlexNet
 from repro.model.two_tower import TwoTowerAlexNet
 from repro.report import (
@@ -141,6 +141,8 @@ def run_evaluation(opts: EvalOptions) -> list[EvalRow]:
         # the LRN code the (first) run trained and closed with, so this evaluation computes what its did
         chosen = members[0].train.cpu_lrn
         lrn_cpu.set_kernel(chosen if chosen in lrn_cpu.KERNELS else "eager")
+        conv = members[0].train.cpu_conv  # and the convolution
+        winograd.set_kernel(conv if conv in winograd.KERNELS else "direct")
     split, dataset = _split(opts, members[0])
     origin = getattr(split, "origin", "") or getattr(split, "root", "")
     print(f"{dataset} {split.name.split('/')[-1]}: {len(split)} images" + (f" (from {origin})" if origin else ""),

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from repro import native
 from repro.checkpoint import ResumePoint, read, resume_point
 from repro.cli import raised_on_every_rank
 from repro.config import AUTO_COMPILE_IMAGES, TrainConfig
@@ -25,7 +26,7 @@ from repro.dist import Topology
 from repro.evaluate import Counts
 from repro.host_memory import keep_freed_memory
 from repro.metrics import MetricsLog, Progress
-from repro.model import lrn_cpu, lrn_native, lrn_triton
+from repro.model import lrn_cpu, lrn_native, lrn_triton, winograd
 from repro.optim import LRSchedule, PaperSGD, paper_optimizer
 from repro.parallel import Replica, one_tower_message
 from repro.run_folder import on_main_rank, prepare_run_dir
@@ -108,8 +109,9 @@ def setup(cfg: TrainConfig, topo: Topology, resume: str | None = None, keep_save
               LRSchedule(cfg.optim), MetricsLog(out / "metrics.jsonl", enabled=topo.is_main), resumed_from=resume)
     if point:
         restore(run, point)
-    run.cfg = with_cpu_lrn_chosen(run, resumed=point is not None)
+    run.cfg = with_cpu_conv_chosen(with_cpu_lrn_chosen(run, resumed=point is not None), run, resumed=point is not None)
     lrn_cpu.set_kernel(run.cfg.cpu_lrn)
+    winograd.set_kernel(run.cfg.cpu_conv)
     if memory:
         run.say(f"host memory: {memory}")
     origin = getattr(data.train_set, "origin", None) or cfg.data.root
@@ -218,6 +220,24 @@ def with_cpu_lrn_chosen(run: Run, resumed: bool) -> TrainConfig:
             run.say(f"the LRN runs compiled CPU kernels (--cpu-lrn auto: {images:,} training images per process "
                     f"in this launch); the first steps compile them once, about a minute on a cold cache")
     return cfg
+
+
+def with_cpu_conv_chosen(cfg: TrainConfig, run: Run, resumed: bool) -> TrainConfig:
+    """The config with --cpu-conv auto resolved, which the checkpoints then keep: on the CPU, Winograd for
+    conv3-conv5 where its C transforms build; else the direct convolution. A resumed checkpoint still
+    saying auto was written before the choice existed: its run convolved directly."""
+    if cfg.cpu_conv != "auto":
+        return cfg
+    kernel = "direct"
+    if run.topo.device.type == "cpu" and not resumed:
+        if winograd.load() is not None:
+            kernel = "winograd"
+            run.say("conv3-conv5 run by Winograd's F(2x2,3x3) (--cpu-conv auto; repro/model/winograd_native.c, "
+                    f"built once per machine into {native.cache_dir()})")
+        else:
+            run.say(f"--cpu-conv auto: the Winograd transforms do not build here ({winograd.unavailable()}); "
+                    "convolving directly")
+    return dataclasses.replace(cfg, cpu_conv=kernel)
 
 
 def native_lrn_builds(run: Run) -> bool:

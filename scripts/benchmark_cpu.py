@@ -42,7 +42,7 @@ from repro.cli import at_least  # noqa: E402
 from repro.config import ModelConfig  # noqa: E402
 from repro.cores import available_cores  # noqa: E402
 from repro.host_memory import keep_freed_memory  # noqa: E402
-from repro.model import lrn_cpu  # noqa: E402
+from repro.model import lrn_cpu, winograd  # noqa: E402
 from repro.model.grouped import AlexNet  # noqa: E402
 from repro.model.two_tower import TwoTowerAlexNet  # noqa: E402
 from repro.optim import PaperSGD  # noqa: E402
@@ -123,17 +123,27 @@ def time_interleaved(runners: dict[str, Callable[[], None]], repeats: int) -> di
     return seconds
 
 
-def row_names(networks: list[str], lrn_kernels: list[str]) -> list[tuple[str, str, str]]:
-    """(row label, network, CPU LRN kernel) for each row of one table section."""
-    return [(f"{n} ({k} LRN)" if n in WITH_LRN else n, n, k if n in WITH_LRN else "eager")
-            for n in networks for k in (lrn_kernels if n in WITH_LRN else lrn_kernels[:1])]
+def row_names(networks: list[str], lrn_kernels: list[str],
+              conv_kernels: tuple[str, ...] = ("direct",)) -> list[tuple[str, str, str, str]]:
+    """(row label, network, CPU LRN kernel, CPU convolution) for each row of one table section; torchvision's
+    AlexNet has one row, on torch's own convolution (nn.Conv2d)."""
+    rows = []
+    for n in networks:
+        if n not in WITH_LRN:
+            rows.append((n, n, "eager", "direct"))
+            continue
+        for k in lrn_kernels:
+            for c in conv_kernels:
+                rows.append((f"{n} ({k} LRN{', winograd conv' if c == 'winograd' else ''})", n, k, c))
+    return rows
 
 
-def with_lrn_kernel(run: Callable[[], None], kernel: str) -> Callable[[], None]:
-    def run_with_kernel():
-        lrn_cpu.set_kernel(kernel)
+def with_kernels(run: Callable[[], None], lrn_kernel: str, conv_kernel: str) -> Callable[[], None]:
+    def run_with_kernels():
+        lrn_cpu.set_kernel(lrn_kernel)
+        winograd.set_kernel(conv_kernel)
         run()
-    return run_with_kernel
+    return run_with_kernels
 
 
 def measure(args) -> list[tuple]:
@@ -148,9 +158,9 @@ def measure(args) -> list[tuple]:
         torch.set_num_threads(threads)
         for dtype in args.dtypes:
             for mode, batch in (("train", args.train_batch), ("eval", args.eval_batch)):
-                runners = {label: with_lrn_kernel(make_runner(*nets[n], mode, dtype, batch, args.channels_last,
-                                                              args.num_classes, args.optimizer), kernel)
-                           for label, n, kernel in row_names(args.networks, args.cpu_lrn)}
+                runners = {label: with_kernels(make_runner(*nets[n], mode, dtype, batch, args.channels_last,
+                                                           args.num_classes, args.optimizer), kernel, conv)
+                           for label, n, kernel, conv in row_names(args.networks, args.cpu_lrn, args.cpu_conv)}
                 seconds = time_interleaved(runners, args.repeats)
                 rates = {n: [batch / s for s in ts] for n, ts in seconds.items()}
                 for n, r in rates.items():
@@ -173,12 +183,13 @@ def against(rates: list[float], base: list[float] | None) -> tuple[str, str]:
 
 def profile(args) -> None:
     """Where each network's training step spends its time: the operators with the most self CPU time
-    (one step after a warm-up, the first thread count and dtype, the last --cpu-lrn kernel)."""
+    (one step after a warm-up, the first thread count and dtype, the last --cpu-lrn and --cpu-conv kernel)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     torch.set_num_threads(args.threads[0])
     lrn_cpu.set_kernel(args.cpu_lrn[-1])
+    winograd.set_kernel(args.cpu_conv[-1])
     for n in args.networks:
         torch.manual_seed(0)
         net, size = build(n, args.num_classes)
@@ -188,7 +199,7 @@ def profile(args) -> None:
         step()
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
-        label = row_names([n], args.cpu_lrn[-1:])[0][0]
+        label = row_names([n], args.cpu_lrn[-1:], args.cpu_conv[-1:])[0][0]
         print(f"\n{label}, one training step, batch {args.train_batch}, {args.dtypes[0]}, {args.threads[0]} thread(s):")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
 
@@ -230,9 +241,10 @@ class StageClock:
 
 def stages(args) -> None:
     """The evaluation forward of the grouped form and torchvision's AlexNet stage by stage, interleaved
-    rounds, medians (the first thread count, the last --cpu-lrn kernel)."""
+    rounds, medians (the first thread count, the last --cpu-lrn and --cpu-conv kernel)."""
     torch.set_num_threads(args.threads[0])
     lrn_cpu.set_kernel(args.cpu_lrn[-1])
+    winograd.set_kernel(args.cpu_conv[-1])
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     runs, clocks = {}, {}
     for n in ("grouped", "torchvision"):
@@ -250,7 +262,7 @@ def stages(args) -> None:
             for label, sec in clocks[n].stages(run).items():
                 times[n].setdefault(label, []).append(sec)
     print(f"evaluation forward by stage: batch {args.eval_batch}, {args.dtypes[0]}, {args.threads[0]} thread(s), "
-          f"{'channels_last' if args.channels_last else 'NCHW'}, {args.cpu_lrn[-1]} LRN; median ms of "
+          f"{'channels_last' if args.channels_last else 'NCHW'}, {args.cpu_lrn[-1]} LRN, {args.cpu_conv[-1]} conv3-5; median ms of "
           f"{args.repeats} interleaved rounds")
     print("| stage | grouped | torchvision | difference |")
     print("|---|---|---|---|")
@@ -277,6 +289,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--cpu-lrn", type=lambda s: s.split(","), default=list(lrn_cpu.KERNELS),
                    help="LRN kernels to time the paper's network with: eager,compiled (default both; "
                         "repro/model/lrn_cpu.py); compiling is untimed, as in a long run")
+    p.add_argument("--cpu-conv", type=lambda s: tuple(s.split(",")), default=winograd.KERNELS,
+                   help="how the paper's network computes conv3-conv5: direct (torch's convolution), winograd "
+                        "(repro/model/winograd.py); default both. torchvision's AlexNet always runs torch's")
     p.add_argument("--repeats", type=at_least(1), default=3)
     p.add_argument("--train-batch", type=at_least(1), default=16)
     p.add_argument("--eval-batch", type=at_least(1), default=32)
@@ -303,6 +318,11 @@ def parse_args(argv: list[str] | None):
     for k in args.cpu_lrn:
         if k not in lrn_cpu.KERNELS:
             p.error(f"--cpu-lrn takes {', '.join(lrn_cpu.KERNELS)}; got {k!r}")
+    for k in args.cpu_conv:
+        if k not in winograd.KERNELS:
+            p.error(f"--cpu-conv takes {', '.join(winograd.KERNELS)}; got {k!r}")
+    if os.environ.get(winograd.KERNEL_ENV):
+        p.error(f"{winograd.KERNEL_ENV} is set: it would override --cpu-conv for every row; unset it")
     if os.environ.get(lrn_cpu.KERNEL_ENV):
         p.error(f"{lrn_cpu.KERNEL_ENV} is set: it would override --cpu-lrn for every row; unset it")
     args.cpu, args.flags = name, flags

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from repro.config import ModelConfig, TowerWidths
-from repro.model import lrn_cpu
+from repro.model import lrn_cpu, winograd
 
 # Full-size network (227 input) where the paper's shapes are the point; a 67-pixel input keeps
 # every layer and exchange but costs ~100x less, for tests of mechanics.
@@ -156,6 +156,7 @@ def _deterministic(monkeypatch):
     # Each test starts on the eager CPU LRN: a training run in this process sets the kernel it resolved
     # (--cpu-lrn auto: native) for the whole process, as it should for a real run
     monkeypatch.setattr(lrn_cpu, "_kernel", "eager")
+    monkeypatch.setattr(winograd, "_kernel", "direct")  # and on the direct convolution (--cpu-conv), alike
     yield
 
 

@@ -13,8 +13,9 @@ def test_table_has_a_row_per_case_and_numbers_parse(capsys):
     assert lines[0].startswith("CPU: ") and "torch " in lines[0]
     header = lines.index("| " + " | ".join(COLUMNS) + " |")
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[header + 2:]]
-    assert len(rows) == 2 * len(NETWORKS)  # train and eval, each network
-    names = ["grouped (eager LRN)", "towers (eager LRN)", "torchvision"]
+    assert len(rows) == 2 * 5  # train and eval; each form with both convolutions, and torchvision
+    names = ["grouped (eager LRN)", "grouped (eager LRN, winograd conv)", "towers (eager LRN)",
+             "towers (eager LRN, winograd conv)", "torchvision"]
     assert [(r[2], r[3]) for r in rows] == [(m, n) for m in ("train", "eval") for n in names]
     for threads, dtype, _, network, batch, rate, spread, ratio, ahead in rows:
         assert (threads, dtype, batch) == ("1", "fp32", "1")
@@ -33,11 +34,26 @@ def test_ratios_are_paired_by_round():
     assert against(ours, None) == ("-", "-")
 
 
-def test_the_paper_network_gets_a_row_per_lrn_kernel_and_torchvision_one():
+def test_the_paper_network_gets_a_row_per_lrn_kernel_and_convolution_and_torchvision_one():
     assert row_names(list(NETWORKS), ["eager", "compiled"]) == [
-        ("grouped (eager LRN)", "grouped", "eager"), ("grouped (compiled LRN)", "grouped", "compiled"),
-        ("towers (eager LRN)", "towers", "eager"), ("towers (compiled LRN)", "towers", "compiled"),
-        ("torchvision", "torchvision", "eager")]
+        ("grouped (eager LRN)", "grouped", "eager", "direct"),
+        ("grouped (compiled LRN)", "grouped", "compiled", "direct"),
+        ("towers (eager LRN)", "towers", "eager", "direct"), ("towers (compiled LRN)", "towers", "compiled", "direct"),
+        ("torchvision", "torchvision", "eager", "direct")]
+    assert row_names(["grouped", "torchvision"], ["native"], ("direct", "winograd")) == [
+        ("grouped (native LRN)", "grouped", "native", "direct"),
+        ("grouped (native LRN, winograd conv)", "grouped", "native", "winograd"),
+        ("torchvision", "torchvision", "eager", "direct")]
+
+
+def test_unknown_convolution_and_an_overriding_environment_are_clear_errors(capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        main(["--cpu-conv", "fft"])
+    assert "--cpu-conv takes direct, winograd; got 'fft'" in capsys.readouterr().err
+    monkeypatch.setenv("REPRO_CONV_CPU", "direct")
+    with pytest.raises(SystemExit):
+        main([])
+    assert "REPRO_CONV_CPU is set: it would override --cpu-conv for every row; unset it" in capsys.readouterr().err
 
 
 def test_unknown_lrn_kernel_and_an_overriding_environment_are_clear_errors(capsys, monkeypatch):
@@ -66,7 +82,7 @@ def test_profile_names_each_network_and_its_operators(capsys):
     main(["--profile", "12", "--threads", "1", "--dtypes", "fp32", "--train-batch", "1", "--num-classes", "10",
           "--networks", "grouped", "--cpu-lrn", "eager"])
     out = capsys.readouterr().out
-    assert "grouped (eager LRN), one training step, batch 1, fp32, 1 thread(s):" in out
+    assert "grouped (eager LRN, winograd conv), one training step, batch 1, fp32, 1 thread(s):" in out
     assert "convolution" in out and "Self CPU" in out
 
 

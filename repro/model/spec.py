@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from repro.config import ModelConfig
+from repro.model import winograd
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,9 @@ def make_layer(spec: LayerSpec, towers: int) -> nn.Module:
     if spec.kind == "fc":
         return _unset(lambda: nn.Linear(spec.in_per_tower, towers * spec.out_per_tower))
     groups = towers if spec.reads == "own" else 1
-    return _unset(lambda: nn.Conv2d(spec.in_per_tower * groups, towers * spec.out_per_tower, spec.kernel,
-                                    stride=spec.stride, padding=spec.padding, groups=groups))
+    # winograd.Conv2d is nn.Conv2d with the CPU's Winograd path for the 3x3 layers (off unless chosen)
+    return _unset(lambda: winograd.Conv2d(spec.in_per_tower * groups, towers * spec.out_per_tower, spec.kernel,
+                                          stride=spec.stride, padding=spec.padding, groups=groups))
 
 
 def make_classifier(cfg: ModelConfig) -> nn.Linear:

@@ -1,0 +1,188 @@
+"""conv3-conv5 by Winograd's F(2x2, 3x3) on the CPU (repro/model/winograd.py, winograd_native.c) against
+torch's direct convolution: the same function forward and backward (float64 to 1e-12, gradcheck),
+float32 as close to the float64 result as oneDNN's own float32, every map size and group count the
+transforms' edges meet, and the network forms running it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from repro.config import ModelConfig
+from repro.model import winograd
+from repro.model.grouped import AlexNet
+from repro.model.two_tower import TwoTowerAlexNet
+
+needs_native = pytest.mark.skipif(winograd.load() is None, reason="no C compiler builds winograd_native.c here")
+
+
+def _inputs(batch, channels, out, groups, size, dtype, channels_last=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, size, size, generator=g, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(out, channels // groups, 3, 3, generator=g, dtype=dtype) / (3 * channels ** 0.5)
+    b = torch.randn(out, generator=g, dtype=dtype)
+    return x, w, b
+
+
+def _both(x, w, b, groups, grad_y):
+    """(output, dx, dw, db) by Winograd and by torch's convolution."""
+    out = []
+    for conv in (lambda *a: winograd.conv3x3(*a, groups), lambda *a: F.conv2d(*a, padding=1, groups=groups)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        y = conv(*leaves)
+        out.append((y, *torch.autograd.grad(y, leaves, grad_y)))
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("batch, channels, out, groups, size", [
+    (2, 256, 384, 1, 13),  # conv3 (reads both towers)
+    (2, 384, 384, 2, 13),  # conv4
+    (2, 384, 256, 2, 13),  # conv5
+    (3, 8, 6, 2, 7), (2, 6, 4, 1, 6), (1, 4, 2, 2, 2), (2, 6, 4, 1, 1), (1, 3, 5, 1, 9),  # odd, even, tiny maps
+])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_float64_is_the_direct_convolution_forward_and_backward(batch, channels, out, groups, size, channels_last):
+    x, w, b = _inputs(batch, channels, out, groups, size, torch.float64, channels_last)
+    grad_y = torch.randn(batch, out, size, size, dtype=torch.float64)
+    ours, direct = _both(x, w, b, groups, grad_y)
+    for a, r in zip(ours, direct):
+        assert a.shape == r.shape
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-12 * max(1.0, r.abs().max().item()))
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_native
+@pytest.mark.parametrize("groups, size", [(1, 5), (2, 4)])
+def test_gradcheck(groups, size):
+    x, w, b = (t.requires_grad_() for t in _inputs(2, 4, 6, groups, size, torch.float64))
+    assert torch.autograd.gradcheck(lambda *a: winograd.conv3x3(*a, groups), (x, w, b))
+
+
+@needs_native
+@pytest.mark.parametrize("channels, out, groups", [(256, 384, 1), (384, 384, 2), (384, 256, 2)])
+def test_float32_is_as_close_to_the_exact_result_as_torchs_own(channels, out, groups):
+    """The transforms round differently from the direct sum, not worse: against the float64 convolution,
+    the largest error of the float32 result (and its gradients) stays within twice oneDNN's float32 error."""
+    x, w, b = _inputs(4, channels, out, groups, 13, torch.float32)
+    grad_y = torch.randn(4, out, 13, 13)
+    ours, direct = _both(x, w, b, groups, grad_y)
+    exact = _both(x.double(), w.double(), b.double(), groups, grad_y.double())[1]
+    for a, r, e in zip(ours, direct, exact):
+        assert (a.double() - e).abs().max() <= 2 * (r.double() - e).abs().max() + 1e-7 * e.abs().max()
+
+
+@needs_native
+def test_without_bias_and_without_gradients():
+    x, w, _ = _inputs(2, 8, 6, 2, 7, torch.float64)
+    with torch.no_grad():
+        y = winograd.conv3x3(x, w, None, 2)
+    torch.testing.assert_close(y, F.conv2d(x, w, padding=1, groups=2), rtol=0, atol=1e-12)
+    assert not y.requires_grad
+
+
+@needs_native
+def test_nan_and_inf_reach_the_outputs_they_touch():
+    x, w, b = _inputs(1, 4, 2, 1, 6, torch.float32)
+    x[0, 1, 0, 0] = float("nan")
+    x[0, 2, 5, 5] = float("inf")
+    y = winograd.conv3x3(x, w, b)
+    direct = F.conv2d(x, w, b, padding=1)
+    assert torch.equal(y.isnan() | y.isinf(), direct.isnan() | direct.isinf())
+    assert y[0, :, :2, :2].isnan().all() and not y[0, :, 3:, :3].isnan().any()
+
+
+@needs_native
+def test_threads_give_the_same_bits():
+    x, w, b = _inputs(5, 16, 8, 2, 13, torch.float32)
+    grad_y = torch.randn(5, 8, 13, 13)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            results.append(_both(x, w, b, 2, grad_y)[0])
+    finally:
+        torch.set_num_threads(before)
+    for a, r in zip(*results):
+        assert torch.equal(a, r)
+
+
+def _layer(groups=1, kernel=3, stride=1, padding=1, dtype=torch.float32):
+    conv = winograd.Conv2d(8, 6, kernel, stride=stride, padding=padding, groups=groups).to(dtype)
+    return conv, torch.randn(2, 8, 9, 9, dtype=dtype)
+
+
+@needs_native
+def test_the_layer_runs_winograd_only_where_chosen_and_it_applies(monkeypatch):
+    calls = []
+    real = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(1) or real(*a))
+    conv, x = _layer()
+    conv(x)
+    assert calls == []  # the default is torch's convolution
+    winograd.set_kernel("winograd")
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-5, atol=1e-5)
+    assert calls == [1]
+    for other, y in [_layer(kernel=5, padding=2), _layer(stride=2), _layer(padding=0), _layer(dtype=torch.bfloat16)]:
+        other(y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(x)
+    assert calls == [1]  # none of those took the Winograd path
+    monkeypatch.setenv(winograd.KERNEL_ENV, "direct")
+    conv(x)
+    assert calls == [1]
+
+
+def test_unknown_kernel_names_are_clear_errors(monkeypatch):
+    with pytest.raises(ValueError, match="the CPU convolution is one of direct, winograd; got 'fft'"):
+        winograd.set_kernel("fft")
+    monkeypatch.setenv(winograd.KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match="REPRO_CONV_CPU='fast': set it to one of direct, winograd, or unset it"):
+        winograd.kernel()
+
+
+def test_no_compiler_means_the_direct_convolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    monkeypatch.setenv("REPRO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(winograd, "_lib", None)
+    monkeypatch.setattr(winograd, "_unavailable", None)
+    winograd.set_kernel("winograd")
+    conv, x = _layer()
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=0, atol=0)
+    assert "no C compiler" in winograd.unavailable()
+
+
+@needs_native
+@pytest.mark.parametrize("form", ["grouped", "towers"])
+def test_the_network_forward_and_gradients_equal_the_direct_ones(form):
+    """Each form with Winograd against itself without, float64 (to 1e-10: five layers deep), at the paper's
+    input size and a small classifier."""
+    cfg = ModelConfig(num_classes=10)
+    torch.manual_seed(0)
+    net = (AlexNet(config=cfg) if form == "grouped" else TwoTowerAlexNet(devices=("cpu", "cpu"), config=cfg)).double()
+    net.eval()  # no dropout: both passes see the same function
+    x = torch.randn(2, 3, 227, 227, dtype=torch.float64)
+    out = {}
+    for kernel in winograd.KERNELS:
+        winograd.set_kernel(kernel)
+        net.zero_grad()
+        y = net(x)
+        y.square().sum().backward()
+        out[kernel] = (y.detach(), net.conv3.weight.grad.clone() if form == "grouped"
+                       else net.towers[0].conv3.weight.grad.clone())
+    for a, r in zip(out["winograd"], out["direct"]):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10 * r.abs().max().item())
+
+
+@needs_native
+def test_grouped_and_towers_stay_equal_with_winograd():
+    """The equivalence the repository rests on, with conv3-conv5 by Winograd in both forms (float32)."""
+    winograd.set_kernel("winograd")
+    torch.manual_seed(0)
+    grouped = AlexNet(config=ModelConfig(num_classes=10)).eval()
+    towers = TwoTowerAlexNet.from_grouped(grouped, devices=("cpu", "cpu")).eval()
+    x = torch.randn(2, 3, 227, 227).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(towers(x), grouped(x), rtol=1e-5, atol=1e-5)
