@@ -185,6 +185,7 @@ def test_grouped_form_in_one_process_and_final_table(tmp_path, data_root, capsys
     ckpt = read(tmp_path / "g" / "latest.pt")
     assert ckpt["topology"] == {"towers": 1, "replicas": 1} and ckpt["progress"]["global_step"] == 5
     assert ckpt["train_config"]["cpu_lrn"] == "native"  # --cpu-lrn auto, resolved where cc builds it, and kept
+    assert ckpt["train_config"]["cpu_conv"] == "winograd"  # --cpu-conv auto, alike
     assert results[1].images == results[10].images == 30
     out = capsys.readouterr().out
     assert "NOT comparable" in out and "10 patches" in out
@@ -540,3 +541,32 @@ def test_cpu_lrn_auto_resolves_once_by_the_launchs_images(chosen, device, resume
     run = SimpleNamespace(cfg=cfg, progress=Progress(global_step=done), steps_per_epoch=per_epoch,
                           topo=SimpleNamespace(device=torch.device(device)), say=lambda _msg: None)
     assert with_cpu_lrn_chosen(run, resumed).cpu_lrn == expected
+
+
+@pytest.mark.parametrize("chosen,device,resumed,builds,expected", [
+    ("auto", "cpu", False, True, "winograd"),
+    ("auto", "cpu", False, False, "direct"),  # no C compiler: torch's convolution, and the log says why
+    ("auto", "cuda", False, True, "direct"),  # a GPU runs cuDNN's choice
+    ("auto", "cpu", True, True, "direct"),  # a checkpoint from before the choice: its run convolved directly
+    ("direct", "cpu", False, True, "direct"),  # a choice made is kept, resumed or not
+    ("winograd", "cpu", True, False, "winograd"),  # kept; where it cannot build, the direct convolution runs
+])
+def test_cpu_conv_auto_resolves_once_at_the_first_launch(chosen, device, resumed, builds, expected, monkeypatch):
+    from types import SimpleNamespace
+
+    from repro.model import winograd
+    from repro.run_setup import with_cpu_conv_chosen
+
+    monkeypatch.setattr(winograd, "load", lambda: object() if builds else None)
+    monkeypatch.setattr(winograd, "unavailable", lambda: "no C compiler: 'cc' is not on PATH")
+    said = []
+    cfg = dataclasses.replace(tiny_config("data", "out"), cpu_conv=chosen)
+    run = SimpleNamespace(topo=SimpleNamespace(device=torch.device(device)), say=said.append)
+    assert with_cpu_conv_chosen(cfg, run, resumed).cpu_conv == expected
+    assert any("do not build here (no C compiler" in m for m in said) == (chosen == "auto" and device == "cpu"
+                                                                           and not resumed and not builds)
+
+
+def test_unknown_cpu_conv_is_a_clear_error():
+    with pytest.raises(ValueError, match="cpu_conv must be one of auto, direct, winograd"):
+        dataclasses.replace(tiny_config("data", "out"), cpu_conv="fft")
