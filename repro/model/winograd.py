@@ -103,24 +103,40 @@ def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int = 1) -> Tensor:
+def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int = 1,
+            transformed: Tensor | None = None) -> Tensor:
     """conv2d(x, weight, bias, padding=1, groups=groups) by F(2x2, 3x3), for inputs `applies` accepted; the
-    output is channels_last."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    output is channels_last. `transformed`: the filters' transform (`transform_weight`), where the caller
+    keeps it; used only where no gradient is wanted."""
+    if _wants_grad(x, weight, bias):
         return _WinogradConv.apply(x, weight, bias, groups)
-    return _forward(_channels_last(x), _transform_weight(weight, groups), bias, groups)[0]
+    u = transformed if transformed is not None else transform_weight(weight, groups)
+    return _forward(_channels_last(x), u, bias, groups)[0]
+
+
+def _wants_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same parameters and state dict) whose 3x3, stride-1, padding-1 case runs by
-    F(2x2, 3x3) where `applies` says so: conv3, conv4 and conv5 of both forms (spec.make_layer)."""
+    F(2x2, 3x3) where `applies` says so: conv3, conv4 and conv5 of both forms (spec.make_layer).
+    Without gradients (evaluation) it keeps its filters' transform until the filters change: every
+    in-place change of a tensor (an optimiser step, load_state_dict) bumps its version counter."""
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.padding_mode == "zeros" and not torch.compiler.is_compiling() \
                 and applies(input, weight, self.stride, self.padding, self.dilation):
-            return conv3x3(input, weight, bias, self.groups)
+            transformed = None if _wants_grad(input, weight, bias) else self._transformed(weight)
+            return conv3x3(input, weight, bias, self.groups, transformed)
         return super()._conv_forward(input, weight, bias)
+
+    def _transformed(self, weight: Tensor) -> Tensor:
+        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), self.groups)
+        kept = self.__dict__.get("_winograd_filters")  # not a buffer: never in the state dict
+        if kept is None or kept[0] != key:
+            kept = self.__dict__["_winograd_filters"] = (key, transform_weight(weight, self.groups))
+        return kept[1]
 
 
 def _channels_last(x: Tensor) -> Tensor:
@@ -132,7 +148,7 @@ def _shape(x: Tensor, groups: int) -> _Shape:
     return _Shape(b, h, w, c, groups, x.stride(0), x.stride(2), x.stride(3))
 
 
-def _transform_weight(weight: Tensor, groups: int) -> Tensor:
+def transform_weight(weight: Tensor, groups: int) -> Tensor:
     """U, (groups, 16, C / groups, K / groups), from the filters (K, C / groups, 3, 3)."""
     k, cg = weight.shape[:2]
     weight = weight.contiguous()
@@ -185,7 +201,7 @@ def _forward(x: Tensor, u: Tensor, bias: Tensor | None, groups: int) -> tuple[Te
 class _WinogradConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-        u = _transform_weight(weight, groups)
+        u = transform_weight(weight, groups)
         y, v = _forward(_channels_last(x), u, bias, groups)
         ctx.save_for_backward(v, u)
         ctx.groups, ctx.x_shape, ctx.weight_shape, ctx.has_bias = groups, x.shape, weight.shape, bias is not None
