@@ -172,13 +172,11 @@ def _run(name: str, dtype: torch.dtype, count: int, *args) -> None:
 
 
 def _products(a: Tensor, b: Tensor, out: Tensor, transpose_a: bool = False, transpose_b: bool = False) -> Tensor:
-    """out[g, e] = a[g, e] @ b[g, e] (with either transposed) for every group g and point e: one matrix
-    product each (torch.bmm over the 16 x groups is slower here: docs/benchmarks.md)."""
-    for g in range(a.shape[0]):
-        for e in range(16):
-            left = a[g, e].t() if transpose_a else a[g, e]
-            right = b[g, e].t() if transpose_b else b[g, e]
-            torch.mm(left, right, out=out[g, e])
+    """out[g, e] = a[g, e] @ b[g, e] (with either transposed) for every group g and point e, as one batched
+    product written into `out` (5-26% faster than one torch.mm per matrix: docs/benchmarks.md)."""
+    left, right = a.flatten(0, 1), b.flatten(0, 1)
+    torch.bmm(left.transpose(1, 2) if transpose_a else left, right.transpose(1, 2) if transpose_b else right,
+              out=out.flatten(0, 1))
     return out
 
 
