@@ -214,3 +214,11 @@ def test_evaluation_keeps_the_filters_transform_until_the_filters_change(monkeyp
     check()
     assert len(calls) == 4
     assert set(conv.state_dict()) == {"weight", "bias"}  # the kept transform is no part of the state
+
+
+@needs_native
+def test_a_second_derivative_is_an_error_not_a_wrong_number():
+    x, w, b = (t.requires_grad_() for t in _inputs(1, 4, 2, 1, 5, torch.float64))
+    (grad_x,) = torch.autograd.grad(winograd.conv3x3(x, w, b).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.sum().backward()

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from repro import native
 
@@ -206,6 +207,7 @@ class _WinogradConv(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the C transforms have no derivative of their own: a second derivative raises
     def backward(ctx, grad_y: Tensor):
         v, u = ctx.saved_tensors
         groups = ctx.groups
