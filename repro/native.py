@@ -17,12 +17,14 @@ Measured in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -113,6 +115,34 @@ def build(source: Path) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class LazyLibrary:
+    """The library built from `source`, loaded at the first `load()` of the process with `declare` giving
+    its functions' argument and result types; None from then on where it cannot be built, with the
+    compiler's reason kept for `unavailable()`. One instance per C file."""
+
+    def __init__(self, source: Path, declare: Callable[[ctypes.CDLL], None]):
+        self.source, self._declare = source, declare
+        self._lib: ctypes.CDLL | None = None
+        self._unavailable: str | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> ctypes.CDLL | None:
+        with self._lock:
+            if self._lib is None and self._unavailable is None:
+                try:
+                    lib = ctypes.CDLL(str(build(self.source)))  # CDLL: each call releases the GIL
+                except NativeUnavailable as exc:
+                    self._unavailable = str(exc)
+                    return None
+                self._declare(lib)
+                self._lib = lib
+            return self._lib
+
+    def unavailable(self) -> str | None:
+        """Why the library does not run here (None: it does, or has not been tried yet)."""
+        return self._unavailable
 
 
 _pool: ThreadPoolExecutor | None = None

@@ -10,7 +10,6 @@ training step, since it touches all 61 million parameters three times over.
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 
 import torch
@@ -22,33 +21,25 @@ SOURCE = Path(__file__).with_name("update_native.c")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 CHUNK = 1 << 16  # elements per unit of work handed to a thread
 
-_lib: ctypes.CDLL | None = None
-_unavailable: str | None = None  # why the library does not build here, once known
-_lock = threading.Lock()
+def _declare(lib: ctypes.CDLL) -> None:
+    for suffix in _SUFFIX.values():
+        fn = getattr(lib, f"update_{suffix}")
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_double] * 3 + [ctypes.c_int]
+        fn.restype = ctypes.c_int
+    lib.update_openmp.restype = ctypes.c_int
+
+
+_library = native.LazyLibrary(SOURCE, _declare)
 
 
 def load() -> ctypes.CDLL | None:
     """The built library, or None where it cannot be built (the reason kept in `unavailable()`)."""
-    global _lib, _unavailable
-    with _lock:
-        if _lib is None and _unavailable is None:
-            try:
-                lib = ctypes.CDLL(str(native.build(SOURCE)))  # CDLL: each call releases the GIL
-            except native.NativeUnavailable as exc:
-                _unavailable = str(exc)
-                return None
-            for suffix in _SUFFIX.values():
-                fn = getattr(lib, f"update_{suffix}")
-                fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_double] * 3 + [ctypes.c_int]
-                fn.restype = ctypes.c_int
-            lib.update_openmp.restype = ctypes.c_int
-            _lib = lib
-        return _lib
+    return _library.load()
 
 
 def unavailable() -> str | None:
     """Why the native update does not run here (None: it does, or has not been tried yet)."""
-    return _unavailable
+    return _library.unavailable()
 
 
 def _dense(t: Tensor) -> bool:

@@ -130,8 +130,7 @@ def test_no_compiler_leaves_the_eager_kernels(tmp_path, monkeypatch):
     """Where nothing builds, applies() says no (and why, once), and paper_update still steps."""
     monkeypatch.setenv("CC", "no-such-compiler-here")
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(update_native, "_lib", None)
-    monkeypatch.setattr(update_native, "_unavailable", None)
+    monkeypatch.setattr(update_native, "_library", native.LazyLibrary(update_native.SOURCE, update_native._declare))  # not yet loaded
     w, g, v = [torch.ones(3)], [torch.ones(3)], [torch.zeros(3)]
     assert not update_native.applies(w, g, v)
     assert "no C compiler: 'no-such-compiler-here'" in update_native.unavailable()

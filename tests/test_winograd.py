@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from repro import native
 from repro.config import ModelConfig
 from repro.model import winograd
 from repro.model.grouped import AlexNet
@@ -146,8 +147,7 @@ def test_unknown_kernel_names_are_clear_errors(monkeypatch):
 def test_no_compiler_means_the_direct_convolution(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler-here")
     monkeypatch.setenv("REPRO_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(winograd, "_lib", None)
-    monkeypatch.setattr(winograd, "_unavailable", None)
+    monkeypatch.setattr(winograd, "_library", native.LazyLibrary(winograd.SOURCE, winograd._declare))  # not yet loaded
     winograd.set_kernel("winograd")
     conv, x = _layer()
     torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=0, atol=0)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from pathlib import Path
 
 import torch
@@ -40,9 +39,6 @@ class _Shape(ctypes.Structure):  # winograd_native.c's Shape
                 ("batch", "height", "width", "channels", "groups", "s_b", "s_h", "s_w")]
 
 
-_lib: ctypes.CDLL | None = None
-_unavailable: str | None = None
-_lock = threading.Lock()
 _kernel = "direct"
 
 
@@ -61,32 +57,29 @@ def kernel() -> str:
     return chosen
 
 
+def _declare(lib: ctypes.CDLL) -> None:
+    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for suffix in _SUFFIX.values():
+        for name, args in (("input", [ptr, _Shape, ptr, ptr]), ("output", [ptr, ptr, _Shape, ptr]),
+                           ("grad_output", [ptr, _Shape, ptr, ptr]), ("grad_input", [ptr, _Shape, ptr]),
+                           ("weight", [ptr, i64, i64, i64, ptr]), ("grad_weight", [ptr, i64, i64, i64, ptr])):
+            fn = getattr(lib, f"wino_{name}_{suffix}")
+            fn.argtypes = args + [i64, i64, c_int]  # items first .. last - 1, split over `threads`
+            fn.restype = c_int
+    lib.wino_openmp.restype = c_int
+
+
+_library = native.LazyLibrary(SOURCE, _declare)
+
+
 def load() -> ctypes.CDLL | None:
     """The built library, or None where it cannot be built (the reason kept in `unavailable()`)."""
-    global _lib, _unavailable
-    with _lock:
-        if _lib is None and _unavailable is None:
-            try:
-                lib = ctypes.CDLL(str(native.build(SOURCE)))  # CDLL: each call releases the GIL
-            except native.NativeUnavailable as exc:
-                _unavailable = str(exc)
-                return None
-            ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-            for suffix in _SUFFIX.values():
-                for name, args in (("input", [ptr, _Shape, ptr, ptr]), ("output", [ptr, ptr, _Shape, ptr]),
-                                   ("grad_output", [ptr, _Shape, ptr, ptr]), ("grad_input", [ptr, _Shape, ptr]),
-                                   ("weight", [ptr, i64, i64, i64, ptr]), ("grad_weight", [ptr, i64, i64, i64, ptr])):
-                    fn = getattr(lib, f"wino_{name}_{suffix}")
-                    fn.argtypes = args + [i64, i64, c_int]
-                    fn.restype = c_int
-            lib.wino_openmp.restype = c_int
-            _lib = lib
-        return _lib
+    return _library.load()
 
 
 def unavailable() -> str | None:
     """Why the Winograd convolution does not run here (None: it does, or has not been tried yet)."""
-    return _unavailable
+    return _library.unavailable()
 
 
 def applies(x: Tensor, weight: Tensor, stride, padding, dilation) -> bool:
