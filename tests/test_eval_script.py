@@ -236,3 +236,16 @@ def test_bad_numbers_are_flag_errors(checkpoints, capsys, flag, value):
     with pytest.raises(SystemExit) as exc:
         evaluate_main(["--checkpoint", checkpoints[0], flag, value])
     assert exc.value.code == 2 and f"{flag} must be at least" in capsys.readouterr().err
+
+
+def test_evaluation_convolves_as_the_checkpoints_run_did(trees, checkpoints, tmp_path, monkeypatch):
+    """On the CPU the evaluation sets conv3-conv5's algorithm to the one the run trained with and kept
+    in its checkpoint (--cpu-conv auto resolved to winograd where the C code builds), as it does the LRN's."""
+    from repro.model import winograd
+
+    chosen = []
+    monkeypatch.setattr(winograd, "set_kernel", chosen.append)
+    run_evaluation(options(checkpoints[:1], trees["folders"], tmp_path))
+    kept = read(checkpoints[0])["train_config"]["cpu_conv"]
+    assert kept == ("winograd" if winograd.load() is not None else "direct")
+    assert chosen == [kept]
