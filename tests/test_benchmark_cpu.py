@@ -8,7 +8,8 @@ from scripts.benchmark_cpu import COLUMNS, NETWORKS, against, main, row_names
 
 def test_table_has_a_row_per_case_and_numbers_parse(capsys):
     main(["--threads", "1", "--dtypes", "fp32", "--repeats", "1", "--train-batch", "1", "--eval-batch", "1",
-          "--num-classes", "10", "--cpu-lrn", "eager"])  # the compiled kernels' shapes would compile for a minute
+          "--num-classes", "10", "--cpu-lrn", "eager",  # the compiled kernels' shapes would compile for a minute
+          "--cpu-conv", "direct,winograd"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("CPU: ") and "torch " in lines[0]
     header = lines.index("| " + " | ".join(COLUMNS) + " |")
