@@ -189,34 +189,6 @@ def test_grouped_and_towers_stay_equal_with_winograd():
 
 
 @needs_native
-def test_evaluation_keeps_the_filters_transform_until_the_filters_change(monkeypatch):
-    """Without gradients the layer transforms its filters once; an optimiser step or a loaded state (each
-    bumps the weight's version counter) makes it transform them again, so no output uses stale filters."""
-    winograd.set_kernel("winograd")
-    calls = []
-    real = winograd.transform_weight
-    monkeypatch.setattr(winograd, "transform_weight", lambda *a: calls.append(1) or real(*a))
-    conv, x = _layer(groups=2, dtype=torch.float64)
-
-    def check():
-        with torch.no_grad():
-            torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1, groups=2),
-                                       rtol=1e-12, atol=1e-12)
-    check()
-    check()
-    assert len(calls) == 1
-    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
-    conv(x).square().sum().backward()  # with gradients: transformed inside the autograd function, not kept
-    opt.step()
-    check()
-    assert len(calls) == 3
-    conv.load_state_dict({k: torch.randn_like(v) for k, v in conv.state_dict().items()})
-    check()
-    assert len(calls) == 4
-    assert set(conv.state_dict()) == {"weight", "bias"}  # the kept transform is no part of the state
-
-
-@needs_native
 def test_a_second_derivative_is_an_error_not_a_wrong_number():
     x, w, b = (t.requires_grad_() for t in _inputs(1, 4, 2, 1, 5, torch.float64))
     (grad_x,) = torch.autograd.grad(winograd.conv3x3(x, w, b).square().sum(), x, create_graph=True)

@@ -97,40 +97,25 @@ def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int = 1,
-            transformed: Tensor | None = None) -> Tensor:
+def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int = 1) -> Tensor:
     """conv2d(x, weight, bias, padding=1, groups=groups) by F(2x2, 3x3), for inputs `applies` accepted; the
-    output is channels_last. `transformed`: the filters' transform (`transform_weight`), where the caller
-    keeps it; used only where no gradient is wanted."""
-    if _wants_grad(x, weight, bias):
+    output is channels_last."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _WinogradConv.apply(x, weight, bias, groups)
-    u = transformed if transformed is not None else transform_weight(weight, groups)
-    return _forward(_channels_last(x), u, bias, groups)[0]
-
-
-def _wants_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return _forward(_channels_last(x), transform_weight(weight, groups), bias, groups)[0]
 
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same parameters and state dict) whose 3x3, stride-1, padding-1 case runs by
     F(2x2, 3x3) where `applies` says so: conv3, conv4 and conv5 of both forms (spec.make_layer).
-    Without gradients (evaluation) it keeps its filters' transform until the filters change: every
-    in-place change of a tensor (an optimiser step, load_state_dict) bumps its version counter."""
+    The filters are transformed at every call, in evaluation too: keeping the transform beside a copy of
+    the filters to compare with saved about 1.5 ms of a 330 ms forward (docs/benchmarks.md)."""
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.padding_mode == "zeros" and not torch.compiler.is_compiling() \
                 and applies(input, weight, self.stride, self.padding, self.dilation):
-            transformed = None if _wants_grad(input, weight, bias) else self._transformed(weight)
-            return conv3x3(input, weight, bias, self.groups, transformed)
+            return conv3x3(input, weight, bias, self.groups)
         return super()._conv_forward(input, weight, bias)
-
-    def _transformed(self, weight: Tensor) -> Tensor:
-        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), self.groups)
-        kept = self.__dict__.get("_winograd_filters")  # not a buffer: never in the state dict
-        if kept is None or kept[0] != key:
-            kept = self.__dict__["_winograd_filters"] = (key, transform_weight(weight, self.groups))
-        return kept[1]
 
 
 def _channels_last(x: Tensor) -> Tensor:
