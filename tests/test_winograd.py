@@ -55,6 +55,22 @@ def test_float64_is_the_direct_convolution_forward_and_backward(batch, channels,
 
 
 @needs_native
+@pytest.mark.parametrize("layout", ["channels_last", "permuted"])
+def test_filters_in_any_layout_and_their_gradient_in_theirs(layout):
+    """channels_last filters (the network's under --channels-last) are read in place and their gradient
+    written in their layout, so that autograd does not copy it; other layouts are copied first."""
+    x, w, b = _inputs(2, 8, 6, 2, 7, torch.float64)
+    w = (w.contiguous(memory_format=torch.channels_last) if layout == "channels_last"
+         else w.transpose(0, 1).contiguous().transpose(0, 1))
+    grad_y = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    ours, direct = _both(x, w, b, 2, grad_y)
+    for a, r in zip(ours, direct):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+    if layout == "channels_last":
+        assert ours[2].stride() == w.stride()
+
+
+@needs_native
 @pytest.mark.parametrize("groups, size", [(1, 5), (2, 4)])
 def test_gradcheck(groups, size):
     x, w, b = (t.requires_grad_() for t in _inputs(2, 4, 6, groups, size, torch.float64))

@@ -39,6 +39,10 @@ class _Shape(ctypes.Structure):  # winograd_native.c's Shape
                 ("batch", "height", "width", "channels", "groups", "s_b", "s_h", "s_w")]
 
 
+class _Filters(ctypes.Structure):  # winograd_native.c's Filters
+    _fields_ = [(name, ctypes.c_int64) for name in ("filters", "channels", "groups", "s_k", "s_c", "s_h", "s_w")]
+
+
 _kernel = "direct"
 
 
@@ -62,7 +66,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for suffix in _SUFFIX.values():
         for name, args in (("input", [ptr, _Shape, ptr, ptr]), ("output", [ptr, ptr, _Shape, ptr]),
                            ("grad_output", [ptr, _Shape, ptr, ptr]), ("grad_input", [ptr, _Shape, ptr]),
-                           ("weight", [ptr, i64, i64, i64, ptr]), ("grad_weight", [ptr, i64, i64, i64, ptr])):
+                           ("weight", [ptr, _Filters, ptr]), ("grad_weight", [ptr, _Filters, ptr])):
             fn = getattr(lib, f"wino_{name}_{suffix}")
             fn.argtypes = args + [i64, i64, c_int]  # items first .. last - 1, split over `threads`
             fn.restype = c_int
@@ -127,12 +131,23 @@ def _shape(x: Tensor, groups: int) -> _Shape:
     return _Shape(b, h, w, c, groups, x.stride(0), x.stride(2), x.stride(3))
 
 
+def _filters(weight: Tensor, groups: int) -> _Filters:
+    return _Filters(weight.shape[0], weight.shape[1], groups, *weight.stride())
+
+
+def _dense(weight: Tensor) -> Tensor:
+    """The filters as they are where contiguous or channels_last (the C code takes their strides; the
+    network's are channels_last under --channels-last), else a contiguous copy."""
+    return weight if weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last) \
+        else weight.contiguous()
+
+
 def transform_weight(weight: Tensor, groups: int) -> Tensor:
     """U, (groups, 16, C / groups, K / groups), from the filters (K, C / groups, 3, 3)."""
     k, cg = weight.shape[:2]
-    weight = weight.contiguous()
+    weight = _dense(weight)
     u = weight.new_empty(groups, 16, cg, k // groups)
-    _run("weight", weight.dtype, cg, weight.data_ptr(), k, cg, groups, u.data_ptr())
+    _run("weight", weight.dtype, cg, weight.data_ptr(), _filters(weight, groups), u.data_ptr())
     return u
 
 
@@ -178,10 +193,12 @@ def _forward(x: Tensor, u: Tensor, bias: Tensor | None, groups: int) -> tuple[Te
 class _WinogradConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+        weight = _dense(weight)
         u = transform_weight(weight, groups)
         y, v = _forward(_channels_last(x), u, bias, groups)
         ctx.save_for_backward(v, u)
-        ctx.groups, ctx.x_shape, ctx.weight_shape, ctx.has_bias = groups, x.shape, weight.shape, bias is not None
+        ctx.groups, ctx.x_shape, ctx.has_bias = groups, x.shape, bias is not None
+        ctx.weight_layout = weight.stride(), weight.shape  # the gradient is written in the filters' layout
         return y
 
     @staticmethod
@@ -202,9 +219,9 @@ class _WinogradConv(torch.autograd.Function):
             _run("grad_input", grad_y.dtype, b, dv.data_ptr(), _shape(grad_x, groups), grad_x.data_ptr())
         if ctx.needs_input_grad[1]:
             du = _products(v, dm, torch.empty_like(u), transpose_a=True)  # dU = V^T dM
-            grad_weight = du.new_empty(ctx.weight_shape)
-            k, cg = ctx.weight_shape[:2]
-            _run("grad_weight", du.dtype, cg, du.data_ptr(), k, cg, groups, grad_weight.data_ptr())
+            stride, shape = ctx.weight_layout
+            grad_weight = torch.empty_strided(shape, stride, dtype=du.dtype)
+            _run("grad_weight", du.dtype, shape[1], du.data_ptr(), _filters(grad_weight, groups), grad_weight.data_ptr())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_y.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias, None

@@ -29,6 +29,11 @@ typedef struct {
     int64_t s_b, s_h, s_w;                              /* its strides, in elements (channel stride 1) */
 } Shape;
 
+typedef struct {
+    int64_t filters, channels, groups;                  /* w (K, C / groups, 3, 3): K, C / groups, groups */
+    int64_t s_k, s_c, s_h, s_w;                         /* its strides, in elements (any dense layout) */
+} Filters;
+
 static inline int64_t tiles_of(int64_t n) { return (n + 1) / 2; }
 
 /* Bt row combination over four rows r0..r3 (each a value), in place: (r0 - r2, r1 + r2, r2 - r1, r1 - r3). */
@@ -211,24 +216,24 @@ int wino_grad_input_##SUFFIX(const T *dv, Shape s, T *dx, int64_t first, int64_t
     IN_THREADS(threads, first, last, grad_input_range_##SUFFIX(dv, s, dx, lo, hi));                              \
 }                                                                                                           \
                                                                                                             \
-/* U (groups, 16, C / groups, K / groups) = G w Gt from the filters w (K, C / groups, 3, 3), contiguous,   \
+/* U (groups, 16, C / groups, K / groups) = G w Gt from the filters w (K, C / groups, 3, 3), any strides, \
  * for the input channels lo .. hi - 1 of every group; G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2],   \
  * [0, 0, 1]]. The loop over output channels is innermost: it writes U's rows in order. */                 \
-static int weight_range_##SUFFIX(const T *w, int64_t k_all, int64_t cg, int64_t groups, T *u,             \
-                                 int64_t lo, int64_t hi) {                                                  \
-    const int64_t kg = k_all / groups, step = cg * kg;                                                      \
+static int weight_range_##SUFFIX(const T *w, Filters fs, T *u, int64_t lo, int64_t hi) {                 \
+    const int64_t groups = fs.groups, cg = fs.channels, kg = fs.filters / groups, step = cg * kg;           \
     for (int64_t g = 0; g < groups; g++)                                                                    \
         for (int64_t c = lo; c < hi; c++) {                                                                 \
             T *out = u + ((g * 16) * cg + c) * kg;                                                          \
-            const T *f0 = w + (g * kg * cg + c) * 9;                                                        \
+            const T *f0 = w + g * kg * fs.s_k + c * fs.s_c;                                                 \
             _Pragma("GCC ivdep") for (int64_t kk = 0; kk < kg; kk++) {                                      \
-                const T *f = f0 + kk * cg * 9;                                                              \
+                const T *f = f0 + kk * fs.s_k;                                                              \
                 T r[12];                                                                                    \
                 for (int j = 0; j < 3; j++) {  /* rows: G w */                                              \
-                    r[j] = f[j];                                                                            \
-                    r[3 + j] = (T)0.5 * (f[j] + f[3 + j] + f[6 + j]);                                       \
-                    r[6 + j] = (T)0.5 * (f[j] - f[3 + j] + f[6 + j]);                                       \
-                    r[9 + j] = f[6 + j];                                                                    \
+                    const T w0 = f[j * fs.s_w], w1 = f[fs.s_h + j * fs.s_w], w2 = f[2 * fs.s_h + j * fs.s_w];\
+                    r[j] = w0;                                                                              \
+                    r[3 + j] = (T)0.5 * (w0 + w1 + w2);                                                     \
+                    r[6 + j] = (T)0.5 * (w0 - w1 + w2);                                                     \
+                    r[9 + j] = w2;                                                                          \
                 }                                                                                           \
                 for (int i = 0; i < 4; i++) {  /* columns: (G w) Gt */                                      \
                     const T a = r[3 * i], b = r[3 * i + 1], d = r[3 * i + 2];                               \
@@ -241,19 +246,17 @@ static int weight_range_##SUFFIX(const T *w, int64_t k_all, int64_t cg, int64_t 
         }                                                                                                   \
     return 0;                                                                                               \
 }                                                                                                           \
-int wino_weight_##SUFFIX(const T *w, int64_t k_all, int64_t cg, int64_t groups, T *u, int64_t first,      \
-                         int64_t last, int threads) {                                                       \
-    IN_THREADS(threads, first, last, weight_range_##SUFFIX(w, k_all, cg, groups, u, lo, hi));               \
+int wino_weight_##SUFFIX(const T *w, Filters fs, T *u, int64_t first, int64_t last, int threads) {        \
+    IN_THREADS(threads, first, last, weight_range_##SUFFIX(w, fs, u, lo, hi));                              \
 }                                                                                                           \
                                                                                                             \
-/* dw (K, C / groups, 3, 3) = Gt dU G, the adjoint of the above, for input channels lo .. hi - 1. */       \
-static int grad_weight_range_##SUFFIX(const T *du, int64_t k_all, int64_t cg, int64_t groups, T *dw,      \
-                                      int64_t lo, int64_t hi) {                                             \
-    const int64_t kg = k_all / groups, step = cg * kg;                                                      \
+/* dw (K, C / groups, 3, 3; strides fs) = Gt dU G, the above's adjoint, for input channels lo .. hi - 1. */\
+static int grad_weight_range_##SUFFIX(const T *du, Filters fs, T *dw, int64_t lo, int64_t hi) {           \
+    const int64_t groups = fs.groups, cg = fs.channels, kg = fs.filters / groups, step = cg * kg;           \
     for (int64_t g = 0; g < groups; g++)                                                                    \
         for (int64_t c = lo; c < hi; c++) {                                                                 \
             const T *in = du + ((g * 16) * cg + c) * kg;                                                    \
-            T *f0 = dw + (g * kg * cg + c) * 9;                                                             \
+            T *f0 = dw + g * kg * fs.s_k + c * fs.s_c;                                                      \
             _Pragma("GCC ivdep") for (int64_t kk = 0; kk < kg; kk++) {                                      \
                 T r[12];                                                                                    \
                 for (int i = 0; i < 4; i++) {  /* dU G; Gt = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]] */\
@@ -263,19 +266,18 @@ static int grad_weight_range_##SUFFIX(const T *du, int64_t k_all, int64_t cg, in
                     r[3 * i + 1] = (T)0.5 * (b - d);                                                        \
                     r[3 * i + 2] = (T)0.5 * (b + d) + e;                                                    \
                 }                                                                                           \
-                T *f = f0 + kk * cg * 9;                                                                    \
+                T *f = f0 + kk * fs.s_k;                                                                    \
                 for (int j = 0; j < 3; j++) {  /* Gt (dU G) */                                              \
-                    f[j] = r[j] + (T)0.5 * (r[3 + j] + r[6 + j]);                                           \
-                    f[3 + j] = (T)0.5 * (r[3 + j] - r[6 + j]);                                              \
-                    f[6 + j] = (T)0.5 * (r[3 + j] + r[6 + j]) + r[9 + j];                                   \
+                    f[j * fs.s_w] = r[j] + (T)0.5 * (r[3 + j] + r[6 + j]);                                  \
+                    f[fs.s_h + j * fs.s_w] = (T)0.5 * (r[3 + j] - r[6 + j]);                                \
+                    f[2 * fs.s_h + j * fs.s_w] = (T)0.5 * (r[3 + j] + r[6 + j]) + r[9 + j];                 \
                 }                                                                                           \
             }                                                                                               \
         }                                                                                                   \
     return 0;                                                                                               \
 }                                                                                                           \
-int wino_grad_weight_##SUFFIX(const T *du, int64_t k_all, int64_t cg, int64_t groups, T *dw,              \
-                              int64_t first, int64_t last, int threads) {                                   \
-    IN_THREADS(threads, first, last, grad_weight_range_##SUFFIX(du, k_all, cg, groups, dw, lo, hi));        \
+int wino_grad_weight_##SUFFIX(const T *du, Filters fs, T *dw, int64_t first, int64_t last, int threads) {\
+    IN_THREADS(threads, first, last, grad_weight_range_##SUFFIX(du, fs, dw, lo, hi));                       \
 }
 
 DEFINE_OPENMP_QUERY(wino)
