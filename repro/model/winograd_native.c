@@ -7,12 +7,13 @@
  *     Y = At M A     (the tile's 2x2 outputs),
  *
  * which takes 16 multiplications per tile and channel pair where the direct sum takes 36. Bt, At hold only
- * 0 and +-1, so the transforms here are additions; G (in winograd.py) halves.
+ * 0 and +-1, so those transforms are additions; G (the filters' transform, below) also halves.
  *
  * Layouts: activations are channels_last (image b, row, column, channel; the channel stride is 1, the
  * others are passed), so each loop below runs over channels with unit stride and vectorises. The
  * transformed tensors are (groups, 16, tiles, channels of one group), each of the 16 x groups matrices
  * contiguous for the products. Tiles are numbered (b * tiles_h + tile row) * tiles_w + tile column.
+ * The filters are read, and their gradient written, in whatever dense layout they have (their strides).
  * Work is split over images: the backward's overlapping patches of one image stay in one thread.
  *
  * The backward kernels are the forward ones' exact adjoints: dM = A dY At, dd = B dV Bt summed over the
