@@ -1,7 +1,8 @@
-"""conv3-conv5 by Winograd's F(2x2, 3x3) on the CPU (repro/model/winograd.py, winograd_native.c) against
-torch's direct convolution: the same function forward and backward (float64 to 1e-12, gradcheck),
-float32 as close to the float64 result as oneDNN's own float32, every map size and group count the
-transforms' edges meet, and the network forms running it."""
+"""conv2-conv5 by Winograd's F(2x2, 3x3) and F(2x2, 5x5) on the CPU (repro/model/winograd.py,
+winograd_native.c) against torch's direct convolution: the same function forward and backward (float64 to
+1e-12, gradcheck), under each of the layer's choices (blocks of tiles, a kept or recomputed transform, the
+backward by Winograd or direct), float32 as close to the float64 result as oneDNN's own float32, every map
+size and group count the transforms' edges meet, and the network forms running it."""
 
 import pytest
 import torch
@@ -16,12 +17,12 @@ from repro.model.two_tower import TwoTowerAlexNet
 needs_native = pytest.mark.skipif(winograd.load() is None, reason="no C compiler builds winograd_native.c here")
 
 
-def _inputs(batch, channels, out, groups, size, dtype, channels_last=True, seed=0):
+def _inputs(batch, channels, out, groups, size, dtype, channels_last=True, seed=0, r=3):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, channels, size, size, generator=g, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(out, channels // groups, 3, 3, generator=g, dtype=dtype) / (3 * channels ** 0.5)
+    w = torch.randn(out, channels // groups, r, r, generator=g, dtype=dtype) / (r * channels ** 0.5)
     b = torch.randn(out, generator=g, dtype=dtype)
     return x, w, b
 
@@ -29,29 +30,61 @@ def _inputs(batch, channels, out, groups, size, dtype, channels_last=True, seed=
 def _both(x, w, b, groups, grad_y):
     """(output, dx, dw, db) by Winograd and by torch's convolution."""
     out = []
-    for conv in (lambda *a: winograd.conv3x3(*a, groups), lambda *a: F.conv2d(*a, padding=1, groups=groups)):
+    pad = w.shape[2] // 2
+    for conv in (lambda *a: winograd.conv(*a, groups), lambda *a: F.conv2d(*a, padding=pad, groups=groups)):
         leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
         y = conv(*leaves)
         out.append((y, *torch.autograd.grad(y, leaves, grad_y)))
     return out
 
 
+@pytest.fixture(params=["as chosen", "by winograd, V again", "by winograd, V kept"])
+def backward_policy(request, monkeypatch):
+    """The layer's choices for its backward, each of which must compute the same function: as the module
+    chose them, and both ways by Winograd's adjoints (the forward's transform kept, or made again)."""
+    if request.param != "as chosen":
+        keep = request.param.endswith("kept")
+        monkeypatch.setattr(winograd, "BACKWARD_BY_WINOGRAD", {r: True for r in winograd.SIZES})
+        monkeypatch.setattr(winograd, "KEEP_TRANSFORM", {r: keep for r in winograd.SIZES})
+    return request.param
+
+
+SHAPES = [  # (batch, channels, out, groups, size, r)
+    (2, 96, 256, 2, 27, 5),  # conv2
+    (2, 256, 384, 1, 13, 3),  # conv3 (reads both towers)
+    (2, 384, 384, 2, 13, 3),  # conv4
+    (2, 384, 256, 2, 13, 3),  # conv5
+] + [(*shape, r) for r in (3, 5) for shape in  # odd, even and tiny maps, channels that fill no vector
+     [(3, 8, 6, 2, 7), (2, 6, 4, 1, 6), (1, 4, 2, 2, 2), (2, 6, 4, 1, 1), (1, 3, 5, 1, 9), (2, 40, 36, 2, 5)]]
+
+
 @needs_native
-@pytest.mark.parametrize("batch, channels, out, groups, size", [
-    (2, 256, 384, 1, 13),  # conv3 (reads both towers)
-    (2, 384, 384, 2, 13),  # conv4
-    (2, 384, 256, 2, 13),  # conv5
-    (3, 8, 6, 2, 7), (2, 6, 4, 1, 6), (1, 4, 2, 2, 2), (2, 6, 4, 1, 1), (1, 3, 5, 1, 9),  # odd, even, tiny maps
-])
+@pytest.mark.parametrize("batch, channels, out, groups, size, r", SHAPES)
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_float64_is_the_direct_convolution_forward_and_backward(batch, channels, out, groups, size, channels_last):
-    x, w, b = _inputs(batch, channels, out, groups, size, torch.float64, channels_last)
+def test_float64_is_the_direct_convolution_forward_and_backward(batch, channels, out, groups, size, r, channels_last,
+                                                                backward_policy):
+    x, w, b = _inputs(batch, channels, out, groups, size, torch.float64, channels_last, r=r)
     grad_y = torch.randn(batch, out, size, size, dtype=torch.float64)
     ours, direct = _both(x, w, b, groups, grad_y)
     for a, r in zip(ours, direct):
         assert a.shape == r.shape
         torch.testing.assert_close(a, r, rtol=0, atol=1e-12 * max(1.0, r.abs().max().item()))
     assert ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_native
+@pytest.mark.parametrize("batch, channels, out, groups, size, r", [(2, 96, 256, 2, 27, 5), (3, 40, 36, 2, 13, 3)])
+def test_blocks_of_tiles_compute_the_same_function(batch, channels, out, groups, size, r, backward_policy, monkeypatch):
+    """Many small blocks (5 tiles, the last one partial) across images, forward and backward: the same
+    result as the direct convolution, as with one block."""
+    monkeypatch.setattr(winograd, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(winograd, "MIN_BLOCK_TILES", 5)
+    monkeypatch.setattr(winograd, "WEIGHT_BLOCKS_PER_DU", 0)
+    x, w, b = _inputs(batch, channels, out, groups, size, torch.float64, r=r)
+    grad_y = torch.randn(batch, out, size, size, dtype=torch.float64)
+    ours, direct = _both(x, w, b, groups, grad_y)
+    for a, ref in zip(ours, direct):
+        torch.testing.assert_close(a, ref, rtol=0, atol=1e-12 * max(1.0, ref.abs().max().item()))
 
 
 @needs_native
@@ -71,19 +104,21 @@ def test_filters_in_any_layout_and_their_gradient_in_theirs(layout):
 
 
 @needs_native
-@pytest.mark.parametrize("groups, size", [(1, 5), (2, 4)])
-def test_gradcheck(groups, size):
-    x, w, b = (t.requires_grad_() for t in _inputs(2, 4, 6, groups, size, torch.float64))
-    assert torch.autograd.gradcheck(lambda *a: winograd.conv3x3(*a, groups), (x, w, b))
+@pytest.mark.parametrize("groups, size, r", [(1, 5, 3), (2, 4, 3), (1, 5, 5), (2, 6, 5)])
+def test_gradcheck(groups, size, r, backward_policy):
+    x, w, b = (t.requires_grad_() for t in _inputs(2, 4, 6, groups, size, torch.float64, r=r))
+    assert torch.autograd.gradcheck(lambda *a: winograd.conv(*a, groups), (x, w, b))
 
 
 @needs_native
-@pytest.mark.parametrize("channels, out, groups", [(256, 384, 1), (384, 384, 2), (384, 256, 2)])
-def test_float32_is_as_close_to_the_exact_result_as_torchs_own(channels, out, groups):
+@pytest.mark.parametrize("channels, out, groups, size, r", [(96, 256, 2, 27, 5), (256, 384, 1, 13, 3),
+                                                           (384, 384, 2, 13, 3), (384, 256, 2, 13, 3)])
+def test_float32_is_as_close_to_the_exact_result_as_torchs_own(channels, out, groups, size, r, backward_policy):
     """The transforms round differently from the direct sum, not worse: against the float64 convolution,
-    the largest error of the float32 result (and its gradients) stays within twice oneDNN's float32 error."""
-    x, w, b = _inputs(4, channels, out, groups, 13, torch.float32)
-    grad_y = torch.randn(4, out, 13, 13)
+    the largest error of the float32 result (and its gradients) stays within twice oneDNN's float32 error.
+    (For 5x5, the usual points 0, +-1, +-2 fail this: about 3x oneDNN's error.)"""
+    x, w, b = _inputs(4, channels, out, groups, size, torch.float32, r=r)
+    grad_y = torch.randn(4, out, size, size)
     ours, direct = _both(x, w, b, groups, grad_y)
     exact = _both(x.double(), w.double(), b.double(), groups, grad_y.double())[1]
     for a, r, e in zip(ours, direct, exact):
@@ -94,7 +129,7 @@ def test_float32_is_as_close_to_the_exact_result_as_torchs_own(channels, out, gr
 def test_without_bias_and_without_gradients():
     x, w, _ = _inputs(2, 8, 6, 2, 7, torch.float64)
     with torch.no_grad():
-        y = winograd.conv3x3(x, w, None, 2)
+        y = winograd.conv(x, w, None, 2)
     torch.testing.assert_close(y, F.conv2d(x, w, padding=1, groups=2), rtol=0, atol=1e-12)
     assert not y.requires_grad
 
@@ -104,16 +139,18 @@ def test_nan_and_inf_reach_the_outputs_they_touch():
     x, w, b = _inputs(1, 4, 2, 1, 6, torch.float32)
     x[0, 1, 0, 0] = float("nan")
     x[0, 2, 5, 5] = float("inf")
-    y = winograd.conv3x3(x, w, b)
+    y = winograd.conv(x, w, b)
     direct = F.conv2d(x, w, b, padding=1)
     assert torch.equal(y.isnan() | y.isinf(), direct.isnan() | direct.isinf())
     assert y[0, :, :2, :2].isnan().all() and not y[0, :, 3:, :3].isnan().any()
 
 
 @needs_native
-def test_threads_give_the_same_bits():
-    x, w, b = _inputs(5, 16, 8, 2, 13, torch.float32)
-    grad_y = torch.randn(5, 8, 13, 13)
+@pytest.mark.parametrize("channels, out, r", [(16, 8, 3), (40, 72, 3), (40, 72, 5)])
+def test_threads_give_the_same_bits(channels, out, r, backward_policy):
+    """Threads split channels a vector at a time; each channel's arithmetic is the same at any count."""
+    x, w, b = _inputs(5, channels, out, 2, 13, torch.float32, r=r)
+    grad_y = torch.randn(5, out, 13, 13)
     before = torch.get_num_threads()
     results = []
     try:
@@ -134,15 +171,20 @@ def _layer(groups=1, kernel=3, stride=1, padding=1, dtype=torch.float32):
 @needs_native
 def test_the_layer_runs_winograd_only_where_chosen_and_it_applies(monkeypatch):
     calls = []
-    real = winograd.conv3x3
-    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(1) or real(*a))
+    real = winograd.conv
+    monkeypatch.setattr(winograd, "conv", lambda *a: calls.append(1) or real(*a))
     conv, x = _layer()
     conv(x)
     assert calls == []  # the default is torch's convolution
     winograd.set_kernel("winograd")
     torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-5, atol=1e-5)
     assert calls == [1]
-    for other, y in [_layer(kernel=5, padding=2), _layer(stride=2), _layer(padding=0), _layer(dtype=torch.bfloat16)]:
+    five, y = _layer(kernel=5, padding=2)  # conv2's case
+    torch.testing.assert_close(five(y), F.conv2d(y, five.weight, five.bias, padding=2), rtol=1e-5, atol=1e-5)
+    assert calls == [1, 1]
+    calls.pop()
+    for other, y in [_layer(kernel=5, padding=1), _layer(kernel=7, padding=3), _layer(stride=2), _layer(padding=0),
+                     _layer(dtype=torch.bfloat16)]:
         other(y)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         conv(x)
@@ -207,6 +249,6 @@ def test_grouped_and_towers_stay_equal_with_winograd():
 @needs_native
 def test_a_second_derivative_is_an_error_not_a_wrong_number():
     x, w, b = (t.requires_grad_() for t in _inputs(1, 4, 2, 1, 5, torch.float64))
-    (grad_x,) = torch.autograd.grad(winograd.conv3x3(x, w, b).square().sum(), x, create_graph=True)
+    (grad_x,) = torch.autograd.grad(winograd.conv(x, w, b).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad_x.sum().backward()

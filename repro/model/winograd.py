@@ -1,15 +1,22 @@
-"""The paper's 3x3 convolutions (conv3, conv4, conv5: stride 1, padding 1) on the CPU by Winograd's
-minimal filtering F(2x2, 3x3), forward and backward: the same function as the direct convolution, with
-16 multiplications per 2x2 output tile and channel pair instead of 36 (Lavin and Gray, 2015; cuDNN picks
-such algorithms on a GPU). The transforms are winograd_native.c, the 16 matrix products per group
-torch's (MKL); at 13x13 maps the products do 1.9x fewer FLOPs than the direct sum, and oneDNN, whose x86
-convolutions are all direct, runs those at about the same rate per FLOP as torch's matrix products
-(docs/benchmarks.md).
+"""The paper's "same" convolutions on the CPU by Winograd's minimal filtering (Lavin and Gray, 2015; cuDNN
+picks such algorithms on a GPU): conv3, conv4 and conv5 (3x3, padding 1) by F(2x2, 3x3), forward and
+backward, with 16 multiplications per 2x2 output tile and channel pair instead of 36; conv2 (5x5, padding 2)
+by F(2x2, 5x5), 36 instead of 100, in its forward only. The transforms are winograd_native.c, the matrix
+products between them torch's (MKL); oneDNN, whose x86 convolutions are all direct sums, runs at about
+the same rate per FLOP as those products, so fewer FLOPs is less time (docs/benchmarks.md).
 
-Numerics: the transforms add and halve, so the rounding differs from the direct sum's by a few units in
-the last place of float32 (tests/test_winograd.py holds float32 to the float64 direct convolution as
-tightly as oneDNN's own result, and float64 to 1e-12). Where it does not apply (a GPU, bfloat16
-autocast, other kernel sizes, no C compiler) the direct convolution runs.
+Blocks: a batch's transformed input and products are 4-9x the size of its activations (tens of MB), so
+the forward runs block by block of tiles, each block's transform, products and output transform in turn
+while they are in the cache (BLOCK_BYTES). Each layer's choices below were measured in the network
+(docs/benchmarks.md): conv2's backward by Winograd was slower in a training step than oneDNN's direct
+backward, so conv2's gradients are the direct convolution's (BACKWARD_BY_WINOGRAD); conv3-conv5 keep
+their input's transform for the backward (KEEP_TRANSFORM), conv2 would keep 9x its input.
+
+Numerics: the 3x3 transforms add and halve; the 5x5 ones take the points 0, 1, -1, 2, -1/2, whose
+float32 rounding stays within 1.3x of oneDNN's direct sum, where the usual 0, +-1, +-2 is 3x worse.
+tests/test_winograd.py holds float32 to the float64 direct convolution within twice oneDNN's own error,
+and float64 to 1e-12. Where it does not apply (a GPU, bfloat16 autocast, other kernel sizes or strides,
+no C compiler) the direct convolution runs.
 
 Which convolution runs is a process-wide choice, like the LRN's kernel: REPRO_CONV_CPU=winograd or
 =direct, else set_kernel (a training run's --cpu-conv, kept in its checkpoints).
@@ -18,6 +25,7 @@ Which convolution runs is a process-wide choice, like the LRN's kernel: REPRO_CO
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from pathlib import Path
 
@@ -32,6 +40,13 @@ SOURCE = Path(__file__).with_name("winograd_native.c")
 KERNEL_ENV = "REPRO_CONV_CPU"  # "direct" or "winograd": overrides set_kernel for the whole process
 KERNELS = ("direct", "winograd")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+SIZES = (3, 5)  # filter sizes r with an F(2x2, rxr) in winograd_native.c, each at padding r // 2
+BLOCK_BYTES = 1 << 22  # a block's transformed input and products: 4 MB (64-128 tiles at conv2's shapes)
+MIN_BLOCK_TILES = 16  # below this the products are too small for MKL to run at speed
+WEIGHT_BLOCKS_PER_DU = 4  # each block adds to the whole filter gradient dU: blocks of at least 4x its size
+ALL = 1 << 62  # a budget that makes one block of every tile
+KEEP_TRANSFORM = {3: True, 5: False}  # the forward keeps V for the backward (4x the input; 9x for 5x5)
+BACKWARD_BY_WINOGRAD = {3: True, 5: False}  # else the direct convolution's backward (oneDNN)
 
 
 class _Shape(ctypes.Structure):  # winograd_native.c's Shape
@@ -47,7 +62,7 @@ _kernel = "direct"
 
 
 def set_kernel(kernel: str) -> None:
-    """Which convolution runs the 3x3 layers on the CPU from now on in this process: 'direct' or 'winograd'."""
+    """Which convolution runs conv2-conv5 on the CPU from now on in this process: 'direct' or 'winograd'."""
     global _kernel
     if kernel not in KERNELS:
         raise ValueError(f"the CPU convolution is one of {', '.join(KERNELS)}; got {kernel!r}")
@@ -63,13 +78,16 @@ def kernel() -> str:
 
 def _declare(lib: ctypes.CDLL) -> None:
     ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    block = [i64, i64]  # the activations' kernels: tiles t0 .. t1 - 1
     for suffix in _SUFFIX.values():
-        for name, args in (("input", [ptr, _Shape, ptr, ptr]), ("output", [ptr, ptr, _Shape, ptr]),
-                           ("grad_output", [ptr, _Shape, ptr, ptr]), ("grad_input", [ptr, _Shape, ptr]),
+        for name, args in (("input", [ptr, _Shape, ptr, ptr] + block), ("output", [ptr, ptr, _Shape, ptr] + block),
+                           ("grad_output", [ptr, _Shape, ptr, ptr] + block), ("grad_input", [ptr, _Shape, ptr] + block),
                            ("weight", [ptr, _Filters, ptr]), ("grad_weight", [ptr, _Filters, ptr])):
-            fn = getattr(lib, f"wino_{name}_{suffix}")
-            fn.argtypes = args + [i64, i64, c_int]  # items first .. last - 1, split over `threads`
-            fn.restype = c_int
+            for size in SIZES:
+                fn = getattr(lib, f"wino{size}_{name}_{suffix}")
+                fn.argtypes = args + [i64, i64, c_int]  # items first .. last - 1, split over `threads`
+                fn.restype = c_int
+        getattr(lib, f"wino_width_{suffix}").restype = c_int
     lib.wino_openmp.restype = c_int
 
 
@@ -88,11 +106,13 @@ def unavailable() -> str | None:
 
 def applies(x: Tensor, weight: Tensor, stride, padding, dilation) -> bool:
     """Whether conv2d(x, weight, ...) runs by Winograd here: the kernel chosen, a CPU float32/float64 input
-    outside autocast, a 3x3 filter at stride 1, padding 1, dilation 1, and the library built."""
+    outside autocast, a 3x3 or 5x5 filter at stride 1, padding 1 or 2 ("same"), dilation 1, and the library
+    built."""
     if x.device.type != "cpu" or x.dtype not in _SUFFIX or weight.dtype != x.dtype or x.dim() != 4:
         return False
-    if tuple(weight.shape[2:]) != (3, 3) or _pair(stride) != (1, 1) or _pair(padding) != (1, 1) \
-            or _pair(dilation) != (1, 1) or torch.is_autocast_enabled("cpu"):
+    r = weight.shape[2]
+    if r not in SIZES or tuple(weight.shape[2:]) != (r, r) or _pair(stride) != (1, 1) \
+            or _pair(padding) != (r // 2, r // 2) or _pair(dilation) != (1, 1) or torch.is_autocast_enabled("cpu"):
         return False
     return kernel() == "winograd" and load() is not None
 
@@ -101,24 +121,24 @@ def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int = 1) -> Tensor:
-    """conv2d(x, weight, bias, padding=1, groups=groups) by F(2x2, 3x3), for inputs `applies` accepted; the
-    output is channels_last."""
+def conv(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int = 1) -> Tensor:
+    """conv2d(x, weight, bias, padding=r // 2, groups=groups) for r x r filters by F(2x2, rxr), for inputs
+    `applies` accepted; the output is channels_last."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _WinogradConv.apply(x, weight, bias, groups)
     return _forward(_channels_last(x), transform_weight(weight, groups), bias, groups)[0]
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (the same parameters and state dict) whose 3x3, stride-1, padding-1 case runs by
-    F(2x2, 3x3) where `applies` says so: conv3, conv4 and conv5 of both forms (spec.make_layer).
+    """nn.Conv2d (the same parameters and state dict) whose stride-1 "same" 3x3 and 5x5 cases run by
+    Winograd where `applies` says so: conv2-conv5 of both forms (spec.make_layer builds every layer so).
     The filters are transformed at every call, in evaluation too: keeping the transform beside a copy of
     the filters to compare with saved about 1.5 ms of a 330 ms forward (docs/benchmarks.md)."""
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.padding_mode == "zeros" and not torch.compiler.is_compiling() \
                 and applies(input, weight, self.stride, self.padding, self.dilation):
-            return conv3x3(input, weight, bias, self.groups)
+            return conv(input, weight, bias, self.groups)
         return super()._conv_forward(input, weight, bias)
 
 
@@ -143,11 +163,11 @@ def _dense(weight: Tensor) -> Tensor:
 
 
 def transform_weight(weight: Tensor, groups: int) -> Tensor:
-    """U, (groups, 16, C / groups, K / groups), from the filters (K, C / groups, 3, 3)."""
-    k, cg = weight.shape[:2]
+    """U, (groups, n*n, C / groups, K / groups), from the filters (K, C / groups, r, r); n = r + 1."""
+    k, cg, r = weight.shape[:3]
     weight = _dense(weight)
-    u = weight.new_empty(groups, 16, cg, k // groups)
-    _run("weight", weight.dtype, cg, weight.data_ptr(), _filters(weight, groups), u.data_ptr())
+    u = weight.new_empty(groups, (r + 1) ** 2, cg, k // groups)
+    _run("weight", r, weight.dtype, cg, weight.data_ptr(), _filters(weight, groups), u.data_ptr())
     return u
 
 
@@ -156,38 +176,96 @@ def _tiles(x: Tensor) -> int:
     return b * ((h + 1) // 2) * ((w + 1) // 2)
 
 
-def _run(name: str, dtype: torch.dtype, count: int, *args) -> None:
-    """winograd_native.c's `name` over items 0 .. count - 1 (images, or input channels), split over torch's threads."""
+def _size(u: Tensor) -> int:
+    """r, from transformed filters U (groups, (r + 1) ** 2, ...)."""
+    return math.isqrt(u.shape[1]) - 1
+
+
+def _run(name: str, size: int, dtype: torch.dtype, count: int, *args) -> None:
+    """winograd_native.c's `name` over items 0 .. count - 1 (the filters' input channels, or the
+    activations' channel units), split over torch's threads."""
     lib = load()
-    fn = getattr(lib, f"wino_{name}_{_SUFFIX[dtype]}")
+    fn = getattr(lib, f"wino{size}_{name}_{_SUFFIX[dtype]}")
     run_all = (lambda threads: fn(*args, 0, count, threads)) if lib.wino_openmp() else None
     if any(native.in_threads(lambda lo, hi: fn(*args, lo, hi, 1), count, run_all)):
         raise RuntimeError(f"winograd_native.c: {name} failed")
 
 
-def _products(a: Tensor, b: Tensor, out: Tensor, transpose_a: bool = False, transpose_b: bool = False) -> Tensor:
-    """out[g, e] = a[g, e] @ b[g, e] (with either transposed) for every group g and point e, as one batched
-    product written into `out` (5-26% faster than one torch.mm per matrix: docs/benchmarks.md)."""
-    left, right = a.flatten(0, 1), b.flatten(0, 1)
-    torch.bmm(left.transpose(1, 2) if transpose_a else left, right.transpose(1, 2) if transpose_b else right,
-              out=out.flatten(0, 1))
+class _Kernels:
+    """winograd_native.c's kernels for one filter size and dtype, looked up once per convolution: the block
+    loops call them hundreds of times, where each lookup and thread split in `_run` would cost more than
+    a small block's transform."""
+
+    def __init__(self, size: int, dtype: torch.dtype):
+        self.lib = load()
+        self.prefix = f"wino{size}_"
+        self.suffix = f"_{_SUFFIX[dtype]}"
+        self.width = getattr(self.lib, f"wino_width_{_SUFFIX[dtype]}")()
+        self.threads = torch.get_num_threads()
+        self.openmp = self.lib.wino_openmp()
+
+    def block(self, name: str, channels: int, t0: int, t1: int, *args) -> None:
+        """The activations' kernel `name` on tiles t0 .. t1 - 1, its channels split over threads a vector at
+        a time."""
+        units = -(-channels // self.width)
+        fn = getattr(self.lib, self.prefix + name + self.suffix)
+        threads = min(self.threads, units)
+        if threads == 1 or self.openmp:
+            failed = fn(*args, t0, t1, 0, units, threads)
+        else:
+            failed = any(native.in_threads(lambda lo, hi: fn(*args, t0, t1, lo, hi, 1), units))
+        if failed:
+            raise RuntimeError(f"winograd_native.c: {name} failed")
+
+
+def _products(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """out[g, e] = a[g, e] @ b[g, e] for every group g and point e, as one batched product written into
+    `out` (5-26% faster than one torch.mm per matrix: docs/benchmarks.md)."""
+    torch.bmm(a.flatten(0, 1), b.flatten(0, 1), out=out.flatten(0, 1))
     return out
 
 
-def _forward(x: Tensor, u: Tensor, bias: Tensor | None, groups: int) -> tuple[Tensor, Tensor]:
-    """(y, V): the convolution of channels_last x with transformed filters u, and x's transform."""
+class _Blocks:
+    """One call's tiles in blocks of about `budget` bytes of transformed input and products, and a buffer
+    per transformed tensor, reused by every block."""
+
+    def __init__(self, x: Tensor, groups: int, points: int, channels: int, filters: int, budget: int):
+        self.tiles = _tiles(x)
+        per_tile = points * (channels + filters) * x.element_size()  # its transformed input and products
+        self.step = min(self.tiles, max(MIN_BLOCK_TILES, budget // per_tile))
+        self.groups, self.points, self.like = groups, points, x
+        self.buffers: dict[str, Tensor] = {}
+
+    def __iter__(self):
+        for t0 in range(0, self.tiles, self.step):
+            yield t0, min(self.tiles, t0 + self.step)
+
+    def buffer(self, name: str, t0: int, t1: int, channels: int) -> Tensor:
+        """(groups, points, t1 - t0, channels / groups), contiguous, in the buffer kept under `name`."""
+        if name not in self.buffers:
+            self.buffers[name] = self.like.new_empty(self.groups * self.points * self.step * (channels // self.groups))
+        n = self.groups * self.points * (t1 - t0) * (channels // self.groups)
+        return self.buffers[name][:n].view(self.groups, self.points, t1 - t0, channels // self.groups)
+
+
+def _forward(x: Tensor, u: Tensor, bias: Tensor | None, groups: int, keep: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(y, V): the convolution of channels_last x with transformed filters u, block by block of tiles, and
+    where `keep`, x's whole transform V (computed as one block), else None."""
     b, c, h, w = x.shape
     k = u.shape[3] * groups
-    tiles = _tiles(x)
-    v = x.new_empty(groups, 16, tiles, c // groups)
-    zero = x.new_zeros(c)
-    _run("input", x.dtype, b, x.data_ptr(), _shape(x, groups), v.data_ptr(), zero.data_ptr())
-    m = _products(v, u, x.new_empty(groups, 16, tiles, k // groups))
+    size, points = _size(u), u.shape[1]
     y = torch.empty((b, k, h, w), dtype=x.dtype, memory_format=torch.channels_last)
+    zero = x.new_zeros(c)
     bias = bias.contiguous() if bias is not None else None
-    _run("output", x.dtype, b, m.data_ptr(), bias.data_ptr() if bias is not None else None, _shape(y, groups),
-         y.data_ptr())
-    return y, v
+    kernels, x_shape, y_shape = _Kernels(size, x.dtype), _shape(x, groups), _shape(y, groups)
+    bias_ptr = bias.data_ptr() if bias is not None else None
+    blocks = _Blocks(x, groups, points, c, k, ALL if keep else BLOCK_BYTES)
+    for t0, t1 in blocks:
+        v = blocks.buffer("v", t0, t1, c)
+        kernels.block("input", c, t0, t1, x.data_ptr(), x_shape, v.data_ptr(), zero.data_ptr())
+        m = _products(v, u, blocks.buffer("m", t0, t1, k))
+        kernels.block("output", k, t0, t1, m.data_ptr(), bias_ptr, y_shape, y.data_ptr())
+    return y, v if keep else None
 
 
 class _WinogradConv(torch.autograd.Function):
@@ -195,33 +273,65 @@ class _WinogradConv(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
         weight = _dense(weight)
         u = transform_weight(weight, groups)
-        y, v = _forward(_channels_last(x), u, bias, groups)
-        ctx.save_for_backward(v, u)
-        ctx.groups, ctx.x_shape, ctx.has_bias = groups, x.shape, bias is not None
+        x = _channels_last(x)
+        size = _size(u)
+        y, v = _forward(x, u, bias, groups, keep=KEEP_TRANSFORM[size] and ctx.needs_input_grad[1])
+        ctx.by_winograd = BACKWARD_BY_WINOGRAD[size]
+        ctx.save_for_backward(x, u if ctx.by_winograd else weight, v)
+        ctx.groups, ctx.has_bias = groups, bias is not None
         ctx.weight_layout = weight.stride(), weight.shape  # the gradient is written in the filters' layout
         return y
 
     @staticmethod
     @once_differentiable  # the C transforms have no derivative of their own: a second derivative raises
     def backward(ctx, grad_y: Tensor):
-        v, u = ctx.saved_tensors
-        groups = ctx.groups
+        x, u_or_weight, v = ctx.saved_tensors
         grad_y = _channels_last(grad_y)
-        b, k, h, w = grad_y.shape
-        tiles = v.shape[2]
-        dm = grad_y.new_empty(groups, 16, tiles, k // groups)
-        zero = grad_y.new_zeros(k)
-        _run("grad_output", grad_y.dtype, b, grad_y.data_ptr(), _shape(grad_y, groups), dm.data_ptr(), zero.data_ptr())
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            dv = _products(dm, u, torch.empty_like(v), transpose_b=True)  # dV = dM U^T
-            grad_x = torch.empty(ctx.x_shape, dtype=grad_y.dtype, memory_format=torch.channels_last)
-            _run("grad_input", grad_y.dtype, b, dv.data_ptr(), _shape(grad_x, groups), grad_x.data_ptr())
-        if ctx.needs_input_grad[1]:
-            du = _products(v, dm, torch.empty_like(u), transpose_a=True)  # dU = V^T dM
-            stride, shape = ctx.weight_layout
-            grad_weight = torch.empty_strided(shape, stride, dtype=du.dtype)
-            _run("grad_weight", du.dtype, shape[1], du.data_ptr(), _filters(grad_weight, groups), grad_weight.data_ptr())
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_y.sum((0, 2, 3))
-        return grad_x, grad_weight, grad_bias, None
+        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        if not ctx.by_winograd:
+            return (*_direct_backward(grad_y, x, u_or_weight, ctx.groups, want), None)
+        grad_x, grad_weight = _backward(grad_y, x, u_or_weight, v, ctx.groups, want[0], want[1], ctx.weight_layout)
+        return grad_x, grad_weight, grad_y.sum((0, 2, 3)) if want[2] else None, None
+
+
+def _direct_backward(grad_y: Tensor, x: Tensor, weight: Tensor, groups: int, want: tuple[bool, bool, bool]):
+    """(dx, dw, db) of the direct "same" convolution, as torch computes them (oneDNN)."""
+    r = weight.shape[2]
+    return torch.ops.aten.convolution_backward(grad_y, x, weight, [weight.shape[0]] if want[2] else None, [1, 1],
+                                               [r // 2, r // 2], [1, 1], False, [0, 0], groups, list(want))
+
+
+def _backward(grad_y: Tensor, x: Tensor, u: Tensor, v: Tensor | None, groups: int, want_x: bool, want_w: bool,
+              weight_layout) -> tuple[Tensor | None, Tensor | None]:
+    """(dx, dw) by the transforms' adjoints, in one pass over blocks of tiles: dM = A dY At feeds dV = dM Ut
+    (then dx, added patch by patch) and dU += V^T dM, to which every block adds, so blocks are larger where
+    dw is wanted. V is the forward's (v) or each block's again from x."""
+    c, k = x.shape[1], grad_y.shape[1]
+    size, points = _size(u), u.shape[1]
+    grad_x = torch.zeros_like(x, memory_format=torch.channels_last) if want_x else None
+    du = torch.zeros_like(u) if want_w else None
+    zero_x, zero_y = x.new_zeros(c), x.new_zeros(k)
+    kernels, x_shape, y_shape = _Kernels(size, x.dtype), _shape(x, groups), _shape(grad_y, groups)
+    ut = u.transpose(2, 3).contiguous() if want_x else None  # (groups, points, K / groups, C / groups)
+    budget = max(BLOCK_BYTES, WEIGHT_BLOCKS_PER_DU * du.numel() * du.element_size()) if want_w else BLOCK_BYTES
+    blocks = _Blocks(x, groups, points, c, k, budget)
+    for t0, t1 in blocks:
+        dm = blocks.buffer("dm", t0, t1, k)
+        kernels.block("grad_output", k, t0, t1, grad_y.data_ptr(), y_shape, dm.data_ptr(), zero_y.data_ptr())
+        if want_x:
+            dv = _products(dm, ut, blocks.buffer("dv", t0, t1, c))
+            kernels.block("grad_input", c, t0, t1, dv.data_ptr(), x_shape, grad_x.data_ptr())
+        if want_w:
+            if v is not None:
+                v_block = v[:, :, t0:t1]
+            else:
+                v_block = blocks.buffer("v", t0, t1, c)
+                kernels.block("input", c, t0, t1, x.data_ptr(), x_shape, v_block.data_ptr(), zero_x.data_ptr())
+            du.flatten(0, 1).baddbmm_(v_block.flatten(0, 1).transpose(1, 2), dm.flatten(0, 1))
+    grad_weight = None
+    if want_w:
+        stride, shape = weight_layout
+        grad_weight = torch.empty_strided(shape, stride, dtype=du.dtype)
+        _run("grad_weight", size, du.dtype, shape[1], du.data_ptr(), _filters(grad_weight, groups),
+             grad_weight.data_ptr())
+    return grad_x, grad_weight

@@ -1,23 +1,34 @@
-/* The transforms of Winograd's minimal filtering F(2x2, 3x3) (Lavin and Gray, "Fast Algorithms for
- * Convolutional Neural Networks", 2015) for a 3x3, stride-1, padding-1 convolution on the CPU; the
- * matrix products between them are torch's (repro/model/winograd.py). The output is cut into 2x2 tiles;
- * each tile's 4x4 input patch d and each 3x3 filter g are carried into a 16-point domain,
+/* The transforms of Winograd's minimal filtering F(2x2, rxr) (Lavin and Gray, "Fast Algorithms for
+ * Convolutional Neural Networks", 2015) for the paper's "same" convolutions on the CPU: conv3-conv5
+ * (3x3, padding 1) by F(2x2, 3x3) and conv2 (5x5, padding 2) by F(2x2, 5x5); the matrix products between
+ * the transforms are torch's (repro/model/winograd.py). The output is cut into 2x2 tiles; each tile's
+ * n x n input patch d (n = r + 1) and each r x r filter g are carried into an n*n-point domain,
  *
- *     V = Bt d B,    U = G g Gt,    M = sum over input channels of U * V (16 matrix products),
+ *     V = Bt d B,    U = G g Gt,    M = sum over input channels of U * V (n*n matrix products),
  *     Y = At M A     (the tile's 2x2 outputs),
  *
- * which takes 16 multiplications per tile and channel pair where the direct sum takes 36. Bt, At hold only
- * 0 and +-1, so those transforms are additions; G (the filters' transform, below) also halves.
+ * which takes n*n multiplications per tile and channel pair where the direct sum takes 4 r*r: 16 against
+ * 36 for 3x3, 36 against 100 for 5x5.
+ *
+ * The matrices come from the Toom-Cook construction at the points below plus infinity (Bt, At and G are
+ * the tables BT3/AT3/G3 and BT5/AT5/G5). F(2x2, 3x3) takes Lavin's 0, 1, -1. For F(2x2, 5x5) the usual
+ * 0, 1, -1, 2, -2 rounds float32 about 3x worse than the direct sum; 0, 1, -1, 2, -1/2 rounds within
+ * 1.3x of oneDNN's direct sum at conv2's shapes (docs/benchmarks.md), and its Bt and At hold only
+ * dyadic fractions, so the activations' transforms round no more than adds do.
+ *
+ * The kernels below are written once for both sizes: each transform is a sum over a table's entries, in
+ * loops that the compiler unrolls completely, so the zero entries vanish and the entries 1 and -1 become
+ * adds; what runs is the sparse transform a person would write out by hand.
  *
  * Layouts: activations are channels_last (image b, row, column, channel; the channel stride is 1, the
  * others are passed), so each loop below runs over channels with unit stride and vectorises. The
- * transformed tensors are (groups, 16, tiles, channels of one group), each of the 16 x groups matrices
+ * transformed tensors are (groups, n*n, tiles, channels of one group), each of the n*n x groups matrices
  * contiguous for the products. Tiles are numbered (b * tiles_h + tile row) * tiles_w + tile column.
  * The filters are read, and their gradient written, in whatever dense layout they have (their strides).
  * Work is split over images: the backward's overlapping patches of one image stay in one thread.
  *
  * The backward kernels are the forward ones' exact adjoints: dM = A dY At, dd = B dV Bt summed over the
- * overlapping patches (with the rows and columns outside the image dropped, as padding is).
+ * overlapping patches (with the rows and columns outside the image dropped, as padding is), dw = Gt dU G.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -31,257 +42,329 @@ typedef struct {
 } Shape;
 
 typedef struct {
-    int64_t filters, channels, groups;                  /* w (K, C / groups, 3, 3): K, C / groups, groups */
+    int64_t filters, channels, groups;                  /* w (K, C / groups, r, r): K, C / groups, groups */
     int64_t s_k, s_c, s_h, s_w;                         /* its strides, in elements (any dense layout) */
 } Filters;
 
 static inline int64_t tiles_of(int64_t n) { return (n + 1) / 2; }
 
-/* Bt row combination over four rows r0..r3 (each a value), in place: (r0 - r2, r1 + r2, r2 - r1, r1 - r3). */
-#define BT(a0, a1, a2, a3, o0, o1, o2, o3) do { o0 = a0 - a2; o1 = a1 + a2; o2 = a2 - a1; o3 = a1 - a3; } while (0)
-/* B (the adjoint): (v0, v1 - v2 + v3, -v0 + v1 + v2, -v3), written as the transposed sums. */
-#define BB(a0, a1, a2, a3, o0, o1, o2, o3) do { o0 = a0; o1 = a1 - a2 + a3; o2 = a2 - a0 + a1; o3 = -a3; } while (0)
+/* F(2x2, 3x3), points 0, 1, -1, infinity. */
+static const double BT3[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+static const double AT3[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+static const double G3[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
 
-#define DEFINE_WINOGRAD(SUFFIX, T)                                                                          \
-/* V (groups, 16, tiles, C / groups) from x, for images lo .. hi - 1. zero: `channels` zeros. */            \
-static int input_range_##SUFFIX(const T *x, Shape s, T *v, const T *zero, int64_t lo, int64_t hi) {         \
-    const int64_t th = tiles_of(s.height), tw = tiles_of(s.width), tiles = s.batch * th * tw;                \
-    const int64_t cg = s.channels / s.groups;                                                               \
-    for (int64_t b = lo; b < hi; b++)                                                                       \
-        for (int64_t ty = 0; ty < th; ty++)                                                                 \
-            for (int64_t tx = 0; tx < tw; tx++) {                                                           \
-                const T *p[16];                                                                             \
-                for (int i = 0; i < 4; i++)                                                                 \
-                    for (int j = 0; j < 4; j++) {                                                           \
-                        int64_t r = 2 * ty - 1 + i, c = 2 * tx - 1 + j;                                     \
-                        p[4 * i + j] = (r < 0 || r >= s.height || c < 0 || c >= s.width)                    \
-                            ? zero : x + b * s.s_b + r * s.s_h + c * s.s_w;                                 \
-                    }                                                                                       \
-                const int64_t t = (b * th + ty) * tw + tx;                                                  \
-                for (int64_t g = 0; g < s.groups; g++) {                                                    \
-                    T *out = v + (g * 16 * tiles + t) * cg;                                                 \
-                    const int64_t c0 = g * cg;                                                              \
-                    _Pragma("GCC ivdep") for (int64_t c = 0; c < cg; c++) {                                                      \
-                        T d[16], e[16];                                                                     \
-                        for (int k = 0; k < 16; k++) d[k] = p[k][c0 + c];                                   \
-                        for (int j = 0; j < 4; j++)  /* rows: Bt d */                                       \
-                            BT(d[j], d[4 + j], d[8 + j], d[12 + j], e[j], e[4 + j], e[8 + j], e[12 + j]);    \
-                        for (int i = 0; i < 4; i++)  /* columns: (Bt d) B */                                \
-                            BT(e[4 * i], e[4 * i + 1], e[4 * i + 2], e[4 * i + 3],                          \
-                               d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]);                          \
-                        for (int k = 0; k < 16; k++) out[k * tiles * cg + c] = d[k];                        \
-                    }                                                                                       \
-                }                                                                                           \
+/* F(2x2, 5x5), points 0, 1, -1, 2, -1/2, infinity. */
+static const double BT5[6][6] = {
+    {1, 1.5, -2, -1.5, 1, 0}, {0, -1, -2.5, -0.5, 1, 0}, {0, 1, 0.5, -2.5, 1, 0},
+    {0, -0.5, -1, 0.5, 1, 0}, {0, 2, -1, -2, 1, 0},      {0, 1, 1.5, -2, -1.5, 1}};
+static const double AT5[2][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -0.5, 1}};
+static const double G5[6][5] = {
+    {1, 0, 0, 0, 0},
+    {-1.0 / 3, -1.0 / 3, -1.0 / 3, -1.0 / 3, -1.0 / 3},
+    {1.0 / 3, -1.0 / 3, 1.0 / 3, -1.0 / 3, 1.0 / 3},
+    {1.0 / 15, 2.0 / 15, 4.0 / 15, 8.0 / 15, 16.0 / 15},
+    {-16.0 / 15, 8.0 / 15, -4.0 / 15, 2.0 / 15, -1.0 / 15},
+    {0, 0, 0, 0, 1}};
+
+/* acc = sum over k < K of COEF * X (both expressions of k_), skipping the zero coefficients; the loop is
+ * unrolled completely, so COEF is a constant at each term and the skipped terms leave no code. The first
+ * term starts the sum (not 0 + term, which would turn -0 into +0 and add an addition). acc and X may be a
+ * scalar T or a vector of T's (below). */
+#define TSUM(T, acc, K, COEF, X)                                                                    \
+    do {                                                                                            \
+        int first_ = 1;                                                                             \
+        _Pragma("GCC unroll 8") for (int k_ = 0; k_ < (K); k_++) {                                  \
+            const double c_ = (COEF);                                                               \
+            if (c_ != 0) {                                                                          \
+                __typeof__(acc) t_ = c_ == 1 ? (X) : c_ == -1 ? -(X) : (T)c_ * (X);                 \
+                acc = first_ ? t_ : acc + t_;                                                       \
+                first_ = 0;                                                                         \
+            }                                                                                       \
+        }                                                                                           \
+    } while (0)
+
+/* The activations' transforms run over channels a vector at a time (then one at a time for the rest):
+ * V is the vector type, GCC's vector extension, or T itself. The compiler's own vectoriser gives up on
+ * the 6x6 transforms' loop nests, so the vectors are written out. LD and ST move one V, unaligned. */
+typedef float vec_f32 __attribute__((vector_size(64)));
+typedef double vec_f64 __attribute__((vector_size(64)));
+#define LD(V, ptr) __extension__({ V v_; memcpy(&v_, (ptr), sizeof(V)); v_; })
+#define ST(V, ptr, value) do { V w_ = (value); memcpy((ptr), &w_, sizeof(V)); } while (0)
+/* BODY(V, ...) for the channels cl .. ch - 1 of group g (local numbers c, from cl - g * per): vectors
+ * first, then one channel at a time. */
+#define OVER_CHANNELS(T, VT, g, per, cl, ch, BODY, ...)                                             \
+    do {                                                                                            \
+        const int64_t width_ = sizeof(VT) / sizeof(T);                                              \
+        const int64_t from_ = (cl) > (g) * (per) ? (cl) : (g) * (per);                              \
+        const int64_t to_ = (ch) < ((g) + 1) * (per) ? (ch) : ((g) + 1) * (per);                    \
+        int64_t c = from_ - (g) * (per);                                                            \
+        for (; c + width_ <= to_ - (g) * (per); c += width_) BODY(VT, __VA_ARGS__);                 \
+        for (; c < to_ - (g) * (per); c++) BODY(T, __VA_ARGS__);                                    \
+    } while (0)
+
+/* Tile t's image b and its top-left output pixel (2 * ty, 2 * tx). */
+#define TILE_AT(s, t, b, ty, tx)                                                                    \
+    const int64_t th_ = tiles_of((s).height), tw_ = tiles_of((s).width);                            \
+    const int64_t b = (t) / (th_ * tw_), ty = (t) / tw_ % th_, tx = (t) % tw_
+
+/* V = Bt d B for channels c .. c + |V| - 1 of one tile: d's N*N values at p[k] + c0 + c. */
+#define INPUT_BODY(V, T, N, BT)                                                                     \
+    do {                                                                                            \
+        V d[N * N], e[N * N];                                                                       \
+        _Pragma("GCC unroll 64") for (int k = 0; k < N * N; k++) d[k] = LD(V, p[k] + c0 + c);       \
+        _Pragma("GCC unroll 8") for (int i = 0; i < N; i++)  /* rows: Bt d */                       \
+            _Pragma("GCC unroll 8") for (int j = 0; j < N; j++)                                     \
+                TSUM(T, e[N * i + j], N, BT[i][k_], d[N * k_ + j]);                                 \
+        _Pragma("GCC unroll 8") for (int i = 0; i < N; i++)  /* columns: (Bt d) B */                \
+            _Pragma("GCC unroll 8") for (int j = 0; j < N; j++) {                                   \
+                V a;                                                                                \
+                TSUM(T, a, N, BT[j][k_], e[N * i + k_]);                                            \
+                ST(V, out + (N * i + j) * step + c, a);                                             \
+            }                                                                                       \
+    } while (0)
+
+/* y = At M A + bias for output channels k0 + c ..: M's N*N values lie `step` apart from a + c. */
+#define OUTPUT_BODY(V, T, N, AT)                                                                    \
+    do {                                                                                            \
+        V r[2 * N];                                                                                 \
+        _Pragma("GCC unroll 8") for (int i = 0; i < 2; i++)  /* rows: At M */                       \
+            _Pragma("GCC unroll 8") for (int j = 0; j < N; j++)                                     \
+                TSUM(T, r[N * i + j], N, AT[i][k_], LD(V, a + (N * k_ + j) * step + c));            \
+        V add;                                                                                      \
+        if (bias) add = LD(V, bias + k0 + c); else memset(&add, 0, sizeof add);                     \
+        _Pragma("GCC unroll 8") for (int i = 0; i < 2; i++)  /* columns: (At M) A, plus the bias */ \
+            _Pragma("GCC unroll 8") for (int j = 0; j < 2; j++) {                                   \
+                V o;                                                                                \
+                TSUM(T, o, N, AT[j][k_], r[N * i + k_]);                                            \
+                ST(V, q[2 * i + j] + k0 + c, o + add);                                              \
+            }                                                                                       \
+    } while (0)
+
+/* dM = A dY At for output channels k0 + c .. of one tile: dY's 2x2 values at p[k] + k0 + c. */
+#define GRAD_OUTPUT_BODY(V, T, N, AT)                                                               \
+    do {                                                                                            \
+        V d[4], u[2 * N];                                                                           \
+        _Pragma("GCC unroll 8") for (int i = 0; i < 4; i++) d[i] = LD(V, p[i] + k0 + c);            \
+        _Pragma("GCC unroll 8") for (int i = 0; i < N; i++)  /* rows: A dY */                       \
+            _Pragma("GCC unroll 8") for (int j = 0; j < 2; j++)                                     \
+                TSUM(T, u[2 * i + j], 2, AT[k_][i], d[2 * k_ + j]);                                 \
+        _Pragma("GCC unroll 8") for (int i = 0; i < N; i++)  /* columns: (A dY) At */               \
+            _Pragma("GCC unroll 8") for (int j = 0; j < N; j++) {                                   \
+                V a;                                                                                \
+                TSUM(T, a, 2, AT[k_][j], u[2 * i + k_]);                                            \
+                ST(V, out + (N * i + j) * step + c, a);                                             \
+            }                                                                                       \
+    } while (0)
+
+/* dd = B dV Bt for channels c0 + c .. of one tile, added to the patch at p[k] where `inside[k]`: dV's
+ * N*N values lie `step` apart from in + c. */
+#define GRAD_INPUT_BODY(V, T, N, BT)                                                                \
+    do {                                                                                            \
+        V a[N * N], e[N * N];                                                                       \
+        _Pragma("GCC unroll 64") for (int k = 0; k < N * N; k++) a[k] = LD(V, in + k * step + c);   \
+        _Pragma("GCC unroll 8") for (int i = 0; i < N; i++)  /* rows: B dV */                       \
+            _Pragma("GCC unroll 8") for (int j = 0; j < N; j++)                                     \
+                TSUM(T, e[N * i + j], N, BT[k_][i], a[N * k_ + j]);                                 \
+        _Pragma("GCC unroll 8") for (int i = 0; i < N; i++)  /* columns: (B dV) Bt */               \
+            _Pragma("GCC unroll 8") for (int j = 0; j < N; j++)                                     \
+                TSUM(T, a[N * i + j], N, BT[k_][j], e[N * i + k_]);                                 \
+        _Pragma("GCC unroll 64") for (int k = 0; k < N * N; k++)                                    \
+            if (whole || inside[k]) ST(V, p[k] + c0 + c, LD(V, p[k] + c0 + c) + a[k]);             \
+    } while (0)
+
+/* The six kernels of F(2x2, RxR) for element type T (vectors VT), named wino<R>_<kernel>_<SUFFIX>,
+ * N = R + 1; BT, AT, G name the tables.
+ *
+ * The activations' four kernels work on a block of tiles t0 .. t1 - 1 (its transformed tensor is
+ * (groups, N*N, t1 - t0, channels of a group)) and split the channels over threads, in units of one
+ * vector: units lo .. hi - 1 are channels lo * W .. hi * W - 1. Patches of neighbouring tiles overlap, so
+ * a split over tiles would have grad_input's threads add to the same pixels; a split over channels never
+ * does. */
+#define DEFINE_WINOGRAD(R, N, SUFFIX, T, VT, BT, AT, G)                                                     \
+static const int64_t W##R##SUFFIX = sizeof(VT) / sizeof(T);                                                 \
+/* V's block from x (shape s), channel units lo .. hi - 1. zero: `channels` zeros. */                       \
+static int input##R##_range_##SUFFIX(const T *x, Shape s, T *v, const T *zero, int64_t t0, int64_t t1,      \
+                                     int64_t lo, int64_t hi) {                                              \
+    const int64_t cg = s.channels / s.groups, step = (t1 - t0) * cg;                                        \
+    const int64_t cl = lo * W##R##SUFFIX, ch = hi * W##R##SUFFIX < s.channels ? hi * W##R##SUFFIX : s.channels;\
+    for (int64_t t = t0; t < t1; t++) {                                                                     \
+        TILE_AT(s, t, b, ty, tx);                                                                           \
+        const T *p[N * N];                                                                                  \
+        for (int i = 0; i < N; i++)                                                                         \
+            for (int j = 0; j < N; j++) {                                                                   \
+                int64_t r = 2 * ty - R / 2 + i, c = 2 * tx - R / 2 + j;                                     \
+                p[N * i + j] = (r < 0 || r >= s.height || c < 0 || c >= s.width)                            \
+                    ? zero : x + b * s.s_b + r * s.s_h + c * s.s_w;                                         \
             }                                                                                               \
-    return 0;                                                                                               \
-}                                                                                                           \
-int wino_input_##SUFFIX(const T *x, Shape s, T *v, const T *zero, int64_t first, int64_t last, int threads) {  \
-    IN_THREADS(threads, first, last, input_range_##SUFFIX(x, s, v, zero, lo, hi));                               \
-}                                                                                                           \
-                                                                                                            \
-/* y (shape s: its channels are the outputs) = At M A (+ bias), for images lo .. hi - 1.                  \
- * The outputs of a tile that fall outside the image (odd sizes) go to `spare`, K scratch values. */       \
-static int output_range_##SUFFIX(const T *m, const T *bias, Shape s, T *y, int64_t lo, int64_t hi) {\
-    const int64_t th = tiles_of(s.height), tw = tiles_of(s.width), tiles = s.batch * th * tw;                \
-    const int64_t kg = s.channels / s.groups, step = tiles * kg;                                            \
-    T *spare = malloc(sizeof(T) * s.channels);                                                              \
-    if (!spare) return 1;                                                                                   \
-    for (int64_t b = lo; b < hi; b++)                                                                       \
-        for (int64_t ty = 0; ty < th; ty++)                                                                 \
-            for (int64_t tx = 0; tx < tw; tx++) {                                                           \
-                const int64_t t = (b * th + ty) * tw + tx;                                                  \
-                const int down = 2 * ty + 1 < s.height, right = 2 * tx + 1 < s.width;                       \
-                T *q00 = y + b * s.s_b + 2 * ty * s.s_h + 2 * tx * s.s_w;                                   \
-                T *q01 = right ? q00 + s.s_w : spare, *q10 = down ? q00 + s.s_h : spare;                    \
-                T *q11 = right && down ? q00 + s.s_h + s.s_w : spare;                                       \
-                for (int64_t g = 0; g < s.groups; g++) {                                                    \
-                    const T *a = m + (g * 16 * tiles + t) * kg;                                             \
-                    const int64_t k0 = g * kg;                                                              \
-                    _Pragma("GCC ivdep") for (int64_t k = 0; k < kg; k++) {                                 \
-                        T r[8];                                                                             \
-                        for (int j = 0; j < 4; j++) {  /* rows: At M */                                     \
-                            const T a0 = a[j * step + k], a1 = a[(4 + j) * step + k];                       \
-                            const T a2 = a[(8 + j) * step + k], a3 = a[(12 + j) * step + k];                \
-                            r[j] = a0 + a1 + a2;                                                            \
-                            r[4 + j] = a1 - a2 - a3;                                                        \
-                        }                                                                                   \
-                        const T add = bias ? bias[k0 + k] : (T)0;                                           \
-                        /* columns: (At M) A, plus the bias */                                              \
-                        q00[k0 + k] = r[0] + r[1] + r[2] + add;                                             \
-                        q01[k0 + k] = r[1] - r[2] - r[3] + add;                                             \
-                        q10[k0 + k] = r[4] + r[5] + r[6] + add;                                             \
-                        q11[k0 + k] = r[5] - r[6] - r[7] + add;                                             \
-                    }                                                                                       \
-                }                                                                                           \
-            }                                                                                               \
-    free(spare);                                                                                            \
-    return 0;                                                                                               \
-}                                                                                                           \
-int wino_output_##SUFFIX(const T *m, const T *bias, Shape s, T *y, int64_t first, int64_t last,           \
-                         int threads) {                                                                     \
-    IN_THREADS(threads, first, last, output_range_##SUFFIX(m, bias, s, y, lo, hi));                   \
-}                                                                                                           \
-                                                                                                            \
-/* dM (groups, 16, tiles, K / groups) = A dY At per tile, from dy of shape s, images lo .. hi - 1. */      \
-static int grad_output_range_##SUFFIX(const T *dy, Shape s, T *dm, const T *zero, int64_t lo, int64_t hi) { \
-    const int64_t th = tiles_of(s.height), tw = tiles_of(s.width), tiles = s.batch * th * tw;                \
-    const int64_t kg = s.channels / s.groups;                                                               \
-    for (int64_t b = lo; b < hi; b++)                                                                       \
-        for (int64_t ty = 0; ty < th; ty++)                                                                 \
-            for (int64_t tx = 0; tx < tw; tx++) {                                                           \
-                const T *p[4];                                                                              \
-                for (int i = 0; i < 2; i++)                                                                 \
-                    for (int j = 0; j < 2; j++) {                                                           \
-                        int64_t r = 2 * ty + i, c = 2 * tx + j;                                             \
-                        p[2 * i + j] = (r >= s.height || c >= s.width)                                      \
-                            ? zero : dy + b * s.s_b + r * s.s_h + c * s.s_w;                                \
-                    }                                                                                       \
-                const int64_t t = (b * th + ty) * tw + tx;                                                  \
-                for (int64_t g = 0; g < s.groups; g++) {                                                    \
-                    T *out = dm + (g * 16 * tiles + t) * kg;                                                \
-                    const int64_t k0 = g * kg;                                                              \
-                    _Pragma("GCC ivdep") for (int64_t k = 0; k < kg; k++) {                                                      \
-                        const T y00 = p[0][k0 + k], y01 = p[1][k0 + k], y10 = p[2][k0 + k], y11 = p[3][k0 + k];\
-                        /* rows: A dY (4 x 2), A = [[1, 0], [1, 1], [1, -1], [0, -1]] */                    \
-                        const T u[8] = {y00, y01, y00 + y10, y01 + y11, y00 - y10, y01 - y11, -y10, -y11};  \
-                        for (int i = 0; i < 4; i++) {  /* columns: (A dY) At */                             \
-                            const T a = u[2 * i], c = u[2 * i + 1];                                         \
-                            out[(4 * i + 0) * tiles * kg + k] = a;                                          \
-                            out[(4 * i + 1) * tiles * kg + k] = a + c;                                      \
-                            out[(4 * i + 2) * tiles * kg + k] = a - c;                                      \
-                            out[(4 * i + 3) * tiles * kg + k] = -c;                                         \
-                        }                                                                                   \
-                    }                                                                                       \
-                }                                                                                           \
-            }                                                                                               \
-    return 0;                                                                                               \
-}                                                                                                           \
-int wino_grad_output_##SUFFIX(const T *dy, Shape s, T *dm, const T *zero, int64_t first, int64_t last,     \
-                              int threads) {                                                                \
-    IN_THREADS(threads, first, last, grad_output_range_##SUFFIX(dy, s, dm, zero, lo, hi));                       \
-}                                                                                                           \
-                                                                                                            \
-/* dx (shape s, contiguous channels_last: its images lo .. hi - 1 are overwritten) = the sum over tiles of \
- * B dV Bt, each patch added where it lies inside the image. */                                             \
-static int grad_input_range_##SUFFIX(const T *dv, Shape s, T *dx, int64_t lo, int64_t hi) {                \
-    const int64_t th = tiles_of(s.height), tw = tiles_of(s.width), tiles = s.batch * th * tw;                \
-    const int64_t cg = s.channels / s.groups;                                                               \
-    for (int64_t b = lo; b < hi; b++) {                                                                     \
-        for (int64_t r = 0; r < s.height; r++)                                                              \
-            for (int64_t c = 0; c < s.width; c++)                                                           \
-                memset(dx + b * s.s_b + r * s.s_h + c * s.s_w, 0, sizeof(T) * s.channels);                  \
-        for (int64_t ty = 0; ty < th; ty++)                                                                 \
-            for (int64_t tx = 0; tx < tw; tx++) {                                                           \
-                const int64_t t = (b * th + ty) * tw + tx;                                                  \
-                T *p[16];                                                                                   \
-                int inside[16];                                                                             \
-                for (int i = 0; i < 4; i++)                                                                 \
-                    for (int j = 0; j < 4; j++) {                                                           \
-                        int64_t r = 2 * ty - 1 + i, c = 2 * tx - 1 + j;                                     \
-                        inside[4 * i + j] = !(r < 0 || r >= s.height || c < 0 || c >= s.width);             \
-                        p[4 * i + j] = inside[4 * i + j] ? dx + b * s.s_b + r * s.s_h + c * s.s_w : 0;      \
-                    }                                                                                       \
-                for (int64_t g = 0; g < s.groups; g++) {                                                    \
-                    const T *in = dv + (g * 16 * tiles + t) * cg;                                           \
-                    const int64_t c0 = g * cg;                                                              \
-                    if (inside[0] && inside[3] && inside[12] && inside[15]) {  /* the whole patch */        \
-                        _Pragma("GCC ivdep") for (int64_t c = 0; c < cg; c++) {                                                  \
-                            T a[16], e[16];                                                                 \
-                            for (int k = 0; k < 16; k++) a[k] = in[k * tiles * cg + c];                     \
-                            for (int j = 0; j < 4; j++)                                                     \
-                                BB(a[j], a[4 + j], a[8 + j], a[12 + j], e[j], e[4 + j], e[8 + j], e[12 + j]);\
-                            for (int i = 0; i < 4; i++)                                                     \
-                                BB(e[4 * i], e[4 * i + 1], e[4 * i + 2], e[4 * i + 3],                      \
-                                   a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]);                      \
-                            for (int k = 0; k < 16; k++) p[k][c0 + c] += a[k];                              \
-                        }                                                                                   \
-                    } else {                                                                                \
-                        _Pragma("GCC ivdep") for (int64_t c = 0; c < cg; c++) {                                                  \
-                            T a[16], e[16];                                                                 \
-                            for (int k = 0; k < 16; k++) a[k] = in[k * tiles * cg + c];                     \
-                            for (int j = 0; j < 4; j++)                                                     \
-                                BB(a[j], a[4 + j], a[8 + j], a[12 + j], e[j], e[4 + j], e[8 + j], e[12 + j]);\
-                            for (int i = 0; i < 4; i++)                                                     \
-                                BB(e[4 * i], e[4 * i + 1], e[4 * i + 2], e[4 * i + 3],                      \
-                                   a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]);                      \
-                            for (int k = 0; k < 16; k++)                                                    \
-                                if (inside[k]) p[k][c0 + c] += a[k];                                        \
-                        }                                                                                   \
-                    }                                                                                       \
-                }                                                                                           \
-            }                                                                                               \
+        for (int64_t g = cl / cg; g < s.groups && g * cg < ch; g++) {                                       \
+            T *out = v + (g * N * N * (t1 - t0) + (t - t0)) * cg;                                           \
+            const int64_t c0 = g * cg;                                                                      \
+            OVER_CHANNELS(T, VT, g, cg, cl, ch, INPUT_BODY, T, N, BT);                                      \
+        }                                                                                                   \
     }                                                                                                       \
     return 0;                                                                                               \
 }                                                                                                           \
-int wino_grad_input_##SUFFIX(const T *dv, Shape s, T *dx, int64_t first, int64_t last, int threads) {           \
-    IN_THREADS(threads, first, last, grad_input_range_##SUFFIX(dv, s, dx, lo, hi));                              \
+int wino##R##_input_##SUFFIX(const T *x, Shape s, T *v, const T *zero, int64_t t0, int64_t t1,              \
+                             int64_t first, int64_t last, int threads) {                                    \
+    IN_THREADS(threads, first, last, input##R##_range_##SUFFIX(x, s, v, zero, t0, t1, lo, hi));             \
 }                                                                                                           \
                                                                                                             \
-/* U (groups, 16, C / groups, K / groups) = G w Gt from the filters w (K, C / groups, 3, 3), any strides, \
- * for the input channels lo .. hi - 1 of every group; G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2],   \
- * [0, 0, 1]]. The loop over output channels is innermost: it writes U's rows in order. */                 \
-static int weight_range_##SUFFIX(const T *w, Filters fs, T *u, int64_t lo, int64_t hi) {                 \
+/* y (shape s: its channels are the outputs) = At M A (+ bias) for M's block, channel units lo .. hi - 1.  \
+ * The outputs of a tile that fall outside the image (odd sizes) go to `spare`, K scratch values. */       \
+static int output##R##_range_##SUFFIX(const T *m, const T *bias, Shape s, T *y, int64_t t0, int64_t t1,     \
+                                      int64_t lo, int64_t hi) {                                             \
+    const int64_t kg = s.channels / s.groups, step = (t1 - t0) * kg;                                        \
+    const int64_t cl = lo * W##R##SUFFIX, ch = hi * W##R##SUFFIX < s.channels ? hi * W##R##SUFFIX : s.channels;\
+    T *spare = malloc(sizeof(T) * s.channels);                                                              \
+    if (!spare) return 1;                                                                                   \
+    for (int64_t t = t0; t < t1; t++) {                                                                     \
+        TILE_AT(s, t, b, ty, tx);                                                                           \
+        const int down = 2 * ty + 1 < s.height, right = 2 * tx + 1 < s.width;                               \
+        T *q[4];                                                                                            \
+        q[0] = y + b * s.s_b + 2 * ty * s.s_h + 2 * tx * s.s_w;                                             \
+        q[1] = right ? q[0] + s.s_w : spare, q[2] = down ? q[0] + s.s_h : spare;                            \
+        q[3] = right && down ? q[0] + s.s_h + s.s_w : spare;                                                \
+        for (int64_t g = cl / kg; g < s.groups && g * kg < ch; g++) {                                       \
+            const T *a = m + (g * N * N * (t1 - t0) + (t - t0)) * kg;                                       \
+            const int64_t k0 = g * kg;                                                                      \
+            OVER_CHANNELS(T, VT, g, kg, cl, ch, OUTPUT_BODY, T, N, AT);                                     \
+        }                                                                                                   \
+    }                                                                                                       \
+    free(spare);                                                                                            \
+    return 0;                                                                                               \
+}                                                                                                           \
+int wino##R##_output_##SUFFIX(const T *m, const T *bias, Shape s, T *y, int64_t t0, int64_t t1,             \
+                              int64_t first, int64_t last, int threads) {                                   \
+    IN_THREADS(threads, first, last, output##R##_range_##SUFFIX(m, bias, s, y, t0, t1, lo, hi));            \
+}                                                                                                           \
+                                                                                                            \
+/* dM's block = A dY At per tile, from dy of shape s, channel units lo .. hi - 1. */                       \
+static int grad_output##R##_range_##SUFFIX(const T *dy, Shape s, T *dm, const T *zero, int64_t t0,          \
+                                           int64_t t1, int64_t lo, int64_t hi) {                            \
+    const int64_t kg = s.channels / s.groups, step = (t1 - t0) * kg;                                        \
+    const int64_t cl = lo * W##R##SUFFIX, ch = hi * W##R##SUFFIX < s.channels ? hi * W##R##SUFFIX : s.channels;\
+    for (int64_t t = t0; t < t1; t++) {                                                                     \
+        TILE_AT(s, t, b, ty, tx);                                                                           \
+        const T *p[4];                                                                                      \
+        for (int i = 0; i < 2; i++)                                                                         \
+            for (int j = 0; j < 2; j++) {                                                                   \
+                int64_t r = 2 * ty + i, c = 2 * tx + j;                                                     \
+                p[2 * i + j] = (r >= s.height || c >= s.width)                                              \
+                    ? zero : dy + b * s.s_b + r * s.s_h + c * s.s_w;                                        \
+            }                                                                                               \
+        for (int64_t g = cl / kg; g < s.groups && g * kg < ch; g++) {                                       \
+            T *out = dm + (g * N * N * (t1 - t0) + (t - t0)) * kg;                                          \
+            const int64_t k0 = g * kg;                                                                      \
+            OVER_CHANNELS(T, VT, g, kg, cl, ch, GRAD_OUTPUT_BODY, T, N, AT);                                \
+        }                                                                                                   \
+    }                                                                                                       \
+    return 0;                                                                                               \
+}                                                                                                           \
+int wino##R##_grad_output_##SUFFIX(const T *dy, Shape s, T *dm, const T *zero, int64_t t0, int64_t t1,      \
+                                   int64_t first, int64_t last, int threads) {                              \
+    IN_THREADS(threads, first, last, grad_output##R##_range_##SUFFIX(dy, s, dm, zero, t0, t1, lo, hi));     \
+}                                                                                                           \
+                                                                                                            \
+/* dx (shape s, channels_last, zeroed before the first block) += B dV Bt for dV's block, each patch added  \
+ * where it lies inside the image, channel units lo .. hi - 1. */                                          \
+static int grad_input##R##_range_##SUFFIX(const T *dv, Shape s, T *dx, int64_t t0, int64_t t1, int64_t lo,  \
+                                          int64_t hi) {                                                     \
+    const int64_t cg = s.channels / s.groups, step = (t1 - t0) * cg;                                        \
+    const int64_t cl = lo * W##R##SUFFIX, ch = hi * W##R##SUFFIX < s.channels ? hi * W##R##SUFFIX : s.channels;\
+    for (int64_t t = t0; t < t1; t++) {                                                                     \
+        TILE_AT(s, t, b, ty, tx);                                                                           \
+        T *p[N * N];                                                                                        \
+        int inside[N * N], all = 1;                                                                         \
+        for (int i = 0; i < N; i++)                                                                         \
+            for (int j = 0; j < N; j++) {                                                                   \
+                int64_t r = 2 * ty - R / 2 + i, c = 2 * tx - R / 2 + j;                                     \
+                inside[N * i + j] = !(r < 0 || r >= s.height || c < 0 || c >= s.width);                     \
+                p[N * i + j] = inside[N * i + j] ? dx + b * s.s_b + r * s.s_h + c * s.s_w : 0;              \
+                all &= inside[N * i + j];                                                                   \
+            }                                                                                               \
+        for (int64_t g = cl / cg; g < s.groups && g * cg < ch; g++) {                                       \
+            const T *in = dv + (g * N * N * (t1 - t0) + (t - t0)) * cg;                                     \
+            const int64_t c0 = g * cg;                                                                      \
+            if (all) {  /* the whole patch: the same code without the tests */                              \
+                const int whole = 1;                                                                        \
+                OVER_CHANNELS(T, VT, g, cg, cl, ch, GRAD_INPUT_BODY, T, N, BT);                             \
+            } else {                                                                                        \
+                const int whole = 0;                                                                        \
+                OVER_CHANNELS(T, VT, g, cg, cl, ch, GRAD_INPUT_BODY, T, N, BT);                             \
+            }                                                                                               \
+        }                                                                                                   \
+    }                                                                                                       \
+    return 0;                                                                                               \
+}                                                                                                           \
+int wino##R##_grad_input_##SUFFIX(const T *dv, Shape s, T *dx, int64_t t0, int64_t t1, int64_t first,       \
+                                  int64_t last, int threads) {                                              \
+    IN_THREADS(threads, first, last, grad_input##R##_range_##SUFFIX(dv, s, dx, t0, t1, lo, hi));            \
+}                                                                                                           \
+                                                                                                            \
+/* U (groups, N*N, C / groups, K / groups) = G w Gt from the filters w (K, C / groups, R, R), any strides,  \
+ * for the input channels lo .. hi - 1 of every group. The loop over output channels is innermost: it      \
+ * writes U's rows in order. (Once per call and small: left to the compiler's vectoriser.) */               \
+static int weight##R##_range_##SUFFIX(const T *w, Filters fs, T *u, int64_t lo, int64_t hi) {               \
     const int64_t groups = fs.groups, cg = fs.channels, kg = fs.filters / groups, step = cg * kg;           \
     for (int64_t g = 0; g < groups; g++)                                                                    \
         for (int64_t c = lo; c < hi; c++) {                                                                 \
-            T *out = u + ((g * 16) * cg + c) * kg;                                                          \
+            T *out = u + ((g * N * N) * cg + c) * kg;                                                       \
             const T *f0 = w + g * kg * fs.s_k + c * fs.s_c;                                                 \
             _Pragma("GCC ivdep") for (int64_t kk = 0; kk < kg; kk++) {                                      \
                 const T *f = f0 + kk * fs.s_k;                                                              \
-                T r[12];                                                                                    \
-                for (int j = 0; j < 3; j++) {  /* rows: G w */                                              \
-                    const T w0 = f[j * fs.s_w], w1 = f[fs.s_h + j * fs.s_w], w2 = f[2 * fs.s_h + j * fs.s_w];\
-                    r[j] = w0;                                                                              \
-                    r[3 + j] = (T)0.5 * (w0 + w1 + w2);                                                     \
-                    r[6 + j] = (T)0.5 * (w0 - w1 + w2);                                                     \
-                    r[9 + j] = w2;                                                                          \
-                }                                                                                           \
-                for (int i = 0; i < 4; i++) {  /* columns: (G w) Gt */                                      \
-                    const T a = r[3 * i], b = r[3 * i + 1], d = r[3 * i + 2];                               \
-                    out[(4 * i) * step + kk] = a;                                                           \
-                    out[(4 * i + 1) * step + kk] = (T)0.5 * (a + b + d);                                    \
-                    out[(4 * i + 2) * step + kk] = (T)0.5 * (a - b + d);                                    \
-                    out[(4 * i + 3) * step + kk] = d;                                                       \
-                }                                                                                           \
+                T r[N * R];                                                                                 \
+                _Pragma("GCC unroll 8") for (int i = 0; i < N; i++)  /* rows: G w */                        \
+                    _Pragma("GCC unroll 8") for (int j = 0; j < R; j++)                                     \
+                        TSUM(T, r[R * i + j], R, G[i][k_], f[k_ * fs.s_h + j * fs.s_w]);                    \
+                _Pragma("GCC unroll 8") for (int i = 0; i < N; i++)  /* columns: (G w) Gt */                \
+                    _Pragma("GCC unroll 8") for (int j = 0; j < N; j++) {                                   \
+                        T a;                                                                                \
+                        TSUM(T, a, R, G[j][k_], r[R * i + k_]);                                             \
+                        out[(N * i + j) * step + kk] = a;                                                   \
+                    }                                                                                       \
             }                                                                                               \
         }                                                                                                   \
     return 0;                                                                                               \
 }                                                                                                           \
-int wino_weight_##SUFFIX(const T *w, Filters fs, T *u, int64_t first, int64_t last, int threads) {        \
-    IN_THREADS(threads, first, last, weight_range_##SUFFIX(w, fs, u, lo, hi));                              \
+int wino##R##_weight_##SUFFIX(const T *w, Filters fs, T *u, int64_t first, int64_t last, int threads) {     \
+    IN_THREADS(threads, first, last, weight##R##_range_##SUFFIX(w, fs, u, lo, hi));                         \
 }                                                                                                           \
                                                                                                             \
-/* dw (K, C / groups, 3, 3; strides fs) = Gt dU G, the above's adjoint, for input channels lo .. hi - 1. */\
-static int grad_weight_range_##SUFFIX(const T *du, Filters fs, T *dw, int64_t lo, int64_t hi) {           \
+/* dw (K, C / groups, R, R; strides fs) = Gt dU G, the above's adjoint, for input channels lo .. hi - 1. */ \
+static int grad_weight##R##_range_##SUFFIX(const T *du, Filters fs, T *dw, int64_t lo, int64_t hi) {        \
     const int64_t groups = fs.groups, cg = fs.channels, kg = fs.filters / groups, step = cg * kg;           \
     for (int64_t g = 0; g < groups; g++)                                                                    \
         for (int64_t c = lo; c < hi; c++) {                                                                 \
-            const T *in = du + ((g * 16) * cg + c) * kg;                                                    \
+            const T *in = du + ((g * N * N) * cg + c) * kg;                                                 \
             T *f0 = dw + g * kg * fs.s_k + c * fs.s_c;                                                      \
             _Pragma("GCC ivdep") for (int64_t kk = 0; kk < kg; kk++) {                                      \
-                T r[12];                                                                                    \
-                for (int i = 0; i < 4; i++) {  /* dU G; Gt = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]] */\
-                    const T a = in[(4 * i) * step + kk], b = in[(4 * i + 1) * step + kk];                   \
-                    const T d = in[(4 * i + 2) * step + kk], e = in[(4 * i + 3) * step + kk];               \
-                    r[3 * i] = a + (T)0.5 * (b + d);                                                        \
-                    r[3 * i + 1] = (T)0.5 * (b - d);                                                        \
-                    r[3 * i + 2] = (T)0.5 * (b + d) + e;                                                    \
-                }                                                                                           \
+                T r[N * R];                                                                                 \
+                _Pragma("GCC unroll 8") for (int i = 0; i < N; i++)  /* dU G */                             \
+                    _Pragma("GCC unroll 8") for (int j = 0; j < R; j++)                                     \
+                        TSUM(T, r[R * i + j], N, G[k_][j], in[(N * i + k_) * step + kk]);                   \
                 T *f = f0 + kk * fs.s_k;                                                                    \
-                for (int j = 0; j < 3; j++) {  /* Gt (dU G) */                                              \
-                    f[j * fs.s_w] = r[j] + (T)0.5 * (r[3 + j] + r[6 + j]);                                  \
-                    f[fs.s_h + j * fs.s_w] = (T)0.5 * (r[3 + j] - r[6 + j]);                                \
-                    f[2 * fs.s_h + j * fs.s_w] = (T)0.5 * (r[3 + j] + r[6 + j]) + r[9 + j];                 \
-                }                                                                                           \
+                _Pragma("GCC unroll 8") for (int i = 0; i < R; i++)  /* Gt (dU G) */                        \
+                    _Pragma("GCC unroll 8") for (int j = 0; j < R; j++) {                                   \
+                        T a;                                                                                \
+                        TSUM(T, a, N, G[k_][i], r[R * k_ + j]);                                             \
+                        f[i * fs.s_h + j * fs.s_w] = a;                                                     \
+                    }                                                                                       \
             }                                                                                               \
         }                                                                                                   \
     return 0;                                                                                               \
 }                                                                                                           \
-int wino_grad_weight_##SUFFIX(const T *du, Filters fs, T *dw, int64_t first, int64_t last, int threads) {\
-    IN_THREADS(threads, first, last, grad_weight_range_##SUFFIX(du, fs, dw, lo, hi));                       \
+int wino##R##_grad_weight_##SUFFIX(const T *du, Filters fs, T *dw, int64_t first, int64_t last,             \
+                                   int threads) {                                                           \
+    IN_THREADS(threads, first, last, grad_weight##R##_range_##SUFFIX(du, fs, dw, lo, hi));                  \
 }
 
 DEFINE_OPENMP_QUERY(wino)
 
-DEFINE_WINOGRAD(f32, float)
-DEFINE_WINOGRAD(f64, double)
+/* Channels per vector unit, the unit the activations' kernels split over threads. */
+int wino_width_f32(void) { return sizeof(vec_f32) / sizeof(float); }
+int wino_width_f64(void) { return sizeof(vec_f64) / sizeof(double); }
+
+DEFINE_WINOGRAD(3, 4, f32, float, vec_f32, BT3, AT3, G3)
+DEFINE_WINOGRAD(3, 4, f64, double, vec_f64, BT3, AT3, G3)
+DEFINE_WINOGRAD(5, 6, f32, float, vec_f32, BT5, AT5, G5)
+DEFINE_WINOGRAD(5, 6, f64, double, vec_f64, BT5, AT5, G5)
