@@ -224,7 +224,7 @@ def with_cpu_lrn_chosen(run: Run, resumed: bool) -> TrainConfig:
 
 def with_cpu_conv_chosen(cfg: TrainConfig, run: Run, resumed: bool) -> TrainConfig:
     """The config with --cpu-conv auto resolved, which the checkpoints then keep: on the CPU, Winograd for
-    conv3-conv5 where its C transforms build; else the direct convolution. A resumed checkpoint still
+    conv2-conv5 where its C transforms build; else the direct convolution. A resumed checkpoint still
     saying auto was written before the choice existed: its run convolved directly."""
     if cfg.cpu_conv != "auto":
         return cfg
@@ -232,7 +232,7 @@ def with_cpu_conv_chosen(cfg: TrainConfig, run: Run, resumed: bool) -> TrainConf
     if run.topo.device.type == "cpu" and not resumed:
         if winograd.load() is not None:
             kernel = "winograd"
-            run.say("conv3-conv5 run by Winograd's F(2x2,3x3) (--cpu-conv auto; repro/model/winograd_native.c, "
+            run.say("conv2-conv5 run by Winograd's minimal filtering (--cpu-conv auto; repro/model/winograd_native.c, "
                     f"built once per machine into {native.cache_dir()})")
         else:
             run.say(f"--cpu-conv auto: the Winograd transforms do not build here ({winograd.unavailable()}); "

@@ -10,8 +10,8 @@ cores.
 
 The paper's network is timed with each CPU LRN kernel (--cpu-lrn: the eager torch code, the compiled
 kernels of repro/model/lrn_cpu.py and the native ones of repro/model/lrn_native.c; building either
-happens in an untimed first call, as it does once at the start of a run), and with conv3-conv5 computed
-as --cpu-conv says (default: by Winograd's F(2x2,3x3), as CPU training runs do; direct: torch's own).
+happens in an untimed first call, as it does once at the start of a run), and with conv2-conv5 computed
+as --cpu-conv says (default: by Winograd's minimal filtering, as CPU training runs do; direct: torch's own).
 
 As a CPU training run does, the process first asks glibc to keep freed memory for reuse
 (repro/host_memory.py), for every network alike; --no-keep-freed-memory leaves the allocator as it is.
@@ -292,7 +292,7 @@ def parse_args(argv: list[str] | None):
                    help="LRN kernels to time the paper's network with: eager,compiled (default both; "
                         "repro/model/lrn_cpu.py); compiling is untimed, as in a long run")
     p.add_argument("--cpu-conv", type=lambda s: tuple(s.split(",")), default=("winograd",),
-                   help="how the paper's network computes conv3-conv5: winograd (repro/model/winograd.py; the "
+                   help="how the paper's network computes conv2-conv5: winograd (repro/model/winograd.py; the "
                         "default, as CPU training runs), direct (torch's convolution), or direct,winograd for "
                         "a row of each. torchvision's AlexNet always runs torch's")
     p.add_argument("--repeats", type=at_least(1), default=3)
