@@ -163,6 +163,28 @@ def test_threads_give_the_same_bits(channels, out, r, backward_policy):
         assert torch.equal(a, r)
 
 
+@needs_native
+def test_python_threads_split_the_channels_where_the_library_has_no_openmp(monkeypatch):
+    """Without OpenMP in the library, Python's threads take the channel ranges: the same result."""
+    init = winograd._Kernels.__init__
+
+    def without_openmp(self, *args):
+        init(self, *args)
+        self.openmp = 0
+    monkeypatch.setattr(winograd._Kernels, "__init__", without_openmp)
+    monkeypatch.setattr(winograd, "BACKWARD_BY_WINOGRAD", {r: True for r in winograd.SIZES})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        for r in winograd.SIZES:
+            x, w, b = _inputs(2, 40, 36, 2, 9, torch.float64, r=r)
+            ours, direct = _both(x, w, b, 2, torch.randn(2, 36, 9, 9, dtype=torch.float64))
+            for a, ref in zip(ours, direct):
+                torch.testing.assert_close(a, ref, rtol=0, atol=1e-12 * max(1.0, ref.abs().max().item()))
+    finally:
+        torch.set_num_threads(before)
+
+
 def _layer(groups=1, kernel=3, stride=1, padding=1, dtype=torch.float32):
     conv = winograd.Conv2d(8, 6, kernel, stride=stride, padding=padding, groups=groups).to(dtype)
     return conv, torch.randn(2, 8, 9, 9, dtype=dtype)

@@ -182,8 +182,7 @@ def _size(u: Tensor) -> int:
 
 
 def _run(name: str, size: int, dtype: torch.dtype, count: int, *args) -> None:
-    """winograd_native.c's `name` over items 0 .. count - 1 (the filters' input channels, or the
-    activations' channel units), split over torch's threads."""
+    """winograd_native.c's filter kernel `name` over input channels 0 .. count - 1, split over torch's threads."""
     lib = load()
     fn = getattr(lib, f"wino{size}_{name}_{_SUFFIX[dtype]}")
     run_all = (lambda threads: fn(*args, 0, count, threads)) if lib.wino_openmp() else None
