@@ -8,7 +8,7 @@ the same rate per FLOP as those products, so fewer FLOPs is less time (docs/benc
 Blocks: a batch's transformed input and products are 4-9x the size of its activations (tens of MB), so
 the forward runs block by block of tiles, each block's transform, products and output transform in turn
 while they are in the cache (BLOCK_BYTES). Each layer's choices below were measured in the network
-(docs/benchmarks.md): conv2's backward by Winograd was slower in a training step than oneDNN's direct
+(docs/benchmarks.md): conv2's backward by Winograd was no faster in a training step than oneDNN's direct
 backward, so conv2's gradients are the direct convolution's (BACKWARD_BY_WINOGRAD); conv3-conv5 keep
 their input's transform for the backward (KEEP_TRANSFORM), conv2 would keep 9x its input.
 
