@@ -264,7 +264,7 @@ def stages(args) -> None:
             for label, sec in clocks[n].stages(run).items():
                 times[n].setdefault(label, []).append(sec)
     print(f"evaluation forward by stage: batch {args.eval_batch}, {args.dtypes[0]}, {args.threads[0]} thread(s), "
-          f"{'channels_last' if args.channels_last else 'NCHW'}, {args.cpu_lrn[-1]} LRN, {args.cpu_conv[-1]} conv3-5; median ms of "
+          f"{'channels_last' if args.channels_last else 'NCHW'}, {args.cpu_lrn[-1]} LRN, {args.cpu_conv[-1]} conv2-5; median ms of "
           f"{args.repeats} interleaved rounds")
     print("| stage | grouped | torchvision | difference |")
     print("|---|---|---|---|")
