@@ -203,12 +203,15 @@ class _Kernels:
         self.width = getattr(self.lib, f"wino_width_{_SUFFIX[dtype]}")()
         self.threads = torch.get_num_threads()
         self.openmp = self.lib.wino_openmp()
+        self.functions: dict[str, object] = {}
 
     def block(self, name: str, channels: int, t0: int, t1: int, *args) -> None:
         """The activations' kernel `name` on tiles t0 .. t1 - 1, its channels split over threads a vector at
         a time."""
         units = -(-channels // self.width)
-        fn = getattr(self.lib, self.prefix + name + self.suffix)
+        fn = self.functions.get(name)
+        if fn is None:
+            fn = self.functions[name] = getattr(self.lib, self.prefix + name + self.suffix)
         threads = min(self.threads, units)
         if threads == 1 or self.openmp:
             failed = fn(*args, t0, t1, 0, units, threads)
