@@ -96,8 +96,9 @@ def test_stages_split_both_networks_at_their_convolutions(capsys):
     expected = [s for i in range(1, 6) for s in (f"conv{i}", f"after conv{i}")] + ["fully connected",
                                                                                  "sum of the stages"]
     assert [r[0] for r in rows] == expected
-    for _, ours, theirs, diff in rows:
-        assert float(ours) > 0 and float(theirs) > 0
+    for stage, ours, theirs, diff in rows:
+        # a convolution takes measurable time; what runs between them (a ReLU at batch 1) may print 0.0 ms
+        assert float(ours) > 0 and float(theirs) > 0 if stage.startswith("conv") else min(float(ours), float(theirs)) >= 0
         assert abs(float(ours) - float(theirs) - float(diff)) < 0.11
     sums = [sum(float(r[i]) for r in rows[:-1]) for i in (1, 2)]
     assert [float(rows[-1][1]), float(rows[-1][2])] == pytest.approx(sums, abs=0.1 * len(rows))
