@@ -435,7 +435,8 @@ class TrainConfig:
     # so like cpu_lrn it resolves at the first launch and the checkpoints keep it.
     cpu_conv: str = field(default="auto", metadata=flag(
         "conv2-conv5 on the CPU: winograd (F(2x2,3x3) and F(2x2,5x5) transforms in C, built once by the machine's C compiler, "
-        "and torch's matrix products), direct (torch's convolution), or auto: winograd where it builds",
+        "and torch's matrix products; under --amp bf16 conv3-conv5, with bf16 products), direct (torch's convolution), "
+        "or auto: winograd where it builds",
         choices=CPU_CONV_CHOICES))
     compile: bool = field(default=False, metadata=runtime(flag(
         "torch.compile each tower stage (or the grouped network) and the optimiser's update")))

@@ -12,6 +12,27 @@
 
 #include <stdint.h>
 
+#include <string.h>
+
+/* bfloat16 storage: the upper half of a float. Loading is exact; storing rounds to nearest, ties to
+ * even, as torch does, and keeps a NaN a (quiet) NaN. */
+typedef uint16_t bf16_t;
+
+static inline float bf16_load(bf16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline bf16_t bf16_store(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u); /* NaN stays a quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even, as torch */
+    return (bf16_t)(u >> 16);
+}
+
 #ifdef _OPENMP
 #include <omp.h>
 #define NATIVE_OPENMP 1

@@ -232,7 +232,8 @@ def with_cpu_conv_chosen(cfg: TrainConfig, run: Run, resumed: bool) -> TrainConf
     if run.topo.device.type == "cpu" and not resumed:
         if winograd.load() is not None:
             kernel = "winograd"
-            run.say("conv2-conv5 run by Winograd's minimal filtering (--cpu-conv auto; repro/model/winograd_native.c, "
+            layers = "conv3-conv5 (conv2 stays direct under --amp bf16)" if cfg.amp == "bf16" else "conv2-conv5"
+            run.say(f"{layers} run by Winograd's minimal filtering (--cpu-conv auto; repro/model/winograd_native.c, "
                     f"built once per machine into {native.cache_dir()})")
         else:
             run.say(f"--cpu-conv auto: the Winograd transforms do not build here ({winograd.unavailable()}); "

@@ -224,14 +224,22 @@ def test_the_layer_runs_winograd_only_where_chosen_and_it_applies(monkeypatch):
     assert calls == [1, 1]
     calls.pop()
     for other, y in [_layer(kernel=5, padding=1), _layer(kernel=7, padding=3), _layer(stride=2), _layer(padding=0),
-                     _layer(dtype=torch.bfloat16)]:
+                     _layer(kernel=5, padding=2, dtype=torch.bfloat16)]:  # 5x5 in bfloat16: see BF16_SIZES
         other(y)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        conv(x)
+        five(y)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not winograd.applies(x, conv.weight, 1, 1, 1)
+    assert not winograd.applies(x.bfloat16(), conv.weight, 1, 1, 1)  # mixed dtypes outside autocast
     assert calls == [1]  # none of those took the Winograd path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16  # 3x3 under bfloat16 autocast: bfloat16 products
+    half, y = _layer(dtype=torch.bfloat16)
+    half(y)
+    assert calls == [1, 1, 1]
     monkeypatch.setenv(winograd.KERNEL_ENV, "direct")
     conv(x)
-    assert calls == [1]
+    assert calls == [1, 1, 1]
 
 
 def test_unknown_kernel_names_are_clear_errors(monkeypatch):
@@ -287,8 +295,126 @@ def test_grouped_and_towers_stay_equal_with_winograd():
 
 
 @needs_native
+@pytest.mark.parametrize("form", ["grouped", "towers"])
+def test_under_bfloat16_autocast_the_3x3_layers_run_by_winograd_and_train(form, monkeypatch):
+    """`--amp bf16` on the CPU: conv3-conv5 of each tower take the Winograd path (conv2 stays torch's), the
+    logits are bfloat16 like the direct network's, no further from the float32 network's than 3x theirs
+    (measured about 1x), and every parameter gets a float32 gradient."""
+    sizes = []
+    real = winograd.conv
+    monkeypatch.setattr(winograd, "conv", lambda x, w, *a: sizes.append(w.shape[2]) or real(x, w, *a))
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_classes=10)
+    net = (AlexNet(config=cfg) if form == "grouped" else TwoTowerAlexNet(devices=("cpu", "cpu"), config=cfg)).eval()
+    x = torch.randn(2, 3, 227, 227).contiguous(memory_format=torch.channels_last)
+    logits = {}
+    for kernel in winograd.KERNELS:
+        winograd.set_kernel(kernel)
+        net.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits[kernel] = net(x)
+        logits[kernel].float().square().sum().backward()
+    assert sizes == [3] * (3 if form == "grouped" else 6)
+    assert logits["winograd"].dtype == logits["direct"].dtype == torch.bfloat16
+    winograd.set_kernel("direct")
+    with torch.no_grad():
+        exact = net(x)  # float32
+    errors = {k: (y.float() - exact).abs().max().item() for k, y in logits.items()}
+    assert 0 < errors["winograd"] <= 3 * errors["direct"], errors
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())
+
+
+@needs_native
 def test_a_second_derivative_is_an_error_not_a_wrong_number():
     x, w, b = (t.requires_grad_() for t in _inputs(1, 4, 2, 1, 5, torch.float64))
     (grad_x,) = torch.autograd.grad(winograd.conv(x, w, b).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad_x.sum().backward()
+
+
+def _kernel(name: str, dtype: torch.dtype, channels: int, tiles: int, *args) -> None:
+    """winograd_native.c's F(2x2, 3x3) activation kernel `name` in `dtype` over all tiles as one block (the
+    caller keeps every tensor whose pointer it passes)."""
+    winograd._Kernels(3, dtype).block(name, channels, 0, tiles, *args)
+
+
+@needs_native
+@pytest.mark.parametrize("batch, channels, out, groups, size", [
+    (2, 256, 384, 1, 13), (3, 40, 36, 2, 7), (1, 3, 5, 1, 9), (2, 34, 18, 2, 6)])  # vectors and single channels
+def test_bfloat16_kernels_are_the_float_kernels_rounded_once(batch, channels, out, groups, size):
+    """The bfloat16 kernels load exactly, sum in float32 as the float32 kernels do, and round once when they
+    store (as torch rounds, NaN kept): bit for bit the float32 kernels' results rounded by torch. The input
+    gradient is accumulated in float32, so it equals the float32 kernel's on the widened values."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, channels, size, size, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    x[0, channels // 2, 1, 1], x[-1, 0, size - 1, 0] = float("nan"), float("inf")
+    dy = torch.randn(batch, out, size, size, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    tiles = winograd._tiles(x)
+    xs, ys = winograd._shape(x, groups), winograd._shape(dy, groups)
+
+    def transformed(c, dtype):
+        return torch.empty(groups, 16, tiles, c // groups, dtype=dtype)
+
+    v16, v32 = transformed(channels, torch.bfloat16), transformed(channels, torch.float32)
+    x32, zeros16, zeros32 = x.float(), x.new_zeros(max(channels, out)), torch.zeros(max(channels, out))
+    _kernel("input", torch.bfloat16, channels, tiles, x.data_ptr(), xs, v16.data_ptr(), zeros16.data_ptr())
+    _kernel("input", torch.float32, channels, tiles, x32.data_ptr(), xs, v32.data_ptr(), zeros32.data_ptr())
+    torch.testing.assert_close(v16, v32.bfloat16(), rtol=0, atol=0, equal_nan=True)
+
+    m = torch.randn(groups, 16, tiles, out // groups, generator=g).bfloat16()
+    m[0, 0, 0, -1] = float("nan")  # the last channel of a group: a vector's lane, or a single channel
+    bias = torch.randn(out, generator=g)
+    y16, y32 = torch.empty_like(dy), torch.empty_like(dy, dtype=torch.float32)
+    _kernel("output", torch.bfloat16, out, tiles, m.data_ptr(), bias.data_ptr(), ys, y16.data_ptr())
+    m32 = m.float()
+    _kernel("output", torch.float32, out, tiles, m32.data_ptr(), bias.data_ptr(), ys, y32.data_ptr())
+    torch.testing.assert_close(y16, y32.bfloat16(), rtol=0, atol=0, equal_nan=True)
+    assert y16.isnan().any()
+
+    dm16, dm32 = transformed(out, torch.bfloat16), transformed(out, torch.float32)
+    dy32 = dy.float()
+    _kernel("grad_output", torch.bfloat16, out, tiles, dy.data_ptr(), ys, dm16.data_ptr(), zeros16.data_ptr())
+    _kernel("grad_output", torch.float32, out, tiles, dy32.data_ptr(), ys, dm32.data_ptr(), zeros32.data_ptr())
+    assert torch.equal(dm16, dm32.bfloat16())
+
+    dv = torch.randn(groups, 16, tiles, channels // groups, generator=g).bfloat16()
+    dx16, dx32 = (torch.zeros_like(x, dtype=torch.float32) for _ in range(2))
+    _kernel("grad_input", torch.bfloat16, channels, tiles, dv.data_ptr(), xs, dx16.data_ptr())
+    dv32 = dv.float()
+    _kernel("grad_input", torch.float32, channels, tiles, dv32.data_ptr(), xs, dx32.data_ptr())
+    assert torch.equal(dx16, dx32)
+
+
+@needs_native
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("batch, channels, out, groups, size", [
+    (4, 256, 384, 1, 13), (4, 384, 384, 2, 13), (4, 384, 256, 2, 13), (3, 40, 36, 2, 7)])
+def test_bfloat16_autocast_stays_near_autocasts_own_error(batch, channels, out, groups, size, seed):
+    """Under bfloat16 autocast the 3x3 layers run by Winograd with bfloat16 products (its transforms, the
+    filters' included, rounded to bfloat16): against the float64 convolution, the largest error of the
+    output and of each gradient stays within 2.5x that of autocast's own direct convolution (measured
+    1.5-1.9x; docs/benchmarks.md); the dtypes are autocast's (bfloat16 out, float32 parameter gradients)."""
+    winograd.set_kernel("winograd")
+    g = torch.Generator().manual_seed(seed)
+    conv = winograd.Conv2d(channels, out, 3, padding=1, groups=groups)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.01)
+        conv.bias.copy_(torch.randn(out, generator=g) * 0.1)
+    x = (3 * torch.randn(batch, channels, size, size, generator=g).relu()).contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn(batch, out, size, size, generator=g)
+    results = {}
+    for how in ("float64", "direct", "winograd"):
+        layer = conv.double() if how == "float64" else conv.float()
+        xs = (x.double() if how == "float64" else x).detach().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        winograd.set_kernel("direct" if how == "direct" else "winograd")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how != "float64"):
+            y = layer(xs)
+        y.backward(grad_y.to(y.dtype))
+        results[how] = [t.detach().double() for t in (y, xs.grad, layer.weight.grad, layer.bias.grad)]
+        if how == "winograd":
+            assert y.dtype == torch.bfloat16 and layer.weight.grad.dtype == torch.float32
+    for name, ours, direct, exact in zip(("output", "input gradient", "filter gradient", "bias gradient"),
+                                         results["winograd"], results["direct"], results["float64"]):
+        error, autocast_error = (ours - exact).abs().max(), (direct - exact).abs().max()
+        assert error <= 2.5 * autocast_error, (name, error.item(), autocast_error.item())

@@ -25,23 +25,6 @@
 #define CL_PIXELS 16     /* channels_last: pixels per tile, each a row of one group's channels */
 #define NCHW_PIXELS 256  /* NCHW: pixels per tile, one contiguous run per channel (64 and 128 measured slower) */
 
-typedef uint16_t bf16_t;
-
-static inline float bf16_load(bf16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline bf16_t bf16_store(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u); /* NaN stays a quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even, as torch */
-    return (bf16_t)(u >> 16);
-}
-
 #define PLAIN(v) (v)
 #define INLINE static inline __attribute__((always_inline))
 

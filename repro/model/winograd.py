@@ -16,8 +16,15 @@ Numerics: the 3x3 transforms add and halve; the 5x5 ones take the points 0, 1, -
 float32 rounding of conv2's output is 1.2-1.5x oneDNN's direct sum's largest error, where the usual 0,
 +-1, +-2 is 3x. The 3x3 outputs and input gradients round better than oneDNN's (0.3-0.6x), their filter
 gradients worse (1.5-2.8x: sums over every tile of transformed values). tests/test_winograd.py holds
-float32 to twice oneDNN's largest error (four times for the 3x3 filter gradients) and float64 to 1e-12. Where it does not apply (a GPU, bfloat16 autocast, other kernel sizes or strides,
-no C compiler) the direct convolution runs.
+float32 to twice oneDNN's largest error (four times for the 3x3 filter gradients) and float64 to 1e-12.
+
+bfloat16 (autocast, as `--amp bf16` runs): the 3x3 layers' transforms are stored in bfloat16 and their
+products are torch's bfloat16 ones (oneDNN, twice float32's rate where the CPU has AVX-512 BF16 or
+AMX), the sums between them in float32; V, U and the products are each rounded to bfloat16 once, which
+autocast's direct convolution does not do, so its outputs and gradients carry 1.5-1.9x autocast's own
+largest error (tests hold 2.5x). conv2 keeps oneDNN under autocast: F(2x2, 5x5) would carry 6.5x.
+Where it does not apply (a GPU, float16, other kernel sizes or strides, no C compiler) the direct
+convolution runs.
 
 Which convolution runs is a process-wide choice, like the LRN's kernel: REPRO_CONV_CPU=winograd or
 =direct, else set_kernel (a training run's --cpu-conv, kept in its checkpoints).
@@ -40,8 +47,9 @@ from repro import native
 SOURCE = Path(__file__).with_name("winograd_native.c")
 KERNEL_ENV = "REPRO_CONV_CPU"  # "direct" or "winograd": overrides set_kernel for the whole process
 KERNELS = ("direct", "winograd")
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}  # how the activations are stored
 SIZES = (3, 5)  # filter sizes r with an F(2x2, rxr) in winograd_native.c, each at padding r // 2
+BF16_SIZES = (3,)  # bfloat16 products: F(2x2, 5x5)'s error would be 6.5x autocast's direct sum's, F(2x2, 3x3)'s is 1.7x
 BLOCK_BYTES = 1 << 22  # a block's transformed input and products: 4 MB (64-128 tiles at conv2's shapes)
 MIN_BLOCK_TILES = 16  # below this the products are too small for MKL to run at speed
 WEIGHT_BLOCKS_PER_DU = 4  # each block adds to the whole filter gradient dU: blocks of at least 4x its size
@@ -80,11 +88,13 @@ def kernel() -> str:
 def _declare(lib: ctypes.CDLL) -> None:
     ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     block = [i64, i64]  # the activations' kernels: tiles t0 .. t1 - 1
-    for suffix in _SUFFIX.values():
-        for name, args in (("input", [ptr, _Shape, ptr, ptr] + block), ("output", [ptr, ptr, _Shape, ptr] + block),
-                           ("grad_output", [ptr, _Shape, ptr, ptr] + block), ("grad_input", [ptr, _Shape, ptr] + block),
-                           ("weight", [ptr, _Filters, ptr]), ("grad_weight", [ptr, _Filters, ptr])):
-            for size in SIZES:
+    activations = (("input", [ptr, _Shape, ptr, ptr] + block), ("output", [ptr, ptr, _Shape, ptr] + block),
+                   ("grad_output", [ptr, _Shape, ptr, ptr] + block), ("grad_input", [ptr, _Shape, ptr] + block))
+    filters = (("weight", [ptr, _Filters, ptr]), ("grad_weight", [ptr, _Filters, ptr]))
+    for dtype, suffix in _SUFFIX.items():
+        floating = dtype != torch.bfloat16  # bfloat16: the activations' kernels only, for BF16_SIZES
+        for name, args in activations + (filters if floating else ()):
+            for size in SIZES if floating else BF16_SIZES:
                 fn = getattr(lib, f"wino{size}_{name}_{suffix}")
                 fn.argtypes = args + [i64, i64, c_int]  # items first .. last - 1, split over `threads`
                 fn.restype = c_int
@@ -105,15 +115,26 @@ def unavailable() -> str | None:
     return _library.unavailable()
 
 
+def storage(x: Tensor, weight: Tensor) -> torch.dtype | None:
+    """The dtype conv2d(x, weight) computes in on the CPU, where this module has kernels for it: x's own
+    (float32, float64, bfloat16, the filters alike), or bfloat16 under CPU bfloat16 autocast (float32 or
+    bfloat16 in, as autocast casts them); None otherwise (float16, other autocast dtypes, mixed dtypes)."""
+    if torch.is_autocast_enabled("cpu"):
+        halves = torch.get_autocast_dtype("cpu") == torch.bfloat16
+        return torch.bfloat16 if halves and {x.dtype, weight.dtype} <= {torch.float32, torch.bfloat16} else None
+    return x.dtype if x.dtype in _SUFFIX and weight.dtype == x.dtype else None
+
+
 def applies(x: Tensor, weight: Tensor, stride, padding, dilation) -> bool:
-    """Whether conv2d(x, weight, ...) runs by Winograd here: the kernel chosen, a CPU float32/float64 input
-    outside autocast, a 3x3 or 5x5 filter at stride 1, padding 1 or 2 ("same"), dilation 1, and the library
-    built."""
-    if x.device.type != "cpu" or x.dtype not in _SUFFIX or weight.dtype != x.dtype or x.dim() != 4:
+    """Whether conv2d(x, weight, ...) runs by Winograd here: the kernel chosen, a CPU input in float32 or
+    float64 with a 3x3 or 5x5 filter, or in bfloat16 (bfloat16 autocast included) with a 3x3 filter, at
+    stride 1, padding 1 or 2 ("same"), dilation 1, and the library built."""
+    dtype = storage(x, weight) if x.device.type == "cpu" and x.dim() == 4 else None
+    if dtype is None:
         return False
     r = weight.shape[2]
-    if r not in SIZES or tuple(weight.shape[2:]) != (r, r) or _pair(stride) != (1, 1) \
-            or _pair(padding) != (r // 2, r // 2) or _pair(dilation) != (1, 1) or torch.is_autocast_enabled("cpu"):
+    if r not in (BF16_SIZES if dtype == torch.bfloat16 else SIZES) or tuple(weight.shape[2:]) != (r, r) \
+            or _pair(stride) != (1, 1) or _pair(padding) != (r // 2, r // 2) or _pair(dilation) != (1, 1):
         return False
     return kernel() == "winograd" and load() is not None
 
@@ -124,7 +145,13 @@ def _pair(v) -> tuple:
 
 def conv(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int = 1) -> Tensor:
     """conv2d(x, weight, bias, padding=r // 2, groups=groups) for r x r filters by F(2x2, rxr), for inputs
-    `applies` accepted; the output is channels_last."""
+    `applies` accepted; the output is channels_last. Under bfloat16 autocast x, the filters and the bias
+    are first rounded to bfloat16, as autocast's conv2d rounds them (their gradients flow back through
+    those casts, as through autocast's)."""
+    dtype = storage(x, weight)
+    if dtype == torch.bfloat16:
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _WinogradConv.apply(x, weight, bias, groups)
     return _forward(_channels_last(x), transform_weight(weight, groups), bias, groups)[0]
@@ -164,12 +191,19 @@ def _dense(weight: Tensor) -> Tensor:
 
 
 def transform_weight(weight: Tensor, groups: int) -> Tensor:
-    """U, (groups, n*n, C / groups, K / groups), from the filters (K, C / groups, r, r); n = r + 1."""
+    """U, (groups, n*n, C / groups, K / groups), from the filters (K, C / groups, r, r); n = r + 1. Filters
+    in bfloat16 are transformed in float32 (exactly widened), and U rounded to bfloat16 once."""
     k, cg, r = weight.shape[:3]
-    weight = _dense(weight)
+    rounded = weight.dtype == torch.bfloat16
+    weight = _dense(weight.float() if rounded else weight)
     u = weight.new_empty(groups, (r + 1) ** 2, cg, k // groups)
     _run("weight", r, weight.dtype, cg, weight.data_ptr(), _filters(weight, groups), u.data_ptr())
-    return u
+    return u.to(torch.bfloat16) if rounded else u
+
+
+def _sums(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the transforms sum in and gradients accumulate in, for activations stored as `dtype`."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
 def _tiles(x: Tensor) -> int:
@@ -259,7 +293,7 @@ def _forward(x: Tensor, u: Tensor, bias: Tensor | None, groups: int, keep: bool 
     size, points = _size(u), u.shape[1]
     y = torch.empty((b, k, h, w), dtype=x.dtype, memory_format=torch.channels_last)
     zero = x.new_zeros(c)
-    bias = bias.contiguous() if bias is not None else None
+    bias = bias.to(_sums(x.dtype)).contiguous() if bias is not None else None  # the kernels add it in float
     kernels, x_shape, y_shape = _Kernels(size, x.dtype), _shape(x, groups), _shape(y, groups)
     bias_ptr = bias.data_ptr() if bias is not None else None
     blocks = _Blocks(x, groups, points, c, k, ALL if keep else BLOCK_BYTES)
@@ -294,7 +328,8 @@ class _WinogradConv(torch.autograd.Function):
         if not ctx.by_winograd:
             return (*_direct_backward(grad_y, x, u_or_weight, ctx.groups, want), None)
         grad_x, grad_weight = _backward(grad_y, x, u_or_weight, v, ctx.groups, want[0], want[1], ctx.weight_layout)
-        return grad_x, grad_weight, grad_y.sum((0, 2, 3)) if want[2] else None, None
+        grad_bias = grad_y.sum((0, 2, 3), dtype=_sums(grad_y.dtype)).to(grad_y.dtype) if want[2] else None
+        return grad_x, grad_weight, grad_bias, None
 
 
 def _direct_backward(grad_y: Tensor, x: Tensor, weight: Tensor, groups: int, want: tuple[bool, bool, bool]):
@@ -311,8 +346,9 @@ def _backward(grad_y: Tensor, x: Tensor, u: Tensor, v: Tensor | None, groups: in
     dw is wanted. V is the forward's (v) or each block's again from x."""
     c, k = x.shape[1], grad_y.shape[1]
     size, points = _size(u), u.shape[1]
-    grad_x = torch.zeros_like(x, memory_format=torch.channels_last) if want_x else None
-    du = torch.zeros_like(u) if want_w else None
+    sums = _sums(x.dtype)  # bfloat16: dx and dU are accumulated in float32, rounded once at the end
+    grad_x = torch.zeros_like(x, dtype=sums, memory_format=torch.channels_last) if want_x else None
+    du = torch.zeros_like(u, dtype=sums) if want_w else None
     zero_x, zero_y = x.new_zeros(c), x.new_zeros(k)
     kernels, x_shape, y_shape = _Kernels(size, x.dtype), _shape(x, groups), _shape(grad_y, groups)
     ut = u.transpose(2, 3).contiguous() if want_x else None  # (groups, points, K / groups, C / groups)
@@ -330,11 +366,15 @@ def _backward(grad_y: Tensor, x: Tensor, u: Tensor, v: Tensor | None, groups: in
             else:
                 v_block = blocks.buffer("v", t0, t1, c)
                 kernels.block("input", c, t0, t1, x.data_ptr(), x_shape, v_block.data_ptr(), zero_x.data_ptr())
-            du.flatten(0, 1).baddbmm_(v_block.flatten(0, 1).transpose(1, 2), dm.flatten(0, 1))
+            if du.dtype == dm.dtype:
+                du.flatten(0, 1).baddbmm_(v_block.flatten(0, 1).transpose(1, 2), dm.flatten(0, 1))
+            else:  # bfloat16 products (no float32 output on the CPU): each block's rounded once, then added
+                du.flatten(0, 1).add_(torch.bmm(v_block.flatten(0, 1).transpose(1, 2), dm.flatten(0, 1)))
     grad_weight = None
     if want_w:
         stride, shape = weight_layout
         grad_weight = torch.empty_strided(shape, stride, dtype=du.dtype)
         _run("grad_weight", size, du.dtype, shape[1], du.data_ptr(), _filters(grad_weight, groups),
              grad_weight.data_ptr())
-    return grad_x, grad_weight
+        grad_weight = grad_weight.to(x.dtype)
+    return grad_x.to(x.dtype) if want_x else None, grad_weight

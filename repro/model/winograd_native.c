@@ -90,6 +90,32 @@ typedef float vec_f32 __attribute__((vector_size(64)));
 typedef double vec_f64 __attribute__((vector_size(64)));
 #define LD(V, ptr) __extension__({ V v_; memcpy(&v_, (ptr), sizeof(V)); v_; })
 #define ST(V, ptr, value) do { V w_ = (value); memcpy((ptr), &w_, sizeof(V)); } while (0)
+
+/* Where the activations and their transforms are stored: as T itself (IO = SAME), or as bfloat16 (IO =
+ * BF16; bfloat16 autocast), loaded exactly into floats and rounded once when stored, as torch rounds. The
+ * sums are in float either way. LD_<IO> and ST_<IO> move one V (a vector or a scalar) from or to storage. */
+typedef uint16_t vec_bf16 __attribute__((vector_size(32)));
+typedef uint32_t vec_u32 __attribute__((vector_size(64)));
+typedef int32_t vec_i32 __attribute__((vector_size(64)));
+static inline vec_f32 bf16_load_vec(const bf16_t *p) {
+    vec_bf16 h;
+    memcpy(&h, p, sizeof h);
+    return (vec_f32)(__builtin_convertvector(h, vec_u32) << 16);
+}
+static inline float bf16_load_one(const bf16_t *p) { return bf16_load(*p); }
+static inline void bf16_store_vec(bf16_t *p, vec_f32 f) {  /* bf16_store, lane by lane */
+    const vec_u32 u = (vec_u32)f;
+    const vec_u32 nan = (vec_u32)((vec_i32)(u & 0x7fffffffu) > 0x7f800000);
+    const vec_u32 out = (nan & ((u >> 16) | 0x40u)) | (~nan & ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16));
+    const vec_bf16 h = __builtin_convertvector(out, vec_bf16);
+    memcpy(p, &h, sizeof h);
+}
+static inline void bf16_store_one(bf16_t *p, float f) { *p = bf16_store(f); }
+#define LD_SAME(V, ptr) LD(V, ptr)
+#define ST_SAME(V, ptr, value) ST(V, ptr, value)
+#define LD_BF16(V, ptr) _Generic(*(V *)0, vec_f32: bf16_load_vec, float: bf16_load_one)(ptr)
+#define ST_BF16(V, ptr, value) \
+    _Generic(*(V *)0, vec_f32: bf16_store_vec, float: bf16_store_one)((ptr), (value))
 /* BODY(V, ...) for the channels cl .. ch - 1 of group g (local numbers c, from cl - g * per): vectors
  * first, then one channel at a time. */
 #define OVER_CHANNELS(T, VT, g, per, cl, ch, BODY, ...)                                             \
@@ -108,10 +134,10 @@ typedef double vec_f64 __attribute__((vector_size(64)));
     const int64_t b = (t) / (th_ * tw_), ty = (t) / tw_ % th_, tx = (t) % tw_
 
 /* V = Bt d B for channels c .. c + |V| - 1 of one tile: d's N*N values at p[k] + c0 + c. */
-#define INPUT_BODY(V, T, N, BT)                                                                     \
+#define INPUT_BODY(V, T, N, BT, IO)                                                                 \
     do {                                                                                            \
         V d[N * N], e[N * N];                                                                       \
-        _Pragma("GCC unroll 64") for (int k = 0; k < N * N; k++) d[k] = LD(V, p[k] + c0 + c);       \
+        _Pragma("GCC unroll 64") for (int k = 0; k < N * N; k++) d[k] = LD_##IO(V, p[k] + c0 + c);  \
         _Pragma("GCC unroll 8") for (int i = 0; i < N; i++)  /* rows: Bt d */                       \
             _Pragma("GCC unroll 8") for (int j = 0; j < N; j++)                                     \
                 TSUM(T, e[N * i + j], N, BT[i][k_], d[N * k_ + j]);                                 \
@@ -119,32 +145,32 @@ typedef double vec_f64 __attribute__((vector_size(64)));
             _Pragma("GCC unroll 8") for (int j = 0; j < N; j++) {                                   \
                 V a;                                                                                \
                 TSUM(T, a, N, BT[j][k_], e[N * i + k_]);                                            \
-                ST(V, out + (N * i + j) * step + c, a);                                             \
+                ST_##IO(V, out + (N * i + j) * step + c, a);                                        \
             }                                                                                       \
     } while (0)
 
 /* y = At M A + bias for output channels k0 + c ..: M's N*N values lie `step` apart from a + c. */
-#define OUTPUT_BODY(V, T, N, AT)                                                                    \
+#define OUTPUT_BODY(V, T, N, AT, IO)                                                                \
     do {                                                                                            \
         V r[2 * N];                                                                                 \
         _Pragma("GCC unroll 8") for (int i = 0; i < 2; i++)  /* rows: At M */                       \
             _Pragma("GCC unroll 8") for (int j = 0; j < N; j++)                                     \
-                TSUM(T, r[N * i + j], N, AT[i][k_], LD(V, a + (N * k_ + j) * step + c));            \
+                TSUM(T, r[N * i + j], N, AT[i][k_], LD_##IO(V, a + (N * k_ + j) * step + c));       \
         V add;                                                                                      \
         if (bias) add = LD(V, bias + k0 + c); else memset(&add, 0, sizeof add);                     \
         _Pragma("GCC unroll 8") for (int i = 0; i < 2; i++)  /* columns: (At M) A, plus the bias */ \
             _Pragma("GCC unroll 8") for (int j = 0; j < 2; j++) {                                   \
                 V o;                                                                                \
                 TSUM(T, o, N, AT[j][k_], r[N * i + k_]);                                            \
-                ST(V, q[2 * i + j] + k0 + c, o + add);                                              \
+                ST_##IO(V, q[2 * i + j] + k0 + c, o + add);                                         \
             }                                                                                       \
     } while (0)
 
 /* dM = A dY At for output channels k0 + c .. of one tile: dY's 2x2 values at p[k] + k0 + c. */
-#define GRAD_OUTPUT_BODY(V, T, N, AT)                                                               \
+#define GRAD_OUTPUT_BODY(V, T, N, AT, IO)                                                           \
     do {                                                                                            \
         V d[4], u[2 * N];                                                                           \
-        _Pragma("GCC unroll 8") for (int i = 0; i < 4; i++) d[i] = LD(V, p[i] + k0 + c);            \
+        _Pragma("GCC unroll 8") for (int i = 0; i < 4; i++) d[i] = LD_##IO(V, p[i] + k0 + c);       \
         _Pragma("GCC unroll 8") for (int i = 0; i < N; i++)  /* rows: A dY */                       \
             _Pragma("GCC unroll 8") for (int j = 0; j < 2; j++)                                     \
                 TSUM(T, u[2 * i + j], 2, AT[k_][i], d[2 * k_ + j]);                                 \
@@ -152,16 +178,16 @@ typedef double vec_f64 __attribute__((vector_size(64)));
             _Pragma("GCC unroll 8") for (int j = 0; j < N; j++) {                                   \
                 V a;                                                                                \
                 TSUM(T, a, 2, AT[k_][j], u[2 * i + k_]);                                            \
-                ST(V, out + (N * i + j) * step + c, a);                                             \
+                ST_##IO(V, out + (N * i + j) * step + c, a);                                        \
             }                                                                                       \
     } while (0)
 
 /* dd = B dV Bt for channels c0 + c .. of one tile, added to the patch at p[k] where `inside[k]`: dV's
  * N*N values lie `step` apart from in + c. */
-#define GRAD_INPUT_BODY(V, T, N, BT)                                                                \
+#define GRAD_INPUT_BODY(V, T, N, BT, IO)                                                            \
     do {                                                                                            \
         V a[N * N], e[N * N];                                                                       \
-        _Pragma("GCC unroll 64") for (int k = 0; k < N * N; k++) a[k] = LD(V, in + k * step + c);   \
+        _Pragma("GCC unroll 64") for (int k = 0; k < N * N; k++) a[k] = LD_##IO(V, in + k * step + c);      \
         _Pragma("GCC unroll 8") for (int i = 0; i < N; i++)  /* rows: B dV */                       \
             _Pragma("GCC unroll 8") for (int j = 0; j < N; j++)                                     \
                 TSUM(T, e[N * i + j], N, BT[k_][i], a[N * k_ + j]);                                 \
@@ -180,16 +206,16 @@ typedef double vec_f64 __attribute__((vector_size(64)));
  * vector: units lo .. hi - 1 are channels lo * W .. hi * W - 1. Patches of neighbouring tiles overlap, so
  * a split over tiles would have grad_input's threads add to the same pixels; a split over channels never
  * does. */
-#define DEFINE_WINOGRAD(R, N, SUFFIX, T, VT, BT, AT, G)                                                     \
+#define DEFINE_ACTIVATIONS(R, N, SUFFIX, T, VT, BT, AT, S, IO)                                              \
 static const int64_t W##R##SUFFIX = sizeof(VT) / sizeof(T);                                                 \
 /* V's block from x (shape s), channel units lo .. hi - 1. zero: `channels` zeros. */                       \
-static int input##R##_range_##SUFFIX(const T *x, Shape s, T *v, const T *zero, int64_t t0, int64_t t1,      \
+static int input##R##_range_##SUFFIX(const S *x, Shape s, S *v, const S *zero, int64_t t0, int64_t t1,      \
                                      int64_t lo, int64_t hi) {                                              \
     const int64_t cg = s.channels / s.groups, step = (t1 - t0) * cg;                                        \
     const int64_t cl = lo * W##R##SUFFIX, ch = hi * W##R##SUFFIX < s.channels ? hi * W##R##SUFFIX : s.channels;\
     for (int64_t t = t0; t < t1; t++) {                                                                     \
         TILE_AT(s, t, b, ty, tx);                                                                           \
-        const T *p[N * N];                                                                                  \
+        const S *p[N * N];                                                                                  \
         for (int i = 0; i < N; i++)                                                                         \
             for (int j = 0; j < N; j++) {                                                                   \
                 int64_t r = 2 * ty - R / 2 + i, c = 2 * tx - R / 2 + j;                                     \
@@ -197,55 +223,55 @@ static int input##R##_range_##SUFFIX(const T *x, Shape s, T *v, const T *zero, i
                     ? zero : x + b * s.s_b + r * s.s_h + c * s.s_w;                                         \
             }                                                                                               \
         for (int64_t g = cl / cg; g < s.groups && g * cg < ch; g++) {                                       \
-            T *out = v + (g * N * N * (t1 - t0) + (t - t0)) * cg;                                           \
+            S *out = v + (g * N * N * (t1 - t0) + (t - t0)) * cg;                                           \
             const int64_t c0 = g * cg;                                                                      \
-            OVER_CHANNELS(T, VT, g, cg, cl, ch, INPUT_BODY, T, N, BT);                                      \
+            OVER_CHANNELS(T, VT, g, cg, cl, ch, INPUT_BODY, T, N, BT, IO);                                  \
         }                                                                                                   \
     }                                                                                                       \
     return 0;                                                                                               \
 }                                                                                                           \
-int wino##R##_input_##SUFFIX(const T *x, Shape s, T *v, const T *zero, int64_t t0, int64_t t1,              \
+int wino##R##_input_##SUFFIX(const S *x, Shape s, S *v, const S *zero, int64_t t0, int64_t t1,              \
                              int64_t first, int64_t last, int threads) {                                    \
     IN_THREADS(threads, first, last, input##R##_range_##SUFFIX(x, s, v, zero, t0, t1, lo, hi));             \
 }                                                                                                           \
                                                                                                             \
-/* y (shape s: its channels are the outputs) = At M A (+ bias) for M's block, channel units lo .. hi - 1.  \
- * The outputs of a tile that fall outside the image (odd sizes) go to `spare`, K scratch values. */       \
-static int output##R##_range_##SUFFIX(const T *m, const T *bias, Shape s, T *y, int64_t t0, int64_t t1,     \
+/* y (shape s: its channels are the outputs) = At M A (+ bias) for M's block, channel units lo .. hi - 1.   \
+ * The outputs of a tile that fall outside the image (odd sizes) go to `spare`, K scratch values. */        \
+static int output##R##_range_##SUFFIX(const S *m, const T *bias, Shape s, S *y, int64_t t0, int64_t t1,     \
                                       int64_t lo, int64_t hi) {                                             \
     const int64_t kg = s.channels / s.groups, step = (t1 - t0) * kg;                                        \
     const int64_t cl = lo * W##R##SUFFIX, ch = hi * W##R##SUFFIX < s.channels ? hi * W##R##SUFFIX : s.channels;\
-    T *spare = malloc(sizeof(T) * s.channels);                                                              \
+    S *spare = malloc(sizeof(S) * s.channels);                                                              \
     if (!spare) return 1;                                                                                   \
     for (int64_t t = t0; t < t1; t++) {                                                                     \
         TILE_AT(s, t, b, ty, tx);                                                                           \
         const int down = 2 * ty + 1 < s.height, right = 2 * tx + 1 < s.width;                               \
-        T *q[4];                                                                                            \
+        S *q[4];                                                                                            \
         q[0] = y + b * s.s_b + 2 * ty * s.s_h + 2 * tx * s.s_w;                                             \
         q[1] = right ? q[0] + s.s_w : spare, q[2] = down ? q[0] + s.s_h : spare;                            \
         q[3] = right && down ? q[0] + s.s_h + s.s_w : spare;                                                \
         for (int64_t g = cl / kg; g < s.groups && g * kg < ch; g++) {                                       \
-            const T *a = m + (g * N * N * (t1 - t0) + (t - t0)) * kg;                                       \
+            const S *a = m + (g * N * N * (t1 - t0) + (t - t0)) * kg;                                       \
             const int64_t k0 = g * kg;                                                                      \
-            OVER_CHANNELS(T, VT, g, kg, cl, ch, OUTPUT_BODY, T, N, AT);                                     \
+            OVER_CHANNELS(T, VT, g, kg, cl, ch, OUTPUT_BODY, T, N, AT, IO);                                 \
         }                                                                                                   \
     }                                                                                                       \
     free(spare);                                                                                            \
     return 0;                                                                                               \
 }                                                                                                           \
-int wino##R##_output_##SUFFIX(const T *m, const T *bias, Shape s, T *y, int64_t t0, int64_t t1,             \
+int wino##R##_output_##SUFFIX(const S *m, const T *bias, Shape s, S *y, int64_t t0, int64_t t1,             \
                               int64_t first, int64_t last, int threads) {                                   \
     IN_THREADS(threads, first, last, output##R##_range_##SUFFIX(m, bias, s, y, t0, t1, lo, hi));            \
 }                                                                                                           \
                                                                                                             \
-/* dM's block = A dY At per tile, from dy of shape s, channel units lo .. hi - 1. */                       \
-static int grad_output##R##_range_##SUFFIX(const T *dy, Shape s, T *dm, const T *zero, int64_t t0,          \
+/* dM's block = A dY At per tile, from dy of shape s, channel units lo .. hi - 1. */                        \
+static int grad_output##R##_range_##SUFFIX(const S *dy, Shape s, S *dm, const S *zero, int64_t t0,          \
                                            int64_t t1, int64_t lo, int64_t hi) {                            \
     const int64_t kg = s.channels / s.groups, step = (t1 - t0) * kg;                                        \
     const int64_t cl = lo * W##R##SUFFIX, ch = hi * W##R##SUFFIX < s.channels ? hi * W##R##SUFFIX : s.channels;\
     for (int64_t t = t0; t < t1; t++) {                                                                     \
         TILE_AT(s, t, b, ty, tx);                                                                           \
-        const T *p[4];                                                                                      \
+        const S *p[4];                                                                                      \
         for (int i = 0; i < 2; i++)                                                                         \
             for (int j = 0; j < 2; j++) {                                                                   \
                 int64_t r = 2 * ty + i, c = 2 * tx + j;                                                     \
@@ -253,21 +279,21 @@ static int grad_output##R##_range_##SUFFIX(const T *dy, Shape s, T *dm, const T 
                     ? zero : dy + b * s.s_b + r * s.s_h + c * s.s_w;                                        \
             }                                                                                               \
         for (int64_t g = cl / kg; g < s.groups && g * kg < ch; g++) {                                       \
-            T *out = dm + (g * N * N * (t1 - t0) + (t - t0)) * kg;                                          \
+            S *out = dm + (g * N * N * (t1 - t0) + (t - t0)) * kg;                                          \
             const int64_t k0 = g * kg;                                                                      \
-            OVER_CHANNELS(T, VT, g, kg, cl, ch, GRAD_OUTPUT_BODY, T, N, AT);                                \
+            OVER_CHANNELS(T, VT, g, kg, cl, ch, GRAD_OUTPUT_BODY, T, N, AT, IO);                            \
         }                                                                                                   \
     }                                                                                                       \
     return 0;                                                                                               \
 }                                                                                                           \
-int wino##R##_grad_output_##SUFFIX(const T *dy, Shape s, T *dm, const T *zero, int64_t t0, int64_t t1,      \
+int wino##R##_grad_output_##SUFFIX(const S *dy, Shape s, S *dm, const S *zero, int64_t t0, int64_t t1,      \
                                    int64_t first, int64_t last, int threads) {                              \
     IN_THREADS(threads, first, last, grad_output##R##_range_##SUFFIX(dy, s, dm, zero, t0, t1, lo, hi));     \
 }                                                                                                           \
                                                                                                             \
-/* dx (shape s, channels_last, zeroed before the first block) += B dV Bt for dV's block, each patch added  \
- * where it lies inside the image, channel units lo .. hi - 1. */                                          \
-static int grad_input##R##_range_##SUFFIX(const T *dv, Shape s, T *dx, int64_t t0, int64_t t1, int64_t lo,  \
+/* dx (shape s, channels_last, zeroed before the first block) += B dV Bt for dV's block, each patch added   \
+ * where it lies inside the image, channel units lo .. hi - 1. */                                           \
+static int grad_input##R##_range_##SUFFIX(const S *dv, Shape s, T *dx, int64_t t0, int64_t t1, int64_t lo,  \
                                           int64_t hi) {                                                     \
     const int64_t cg = s.channels / s.groups, step = (t1 - t0) * cg;                                        \
     const int64_t cl = lo * W##R##SUFFIX, ch = hi * W##R##SUFFIX < s.channels ? hi * W##R##SUFFIX : s.channels;\
@@ -283,26 +309,30 @@ static int grad_input##R##_range_##SUFFIX(const T *dv, Shape s, T *dx, int64_t t
                 all &= inside[N * i + j];                                                                   \
             }                                                                                               \
         for (int64_t g = cl / cg; g < s.groups && g * cg < ch; g++) {                                       \
-            const T *in = dv + (g * N * N * (t1 - t0) + (t - t0)) * cg;                                     \
+            const S *in = dv + (g * N * N * (t1 - t0) + (t - t0)) * cg;                                     \
             const int64_t c0 = g * cg;                                                                      \
             if (all) {  /* the whole patch: the same code without the tests */                              \
                 const int whole = 1;                                                                        \
-                OVER_CHANNELS(T, VT, g, cg, cl, ch, GRAD_INPUT_BODY, T, N, BT);                             \
+                OVER_CHANNELS(T, VT, g, cg, cl, ch, GRAD_INPUT_BODY, T, N, BT, IO);                         \
             } else {                                                                                        \
                 const int whole = 0;                                                                        \
-                OVER_CHANNELS(T, VT, g, cg, cl, ch, GRAD_INPUT_BODY, T, N, BT);                             \
+                OVER_CHANNELS(T, VT, g, cg, cl, ch, GRAD_INPUT_BODY, T, N, BT, IO);                         \
             }                                                                                               \
         }                                                                                                   \
     }                                                                                                       \
     return 0;                                                                                               \
 }                                                                                                           \
-int wino##R##_grad_input_##SUFFIX(const T *dv, Shape s, T *dx, int64_t t0, int64_t t1, int64_t first,       \
+int wino##R##_grad_input_##SUFFIX(const S *dv, Shape s, T *dx, int64_t t0, int64_t t1, int64_t first,       \
                                   int64_t last, int threads) {                                              \
     IN_THREADS(threads, first, last, grad_input##R##_range_##SUFFIX(dv, s, dx, t0, t1, lo, hi));            \
-}                                                                                                           \
-                                                                                                            \
+}
+
+/* The filters' two kernels of F(2x2, RxR) for element type T, named wino<R>_<kernel>_<SUFFIX>: the filters
+ * and their gradient are float32 or float64, under bfloat16 autocast too (their transform is rounded to
+ * bfloat16 afterwards, as autocast rounds the filters). */
+#define DEFINE_FILTERS(R, N, SUFFIX, T, G)                                                                  \
 /* U (groups, N*N, C / groups, K / groups) = G w Gt from the filters w (K, C / groups, R, R), any strides,  \
- * for the input channels lo .. hi - 1 of every group. The loop over output channels is innermost: it      \
+ * for the input channels lo .. hi - 1 of every group. The loop over output channels is innermost: it       \
  * writes U's rows in order. (Once per call and small: left to the compiler's vectoriser.) */               \
 static int weight##R##_range_##SUFFIX(const T *w, Filters fs, T *u, int64_t lo, int64_t hi) {               \
     const int64_t groups = fs.groups, cg = fs.channels, kg = fs.filters / groups, step = cg * kg;           \
@@ -363,8 +393,14 @@ DEFINE_OPENMP_QUERY(wino)
 /* Channels per vector unit, the unit the activations' kernels split over threads. */
 int wino_width_f32(void) { return sizeof(vec_f32) / sizeof(float); }
 int wino_width_f64(void) { return sizeof(vec_f64) / sizeof(double); }
+int wino_width_bf16(void) { return sizeof(vec_f32) / sizeof(float); }
 
-DEFINE_WINOGRAD(3, 4, f32, float, vec_f32, BT3, AT3, G3)
-DEFINE_WINOGRAD(3, 4, f64, double, vec_f64, BT3, AT3, G3)
-DEFINE_WINOGRAD(5, 6, f32, float, vec_f32, BT5, AT5, G5)
-DEFINE_WINOGRAD(5, 6, f64, double, vec_f64, BT5, AT5, G5)
+DEFINE_ACTIVATIONS(3, 4, f32, float, vec_f32, BT3, AT3, float, SAME)
+DEFINE_ACTIVATIONS(3, 4, f64, double, vec_f64, BT3, AT3, double, SAME)
+DEFINE_ACTIVATIONS(3, 4, bf16, float, vec_f32, BT3, AT3, bf16_t, BF16)
+DEFINE_ACTIVATIONS(5, 6, f32, float, vec_f32, BT5, AT5, float, SAME)
+DEFINE_ACTIVATIONS(5, 6, f64, double, vec_f64, BT5, AT5, double, SAME)
+DEFINE_FILTERS(3, 4, f32, float, G3)
+DEFINE_FILTERS(3, 4, f64, double, G3)
+DEFINE_FILTERS(5, 6, f32, float, G5)
+DEFINE_FILTERS(5, 6, f64, double, G5)
