@@ -431,12 +431,12 @@ class TrainConfig:
         "(torch.compile; each layer shape compiles once, about 12 s on a cold cache), eager (the torch "
         "reference), or auto: native where it builds, else compiled when this launch trains at least "
         f"{AUTO_COMPILE_IMAGES:,} images per process on the CPU, else eager", choices=CPU_LRN_CHOICES))
-    # How a CPU run computes conv2-conv5 (repro/model/winograd.py): the same function, rounded differently,
+    # How a CPU run computes conv1-conv5 (repro/model/winograd.py): the same function, rounded differently,
     # so like cpu_lrn it resolves at the first launch and the checkpoints keep it.
     cpu_conv: str = field(default="auto", metadata=flag(
-        "conv2-conv5 on the CPU: winograd (F(2x2,3x3) and F(2x2,5x5) transforms in C, built once by the machine's C compiler, "
-        "and torch's matrix products; under --amp bf16 conv3-conv5, with bf16 products), direct (torch's convolution), "
-        "or auto: winograd where it builds",
+        "conv1-conv5 on the CPU: winograd (F(2x2,3x3) and F(2x2,5x5) transforms in C, built once by the machine's C compiler, "
+        "and torch's matrix products; conv1 as a 3x3 convolution of its 4x4 blocks; under --amp bf16 all but conv2, with "
+        "bf16 products), direct (torch's convolution), or auto: winograd where it builds",
         choices=CPU_CONV_CHOICES))
     compile: bool = field(default=False, metadata=runtime(flag(
         "torch.compile each tower stage (or the grouped network) and the optimiser's update")))

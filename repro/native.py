@@ -1,5 +1,5 @@
 """C code of this package built with the machine's C compiler at first use, called through ctypes: what
-lrn_native.c (the CPU LRN), update_native.c (the paper's SGD update) and winograd_native.c (conv2-conv5's
+lrn_native.c (the CPU LRN), update_native.c (the paper's SGD update) and winograd_native.c (conv1-conv5's
 transforms) share.
 
 A library is cached under REPRO_CACHE_DIR (default: $XDG_CACHE_HOME/repro or ~/.cache/repro), named by a

@@ -224,7 +224,7 @@ def with_cpu_lrn_chosen(run: Run, resumed: bool) -> TrainConfig:
 
 def with_cpu_conv_chosen(cfg: TrainConfig, run: Run, resumed: bool) -> TrainConfig:
     """The config with --cpu-conv auto resolved, which the checkpoints then keep: on the CPU, Winograd for
-    conv2-conv5 where its C transforms build; else the direct convolution. A resumed checkpoint still
+    conv1-conv5 where its C transforms build; else the direct convolution. A resumed checkpoint still
     saying auto was written before the choice existed: its run convolved directly."""
     if cfg.cpu_conv != "auto":
         return cfg
@@ -232,7 +232,7 @@ def with_cpu_conv_chosen(cfg: TrainConfig, run: Run, resumed: bool) -> TrainConf
     if run.topo.device.type == "cpu" and not resumed:
         if winograd.load() is not None:
             kernel = "winograd"
-            layers = "conv3-conv5 (conv2 stays direct under --amp bf16)" if cfg.amp == "bf16" else "conv2-conv5"
+            layers = "conv1, conv3-conv5 (conv2 stays direct under --amp bf16)" if cfg.amp == "bf16" else "conv1-conv5"
             run.say(f"{layers} run by Winograd's minimal filtering (--cpu-conv auto; repro/model/winograd_native.c, "
                     f"built once per machine into {native.cache_dir()})")
         else:

@@ -10,7 +10,7 @@ cores.
 
 The paper's network is timed with each CPU LRN kernel (--cpu-lrn: the eager torch code, the compiled
 kernels of repro/model/lrn_cpu.py and the native ones of repro/model/lrn_native.c; building either
-happens in an untimed first call, as it does once at the start of a run), and with conv2-conv5 computed
+happens in an untimed first call, as it does once at the start of a run), and with conv1-conv5 computed
 as --cpu-conv says (default: by Winograd's minimal filtering, as CPU training runs do; direct: torch's own).
 
 As a CPU training run does, the process first asks glibc to keep freed memory for reuse
@@ -264,7 +264,7 @@ def stages(args) -> None:
             for label, sec in clocks[n].stages(run).items():
                 times[n].setdefault(label, []).append(sec)
     print(f"evaluation forward by stage: batch {args.eval_batch}, {args.dtypes[0]}, {args.threads[0]} thread(s), "
-          f"{'channels_last' if args.channels_last else 'NCHW'}, {args.cpu_lrn[-1]} LRN, {args.cpu_conv[-1]} conv2-5; median ms of "
+          f"{'channels_last' if args.channels_last else 'NCHW'}, {args.cpu_lrn[-1]} LRN, {args.cpu_conv[-1]} conv1-5; median ms of "
           f"{args.repeats} interleaved rounds")
     print("| stage | grouped | torchvision | difference |")
     print("|---|---|---|---|")
@@ -292,7 +292,7 @@ def parse_args(argv: list[str] | None):
                    help="LRN kernels to time the paper's network with: eager,compiled (default both; "
                         "repro/model/lrn_cpu.py); compiling is untimed, as in a long run")
     p.add_argument("--cpu-conv", type=lambda s: tuple(s.split(",")), default=("winograd",),
-                   help="how the paper's network computes conv2-conv5: winograd (repro/model/winograd.py; the "
+                   help="how the paper's network computes conv1-conv5: winograd (repro/model/winograd.py; the "
                         "default, as CPU training runs), direct (torch's convolution), or direct,winograd for "
                         "a row of each. torchvision's AlexNet always runs torch's")
     p.add_argument("--repeats", type=at_least(1), default=3)

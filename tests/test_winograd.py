@@ -1,4 +1,4 @@
-"""conv2-conv5 by Winograd's F(2x2, 3x3) and F(2x2, 5x5) on the CPU (repro/model/winograd.py,
+"""conv1-conv5 by Winograd's F(2x2, 3x3) and F(2x2, 5x5) on the CPU (repro/model/winograd.py,
 winograd_native.c) against torch's direct convolution: the same function forward and backward (float64 to
 1e-12, gradcheck), under each of the layer's choices (blocks of tiles, a kept or recomputed transform, the
 backward by Winograd or direct), float32 as close to the float64 result as oneDNN's own float32, every map
@@ -296,13 +296,14 @@ def test_grouped_and_towers_stay_equal_with_winograd():
 
 @needs_native
 @pytest.mark.parametrize("form", ["grouped", "towers"])
-def test_under_bfloat16_autocast_the_3x3_layers_run_by_winograd_and_train(form, monkeypatch):
-    """`--amp bf16` on the CPU: conv3-conv5 of each tower take the Winograd path (conv2 stays torch's), the
-    logits are bfloat16 like the direct network's, no further from the float32 network's than 3x theirs
-    (measured about 1x), and every parameter gets a float32 gradient."""
+def test_under_bfloat16_autocast_conv1_and_the_3x3_layers_run_by_winograd_and_train(form, monkeypatch):
+    """`--amp bf16` on the CPU: conv1 (as its 48-channel blocks) and conv3-conv5 of each tower take the
+    Winograd path (conv2 stays torch's), the logits are bfloat16 like the direct network's, no further
+    from the float32 network's than 3x theirs (measured about 1x), and every parameter gets a float32
+    gradient."""
     sizes = []
     real = winograd.conv
-    monkeypatch.setattr(winograd, "conv", lambda x, w, *a: sizes.append(w.shape[2]) or real(x, w, *a))
+    monkeypatch.setattr(winograd, "conv", lambda x, w, *a, **k: sizes.append(w.shape[2]) or real(x, w, *a, **k))
     torch.manual_seed(0)
     cfg = ModelConfig(num_classes=10)
     net = (AlexNet(config=cfg) if form == "grouped" else TwoTowerAlexNet(devices=("cpu", "cpu"), config=cfg)).eval()
@@ -314,7 +315,7 @@ def test_under_bfloat16_autocast_the_3x3_layers_run_by_winograd_and_train(form, 
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits[kernel] = net(x)
         logits[kernel].float().square().sum().backward()
-    assert sizes == [3] * (3 if form == "grouped" else 6)
+    assert sizes == [3] * (4 if form == "grouped" else 8)
     assert logits["winograd"].dtype == logits["direct"].dtype == torch.bfloat16
     winograd.set_kernel("direct")
     with torch.no_grad():
@@ -349,8 +350,8 @@ def test_bfloat16_kernels_are_the_float_kernels_rounded_once(batch, channels, ou
     x = torch.randn(batch, channels, size, size, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
     x[0, channels // 2, 1, 1], x[-1, 0, size - 1, 0] = float("nan"), float("inf")
     dy = torch.randn(batch, out, size, size, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
-    tiles = winograd._tiles(x)
-    xs, ys = winograd._shape(x, groups), winograd._shape(dy, groups)
+    xs, ys = winograd._shape(x, groups, (size, size), 1), winograd._shape(dy, groups, (size, size))
+    tiles = winograd._tiles(ys)
 
     def transformed(c, dtype):
         return torch.empty(groups, 16, tiles, c // groups, dtype=dtype)
@@ -418,3 +419,103 @@ def test_bfloat16_autocast_stays_near_autocasts_own_error(batch, channels, out, 
                                          results["winograd"], results["direct"], results["float64"]):
         error, autocast_error = (ours - exact).abs().max(), (direct - exact).abs().max()
         assert error <= 2.5 * autocast_error, (name, error.item(), autocast_error.item())
+
+
+STRIDED = [  # (batch, channels, out, size, kernel, stride): conv1, and odd/even maps with edge blocks
+    (2, 3, 96, 227, 11, 4), (2, 3, 8, 19, 5, 2), (1, 2, 5, 21, 9, 3), (3, 4, 6, 14, 6, 2)]
+
+
+@needs_native
+@pytest.mark.parametrize("batch, channels, out, size, k, stride", STRIDED)
+def test_conv1_as_a_stride_1_convolution_of_blocks_is_the_strided_convolution(batch, channels, out, size, k, stride):
+    """conv1 (11x11 at stride 4) as an unpadded 3x3 convolution of its 4x4 blocks: float64 equal to torch's
+    strided convolution to 1e-12, forward and every gradient (the filters' back through the reshapes; the
+    input's by torch's reshapes, which take over where x wants a gradient)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, channels, size, size, generator=g, dtype=torch.float64)
+    w = torch.randn(out, channels, k, k, generator=g, dtype=torch.float64) / k
+    b = torch.randn(out, generator=g, dtype=torch.float64)
+    winograd.set_kernel("winograd")
+    assert winograd.applies_strided(x, w, stride, 0, 1, 1)
+    grad_y = torch.randn(F.conv2d(x, w, stride=stride).shape, generator=g, dtype=torch.float64)
+    results = []
+    for conv in (lambda *a: winograd.strided_conv(*a, stride), lambda *a: F.conv2d(*a, stride=stride)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        y = conv(*leaves)
+        results.append((y, *torch.autograd.grad(y, leaves, grad_y)))
+    for a, ref in zip(*results):
+        assert a.shape == ref.shape
+        torch.testing.assert_close(a, ref, rtol=0, atol=1e-12 * max(1.0, ref.abs().max().item()))
+    with torch.no_grad():  # the images' case: blocks cut by winograd_native.c
+        torch.testing.assert_close(winograd.strided_conv(x, w, b, stride), results[1][0].detach(), rtol=0,
+                                   atol=1e-12 * results[1][0].abs().max().item())
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size, f, layout", [(227, 4, "channels_last"), (10, 3, "channels_last"), (9, 2, "nchw")])
+def test_space_to_depth_in_c_is_torchs_reshape(dtype, size, f, layout):
+    """The C kernel cuts the same blocks as torch's reshapes, bit for bit, zeros past the edge included, from
+    channels_last images and (copied first) NCHW ones."""
+    x = torch.randn(2, 3, size, size).to(dtype)
+    x[0, 1, 0, 0] = float("nan")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours = winograd.space_to_depth(x, f)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours, winograd._to_depth(x, f), rtol=0, atol=0, equal_nan=True)
+
+
+@needs_native
+def test_gradcheck_strided():
+    shapes = [(2, 2, 9, 9), (3, 2, 5, 5), (3,)]
+    x, w, b = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in shapes)
+    assert torch.autograd.gradcheck(lambda *a: winograd.strided_conv(*a, 2), (x, w, b))
+
+
+@needs_native
+@pytest.mark.parametrize("seed", [0, 1])
+def test_conv1_in_float32_and_bfloat16_stays_near_torchs_own_error(seed):
+    """conv1 by its blocks, float32 and under bfloat16 autocast, against the float64 strided convolution:
+    the output's and the filters' and bias's gradients' largest errors stay within 2x (float32; measured
+    0.3x for the output) and 2.5x (bfloat16; measured 1.7x) of torch's own direct convolution's."""
+    g = torch.Generator().manual_seed(seed)
+    conv = winograd.Conv2d(3, 96, 11, stride=4)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.01)
+        conv.bias.copy_(torch.randn(96, generator=g) * 0.1)
+    x = torch.randn(2, 3, 227, 227, generator=g).contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn(2, 96, 55, 55, generator=g)
+    for amp, bound in ((False, 2.0), (True, 2.5)):
+        results = {}
+        for how in ("float64", "direct", "winograd"):
+            layer = conv.double() if how == "float64" else conv.float()
+            layer.zero_grad(set_to_none=True)
+            winograd.set_kernel("direct" if how == "direct" else "winograd")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp and how != "float64"):
+                y = layer(x.double() if how == "float64" else x)
+            y.backward(grad_y.to(y.dtype))
+            results[how] = [t.detach().double() for t in (y, layer.weight.grad, layer.bias.grad)]
+        for name, ours, direct, exact in zip(("output", "filter gradient", "bias gradient"), results["winograd"],
+                                             results["direct"], results["float64"]):
+            error, torch_error = (ours - exact).abs().max(), (direct - exact).abs().max()
+            assert error <= bound * torch_error + 1e-7 * exact.abs().max(), (amp, name, error.item(),
+                                                                              torch_error.item())
+
+
+@needs_native
+def test_the_strided_path_takes_conv1s_case_only():
+    winograd.set_kernel("winograd")
+    x = torch.randn(1, 3, 227, 227)
+    w = torch.randn(96, 3, 11, 11)
+    assert winograd.applies_strided(x, w, 4, 0, 1, 1) and winograd.applies_strided(x, w, (4, 4), (0, 0), 1, 1)
+    for stride, padding, dilation, groups, weight, image in [
+            (1, 0, 1, 1, w, x), (4, 2, 1, 1, w, x), (4, 0, 2, 1, w, x), (2, 0, 1, 1, w, x),  # 11 / 2: 6x6 blocks
+            ((4, 2), 0, 1, 1, w, x), (4, 0, 1, 3, torch.randn(96, 1, 11, 11), x),
+            (4, 0, 1, 1, w, torch.randn(1, 3, 226, 226)),  # 57 blocks, but 54 outputs
+            (4, 0, 1, 1, w.half(), x.half())]:
+        assert not winograd.applies_strided(image, weight, stride, padding, dilation, groups)
+    winograd.set_kernel("direct")
+    assert not winograd.applies_strided(x, w, 4, 0, 1, 1)
+    with pytest.raises(ValueError, match="54x54 outputs, its 4x4 blocks 55x55"):
+        winograd.strided_conv(torch.randn(1, 3, 226, 226), w, None, 4)

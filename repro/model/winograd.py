@@ -1,7 +1,9 @@
-"""The paper's "same" convolutions on the CPU by Winograd's minimal filtering (Lavin and Gray, 2015; cuDNN
-picks such algorithms on a GPU): conv3, conv4 and conv5 (3x3, padding 1) by F(2x2, 3x3), forward and
-backward, with 16 multiplications per 2x2 output tile and channel pair instead of 36; conv2 (5x5, padding 2)
-by F(2x2, 5x5), 36 instead of 100, in its forward only. The transforms are winograd_native.c, the matrix
+"""The paper's convolutions on the CPU by Winograd's minimal filtering (Lavin and Gray, 2015; cuDNN picks
+such algorithms on a GPU): conv3, conv4 and conv5 (3x3, padding 1) by F(2x2, 3x3), forward and backward,
+with 16 multiplications per 2x2 output tile and channel pair instead of 36; conv2 (5x5, padding 2) by
+F(2x2, 5x5), 36 instead of 100, in its forward only; conv1 (11x11 at stride 4) cut into 4x4 blocks of
+pixels, which makes it an unpadded 3x3 convolution of 48-channel blocks (`strided_conv`), by F(2x2, 3x3),
+forward and filter gradient. The transforms are winograd_native.c, the matrix
 products between them torch's (MKL); oneDNN, whose x86 convolutions are all direct sums, runs at about
 the same rate per FLOP as those products, so fewer FLOPs is less time (docs/benchmarks.md).
 
@@ -10,17 +12,19 @@ the forward runs block by block of tiles, each block's transform, products and o
 while they are in the cache (BLOCK_BYTES). Each layer's choices below were measured in the network
 (docs/benchmarks.md): conv2's backward by Winograd was no faster in a training step than oneDNN's direct
 backward, so conv2's gradients are the direct convolution's (BACKWARD_BY_WINOGRAD); conv3-conv5 keep
-their input's transform for the backward (KEEP_TRANSFORM), conv2 would keep 9x its input.
+their input's transform for the backward (KEEP_TRANSFORM), conv2 would keep 9x its input, and conv1
+transforms its blocks again in the backward (KEEP_STRIDED_TRANSFORM: faster than keeping 16 MB a image).
 
 Numerics: the 3x3 transforms add and halve; the 5x5 ones take the points 0, 1, -1, 2, -1/2, whose
 float32 rounding of conv2's output is 1.2-1.5x oneDNN's direct sum's largest error, where the usual 0,
 +-1, +-2 is 3x. The 3x3 outputs and input gradients round better than oneDNN's (0.3-0.6x), their filter
-gradients worse (1.5-2.8x: sums over every tile of transformed values). tests/test_winograd.py holds
-float32 to twice oneDNN's largest error (four times for the 3x3 filter gradients) and float64 to 1e-12.
+gradients worse (1.5-2.8x: sums over every tile of transformed values); conv1's output 0.3-0.4x, its
+filter gradient 0.1x. tests/test_winograd.py holds float32 to twice oneDNN's largest error (four times for
+the 3x3 filter gradients) and float64 to 1e-12.
 
-bfloat16 (autocast, as `--amp bf16` runs): the 3x3 layers' transforms are stored in bfloat16 and their
-products are torch's bfloat16 ones (oneDNN, twice float32's rate where the CPU has AVX-512 BF16 or
-AMX), the sums between them in float32; V, U and the products are each rounded to bfloat16 once, which
+bfloat16 (autocast, as `--amp bf16` runs): the 3x3 layers' transforms (conv1's blocks' too) are stored
+in bfloat16 and their products are torch's bfloat16 ones (oneDNN, twice float32's rate where the CPU has
+AVX-512 BF16 or AMX), the sums between them in float32; V, U and the products are each rounded to bfloat16 once, which
 autocast's direct convolution does not do, so its outputs and gradients carry 1.5-1.9x autocast's own
 largest error (tests hold 2.5x). conv2 keeps oneDNN under autocast: F(2x2, 5x5) would carry 6.5x.
 Where it does not apply (a GPU, float16, other kernel sizes or strides, no C compiler) the direct
@@ -55,12 +59,13 @@ MIN_BLOCK_TILES = 16  # below this the products are too small for MKL to run at 
 WEIGHT_BLOCKS_PER_DU = 4  # each block adds to the whole filter gradient dU: blocks of at least 4x its size
 ALL = 1 << 62  # a budget that makes one block of every tile
 KEEP_TRANSFORM = {3: True, 5: False}  # the forward keeps V for the backward (4x the input; 9x for 5x5)
+KEEP_STRIDED_TRANSFORM = False  # conv1's V is 16 MB a image in float32: made again, block by block, it was faster
 BACKWARD_BY_WINOGRAD = {3: True, 5: False}  # else the direct convolution's backward (oneDNN)
 
 
 class _Shape(ctypes.Structure):  # winograd_native.c's Shape
     _fields_ = [(name, ctypes.c_int64) for name in
-                ("batch", "height", "width", "channels", "groups", "s_b", "s_h", "s_w")]
+                ("batch", "height", "width", "channels", "groups", "s_b", "s_h", "s_w", "tiles_h", "tiles_w", "pad")]
 
 
 class _Filters(ctypes.Structure):  # winograd_native.c's Filters
@@ -71,7 +76,7 @@ _kernel = "direct"
 
 
 def set_kernel(kernel: str) -> None:
-    """Which convolution runs conv2-conv5 on the CPU from now on in this process: 'direct' or 'winograd'."""
+    """Which convolution runs conv1-conv5 on the CPU from now on in this process: 'direct' or 'winograd'."""
     global _kernel
     if kernel not in KERNELS:
         raise ValueError(f"the CPU convolution is one of {', '.join(KERNELS)}; got {kernel!r}")
@@ -99,6 +104,8 @@ def _declare(lib: ctypes.CDLL) -> None:
                 fn.argtypes = args + [i64, i64, c_int]  # items first .. last - 1, split over `threads`
                 fn.restype = c_int
         getattr(lib, f"wino_width_{suffix}").restype = c_int
+        to_depth = getattr(lib, f"wino_space_to_depth_{suffix}")
+        to_depth.argtypes, to_depth.restype = [ptr, _Shape, i64, ptr, i64, i64, c_int], c_int
     lib.wino_openmp.restype = c_int
 
 
@@ -139,27 +146,90 @@ def applies(x: Tensor, weight: Tensor, stride, padding, dilation) -> bool:
     return kernel() == "winograd" and load() is not None
 
 
+def applies_strided(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> bool:
+    """Whether conv2d(x, weight, stride=stride) runs as `strided_conv` here: conv1's case, an unpadded
+    square filter of k pixels at stride s > 1 with ceil(k / s) = 3, no groups, float32, float64 or
+    bfloat16 (autocast included), the kernel chosen and the library built."""
+    s, k = _pair(stride), weight.shape[2]
+    if x.device.type != "cpu" or x.dim() != 4 or storage(x, weight) is None or s[0] != s[1] or s[0] < 2:
+        return False
+    f = s[0]
+    if tuple(weight.shape[2:]) != (k, k) or -(-k // f) != 3 or _pair(padding) != (0, 0) \
+            or _pair(dilation) != (1, 1) or groups != 1:
+        return False
+    if any(-(-n // f) - -(-k // f) + 1 != (n - k) // f + 1 for n in x.shape[2:]):
+        return False  # the blocks' convolution would have another size (strided_conv says which)
+    return kernel() == "winograd" and load() is not None
+
+
 def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def conv(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int = 1) -> Tensor:
-    """conv2d(x, weight, bias, padding=r // 2, groups=groups) for r x r filters by F(2x2, rxr), for inputs
-    `applies` accepted; the output is channels_last. Under bfloat16 autocast x, the filters and the bias
+def conv(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int = 1, padding: int | None = None,
+         keep: bool | None = None) -> Tensor:
+    """conv2d(x, weight, bias, padding=padding, groups=groups) for r x r filters by F(2x2, rxr), for inputs
+    `applies` accepted (padding r // 2, "same", unless given: 0 is the stride-1 form of conv1, below); the
+    output is channels_last. `keep`: whether the backward reuses the forward's transform of x (default
+    KEEP_TRANSFORM). Under bfloat16 autocast x, the filters and the bias
     are first rounded to bfloat16, as autocast's conv2d rounds them (their gradients flow back through
     those casts, as through autocast's)."""
     dtype = storage(x, weight)
     if dtype == torch.bfloat16:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
+    pad = weight.shape[2] // 2 if padding is None else padding
+    keep = KEEP_TRANSFORM[weight.shape[2]] if keep is None else keep
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _WinogradConv.apply(x, weight, bias, groups)
-    return _forward(_channels_last(x), transform_weight(weight, groups), bias, groups)[0]
+        return _WinogradConv.apply(x, weight, bias, groups, pad, keep)
+    return _forward(_channels_last(x), transform_weight(weight, groups), bias, groups, pad)[0]
+
+
+def _to_depth(t: Tensor, f: int) -> Tensor:
+    """(N, C, H, W) -> (N, f*f*C, ceil(H / f), ceil(W / f)) by torch's reshapes (differentiable): channel
+    (dy * f + dx) * C + c of block (h, w) is t[c, f h + dy, f w + dx], zeros past the edge."""
+    n, c, h, w = t.shape
+    hb, wb = -(-h // f), -(-w // f)
+    blocks = F.pad(t, (0, wb * f - w, 0, hb * f - h)).reshape(n, c, hb, f, wb, f)
+    return blocks.permute(0, 3, 5, 1, 2, 4).reshape(n, f * f * c, hb, wb)
+
+
+def space_to_depth(x: Tensor, f: int) -> Tensor:
+    """`_to_depth(x, f)`, channels_last: by winograd_native.c (one pass, a run of f pixels at a time) where
+    no gradient to x is wanted, as for a network's images; else by torch's reshapes."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _to_depth(x, f).contiguous(memory_format=torch.channels_last)
+    x = _channels_last(x)
+    b, c, h, w = x.shape
+    out = torch.empty((b, f * f * c, -(-h // f), -(-w // f)), dtype=x.dtype, memory_format=torch.channels_last)
+    _run_function(f"wino_space_to_depth_{_SUFFIX[x.dtype]}", b, x.data_ptr(), _shape(x, 1, (0, 0)), f, out.data_ptr())
+    return out
+
+
+def strided_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int) -> Tensor:
+    """conv2d(x, weight, bias, stride=stride) without padding, for inputs `applies_strided` accepted: conv1.
+    Cut into stride x stride blocks (`space_to_depth`), the image is a map of stride^2 * C channels and
+    the filters are ceil(k / stride)^2 blocks of them (zero past the filter's edge), so the strided
+    convolution is an unpadded stride-1 3x3 convolution of the blocks, by F(2x2, 3x3): conv1 becomes a
+    48-channel 3x3 convolution on a 57x57 map, 1.19x the multiply-adds of the direct sum before the
+    transforms divide them by 2.25. The filters' gradient flows back through the reshapes."""
+    k = weight.shape[2]
+    direct = [(n - k) // stride + 1 for n in x.shape[2:]]
+    blocks = [-(-n // stride) - -(-k // stride) + 1 for n in x.shape[2:]]
+    if direct != blocks:
+        raise ValueError(f"strided_conv: a {k}x{k} filter at stride {stride} gives {direct[0]}x{direct[1]} outputs, "
+                         f"its {stride}x{stride} blocks {blocks[0]}x{blocks[1]}; use torch's conv2d "
+                         "(applies_strided is false)")
+    if storage(x, weight) == torch.bfloat16:
+        x = x.to(torch.bfloat16)  # rounded before it is cut, as autocast would round it: half the bytes to move
+    return conv(space_to_depth(x, stride), _to_depth(weight, stride), bias, 1, padding=0,
+                keep=KEEP_STRIDED_TRANSFORM)
 
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same parameters and state dict) whose stride-1 "same" 3x3 and 5x5 cases run by
-    Winograd where `applies` says so: conv2-conv5 of both forms (spec.make_layer builds every layer so).
+    Winograd where `applies` says so (conv2-conv5 of both forms; spec.make_layer builds every layer so), and
+    whose conv1 runs as a stride-1 convolution of its 4x4 blocks where `applies_strided` says so.
     The filters are transformed at every call, in evaluation too: keeping the transform beside a copy of
     the filters to compare with saved about 1.5 ms of a 330 ms forward (docs/benchmarks.md)."""
 
@@ -167,6 +237,9 @@ class Conv2d(nn.Conv2d):
         if self.padding_mode == "zeros" and not torch.compiler.is_compiling() \
                 and applies(input, weight, self.stride, self.padding, self.dilation):
             return conv(input, weight, bias, self.groups)
+        if self.padding_mode == "zeros" and not torch.compiler.is_compiling() \
+                and applies_strided(input, weight, self.stride, self.padding, self.dilation, self.groups):
+            return strided_conv(input, weight, bias, self.stride[0])
         return super()._conv_forward(input, weight, bias)
 
 
@@ -174,9 +247,15 @@ def _channels_last(x: Tensor) -> Tensor:
     return x if x.stride(1) == 1 else x.contiguous(memory_format=torch.channels_last)
 
 
-def _shape(x: Tensor, groups: int) -> _Shape:
+def _shape(x: Tensor, groups: int, out: tuple[int, int], pad: int = 0) -> _Shape:
+    """x's Shape for the kernels of a convolution whose output is out = (height, width) pixels: its 2x2 tiles
+    (numbered over x's batch), and x's padding where x is the input."""
     b, c, h, w = x.shape
-    return _Shape(b, h, w, c, groups, x.stride(0), x.stride(2), x.stride(3))
+    return _Shape(b, h, w, c, groups, x.stride(0), x.stride(2), x.stride(3), (out[0] + 1) // 2, (out[1] + 1) // 2, pad)
+
+
+def _out_size(x: Tensor, r: int, pad: int) -> tuple[int, int]:
+    return x.shape[2] + 2 * pad - r + 1, x.shape[3] + 2 * pad - r + 1
 
 
 def _filters(weight: Tensor, groups: int) -> _Filters:
@@ -206,9 +285,8 @@ def _sums(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
-def _tiles(x: Tensor) -> int:
-    b, _, h, w = x.shape
-    return b * ((h + 1) // 2) * ((w + 1) // 2)
+def _tiles(shape: _Shape) -> int:
+    return shape.batch * shape.tiles_h * shape.tiles_w
 
 
 def _size(u: Tensor) -> int:
@@ -218,8 +296,13 @@ def _size(u: Tensor) -> int:
 
 def _run(name: str, size: int, dtype: torch.dtype, count: int, *args) -> None:
     """winograd_native.c's filter kernel `name` over input channels 0 .. count - 1, split over torch's threads."""
+    _run_function(f"wino{size}_{name}_{_SUFFIX[dtype]}", count, *args)
+
+
+def _run_function(name: str, count: int, *args) -> None:
+    """winograd_native.c's function `name` over items 0 .. count - 1, split over torch's threads."""
     lib = load()
-    fn = getattr(lib, f"wino{size}_{name}_{_SUFFIX[dtype]}")
+    fn = getattr(lib, name)
     run_all = (lambda threads: fn(*args, 0, count, threads)) if lib.wino_openmp() else None
     if any(native.in_threads(lambda lo, hi: fn(*args, lo, hi, 1), count, run_all)):
         raise RuntimeError(f"winograd_native.c: {name} failed")
@@ -266,8 +349,8 @@ class _Blocks:
     """One call's tiles in blocks of about `budget` bytes of transformed input and products, and a buffer
     per transformed tensor, reused by every block."""
 
-    def __init__(self, x: Tensor, groups: int, points: int, channels: int, filters: int, budget: int):
-        self.tiles = _tiles(x)
+    def __init__(self, x: Tensor, tiles: int, groups: int, points: int, channels: int, filters: int, budget: int):
+        self.tiles = tiles
         per_tile = points * (channels + filters) * x.element_size()  # its transformed input and products
         self.step = min(self.tiles, max(MIN_BLOCK_TILES, budget // per_tile))
         self.groups, self.points, self.like = groups, points, x
@@ -285,18 +368,20 @@ class _Blocks:
         return self.buffers[name][:n].view(self.groups, self.points, t1 - t0, channels // self.groups)
 
 
-def _forward(x: Tensor, u: Tensor, bias: Tensor | None, groups: int, keep: bool = False) -> tuple[Tensor, Tensor | None]:
-    """(y, V): the convolution of channels_last x with transformed filters u, block by block of tiles, and
-    where `keep`, x's whole transform V (computed as one block), else None."""
-    b, c, h, w = x.shape
+def _forward(x: Tensor, u: Tensor, bias: Tensor | None, groups: int, pad: int,
+             keep: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(y, V): the convolution of channels_last x (padded by `pad`) with transformed filters u, block by
+    block of tiles, and where `keep`, x's whole transform V (computed as one block), else None."""
+    b, c = x.shape[:2]
     k = u.shape[3] * groups
     size, points = _size(u), u.shape[1]
-    y = torch.empty((b, k, h, w), dtype=x.dtype, memory_format=torch.channels_last)
+    out = _out_size(x, size, pad)
+    y = torch.empty((b, k, *out), dtype=x.dtype, memory_format=torch.channels_last)
     zero = x.new_zeros(c)
     bias = bias.to(_sums(x.dtype)).contiguous() if bias is not None else None  # the kernels add it in float
-    kernels, x_shape, y_shape = _Kernels(size, x.dtype), _shape(x, groups), _shape(y, groups)
+    kernels, x_shape, y_shape = _Kernels(size, x.dtype), _shape(x, groups, out, pad), _shape(y, groups, out)
     bias_ptr = bias.data_ptr() if bias is not None else None
-    blocks = _Blocks(x, groups, points, c, k, ALL if keep else BLOCK_BYTES)
+    blocks = _Blocks(x, _tiles(y_shape), groups, points, c, k, ALL if keep else BLOCK_BYTES)
     for t0, t1 in blocks:
         v = blocks.buffer("v", t0, t1, c)
         kernels.block("input", c, t0, t1, x.data_ptr(), x_shape, v.data_ptr(), zero.data_ptr())
@@ -307,15 +392,15 @@ def _forward(x: Tensor, u: Tensor, bias: Tensor | None, groups: int, keep: bool 
 
 class _WinogradConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, pad: int, keep: bool) -> Tensor:
         weight = _dense(weight)
         u = transform_weight(weight, groups)
         x = _channels_last(x)
         size = _size(u)
-        y, v = _forward(x, u, bias, groups, keep=KEEP_TRANSFORM[size] and ctx.needs_input_grad[1])
+        y, v = _forward(x, u, bias, groups, pad, keep=keep and ctx.needs_input_grad[1])
         ctx.by_winograd = BACKWARD_BY_WINOGRAD[size]
         ctx.save_for_backward(x, u if ctx.by_winograd else weight, v)
-        ctx.groups, ctx.has_bias = groups, bias is not None
+        ctx.groups, ctx.pad, ctx.has_bias = groups, pad, bias is not None
         ctx.weight_layout = weight.stride(), weight.shape  # the gradient is written in the filters' layout
         return y
 
@@ -326,21 +411,21 @@ class _WinogradConv(torch.autograd.Function):
         grad_y = _channels_last(grad_y)
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
         if not ctx.by_winograd:
-            return (*_direct_backward(grad_y, x, u_or_weight, ctx.groups, want), None)
-        grad_x, grad_weight = _backward(grad_y, x, u_or_weight, v, ctx.groups, want[0], want[1], ctx.weight_layout)
-        grad_bias = grad_y.sum((0, 2, 3), dtype=_sums(grad_y.dtype)).to(grad_y.dtype) if want[2] else None
-        return grad_x, grad_weight, grad_bias, None
+            return (*_direct_backward(grad_y, x, u_or_weight, ctx.groups, ctx.pad, want), None, None, None)
+        grad_x, grad_weight = _backward(grad_y, x, u_or_weight, v, ctx.groups, ctx.pad, want[0], want[1],
+                                        ctx.weight_layout)
+        grad_bias = grad_y.sum((0, 2, 3)) if want[2] else None  # bfloat16: torch sums in float32, rounds once
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
-def _direct_backward(grad_y: Tensor, x: Tensor, weight: Tensor, groups: int, want: tuple[bool, bool, bool]):
-    """(dx, dw, db) of the direct "same" convolution, as torch computes them (oneDNN)."""
-    r = weight.shape[2]
+def _direct_backward(grad_y: Tensor, x: Tensor, weight: Tensor, groups: int, pad: int, want: tuple[bool, bool, bool]):
+    """(dx, dw, db) of the direct stride-1 convolution, as torch computes them (oneDNN)."""
     return torch.ops.aten.convolution_backward(grad_y, x, weight, [weight.shape[0]] if want[2] else None, [1, 1],
-                                               [r // 2, r // 2], [1, 1], False, [0, 0], groups, list(want))
+                                               [pad, pad], [1, 1], False, [0, 0], groups, list(want))
 
 
-def _backward(grad_y: Tensor, x: Tensor, u: Tensor, v: Tensor | None, groups: int, want_x: bool, want_w: bool,
-              weight_layout) -> tuple[Tensor | None, Tensor | None]:
+def _backward(grad_y: Tensor, x: Tensor, u: Tensor, v: Tensor | None, groups: int, pad: int, want_x: bool,
+              want_w: bool, weight_layout) -> tuple[Tensor | None, Tensor | None]:
     """(dx, dw) by the transforms' adjoints, in one pass over blocks of tiles: dM = A dY At feeds dV = dM Ut
     (then dx, added patch by patch) and dU += V^T dM, to which every block adds, so blocks are larger where
     dw is wanted. V is the forward's (v) or each block's again from x."""
@@ -350,10 +435,11 @@ def _backward(grad_y: Tensor, x: Tensor, u: Tensor, v: Tensor | None, groups: in
     grad_x = torch.zeros_like(x, dtype=sums, memory_format=torch.channels_last) if want_x else None
     du = torch.zeros_like(u, dtype=sums) if want_w else None
     zero_x, zero_y = x.new_zeros(c), x.new_zeros(k)
-    kernels, x_shape, y_shape = _Kernels(size, x.dtype), _shape(x, groups), _shape(grad_y, groups)
+    out = tuple(grad_y.shape[2:])
+    kernels, x_shape, y_shape = _Kernels(size, x.dtype), _shape(x, groups, out, pad), _shape(grad_y, groups, out)
     ut = u.transpose(2, 3).contiguous() if want_x else None  # (groups, points, K / groups, C / groups)
     budget = max(BLOCK_BYTES, WEIGHT_BLOCKS_PER_DU * du.numel() * du.element_size()) if want_w else BLOCK_BYTES
-    blocks = _Blocks(x, groups, points, c, k, budget)
+    blocks = _Blocks(x, _tiles(y_shape), groups, points, c, k, budget)
     for t0, t1 in blocks:
         dm = blocks.buffer("dm", t0, t1, k)
         kernels.block("grad_output", k, t0, t1, grad_y.data_ptr(), y_shape, dm.data_ptr(), zero_y.data_ptr())

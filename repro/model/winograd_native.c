@@ -39,14 +39,14 @@
 typedef struct {
     int64_t batch, height, width, channels, groups;  /* activation (B, H, W, C) */
     int64_t s_b, s_h, s_w;                              /* its strides, in elements (channel stride 1) */
+    int64_t tiles_h, tiles_w;                           /* the output's 2x2 tiles down and across */
+    int64_t pad;                                        /* the input's padding (the input's shape only) */
 } Shape;
 
 typedef struct {
     int64_t filters, channels, groups;                  /* w (K, C / groups, r, r): K, C / groups, groups */
     int64_t s_k, s_c, s_h, s_w;                         /* its strides, in elements (any dense layout) */
 } Filters;
-
-static inline int64_t tiles_of(int64_t n) { return (n + 1) / 2; }
 
 /* F(2x2, 3x3), points 0, 1, -1, infinity. */
 static const double BT3[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
@@ -130,7 +130,7 @@ static inline void bf16_store_one(bf16_t *p, float f) { *p = bf16_store(f); }
 
 /* Tile t's image b and its top-left output pixel (2 * ty, 2 * tx). */
 #define TILE_AT(s, t, b, ty, tx)                                                                    \
-    const int64_t th_ = tiles_of((s).height), tw_ = tiles_of((s).width);                            \
+    const int64_t th_ = (s).tiles_h, tw_ = (s).tiles_w;                                             \
     const int64_t b = (t) / (th_ * tw_), ty = (t) / tw_ % th_, tx = (t) % tw_
 
 /* V = Bt d B for channels c .. c + |V| - 1 of one tile: d's N*N values at p[k] + c0 + c. */
@@ -218,7 +218,7 @@ static int input##R##_range_##SUFFIX(const S *x, Shape s, S *v, const S *zero, i
         const S *p[N * N];                                                                                  \
         for (int i = 0; i < N; i++)                                                                         \
             for (int j = 0; j < N; j++) {                                                                   \
-                int64_t r = 2 * ty - R / 2 + i, c = 2 * tx - R / 2 + j;                                     \
+                int64_t r = 2 * ty - s.pad + i, c = 2 * tx - s.pad + j;                                     \
                 p[N * i + j] = (r < 0 || r >= s.height || c < 0 || c >= s.width)                            \
                     ? zero : x + b * s.s_b + r * s.s_h + c * s.s_w;                                         \
             }                                                                                               \
@@ -303,7 +303,7 @@ static int grad_input##R##_range_##SUFFIX(const S *dv, Shape s, T *dx, int64_t t
         int inside[N * N], all = 1;                                                                         \
         for (int i = 0; i < N; i++)                                                                         \
             for (int j = 0; j < N; j++) {                                                                   \
-                int64_t r = 2 * ty - R / 2 + i, c = 2 * tx - R / 2 + j;                                     \
+                int64_t r = 2 * ty - s.pad + i, c = 2 * tx - s.pad + j;                                     \
                 inside[N * i + j] = !(r < 0 || r >= s.height || c < 0 || c >= s.width);                     \
                 p[N * i + j] = inside[N * i + j] ? dx + b * s.s_b + r * s.s_h + c * s.s_w : 0;              \
                 all &= inside[N * i + j];                                                                   \
@@ -388,6 +388,36 @@ int wino##R##_grad_weight_##SUFFIX(const T *du, Filters fs, T *dw, int64_t first
     IN_THREADS(threads, first, last, grad_weight##R##_range_##SUFFIX(du, fs, dw, lo, hi));                  \
 }
 
+/* out (B, ceil(H / f), ceil(W / f), f*f*C; contiguous) = x (B, H, W, C; channels_last, strides s) cut into
+ * f x f blocks: channel (dy * f + dx) * C + c of block (h, w) is x[f h + dy, f w + dx, c], 0 past the edge;
+ * images lo .. hi - 1. A stride-f convolution of x is a stride-1 one of out (repro/model/winograd.py). */
+#define DEFINE_SPACE_TO_DEPTH(SUFFIX, S)                                                                    \
+static int space_to_depth_range_##SUFFIX(const S *x, Shape s, int64_t f, S *out, int64_t lo, int64_t hi) {  \
+    const int64_t hb = (s.height + f - 1) / f, wb = (s.width + f - 1) / f, run = f * s.channels;           \
+    for (int64_t b = lo; b < hi; b++)                                                                       \
+        for (int64_t h = 0; h < hb; h++)                                                                    \
+            for (int64_t dy = 0; dy < f; dy++) {                                                            \
+                const int64_t r = f * h + dy;                                                               \
+                S *o = out + (b * hb + h) * wb * f * run + dy * run;                                        \
+                for (int64_t w = 0; w < wb; w++) {                                                          \
+                    S *dst = o + w * f * run;                                                               \
+                    const int64_t pixels = r < s.height ? (s.width - f * w < f ? s.width - f * w : f) : 0;  \
+                    const S *src = x + b * s.s_b + r * s.s_h + f * w * s.s_w;                               \
+                    if (s.s_w == s.channels) /* the block's pixels are one run */                           \
+                        memcpy(dst, src, sizeof(S) * pixels * s.channels);                                  \
+                    else                                                                                    \
+                        for (int64_t dx = 0; dx < pixels; dx++)                                             \
+                            memcpy(dst + dx * s.channels, src + dx * s.s_w, sizeof(S) * s.channels);        \
+                    memset(dst + pixels * s.channels, 0, sizeof(S) * (f - pixels) * s.channels);            \
+                }                                                                                           \
+            }                                                                                               \
+    return 0;                                                                                               \
+}                                                                                                           \
+int wino_space_to_depth_##SUFFIX(const S *x, Shape s, int64_t f, S *out, int64_t first, int64_t last,       \
+                                 int threads) {                                                             \
+    IN_THREADS(threads, first, last, space_to_depth_range_##SUFFIX(x, s, f, out, lo, hi));                  \
+}
+
 DEFINE_OPENMP_QUERY(wino)
 
 /* Channels per vector unit, the unit the activations' kernels split over threads. */
@@ -400,6 +430,9 @@ DEFINE_ACTIVATIONS(3, 4, f64, double, vec_f64, BT3, AT3, double, SAME)
 DEFINE_ACTIVATIONS(3, 4, bf16, float, vec_f32, BT3, AT3, bf16_t, BF16)
 DEFINE_ACTIVATIONS(5, 6, f32, float, vec_f32, BT5, AT5, float, SAME)
 DEFINE_ACTIVATIONS(5, 6, f64, double, vec_f64, BT5, AT5, double, SAME)
+DEFINE_SPACE_TO_DEPTH(f32, float)
+DEFINE_SPACE_TO_DEPTH(f64, double)
+DEFINE_SPACE_TO_DEPTH(bf16, bf16_t)
 DEFINE_FILTERS(3, 4, f32, float, G3)
 DEFINE_FILTERS(3, 4, f64, double, G3)
 DEFINE_FILTERS(5, 6, f32, float, G5)
