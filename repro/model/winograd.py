@@ -12,7 +12,8 @@ the forward runs block by block of tiles, each block's transform, products and o
 while they are in the cache (BLOCK_BYTES). Each layer's choices below were measured in the network
 (docs/benchmarks.md): conv2's backward by Winograd was no faster in a training step than oneDNN's direct
 backward, so conv2's gradients are the direct convolution's (BACKWARD_BY_WINOGRAD); conv3-conv5 keep
-their input's transform for the backward (KEEP_TRANSFORM), conv2 would keep 9x its input, and conv1
+their input's transform for the backward in float32 (KEEP_TRANSFORM), not in bfloat16 (KEEP_TRANSFORM_BF16),
+conv2 would keep 9x its input, and conv1
 transforms its blocks again in the backward (KEEP_STRIDED_TRANSFORM: faster than keeping 16 MB a image).
 
 Numerics: the 3x3 transforms add and halve; the 5x5 ones take the points 0, 1, -1, 2, -1/2, whose
@@ -59,6 +60,7 @@ MIN_BLOCK_TILES = 16  # below this the products are too small for MKL to run at 
 WEIGHT_BLOCKS_PER_DU = 4  # each block adds to the whole filter gradient dU: blocks of at least 4x its size
 ALL = 1 << 62  # a budget that makes one block of every tile
 KEEP_TRANSFORM = {3: True, 5: False}  # the forward keeps V for the backward (4x the input; 9x for 5x5)
+KEEP_TRANSFORM_BF16 = False  # bfloat16: making V again was 1-2% faster a training step than keeping it
 KEEP_STRIDED_TRANSFORM = False  # conv1's V is 16 MB a image in float32: made again, block by block, it was faster
 BACKWARD_BY_WINOGRAD = {3: True, 5: False}  # else the direct convolution's backward (oneDNN)
 
@@ -171,7 +173,7 @@ def conv(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int = 1, paddin
     """conv2d(x, weight, bias, padding=padding, groups=groups) for r x r filters by F(2x2, rxr), for inputs
     `applies` accepted (padding r // 2, "same", unless given: 0 is the stride-1 form of conv1, below); the
     output is channels_last. `keep`: whether the backward reuses the forward's transform of x (default
-    KEEP_TRANSFORM). Under bfloat16 autocast x, the filters and the bias
+    KEEP_TRANSFORM, KEEP_TRANSFORM_BF16 in bfloat16). Under bfloat16 autocast x, the filters and the bias
     are first rounded to bfloat16, as autocast's conv2d rounds them (their gradients flow back through
     those casts, as through autocast's)."""
     dtype = storage(x, weight)
@@ -179,7 +181,8 @@ def conv(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int = 1, paddin
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     pad = weight.shape[2] // 2 if padding is None else padding
-    keep = KEEP_TRANSFORM[weight.shape[2]] if keep is None else keep
+    if keep is None:
+        keep = KEEP_TRANSFORM_BF16 if x.dtype == torch.bfloat16 else KEEP_TRANSFORM[weight.shape[2]]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _WinogradConv.apply(x, weight, bias, groups, pad, keep)
     return _forward(_channels_last(x), transform_weight(weight, groups), bias, groups, pad)[0]
