@@ -41,6 +41,15 @@ def _both(x, w, b, groups, grad_y):
 POLICIES = ["as chosen", "by winograd, V again", "by winograd, V kept"]
 
 
+@pytest.fixture
+def one_thread():
+    """conv1 runs by its blocks at one torch thread only (winograd.STRIDED_THREADS), as each torchrun rank runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _set_policy(monkeypatch, policy: str) -> str:
     """The layer's choices for its backward, each of which must compute the same function: as the module
     chose them, and both ways by Winograd's adjoints (the forward's transform kept, or made again)."""
@@ -296,7 +305,7 @@ def test_grouped_and_towers_stay_equal_with_winograd():
 
 @needs_native
 @pytest.mark.parametrize("form", ["grouped", "towers"])
-def test_under_bfloat16_autocast_conv1_and_the_3x3_layers_run_by_winograd_and_train(form, monkeypatch):
+def test_under_bfloat16_autocast_conv1_and_the_3x3_layers_run_by_winograd_and_train(form, monkeypatch, one_thread):
     """`--amp bf16` on the CPU: conv1 (as its 48-channel blocks) and conv3-conv5 of each tower take the
     Winograd path (conv2 stays torch's), the logits are bfloat16 like the direct network's, no further
     from the float32 network's than 3x theirs (measured about 1x), and every parameter gets a float32
@@ -430,7 +439,8 @@ STRIDED = [  # (batch, channels, out, size, kernel, stride): conv1, and odd/even
 
 @needs_native
 @pytest.mark.parametrize("batch, channels, out, size, k, stride", STRIDED)
-def test_conv1_as_a_stride_1_convolution_of_blocks_is_the_strided_convolution(batch, channels, out, size, k, stride):
+def test_conv1_as_a_stride_1_convolution_of_blocks_is_the_strided_convolution(batch, channels, out, size, k, stride,
+                                                                              one_thread):
     """conv1 (11x11 at stride 4) as an unpadded 3x3 convolution of its 4x4 blocks: float64 equal to torch's
     strided convolution to 1e-12, forward and every gradient (the filters' back through the reshapes; the
     input's by torch's reshapes, which take over where x wants a gradient)."""
@@ -478,7 +488,7 @@ def test_gradcheck_strided():
 
 @needs_native
 @pytest.mark.parametrize("seed", [0, 1])
-def test_conv1_in_float32_and_bfloat16_stays_near_torchs_own_error(seed):
+def test_conv1_in_float32_and_bfloat16_stays_near_torchs_own_error(seed, one_thread):
     """conv1 by its blocks, float32 and under bfloat16 autocast, against the float64 strided convolution:
     the output's and the filters' and bias's gradients' largest errors stay within 2x (float32; measured
     0.3x for the output) and 2.5x (bfloat16; measured 1.7x) of torch's own direct convolution's."""
@@ -507,7 +517,7 @@ def test_conv1_in_float32_and_bfloat16_stays_near_torchs_own_error(seed):
 
 
 @needs_native
-def test_the_strided_path_takes_conv1s_case_only():
+def test_the_strided_path_takes_conv1s_case_only(one_thread):
     winograd.set_kernel("winograd")
     x = torch.randn(1, 3, 227, 227)
     w = torch.randn(96, 3, 11, 11)
@@ -518,6 +528,9 @@ def test_the_strided_path_takes_conv1s_case_only():
             (4, 0, 1, 1, w, torch.randn(1, 3, 226, 226)),  # 57 blocks, but 54 outputs
             (4, 0, 1, 1, w.half(), x.half())]:
         assert not winograd.applies_strided(image, weight, stride, padding, dilation, groups)
+    torch.set_num_threads(2)  # measured slower than oneDNN at two threads: STRIDED_THREADS
+    assert not winograd.applies_strided(x, w, 4, 0, 1, 1)
+    torch.set_num_threads(1)
     winograd.set_kernel("direct")
     assert not winograd.applies_strided(x, w, 4, 0, 1, 1)
     with pytest.raises(ValueError, match="54x54 outputs, its 4x4 blocks 55x55"):

@@ -61,6 +61,7 @@ WEIGHT_BLOCKS_PER_DU = 4  # each block adds to the whole filter gradient dU: blo
 ALL = 1 << 62  # a budget that makes one block of every tile
 KEEP_TRANSFORM = {3: True, 5: False}  # the forward keeps V for the backward (4x the input; 9x for 5x5)
 KEEP_TRANSFORM_BF16 = False  # bfloat16: making V again was 1-2% faster a training step than keeping it
+STRIDED_THREADS = 1  # conv1 by blocks only at this many torch threads: at 2 it made the step slower (docs)
 KEEP_STRIDED_TRANSFORM = False  # conv1's V is 16 MB a image in float32: made again, block by block, it was faster
 BACKWARD_BY_WINOGRAD = {3: True, 5: False}  # else the direct convolution's backward (oneDNN)
 
@@ -151,7 +152,8 @@ def applies(x: Tensor, weight: Tensor, stride, padding, dilation) -> bool:
 def applies_strided(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> bool:
     """Whether conv2d(x, weight, stride=stride) runs as `strided_conv` here: conv1's case, an unpadded
     square filter of k pixels at stride s > 1 with ceil(k / s) = 3, no groups, float32, float64 or
-    bfloat16 (autocast included), the kernel chosen and the library built."""
+    bfloat16 (autocast included), the kernel chosen, the library built, and torch at STRIDED_THREADS
+    threads (one, as each torchrun rank runs: at two the evaluation forward was 7-21% slower with it)."""
     s, k = _pair(stride), weight.shape[2]
     if x.device.type != "cpu" or x.dim() != 4 or storage(x, weight) is None or s[0] != s[1] or s[0] < 2:
         return False
@@ -161,7 +163,7 @@ def applies_strided(x: Tensor, weight: Tensor, stride, padding, dilation, groups
         return False
     if any(-(-n // f) - -(-k // f) + 1 != (n - k) // f + 1 for n in x.shape[2:]):
         return False  # the blocks' convolution would have another size (strided_conv says which)
-    return kernel() == "winograd" and load() is not None
+    return torch.get_num_threads() == STRIDED_THREADS and kernel() == "winograd" and load() is not None
 
 
 def _pair(v) -> tuple:
@@ -411,7 +413,7 @@ class _WinogradConv(torch.autograd.Function):
     @once_differentiable  # the C transforms have no derivative of their own: a second derivative raises
     def backward(ctx, grad_y: Tensor):
         x, u_or_weight, v = ctx.saved_tensors
-        grad_y = _channels_last(grad_y)
+        grad_y = _channels_last(grad_y.to(x.dtype))  # the kernels read it as x's dtype (autograd gives y's)
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
         if not ctx.by_winograd:
             return (*_direct_backward(grad_y, x, u_or_weight, ctx.groups, ctx.pad, want), None, None, None)
