@@ -2,6 +2,7 @@
 interpreter's finalization (where that can abort a finished run: repro/dist.py)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ def test_no_gloo_thread_outlives_shutdown():
     r = subprocess.run([str(torchrun), "--nproc_per_node=2", "tests/shutdown_worker.py"], cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    lines = [line for line in r.stdout.splitlines() if "threads after shutdown" in line]
-    assert len(lines) == 2, r.stdout + r.stderr
-    for line in lines:
-        assert "gloo" not in line, line
+    reports = dict(re.findall(r"rank (\d) threads after shutdown: (\[[^\]]*\])", r.stdout))
+    assert sorted(reports) == ["0", "1"], r.stdout + r.stderr
+    for rank, names in reports.items():
+        assert "gloo" not in names, (rank, names)

@@ -1,7 +1,9 @@
 /* The transforms of Winograd's minimal filtering F(2x2, rxr) (Lavin and Gray, "Fast Algorithms for
- * Convolutional Neural Networks", 2015) for the paper's "same" convolutions on the CPU: conv3-conv5
- * (3x3, padding 1) by F(2x2, 3x3) and conv2 (5x5, padding 2) by F(2x2, 5x5); the matrix products between
- * the transforms are torch's (repro/model/winograd.py). The output is cut into 2x2 tiles; each tile's
+ * Convolutional Neural Networks", 2015) for the paper's convolutions on the CPU: conv3-conv5 (3x3,
+ * padding 1) by F(2x2, 3x3), conv2 (5x5, padding 2) by F(2x2, 5x5), and conv1 as an unpadded 3x3
+ * convolution of its 4x4 blocks of pixels (cut by space_to_depth below) by F(2x2, 3x3); the matrix
+ * products between the transforms are torch's (repro/model/winograd.py). The output is cut into 2x2
+ * tiles (Shape says how many, from the output's size, and the input's padding); each tile's
  * n x n input patch d (n = r + 1) and each r x r filter g are carried into an n*n-point domain,
  *
  *     V = Bt d B,    U = G g Gt,    M = sum over input channels of U * V (n*n matrix products),
@@ -25,7 +27,8 @@
  * transformed tensors are (groups, n*n, tiles, channels of one group), each of the n*n x groups matrices
  * contiguous for the products. Tiles are numbered (b * tiles_h + tile row) * tiles_w + tile column.
  * The filters are read, and their gradient written, in whatever dense layout they have (their strides).
- * Work is split over images: the backward's overlapping patches of one image stay in one thread.
+ * Activations and their transforms are float32, float64, or (3x3, bfloat16 autocast) bfloat16 summed in
+ * float32; the input gradient is accumulated in the float type.
  *
  * The backward kernels are the forward ones' exact adjoints: dM = A dY At, dd = B dV Bt summed over the
  * overlapping patches (with the rows and columns outside the image dropped, as padding is), dw = Gt dU G.
