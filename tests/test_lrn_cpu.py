@@ -113,7 +113,9 @@ def test_benchmark_table_has_a_row_per_shape_and_layout_and_numbers_parse(capsys
     assert len(cells) == 2 * 3 + 2 * 2  # fwd and fwd+bwd of three kernels; speed-up and errors of two
     times, speedups, errs = cells[:6], cells[6:8], cells[8:]
     assert (shape, layout) == ("small (4, 12, 5, 5)", "channels_last")
-    assert all(float(t) > 0 for t in times) and all(float(s.rstrip("x")) > 0 for s in speedups)
+    # times print to 0.1 ms, which a 4x12x5x5 tensor's native kernel can round to 0.0 on a fast core (it did
+    # in CI on a Zen 4); the speed-ups come from the unrounded times
+    assert all(float(t) >= 0 for t in times) and all(float(s.rstrip("x")) > 0 for s in speedups)
     assert all(float(e) < 1e-5 for pair in errs for e in pair.split(" / "))  # float32 rounding: the same function
 
 
