@@ -466,17 +466,42 @@ def test_conv1_as_a_stride_1_convolution_of_blocks_is_the_strided_convolution(ba
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("size, f, layout", [(227, 4, "channels_last"), (10, 3, "channels_last"), (9, 2, "nchw")])
+@pytest.mark.parametrize("size, f, layout", [(227, 4, "channels_last"), (10, 3, "channels_last"), (9, 2, "nchw"),
+                                           (11, 4, "sliced")])
 def test_space_to_depth_in_c_is_torchs_reshape(dtype, size, f, layout):
     """The C kernel cuts the same blocks as torch's reshapes, bit for bit, zeros past the edge included, from
-    channels_last images and (copied first) NCHW ones."""
-    x = torch.randn(2, 3, size, size).to(dtype)
+    channels_last images, from channel slices of them (pixels 4 values apart, 3 read) and (copied first)
+    NCHW ones; a float32 image also straight into bfloat16 blocks."""
+    x = torch.randn(2, 4 if layout == "sliced" else 3, size, size).to(dtype)
     x[0, 1, 0, 0] = float("nan")
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+    if layout in ("channels_last", "sliced"):
+        x = x.contiguous(memory_format=torch.channels_last)[:, :3]
+        assert x.stride(1) == 1 and x.stride(3) == (4 if layout == "sliced" else 3)
+    if dtype == torch.float32:
+        torch.testing.assert_close(winograd.space_to_depth(x, f, torch.bfloat16),
+                                   winograd._to_depth(x.to(torch.bfloat16), f), rtol=0, atol=0, equal_nan=True)
     ours = winograd.space_to_depth(x, f)
     assert ours.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(ours, winograd._to_depth(x, f), rtol=0, atol=0, equal_nan=True)
+
+
+@needs_native
+@pytest.mark.parametrize("size", [227, 9, 6])
+def test_a_float32_image_cut_into_bfloat16_blocks_is_rounded_as_torchs_cast(size):
+    """Autocast's conv1: the C cut reads the float32 image and writes bfloat16 blocks, rounding each pixel in
+    the same pass. The same bits as torch's cast, then its reshapes: ties to even (1 + 2^-8 down, 1 + 3 *
+    2^-8 up), the largest values, infinities, NaN and the zeros past the edge included."""
+    x = torch.randn(2, 3, size, size)
+    special = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 3.3895e38, float("inf"), float("-inf"),
+                            float("nan"), -0.0, 1e-40])
+    x.view(-1)[:special.numel()] = special
+    x = x.contiguous(memory_format=torch.channels_last)
+    ours = winograd.space_to_depth(x, 4, torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and ours.is_contiguous(memory_format=torch.channels_last)
+    theirs = winograd._to_depth(x.to(torch.bfloat16), 4)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    numbers = ~theirs.isnan()  # a NaN's sign is not a number's: torch's vector cast sets it, its scalar one not
+    assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours[numbers].signbit(), theirs[numbers].signbit())
 
 
 @needs_native

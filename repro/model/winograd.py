@@ -107,6 +107,7 @@ def _declare(lib: ctypes.CDLL) -> None:
                 fn.argtypes = args + [i64, i64, c_int]  # items first .. last - 1, split over `threads`
                 fn.restype = c_int
         getattr(lib, f"wino_width_{suffix}").restype = c_int
+    for suffix in (*_SUFFIX.values(), "f32_bf16"):  # f32_bf16: a float32 image cut into bfloat16 blocks
         to_depth = getattr(lib, f"wino_space_to_depth_{suffix}")
         to_depth.argtypes, to_depth.restype = [ptr, _Shape, i64, ptr, i64, i64, c_int], c_int
     lib.wino_openmp.restype = c_int
@@ -199,15 +200,20 @@ def _to_depth(t: Tensor, f: int) -> Tensor:
     return blocks.permute(0, 3, 5, 1, 2, 4).reshape(n, f * f * c, hb, wb)
 
 
-def space_to_depth(x: Tensor, f: int) -> Tensor:
-    """`_to_depth(x, f)`, channels_last: by winograd_native.c (one pass, a run of f pixels at a time) where
-    no gradient to x is wanted, as for a network's images; else by torch's reshapes."""
+def space_to_depth(x: Tensor, f: int, dtype: torch.dtype | None = None) -> Tensor:
+    """`_to_depth(x.to(dtype), f)`, channels_last: by winograd_native.c (one pass, a run of f pixels at a time;
+    a float32 x cut into bfloat16 blocks is rounded in the same pass) where no gradient to x is wanted, as
+    for a network's images; else by torch's cast and reshapes."""
+    dtype = x.dtype if dtype is None else dtype
     if torch.is_grad_enabled() and x.requires_grad:
-        return _to_depth(x, f).contiguous(memory_format=torch.channels_last)
+        return _to_depth(x.to(dtype), f).contiguous(memory_format=torch.channels_last)
+    if x.dtype != dtype and (x.dtype, dtype) != (torch.float32, torch.bfloat16):
+        x = x.to(dtype)  # no C kernel for this pair: torch casts first
     x = _channels_last(x)
     b, c, h, w = x.shape
-    out = torch.empty((b, f * f * c, -(-h // f), -(-w // f)), dtype=x.dtype, memory_format=torch.channels_last)
-    _run_function(f"wino_space_to_depth_{_SUFFIX[x.dtype]}", b, x.data_ptr(), _shape(x, 1, (0, 0)), f, out.data_ptr())
+    out = torch.empty((b, f * f * c, -(-h // f), -(-w // f)), dtype=dtype, memory_format=torch.channels_last)
+    kernel = _SUFFIX[x.dtype] if x.dtype == dtype else "f32_bf16"
+    _run_function(f"wino_space_to_depth_{kernel}", b, x.data_ptr(), _shape(x, 1, (0, 0)), f, out.data_ptr())
     return out
 
 
@@ -225,10 +231,8 @@ def strided_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int) ->
         raise ValueError(f"strided_conv: a {k}x{k} filter at stride {stride} gives {direct[0]}x{direct[1]} outputs, "
                          f"its {stride}x{stride} blocks {blocks[0]}x{blocks[1]}; use torch's conv2d "
                          "(applies_strided is false)")
-    if storage(x, weight) == torch.bfloat16:
-        x = x.to(torch.bfloat16)  # rounded before it is cut, as autocast would round it: half the bytes to move
-    return conv(space_to_depth(x, stride), _to_depth(weight, stride), bias, 1, padding=0,
-                keep=KEEP_STRIDED_TRANSFORM)
+    blocks = space_to_depth(x, stride, storage(x, weight))  # under autocast rounded to bfloat16, as autocast would
+    return conv(blocks, _to_depth(weight, stride), bias, 1, padding=0, keep=KEEP_STRIDED_TRANSFORM)
 
 
 class Conv2d(nn.Conv2d):

@@ -393,30 +393,78 @@ int wino##R##_grad_weight_##SUFFIX(const T *du, Filters fs, T *dw, int64_t first
 
 /* out (B, ceil(H / f), ceil(W / f), f*f*C; contiguous) = x (B, H, W, C; channels_last, strides s) cut into
  * f x f blocks: channel (dy * f + dx) * C + c of block (h, w) is x[f h + dy, f w + dx, c], 0 past the edge;
- * images lo .. hi - 1. A stride-f convolution of x is a stride-1 one of out (repro/model/winograd.py). */
-#define DEFINE_SPACE_TO_DEPTH(SUFFIX, S)                                                                    \
-static int space_to_depth_range_##SUFFIX(const S *x, Shape s, int64_t f, S *out, int64_t lo, int64_t hi) {  \
+ * images lo .. hi - 1. A stride-f convolution of x is a stride-1 one of out (repro/model/winograd.py).
+ * S is x's storage type, D out's. Each block is written whole, in order, f runs of f * C values from f
+ * rows; conv1's run of 12 (f = 4, 3 colours) by a copy of constant length, which the compiler turns into
+ * a few vector moves (a call to memcpy per 12 values cost more than the copying). A row is first made a
+ * dense run of D by ROW: itself where it is one already; a float32 image's rows rounded to bfloat16 as
+ * torch's cast rounds, a vector at a time, so the cast is not a pass over memory of its own. */
+static inline const float *row_f32(const float *x, int64_t s_w, int64_t c, int64_t w, float *buf) {
+    if (s_w == c) return x;
+    for (int64_t p = 0; p < w; p++) memcpy(buf + p * c, x + p * s_w, sizeof(float) * c);
+    return buf;
+}
+static inline const double *row_f64(const double *x, int64_t s_w, int64_t c, int64_t w, double *buf) {
+    if (s_w == c) return x;
+    for (int64_t p = 0; p < w; p++) memcpy(buf + p * c, x + p * s_w, sizeof(double) * c);
+    return buf;
+}
+static inline const bf16_t *row_bf16(const bf16_t *x, int64_t s_w, int64_t c, int64_t w, bf16_t *buf) {
+    if (s_w == c) return x;
+    for (int64_t p = 0; p < w; p++) memcpy(buf + p * c, x + p * s_w, sizeof(bf16_t) * c);
+    return buf;
+}
+static inline const bf16_t *row_f32_bf16(const float *x, int64_t s_w, int64_t c, int64_t w, bf16_t *buf) {
+    const float *dense = x;
+    float *f = NULL;
+    if (s_w != c) { /* gather the row first (not the network's case: its images are dense) */
+        f = malloc(sizeof(float) * w * c);
+        if (!f) return NULL;
+        for (int64_t p = 0; p < w; p++) memcpy(f + p * c, x + p * s_w, sizeof(float) * c);
+        dense = f;
+    }
+    const int64_t n = w * c, width = sizeof(vec_f32) / sizeof(float);
+    int64_t i = 0;
+    for (; i + width <= n; i += width) bf16_store_vec(buf + i, LD(vec_f32, dense + i));
+    for (; i < n; i++) buf[i] = bf16_store(dense[i]);
+    free(f);
+    return buf;
+}
+#define DEFINE_SPACE_TO_DEPTH(SUFFIX, S, D)                                                                 \
+static int space_to_depth_range_##SUFFIX(const S *restrict x, Shape s, int64_t f, D *restrict out, int64_t lo, \
+                                        int64_t hi) {                                                       \
     const int64_t hb = (s.height + f - 1) / f, wb = (s.width + f - 1) / f, run = f * s.channels;           \
+    const int64_t row_len = s.width * s.channels;                                                           \
+    D *buf = malloc(sizeof(D) * f * row_len); /* f rows, where they must be made dense */                  \
+    const D **rows = malloc(sizeof(D *) * f);                                                               \
+    if (!buf || !rows) { free(buf); free(rows); return 1; }                                                 \
     for (int64_t b = lo; b < hi; b++)                                                                       \
-        for (int64_t h = 0; h < hb; h++)                                                                    \
+        for (int64_t h = 0; h < hb; h++) {                                                                  \
             for (int64_t dy = 0; dy < f; dy++) {                                                            \
                 const int64_t r = f * h + dy;                                                               \
-                S *o = out + (b * hb + h) * wb * f * run + dy * run;                                        \
-                for (int64_t w = 0; w < wb; w++) {                                                          \
-                    S *dst = o + w * f * run;                                                               \
-                    const int64_t pixels = r < s.height ? (s.width - f * w < f ? s.width - f * w : f) : 0;  \
-                    const S *src = x + b * s.s_b + r * s.s_h + f * w * s.s_w;                               \
-                    if (s.s_w == s.channels) /* the block's pixels are one run */                           \
-                        memcpy(dst, src, sizeof(S) * pixels * s.channels);                                  \
-                    else                                                                                    \
-                        for (int64_t dx = 0; dx < pixels; dx++)                                             \
-                            memcpy(dst + dx * s.channels, src + dx * s.s_w, sizeof(S) * s.channels);        \
-                    memset(dst + pixels * s.channels, 0, sizeof(S) * (f - pixels) * s.channels);            \
-                }                                                                                           \
+                rows[dy] = r < s.height                                                                     \
+                    ? row_##SUFFIX(x + b * s.s_b + r * s.s_h, s.s_w, s.channels, s.width, buf + dy * row_len) \
+                    : NULL;                                                                                 \
+                if (r < s.height && !rows[dy]) { free(buf); free(rows); return 1; }                         \
             }                                                                                               \
+            D *dst = out + (b * hb + h) * wb * f * run;                                                     \
+            for (int64_t w = 0; w < wb; w++)                                                                \
+                for (int64_t dy = 0; dy < f; dy++, dst += run) {                                            \
+                    const int64_t pixels = rows[dy] ? (s.width - f * w < f ? s.width - f * w : f) : 0;      \
+                    if (pixels == f && run == 12)                                                           \
+                        memcpy(dst, rows[dy] + f * w * s.channels, 12 * sizeof(D));                         \
+                    else {                                                                                  \
+                        if (pixels)                                                                         \
+                            memcpy(dst, rows[dy] + f * w * s.channels, sizeof(D) * pixels * s.channels);    \
+                        memset(dst + pixels * s.channels, 0, sizeof(D) * (f - pixels) * s.channels);        \
+                    }                                                                                       \
+                }                                                                                           \
+        }                                                                                                   \
+    free(buf);                                                                                              \
+    free(rows);                                                                                             \
     return 0;                                                                                               \
 }                                                                                                           \
-int wino_space_to_depth_##SUFFIX(const S *x, Shape s, int64_t f, S *out, int64_t first, int64_t last,       \
+int wino_space_to_depth_##SUFFIX(const S *x, Shape s, int64_t f, D *out, int64_t first, int64_t last,       \
                                  int threads) {                                                             \
     IN_THREADS(threads, first, last, space_to_depth_range_##SUFFIX(x, s, f, out, lo, hi));                  \
 }
@@ -433,9 +481,10 @@ DEFINE_ACTIVATIONS(3, 4, f64, double, vec_f64, BT3, AT3, double, SAME)
 DEFINE_ACTIVATIONS(3, 4, bf16, float, vec_f32, BT3, AT3, bf16_t, BF16)
 DEFINE_ACTIVATIONS(5, 6, f32, float, vec_f32, BT5, AT5, float, SAME)
 DEFINE_ACTIVATIONS(5, 6, f64, double, vec_f64, BT5, AT5, double, SAME)
-DEFINE_SPACE_TO_DEPTH(f32, float)
-DEFINE_SPACE_TO_DEPTH(f64, double)
-DEFINE_SPACE_TO_DEPTH(bf16, bf16_t)
+DEFINE_SPACE_TO_DEPTH(f32, float, float)
+DEFINE_SPACE_TO_DEPTH(f64, double, double)
+DEFINE_SPACE_TO_DEPTH(bf16, bf16_t, bf16_t)
+DEFINE_SPACE_TO_DEPTH(f32_bf16, float, bf16_t)
 DEFINE_FILTERS(3, 4, f32, float, G3)
 DEFINE_FILTERS(3, 4, f64, double, G3)
 DEFINE_FILTERS(5, 6, f32, float, G5)
