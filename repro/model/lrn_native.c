@@ -28,9 +28,90 @@
 #define PLAIN(v) (v)
 #define INLINE static inline __attribute__((always_inline))
 
+/* The paper's LRN in float (beta = 3/4, size 5), 16 values at a time, where the CPU has a reciprocal square
+ * root estimate (AVX-512F: 14 bits; AVX: 12 bits, on each half): D^-1/2 and D^-1/4 by one Newton step
+ * from the estimate each, D^-3/4 = (D^-1/2)^2 D^1/4 and 1/D = (D^-1/2)^2, instead of two square roots and a
+ * division, which took 40-60% of the kernels' time (docs/benchmarks.md). Within about 4 float32
+ * roundings of the exact power, where the square roots and division were within 3. An infinite D
+ * (squares that overflowed) gives 0 for both, as the division does. Elsewhere these return 0 and the
+ * loops below in T run instead. The tile length n is a multiple of 16 (both layouts' tiles are). */
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#define LRN_FAST 1
+typedef float lrn_vf __attribute__((vector_size(64)));
+typedef int32_t lrn_vi __attribute__((vector_size(64)));
+#define LRN_LD(p) __extension__({ lrn_vf v_; memcpy(&v_, (p), sizeof v_); v_; })
+#define LRN_ST(p, v) do { lrn_vf w_ = (v); memcpy((p), &w_, sizeof w_); } while (0)
+
+static inline lrn_vf lrn_rsqrt(lrn_vf d) {  /* d^-1/2: the estimate, then one Newton step */
+#if defined(__AVX512F__)
+    lrn_vf r = (lrn_vf)_mm512_rsqrt14_ps((__m512)d);
+#else
+    lrn_vf r;
+    __m256 half[2];
+    memcpy(half, &d, sizeof half);
+    half[0] = _mm256_rsqrt_ps(half[0]), half[1] = _mm256_rsqrt_ps(half[1]);
+    memcpy(&r, half, sizeof r);
+#endif
+    return r * (1.5f - (0.5f * d) * (r * r));
+}
+
+/* *p = D^-3/4 and *inv = 1/D, 0 where D is infinite (NaN stays NaN) */
+static inline void lrn_powers(lrn_vf d, lrn_vf *p, lrn_vf *inv) {
+    const lrn_vf u = lrn_rsqrt(d), uu = u * u;
+    const lrn_vi finite = (lrn_vi)(d != (lrn_vf){0} + INFINITY);
+    *p = (lrn_vf)((lrn_vi)(uu * lrn_rsqrt(u)) & finite);
+    *inv = (lrn_vf)((lrn_vi)uu & finite);
+}
+
+static inline lrn_vf lrn_relu(lrn_vf x) {  /* as torch.where(x < 0, 0, x): NaN passes */
+    return (lrn_vf)((lrn_vi)x & ~(lrn_vi)(x < 0));
+}
+
+static inline lrn_vf lrn_window5(const float *sq, int64_t i, int64_t step) {  /* as NAME##_window, in order */
+    const float *first = sq + i - 2 * step;
+    return LRN_LD(first) + LRN_LD(first + step) + LRN_LD(first + 2 * step) + LRN_LD(first + 3 * step)
+           + LRN_LD(first + 4 * step);
+}
+
+/* The paper's forward over a tile (sq holds the squares, with margins): 1 where it ran */
+static inline int lrn_fast_forward(const float *restrict x, float *restrict y, const float *restrict sq, int64_t n,
+                                   int64_t step, float scale, float k, int relu) {
+    if (n % 16) return 0;
+    for (int64_t i = 0; i < n; i += 16) {
+        const lrn_vf xv = LRN_LD(x + i), a = relu ? lrn_relu(xv) : xv;
+        lrn_vf p, inv;
+        lrn_powers(k + scale * lrn_window5(sq, i, step), &p, &inv);
+        LRN_ST(y + i, a * p);
+    }
+    return 1;
+}
+
+/* The paper's backward's first pass: g = g D^-3/4, t = g D^-3/4 a / D: 1 where it ran */
+static inline int lrn_fast_backward(const float *restrict x, float *restrict g, float *restrict t,
+                                    const float *restrict sq, int64_t n, int64_t step, float scale, float k,
+                                    int relu) {
+    if (n % 16) return 0;
+    for (int64_t i = 0; i < n; i += 16) {
+        const lrn_vf xv = LRN_LD(x + i), a = relu ? lrn_relu(xv) : xv;
+        lrn_vf p, inv;
+        lrn_powers(k + scale * lrn_window5(sq, i, step), &p, &inv);
+        const lrn_vf gm = LRN_LD(g + i) * p;
+        LRN_ST(g + i, gm);
+        LRN_ST(t + i, gm * a * inv);
+    }
+    return 1;
+}
+#else
+#define LRN_FAST 0
+#define lrn_fast_forward(...) 0
+#define lrn_fast_backward(...) 0
+#endif
+#define LRN_NO_FAST(...) 0 /* float64: the square roots and division, the reference's own operations */
+
 /* S: storage type, T: compute type. A tile's buffers hold `total` elements after a margin of `margin`
  * zeros (margin = r * step); the window of element i is elements i - margin .. i + margin, step apart. */
-#define DEFINE_LRN(NAME, S, T, LOAD, STORE, SQRT, POW)                                                     \
+#define DEFINE_LRN(NAME, S, T, LOAD, STORE, SQRT, POW, FAST_FORWARD, FAST_BACKWARD)                                                     \
 typedef struct {                                                                                          \
     int64_t runs, len, stride, width, offset; /* runs of len elements, stride apart in memory, width    \
                                                  apart in the buffer, from buffer element offset */       \
@@ -75,6 +156,7 @@ INLINE T NAME##_inverse_power(T d, T beta, int three_quarters) {                
 INLINE void NAME##_forward_tile(const T *restrict x, T *restrict y, T *restrict sq, int64_t n, int size,  \
                                 int64_t step, T scale, T beta, T k, int relu, int paper) {               \
     NAME##_squares(x, sq, n, relu);                                                                       \
+    if (paper && FAST_FORWARD(x, y, sq, n, step, scale, k, relu)) return;                                 \
     for (int64_t i = 0; i < n; i++) {                                                                     \
         T a = relu && x[i] < 0 ? 0 : x[i];                                                                \
         y[i] = a * NAME##_inverse_power(k + scale * NAME##_window(sq, i, size, step), beta, paper);              \
@@ -87,7 +169,8 @@ INLINE void NAME##_backward_tile(const T *restrict x, T *restrict g, T *restrict
                                  int relu, int paper) {                                                              \
     T coef = (T)2 * scale * beta;                                                                         \
     NAME##_squares(x, sq, n, relu);                                                                       \
-    for (int64_t i = 0; i < n; i++) {                                                                     \
+    int fast = paper && FAST_BACKWARD(x, g, t, sq, n, step, scale, k, relu); /* the first loop's work */   \
+    for (int64_t i = 0; i < n && !fast; i++) {                                                            \
         T a = relu && x[i] < 0 ? 0 : x[i];                                                                \
         T d = k + scale * NAME##_window(sq, i, size, step);                                               \
         T gm = g[i] * NAME##_inverse_power(d, beta, paper); /* g D^-beta, the first term */                      \
@@ -269,6 +352,6 @@ int NAME##_forward_pool_all(const S *x, S *out, int64_t channels, int64_t height
 
 DEFINE_OPENMP_QUERY(lrn)
 
-DEFINE_LRN(lrn_f32, float, float, PLAIN, PLAIN, sqrtf, powf)
-DEFINE_LRN(lrn_f64, double, double, PLAIN, PLAIN, sqrt, pow)
-DEFINE_LRN(lrn_bf16, bf16_t, float, bf16_load, bf16_store, sqrtf, powf)
+DEFINE_LRN(lrn_f32, float, float, PLAIN, PLAIN, sqrtf, powf, lrn_fast_forward, lrn_fast_backward)
+DEFINE_LRN(lrn_f64, double, double, PLAIN, PLAIN, sqrt, pow, LRN_NO_FAST, LRN_NO_FAST)
+DEFINE_LRN(lrn_bf16, bf16_t, float, bf16_load, bf16_store, sqrtf, powf, lrn_fast_forward, lrn_fast_backward)
