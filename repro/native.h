@@ -33,6 +33,26 @@ static inline bf16_t bf16_store(float f) {
     return (bf16_t)(u >> 16);
 }
 
+
+/* 16 floats, GCC's vector extension (AVX-512's width; two AVX registers elsewhere), and the same 16 values
+ * as bfloat16: loaded exactly, stored rounded as bf16_store rounds each lane. */
+typedef float vec_f32 __attribute__((vector_size(64)));
+typedef uint16_t vec_bf16 __attribute__((vector_size(32)));
+typedef uint32_t vec_u32 __attribute__((vector_size(64)));
+typedef int32_t vec_i32 __attribute__((vector_size(64)));
+static inline vec_f32 bf16_load_vec(const bf16_t *p) {
+    vec_bf16 h;
+    memcpy(&h, p, sizeof h);
+    return (vec_f32)(__builtin_convertvector(h, vec_u32) << 16);
+}
+static inline void bf16_store_vec(bf16_t *p, vec_f32 f) {  /* bf16_store, lane by lane */
+    const vec_u32 u = (vec_u32)f;
+    const vec_u32 nan = (vec_u32)((vec_i32)(u & 0x7fffffffu) > 0x7f800000);
+    const vec_u32 out = (nan & ((u >> 16) | 0x40u)) | (~nan & ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16));
+    const vec_bf16 h = __builtin_convertvector(out, vec_bf16);
+    memcpy(p, &h, sizeof h);
+}
+
 #ifdef _OPENMP
 #include <omp.h>
 #define NATIVE_OPENMP 1

@@ -97,6 +97,51 @@ def test_bfloat16_is_computed_in_float_and_rounded_once():
                                rtol=3e-2, atol=3e-2)
 
 
+# (channels, groups): the network's 96 in two towers of 48 and 256 in two of 128 (channels_last goes pixel by
+# pixel where a group is whole vectors of 16, on CPUs with AVX), one group of 64; 40 in two of 20 stay on
+# the tile code in both layouts
+PIXEL_CASES = [(96, 2), (256, 2), (64, 1), (40, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels,groups", PIXEL_CASES)
+def test_channels_last_pixel_by_pixel_gives_the_tile_codes_bits(dtype, channels, groups):
+    """channels_last at the network's group sizes runs pixel kernels that read and write memory directly
+    (the window's neighbours shifted in across vectors); NCHW runs the tile code. Forward, backward (NaN
+    included) and the fused pooling: the same bits in both layouts, on every CPU."""
+    x = _with_nans(_inputs((3, channels, 7, 9), channels_last=False).to(dtype))
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    args = (5, CFG.sum_scale, 0.75, CFG.k, groups, True)
+    nchw, cl = x, x.contiguous(memory_format=torch.channels_last)
+    assert x.isnan().any() and _same(lrn_native.forward(cl, *args), lrn_native.forward(nchw, *args))
+    finite = x.nan_to_num(1.0)
+    assert _same(lrn_native.backward(g.contiguous(memory_format=torch.channels_last),
+                                     finite.contiguous(memory_format=torch.channels_last), *args),
+                 lrn_native.backward(g, finite, *args))
+    assert _same(lrn_native.forward_pool(cl, *args, 3, 2),
+                 torch.nn.functional.max_pool2d(lrn_native.forward(nchw, *args), 3, 2))
+
+
+@pytest.mark.parametrize("channels,groups", PIXEL_CASES[:2])
+def test_float32_stays_within_a_few_roundings_of_float64(channels, groups):
+    """The float32 kernels (the power from the CPU's reciprocal square root estimate where it has one) at the
+    network's shapes, both layouts, against the float64 kernel: the output within 4 float32 roundings
+    relative to each value (measured 3.0), the input gradient within 4 of its largest value (measured 2.0)."""
+    eps = torch.finfo(torch.float32).eps
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, channels, 13, 13, generator=gen, dtype=torch.float64) \
+        * torch.logspace(-2, 3, 13, dtype=torch.float64).view(1, 1, 13, 1)  # windows of small and large sums
+    g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    args = (5, CFG.sum_scale, 0.75, CFG.k, groups, True)
+    y64, dx64 = lrn_native.forward(x, *args), lrn_native.backward(g, x, *args)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x32, g32 = x.float().contiguous(memory_format=layout), g.float().contiguous(memory_format=layout)
+        y32, dx32 = lrn_native.forward(x32, *args), lrn_native.backward(g32, x32, *args)
+        nonzero = y64 != 0
+        assert ((y32.double() - y64).abs()[nonzero] / y64.abs()[nonzero]).max() <= 4 * eps
+        assert (dx32.double() - dx64).abs().max() <= 4 * eps * dx64.abs().max()
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_threads_split_the_tiles_and_give_the_same_bits(channels_last):
     x = _inputs((3, 16, 20, 21), channels_last).float()

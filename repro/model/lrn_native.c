@@ -13,6 +13,9 @@
  * tiles are [channel][pixel] (step = pixels per tile), with r rows of zeros before and after. Every
  * loop then runs over the whole flat buffer, contiguous, which the compiler vectorises (the padding
  * computes zeros), and a window sum is `size` shifted loads. Each copy reads contiguous runs of memory.
+ * channels_last layers whose groups are whole vectors of 16 channels (the network's 48 and 128) skip the
+ * tiles where the CPU has AVX: the paper's LRN runs pixel by pixel straight from memory, its window's
+ * neighbours shifted in across the group's vectors, with the tile code's bits (lrn_pixel_* below).
  * Storage types: float, double, and bfloat16 (computed in float, rounded once when stored).
  */
 #include <math.h>
@@ -31,23 +34,21 @@
 /* The paper's LRN in float (beta = 3/4, size 5), 16 values at a time, where the CPU has a reciprocal square
  * root estimate (AVX-512F: 14 bits; AVX: 12 bits, on each half): D^-1/2 and D^-1/4 by one Newton step
  * from the estimate each, D^-3/4 = (D^-1/2)^2 D^1/4 and 1/D = (D^-1/2)^2, instead of two square roots and a
- * division, which took 40-60% of the kernels' time (docs/benchmarks.md). Within about 4 float32
- * roundings of the exact power, where the square roots and division were within 3. An infinite D
+ * division, which took 40-60% of the kernels' time (docs/benchmarks.md). Within about 3 float32
+ * roundings of the exact power, where the square roots and division were within 2.5. An infinite D
  * (squares that overflowed) gives 0 for both, as the division does. Elsewhere these return 0 and the
  * loops below in T run instead. The tile length n is a multiple of 16 (both layouts' tiles are). */
 #if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #define LRN_FAST 1
-typedef float lrn_vf __attribute__((vector_size(64)));
-typedef int32_t lrn_vi __attribute__((vector_size(64)));
-#define LRN_LD(p) __extension__({ lrn_vf v_; memcpy(&v_, (p), sizeof v_); v_; })
-#define LRN_ST(p, v) do { lrn_vf w_ = (v); memcpy((p), &w_, sizeof w_); } while (0)
+#define LRN_LD(p) __extension__({ vec_f32 v_; memcpy(&v_, (p), sizeof v_); v_; })
+#define LRN_ST(p, v) do { vec_f32 w_ = (v); memcpy((p), &w_, sizeof w_); } while (0)
 
-static inline lrn_vf lrn_rsqrt(lrn_vf d) {  /* d^-1/2: the estimate, then one Newton step */
+static inline vec_f32 lrn_rsqrt(vec_f32 d) {  /* d^-1/2: the estimate, then one Newton step */
 #if defined(__AVX512F__)
-    lrn_vf r = (lrn_vf)_mm512_rsqrt14_ps((__m512)d);
+    vec_f32 r = (vec_f32)_mm512_rsqrt14_ps((__m512)d);
 #else
-    lrn_vf r;
+    vec_f32 r;
     __m256 half[2];
     memcpy(half, &d, sizeof half);
     half[0] = _mm256_rsqrt_ps(half[0]), half[1] = _mm256_rsqrt_ps(half[1]);
@@ -57,18 +58,18 @@ static inline lrn_vf lrn_rsqrt(lrn_vf d) {  /* d^-1/2: the estimate, then one Ne
 }
 
 /* *p = D^-3/4 and *inv = 1/D, 0 where D is infinite (NaN stays NaN) */
-static inline void lrn_powers(lrn_vf d, lrn_vf *p, lrn_vf *inv) {
-    const lrn_vf u = lrn_rsqrt(d), uu = u * u;
-    const lrn_vi finite = (lrn_vi)(d != (lrn_vf){0} + INFINITY);
-    *p = (lrn_vf)((lrn_vi)(uu * lrn_rsqrt(u)) & finite);
-    *inv = (lrn_vf)((lrn_vi)uu & finite);
+static inline void lrn_powers(vec_f32 d, vec_f32 *p, vec_f32 *inv) {
+    const vec_f32 u = lrn_rsqrt(d), uu = u * u;
+    const vec_i32 finite = (vec_i32)(d != (vec_f32){0} + INFINITY);
+    *p = (vec_f32)((vec_i32)(uu * lrn_rsqrt(u)) & finite);
+    *inv = (vec_f32)((vec_i32)uu & finite);
 }
 
-static inline lrn_vf lrn_relu(lrn_vf x) {  /* as torch.where(x < 0, 0, x): NaN passes */
-    return (lrn_vf)((lrn_vi)x & ~(lrn_vi)(x < 0));
+static inline vec_f32 lrn_relu(vec_f32 x) {  /* as torch.where(x < 0, 0, x): NaN passes */
+    return (vec_f32)((vec_i32)x & ~(vec_i32)(x < 0));
 }
 
-static inline lrn_vf lrn_window5(const float *sq, int64_t i, int64_t step) {  /* as NAME##_window, in order */
+static inline vec_f32 lrn_window5(const float *sq, int64_t i, int64_t step) {  /* as NAME##_window, in order */
     const float *first = sq + i - 2 * step;
     return LRN_LD(first) + LRN_LD(first + step) + LRN_LD(first + 2 * step) + LRN_LD(first + 3 * step)
            + LRN_LD(first + 4 * step);
@@ -79,8 +80,8 @@ static inline int lrn_fast_forward(const float *restrict x, float *restrict y, c
                                    int64_t step, float scale, float k, int relu) {
     if (n % 16) return 0;
     for (int64_t i = 0; i < n; i += 16) {
-        const lrn_vf xv = LRN_LD(x + i), a = relu ? lrn_relu(xv) : xv;
-        lrn_vf p, inv;
+        const vec_f32 xv = LRN_LD(x + i), a = relu ? lrn_relu(xv) : xv;
+        vec_f32 p, inv;
         lrn_powers(k + scale * lrn_window5(sq, i, step), &p, &inv);
         LRN_ST(y + i, a * p);
     }
@@ -93,25 +94,88 @@ static inline int lrn_fast_backward(const float *restrict x, float *restrict g, 
                                     int relu) {
     if (n % 16) return 0;
     for (int64_t i = 0; i < n; i += 16) {
-        const lrn_vf xv = LRN_LD(x + i), a = relu ? lrn_relu(xv) : xv;
-        lrn_vf p, inv;
+        const vec_f32 xv = LRN_LD(x + i), a = relu ? lrn_relu(xv) : xv;
+        vec_f32 p, inv;
         lrn_powers(k + scale * lrn_window5(sq, i, step), &p, &inv);
-        const lrn_vf gm = LRN_LD(g + i) * p;
+        const vec_f32 gm = LRN_LD(g + i) * p;
         LRN_ST(g + i, gm);
         LRN_ST(t + i, gm * a * inv);
     }
     return 1;
 }
+
+/* channels_last, one pixel's group of 16 * nv channels at a time, straight from memory and back (no tile
+ * buffers): a window's neighbours are the lanes shifted in from the next vector down or up (zeros past
+ * the group's ends), summed in the tile code's order with the same powers, so the bits are the tile
+ * code's. The network's groups are 48 and 128 channels; up to LRN_PIXEL_VECTORS vectors. */
+#define LRN_PIXEL_VECTORS 16
+static inline vec_f32 lrn_lanes5(vec_f32 below, vec_f32 v, vec_f32 above) {  /* channels c-2 .. c+2, in order */
+    const vec_i32 m2 = {14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29};
+    const vec_i32 m1 = {15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30};
+    const vec_i32 p1 = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+    const vec_i32 p2 = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17};
+    return __builtin_shuffle(below, v, m2) + __builtin_shuffle(below, v, m1) + v + __builtin_shuffle(v, above, p1)
+           + __builtin_shuffle(v, above, p2);
+}
+static inline vec_f32 lrn_load_f32(const float *p) { return LRN_LD(p); }
+static inline void lrn_store_f32(float *p, vec_f32 v) { LRN_ST(p, v); }
+#define DEFINE_PIXEL(SUFFIX, S, LOADV, STOREV)                                                             \
+static inline void lrn_pixel_forward_##SUFFIX(const S *x, S *y, int nv, float scale, float k, int relu) {  \
+    vec_f32 a[LRN_PIXEL_VECTORS], sq[LRN_PIXEL_VECTORS + 2];                                              \
+    sq[0] = sq[nv + 1] = (vec_f32){0};                                                                    \
+    for (int j = 0; j < nv; j++) {                                                                        \
+        const vec_f32 xv = LOADV(x + 16 * j);                                                             \
+        a[j] = relu ? lrn_relu(xv) : xv;                                                                  \
+        sq[j + 1] = a[j] * a[j];                                                                          \
+    }                                                                                                     \
+    for (int j = 0; j < nv; j++) { /* y may be x (in place): every x was read above */                    \
+        vec_f32 p, inv;                                                                                   \
+        lrn_powers(k + scale * lrn_lanes5(sq[j], sq[j + 1], sq[j + 2]), &p, &inv);                        \
+        STOREV(y + 16 * j, a[j] * p);                                                                     \
+    }                                                                                                     \
+}                                                                                                         \
+static inline void lrn_pixel_backward_##SUFFIX(const S *gy, const S *x, S *dx, int nv, float scale,       \
+                                               float k, float coef, int relu) {                          \
+    vec_f32 a[LRN_PIXEL_VECTORS], sq[LRN_PIXEL_VECTORS + 2], gm[LRN_PIXEL_VECTORS];                       \
+    vec_f32 t[LRN_PIXEL_VECTORS + 2];                                                                     \
+    vec_i32 keep[LRN_PIXEL_VECTORS];                                                                      \
+    sq[0] = sq[nv + 1] = t[0] = t[nv + 1] = (vec_f32){0};                                                 \
+    for (int j = 0; j < nv; j++) {                                                                        \
+        const vec_f32 xv = LOADV(x + 16 * j);                                                             \
+        a[j] = relu ? lrn_relu(xv) : xv;                                                                  \
+        keep[j] = (vec_i32)(xv > 0); /* as torch's ReLU backward: 0 where x <= 0 */                       \
+        sq[j + 1] = a[j] * a[j];                                                                          \
+    }                                                                                                     \
+    for (int j = 0; j < nv; j++) {                                                                        \
+        vec_f32 p, inv;                                                                                   \
+        lrn_powers(k + scale * lrn_lanes5(sq[j], sq[j + 1], sq[j + 2]), &p, &inv);                        \
+        gm[j] = LOADV(gy + 16 * j) * p;                                                                   \
+        t[j + 1] = gm[j] * a[j] * inv;                                                                    \
+    }                                                                                                     \
+    for (int j = 0; j < nv; j++) {                                                                        \
+        const vec_f32 v = gm[j] - coef * a[j] * lrn_lanes5(t[j], t[j + 1], t[j + 2]);                    \
+        STOREV(dx + 16 * j, relu ? (vec_f32)((vec_i32)v & keep[j]) : v);                                  \
+    }                                                                                                     \
+}
+DEFINE_PIXEL(f32, float, lrn_load_f32, lrn_store_f32)
+DEFINE_PIXEL(bf16, bf16_t, bf16_load_vec, bf16_store_vec)
 #else
 #define LRN_FAST 0
 #define lrn_fast_forward(...) 0
 #define lrn_fast_backward(...) 0
+#define LRN_PIXEL_VECTORS 0
+#define lrn_pixel_forward_f32 lrn_no_pixels
+#define lrn_pixel_backward_f32 lrn_no_pixels
+#define lrn_pixel_forward_bf16 lrn_no_pixels
+#define lrn_pixel_backward_bf16 lrn_no_pixels
 #endif
 #define LRN_NO_FAST(...) 0 /* float64: the square roots and division, the reference's own operations */
+/* Where there are no pixel kernels (float64; CPUs without AVX) the tile code runs: never called */
+static inline void lrn_no_pixels(const void *first, ...) { (void)first; }
 
 /* S: storage type, T: compute type. A tile's buffers hold `total` elements after a margin of `margin`
  * zeros (margin = r * step); the window of element i is elements i - margin .. i + margin, step apart. */
-#define DEFINE_LRN(NAME, S, T, LOAD, STORE, SQRT, POW, FAST_FORWARD, FAST_BACKWARD)                                                     \
+#define DEFINE_LRN(NAME, S, T, LOAD, STORE, SQRT, POW, FAST_FORWARD, FAST_BACKWARD, PIXELS, PIXEL_FORWARD, PIXEL_BACKWARD)                                                     \
 typedef struct {                                                                                          \
     int64_t runs, len, stride, width, offset; /* runs of len elements, stride apart in memory, width    \
                                                  apart in the buffer, from buffer element offset */       \
@@ -207,6 +271,11 @@ static int64_t NAME##_place(NAME##_tile *tl, int channels_last, int64_t channels
     return channels_last ? p0 * channels + g * cg : g * cg * pixels + p0;                                 \
 }                                                                                                         \
                                                                                                           \
+/* Whether channels_last work goes pixel by pixel (the PIXEL_ kernels, straight from memory) */              \
+static inline int NAME##_by_pixels(int channels_last, int paper, int64_t cg) {                            \
+    return PIXELS && channels_last && paper && cg % 16 == 0 && cg / 16 <= LRN_PIXEL_VECTORS;              \
+}                                                                                                         \
+                                                                                                          \
 /* The forward's tile buffers: x and y tiles, and the squares with margins on both sides */               \
 static T *NAME##_forward_buffer(int64_t channels, int64_t groups, int channels_last, int size) {           \
     NAME##_tile tl = NAME##_shape(channels_last, channels / groups, size / 2);                             \
@@ -223,6 +292,18 @@ static void NAME##_forward_tiles(const S *x, S *y, int64_t channels, int64_t pix
     int64_t n = tl.total, mg = tl.margin;                                                                 \
     int paper = size == 5 && beta == 0.75;                                                                \
     T *xt = buf, *yt = xt + n, *sq = yt + n + mg; /* sq: margins both sides */                             \
+    if (NAME##_by_pixels(channels_last, paper, cg)) {                                                     \
+        for (int64_t t = tile0; t < tile1; t++) {                                                         \
+            int64_t b = t / tiles_per_image, p0 = (t % tiles_per_image) * per;                            \
+            int64_t end = pixels - p0 < per ? pixels : p0 + per;                                          \
+            for (int64_t p = p0; p < end; p++)                                                            \
+                for (int64_t g = 0; g < groups; g++) {                                                    \
+                    int64_t at = (b * pixels + p) * channels + g * cg;                                    \
+                    PIXEL_FORWARD(x + at, y + at, (int)(cg / 16), (float)scale, (float)k, relu);          \
+                }                                                                                         \
+        }                                                                                                 \
+        return;                                                                                           \
+    }                                                                                                     \
     for (int64_t t = tile0; t < tile1; t++) {                                                             \
         int64_t b = t / tiles_per_image, p0 = (t % tiles_per_image) * per;                                \
         int64_t count = pixels - p0 < per ? pixels - p0 : per;                                            \
@@ -305,6 +386,20 @@ int NAME##_backward(const S *grad_y, const S *x, S *grad_x, int64_t channels, in
     int64_t per = channels_last ? CL_PIXELS : NCHW_PIXELS, tiles_per_image = (pixels + per - 1) / per;   \
     int64_t n = tl.total, mg = tl.margin;                                                                 \
     int paper = size == 5 && beta == 0.75;                                                                \
+    if (NAME##_by_pixels(channels_last, paper, cg)) {                                                     \
+        const T coef = (T)2 * (T)scale * (T)0.75; /* as the tile code's */                                \
+        for (int64_t t = tile0; t < tile1; t++) {                                                         \
+            int64_t b = t / tiles_per_image, p0 = (t % tiles_per_image) * per;                            \
+            int64_t end = pixels - p0 < per ? pixels : p0 + per;                                          \
+            for (int64_t p = p0; p < end; p++)                                                            \
+                for (int64_t g = 0; g < groups; g++) {                                                    \
+                    int64_t at = (b * pixels + p) * channels + g * cg;                                    \
+                    PIXEL_BACKWARD(grad_y + at, x + at, grad_x + at, (int)(cg / 16), (float)scale,        \
+                                   (float)k, coef, relu);                                                 \
+                }                                                                                         \
+        }                                                                                                 \
+        return 0;                                                                                         \
+    }                                                                                                     \
     T *buf = (T *)calloc((size_t)(3 * n + 2 * (n + 2 * mg)), sizeof(T));                                  \
     if (!buf) return 1;                                                                                   \
     T *xt = buf, *gt = xt + n, *dt = gt + n, *sq = dt + n + mg, *tp = sq + n + 2 * mg; /* with margins */  \
@@ -352,6 +447,8 @@ int NAME##_forward_pool_all(const S *x, S *out, int64_t channels, int64_t height
 
 DEFINE_OPENMP_QUERY(lrn)
 
-DEFINE_LRN(lrn_f32, float, float, PLAIN, PLAIN, sqrtf, powf, lrn_fast_forward, lrn_fast_backward)
-DEFINE_LRN(lrn_f64, double, double, PLAIN, PLAIN, sqrt, pow, LRN_NO_FAST, LRN_NO_FAST)
-DEFINE_LRN(lrn_bf16, bf16_t, float, bf16_load, bf16_store, sqrtf, powf, lrn_fast_forward, lrn_fast_backward)
+DEFINE_LRN(lrn_f32, float, float, PLAIN, PLAIN, sqrtf, powf, lrn_fast_forward, lrn_fast_backward, LRN_FAST,
+           lrn_pixel_forward_f32, lrn_pixel_backward_f32)
+DEFINE_LRN(lrn_f64, double, double, PLAIN, PLAIN, sqrt, pow, LRN_NO_FAST, LRN_NO_FAST, 0, lrn_no_pixels, lrn_no_pixels)
+DEFINE_LRN(lrn_bf16, bf16_t, float, bf16_load, bf16_store, sqrtf, powf, lrn_fast_forward, lrn_fast_backward,
+           LRN_FAST, lrn_pixel_forward_bf16, lrn_pixel_backward_bf16)

@@ -89,7 +89,6 @@ static const double G5[6][5] = {
 /* The activations' transforms run over channels a vector at a time (then one at a time for the rest):
  * V is the vector type, GCC's vector extension, or T itself. The compiler's own vectoriser gives up on
  * the 6x6 transforms' loop nests, so the vectors are written out. LD and ST move one V, unaligned. */
-typedef float vec_f32 __attribute__((vector_size(64)));
 typedef double vec_f64 __attribute__((vector_size(64)));
 #define LD(V, ptr) __extension__({ V v_; memcpy(&v_, (ptr), sizeof(V)); v_; })
 #define ST(V, ptr, value) do { V w_ = (value); memcpy((ptr), &w_, sizeof(V)); } while (0)
@@ -97,22 +96,7 @@ typedef double vec_f64 __attribute__((vector_size(64)));
 /* Where the activations and their transforms are stored: as T itself (IO = SAME), or as bfloat16 (IO =
  * BF16; bfloat16 autocast), loaded exactly into floats and rounded once when stored, as torch rounds. The
  * sums are in float either way. LD_<IO> and ST_<IO> move one V (a vector or a scalar) from or to storage. */
-typedef uint16_t vec_bf16 __attribute__((vector_size(32)));
-typedef uint32_t vec_u32 __attribute__((vector_size(64)));
-typedef int32_t vec_i32 __attribute__((vector_size(64)));
-static inline vec_f32 bf16_load_vec(const bf16_t *p) {
-    vec_bf16 h;
-    memcpy(&h, p, sizeof h);
-    return (vec_f32)(__builtin_convertvector(h, vec_u32) << 16);
-}
 static inline float bf16_load_one(const bf16_t *p) { return bf16_load(*p); }
-static inline void bf16_store_vec(bf16_t *p, vec_f32 f) {  /* bf16_store, lane by lane */
-    const vec_u32 u = (vec_u32)f;
-    const vec_u32 nan = (vec_u32)((vec_i32)(u & 0x7fffffffu) > 0x7f800000);
-    const vec_u32 out = (nan & ((u >> 16) | 0x40u)) | (~nan & ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16));
-    const vec_bf16 h = __builtin_convertvector(out, vec_bf16);
-    memcpy(p, &h, sizeof h);
-}
 static inline void bf16_store_one(bf16_t *p, float f) { *p = bf16_store(f); }
 #define LD_SAME(V, ptr) LD(V, ptr)
 #define ST_SAME(V, ptr, value) ST(V, ptr, value)
