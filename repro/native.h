@@ -45,7 +45,19 @@ static inline vec_f32 bf16_load_vec(const bf16_t *p) {
     memcpy(&h, p, sizeof h);
     return (vec_f32)(__builtin_convertvector(h, vec_u32) << 16);
 }
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#endif
 static inline void bf16_store_vec(bf16_t *p, vec_f32 f) {  /* bf16_store, lane by lane */
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+    /* The CPU's conversion rounds as bf16_store does (to nearest even, a NaN kept quiet) but flushes float32
+     * denormals to zero: it stores every vector without one (all but never does an activation hold one). */
+    if (!_mm512_fpclass_ps_mask((__m512)f, 0x20)) { /* 0x20: denormal */
+        const __m256bh h = _mm512_cvtneps_pbh((__m512)f);
+        memcpy(p, &h, sizeof h);
+        return;
+    }
+#endif
     const vec_u32 u = (vec_u32)f;
     const vec_u32 nan = (vec_u32)((vec_i32)(u & 0x7fffffffu) > 0x7f800000);
     const vec_u32 out = (nan & ((u >> 16) | 0x40u)) | (~nan & ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16));
