@@ -173,6 +173,19 @@ DEFINE_PIXEL(bf16, bf16_t, bf16_load_vec, bf16_store_vec)
 /* Where there are no pixel kernels (float64; CPUs without AVX) the tile code runs: never called */
 static inline void lrn_no_pixels(const void *first, ...) { (void)first; }
 
+/* BODY for each pixel group of tiles tile0 .. tile1 - 1 (per pixels a tile, tiles_per_image an image) of a
+ * channels_last tensor, `at` its first element: the pixel kernels' walk over a tile range. */
+#define FOR_PIXEL_GROUPS(at, tile0, tile1, tiles_per_image, per, pixels, channels, groups, cg, BODY)          \
+    for (int64_t t_ = (tile0); t_ < (tile1); t_++) {                                                          \
+        const int64_t b_ = t_ / (tiles_per_image), p0_ = (t_ % (tiles_per_image)) * (per);                   \
+        const int64_t end_ = (pixels) - p0_ < (per) ? (pixels) : p0_ + (per);                                 \
+        for (int64_t p_ = p0_; p_ < end_; p_++)                                                               \
+            for (int64_t g_ = 0; g_ < (groups); g_++) {                                                       \
+                const int64_t at = (b_ * (pixels) + p_) * (channels) + g_ * (cg);                             \
+                BODY;                                                                                         \
+            }                                                                                                 \
+    }
+
 /* S: storage type, T: compute type. A tile's buffers hold `total` elements after a margin of `margin`
  * zeros (margin = r * step); the window of element i is elements i - margin .. i + margin, step apart. */
 #define DEFINE_LRN(NAME, S, T, LOAD, STORE, SQRT, POW, FAST_FORWARD, FAST_BACKWARD, PIXELS, PIXEL_FORWARD, PIXEL_BACKWARD)                                                     \
@@ -293,15 +306,8 @@ static void NAME##_forward_tiles(const S *x, S *y, int64_t channels, int64_t pix
     int paper = size == 5 && beta == 0.75;                                                                \
     T *xt = buf, *yt = xt + n, *sq = yt + n + mg; /* sq: margins both sides */                             \
     if (NAME##_by_pixels(channels_last, paper, cg)) {                                                     \
-        for (int64_t t = tile0; t < tile1; t++) {                                                         \
-            int64_t b = t / tiles_per_image, p0 = (t % tiles_per_image) * per;                            \
-            int64_t end = pixels - p0 < per ? pixels : p0 + per;                                          \
-            for (int64_t p = p0; p < end; p++)                                                            \
-                for (int64_t g = 0; g < groups; g++) {                                                    \
-                    int64_t at = (b * pixels + p) * channels + g * cg;                                    \
-                    PIXEL_FORWARD(x + at, y + at, (int)(cg / 16), (float)scale, (float)k, relu);          \
-                }                                                                                         \
-        }                                                                                                 \
+        FOR_PIXEL_GROUPS(at, tile0, tile1, tiles_per_image, per, pixels, channels, groups, cg,             \
+                         PIXEL_FORWARD(x + at, y + at, (int)(cg / 16), (float)scale, (float)k, relu));    \
         return;                                                                                           \
     }                                                                                                     \
     for (int64_t t = tile0; t < tile1; t++) {                                                             \
@@ -388,16 +394,9 @@ int NAME##_backward(const S *grad_y, const S *x, S *grad_x, int64_t channels, in
     int paper = size == 5 && beta == 0.75;                                                                \
     if (NAME##_by_pixels(channels_last, paper, cg)) {                                                     \
         const T coef = (T)2 * (T)scale * (T)0.75; /* as the tile code's */                                \
-        for (int64_t t = tile0; t < tile1; t++) {                                                         \
-            int64_t b = t / tiles_per_image, p0 = (t % tiles_per_image) * per;                            \
-            int64_t end = pixels - p0 < per ? pixels : p0 + per;                                          \
-            for (int64_t p = p0; p < end; p++)                                                            \
-                for (int64_t g = 0; g < groups; g++) {                                                    \
-                    int64_t at = (b * pixels + p) * channels + g * cg;                                    \
-                    PIXEL_BACKWARD(grad_y + at, x + at, grad_x + at, (int)(cg / 16), (float)scale,        \
-                                   (float)k, coef, relu);                                                 \
-                }                                                                                         \
-        }                                                                                                 \
+        FOR_PIXEL_GROUPS(at, tile0, tile1, tiles_per_image, per, pixels, channels, groups, cg,             \
+                         PIXEL_BACKWARD(grad_y + at, x + at, grad_x + at, (int)(cg / 16), (float)scale,   \
+                                        (float)k, coef, relu));                                           \
         return 0;                                                                                         \
     }                                                                                                     \
     T *buf = (T *)calloc((size_t)(3 * n + 2 * (n + 2 * mg)), sizeof(T));                                  \
