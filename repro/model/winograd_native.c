@@ -383,21 +383,15 @@ int wino##R##_grad_weight_##SUFFIX(const T *du, Filters fs, T *dw, int64_t first
  * a few vector moves (a call to memcpy per 12 values cost more than the copying). A row is first made a
  * dense run of D by ROW: itself where it is one already; a float32 image's rows rounded to bfloat16 as
  * torch's cast rounds, a vector at a time, so the cast is not a pass over memory of its own. */
-static inline const float *row_f32(const float *x, int64_t s_w, int64_t c, int64_t w, float *buf) {
-    if (s_w == c) return x;
-    for (int64_t p = 0; p < w; p++) memcpy(buf + p * c, x + p * s_w, sizeof(float) * c);
-    return buf;
+#define DEFINE_ROW(SUFFIX, T) /* a row as it is where dense, else gathered into buf */                       \
+static inline const T *row_##SUFFIX(const T *x, int64_t s_w, int64_t c, int64_t w, T *buf) {                 \
+    if (s_w == c) return x;                                                                                 \
+    for (int64_t p = 0; p < w; p++) memcpy(buf + p * c, x + p * s_w, sizeof(T) * c);                        \
+    return buf;                                                                                             \
 }
-static inline const double *row_f64(const double *x, int64_t s_w, int64_t c, int64_t w, double *buf) {
-    if (s_w == c) return x;
-    for (int64_t p = 0; p < w; p++) memcpy(buf + p * c, x + p * s_w, sizeof(double) * c);
-    return buf;
-}
-static inline const bf16_t *row_bf16(const bf16_t *x, int64_t s_w, int64_t c, int64_t w, bf16_t *buf) {
-    if (s_w == c) return x;
-    for (int64_t p = 0; p < w; p++) memcpy(buf + p * c, x + p * s_w, sizeof(bf16_t) * c);
-    return buf;
-}
+DEFINE_ROW(f32, float)
+DEFINE_ROW(f64, double)
+DEFINE_ROW(bf16, bf16_t)
 static inline const bf16_t *row_f32_bf16(const float *x, int64_t s_w, int64_t c, int64_t w, bf16_t *buf) {
     const float *dense = x;
     float *f = NULL;
