@@ -490,7 +490,8 @@ def test_space_to_depth_in_c_is_torchs_reshape(dtype, size, f, layout):
 def test_a_float32_image_cut_into_bfloat16_blocks_is_rounded_as_torchs_cast(size):
     """Autocast's conv1: the C cut reads the float32 image and writes bfloat16 blocks, rounding each pixel in
     the same pass. The same bits as torch's cast, then its reshapes: ties to even (1 + 2^-8 down, 1 + 3 *
-    2^-8 up), the largest values, infinities, NaN and the zeros past the edge included."""
+    2^-8 up), the largest values, infinities, NaN, a float32 denormal (which the CPU's own bf16 conversion
+    would flush to zero: native.h keeps it) and the zeros past the edge included."""
     x = torch.randn(2, 3, size, size)
     special = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 3.3895e38, float("inf"), float("-inf"),
                             float("nan"), -0.0, 1e-40])
