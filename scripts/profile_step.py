@@ -16,9 +16,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from repro.bench import VARIANTS, Case, build, make_step  # noqa: E402
+
+
+def kernel_time(events) -> float:
+    """Microseconds spent in GPU kernels. An op's row repeats the time of the kernels it launched, so
+    only the kernels' own rows are summed (as torch's table does for its "Self CUDA time total")."""
+    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    return sum(getattr(e, key) for e in events
+               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
 
 
 def main() -> None:
@@ -48,8 +57,7 @@ def main() -> None:
                 step()
             torch.cuda.synchronize()
         events = prof.key_averages()
-        key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-        total = sum(getattr(e, key) for e in events) / args.steps / 1e3
+        total = kernel_time(events) / args.steps / 1e3
         print(f"\n== {case.label}: {total:.2f} ms of kernel time per step")
         print(events.table(sort_by=key, row_limit=args.top, max_name_column_width=90))
         del model, step

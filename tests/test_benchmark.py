@@ -151,3 +151,22 @@ def test_a_small_jpeg_tree_still_gives_every_class_an_image(tmp_path):
     tree = write_jpeg_tree(splits, tmp_path / "tree", {"train": 3, "val": 2}, workers=0)
     train = image_folder(tree / "train")
     assert train.num_classes == 10 and sorted(set(train.labels.tolist())) == list(range(10))
+
+
+def test_profile_counts_each_kernels_time_once():
+    """The profiler repeats a kernel's time on the op that launched it (the H200 profile of 2026-12-04
+    read 20.7 ms per step where its own table said 10.2): only the kernels' rows may be summed."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from scripts.profile_step import kernel_time
+
+    def row(us, device, annotation=False):
+        return SimpleNamespace(self_device_time_total=us, device_type=device, is_user_annotation=annotation)
+
+    events = [row(650.0, DeviceType.CPU),        # aten::cudnn_convolution, holding its kernel's time
+              row(650.0, DeviceType.CUDA),       # the kernel
+              row(288.0, DeviceType.CUDA, True),  # Optimizer.step's annotation on the GPU timeline
+              row(120.0, DeviceType.CUDA)]
+    assert kernel_time(events) == 770.0
