@@ -13,6 +13,9 @@
 #   bash scripts/gpu_session.sh recipes OUT_DIR FMNIST_DIR # issue 3's 10 epochs: the 2012 code's recipe
 #                                                          # and a second seed, three runs side by side
 #   RECIPES=drop7 bash scripts/gpu_session.sh recipes ...  # the same with lr / 10 after epoch 7
+#   bash scripts/gpu_session.sh issue18 OUT_DIR FMNIST_DIR # lrn, lrn-step, then bench's synthetic and in-memory
+#                                                          # rows, each stage time-boxed so that all fit one
+#                                                          # 10-minute command; a summary table last
 #
 # FMNIST_DIR holds the four Fashion-MNIST .gz files (any layout scripts/train_two_gpu.py accepts), e.g.
 # the Debian package's files copied into the git-ignored data/ folder so they travel with the checkout:
@@ -24,8 +27,8 @@
 # the python3 on PATH; set PYTHON to choose another.
 set -uo pipefail
 
-STAGES="check bench bench128 train recipes profile lrn lrn-step"
-usage() { sed -n '2,16p' "$0" | cut -c3-; }
+STAGES="check bench bench128 train recipes profile lrn lrn-step issue18"
+usage() { sed -n '2,19p' "$0" | cut -c3-; }
 case "${1:-}" in
   -h|--help) usage; exit 0 ;;
   "") usage >&2; exit 2 ;;
@@ -51,7 +54,7 @@ need_data() {
     exit 2
   fi
 }
-case "$stage" in check|bench|train|recipes) need_data ;; esac  # before anything is created
+case "$stage" in check|bench|train|recipes|issue18) need_data ;; esac  # before anything is created
 if ! mkdir -p -- "$out" || ! out=$(cd -- "$out" && pwd); then
   echo "cannot create or enter OUT_DIR '$2'" >&2
   exit 2
@@ -181,6 +184,28 @@ case "$stage" in
       "$py" scripts/benchmark.py --batch-sizes 256 --models grouped towers torchvision \
         --variants bf16-cl-compile-graph --steps 20 --repeats 3 --lrn-kernel "$@" \
         2>&1 | tee "$out/step-${run%%:*}.log"
+    done
+    ;;
+  issue18)
+    # A lent machine's one command (issue 18): each stage under its own time box (seconds, overridable),
+    # so that a slow stage costs only its own rows; bench without the JPEG pipelines, whose trees take
+    # minutes to build. Logs in OUT_DIR/<stage>/; the tables again at the end.
+    start=$(date +%s)
+    timeout "${LRN_S:-170}" bash "$0" lrn "$out/lrn"; echo "== lrn: exit $?, $(( $(date +%s) - start )) s"
+    timeout "${STEP_S:-260}" bash "$0" lrn-step "$out/step"; echo "== lrn-step: exit $?, $(( $(date +%s) - start )) s"
+    left=$(( ${TOTAL_S:-540} - ($(date +%s) - start) ))
+    if [ "$left" -gt 40 ]; then
+      mkdir -p "$out/bench"
+      timeout "$left" "$py" scripts/benchmark.py --batch-sizes 256 --no-numerics --data "$data" \
+        --pipeline fashion-mnist --variants fp32 bf16-cl bf16-cl-compile-graph \
+        --json "$out/bench/bench256.json" --markdown "$out/bench/bench.md" 2>&1 | tee "$out/bench/bench256.log"
+      echo "== bench: exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s"
+    fi
+    echo "== summary"
+    grep -h -E "passed|failed|error" "$out/lrn/lrn.log" | tail -n 3
+    cat "$out/lrn/lrn.md" 2>/dev/null
+    for f in "$out"/step/step-*.log "$out/bench/bench256.log"; do
+      [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "^\|" "$f"; }
     done
     ;;
   *)
