@@ -21,8 +21,9 @@ Both memory layouts work: element (n, c, h, w) sits at n*sN + c*sC + (h*W + w)*s
 and in a channels_last tensor alike. Arithmetic is float32 whatever the storage type. The window
 never leaves a channel group (the two towers' channels in the grouped form).
 
-REPRO_LRN_KERNEL=triton-dot selects a second pair of kernels (written without a GPU at hand; correct
-under the interpreter, not yet timed): a program holds a tile of pixels by one channel group, and the
+REPRO_LRN_KERNEL=triton-dot selects a second pair of kernels (opt-in: on an H200, forward and backward
+with the ReLU folded in, 0.96 against 1.50 ms at conv1's shape but 1.04 against 0.84 at conv2's, and
+1% slower in the step; docs/benchmarks.md, 2026-12-04): a program holds a tile of pixels by one channel group, and the
 window sums, forward and backward, are one matrix product of the tile with a 0/1 band matrix on the
 tensor cores (three TF32 products for float32 storage, about float32's precision; one for bf16/fp16),
 so there are no shifted loads, no scratch slot and no barriers. Groups wider than 128 channels fall
@@ -51,7 +52,7 @@ except ImportError:  # no Triton (e.g. a CPU-only build on another platform): la
 AVAILABLE = triton is not None
 KERNEL_ENV = "REPRO_LRN_KERNEL"  # "triton" (the default where installed), "triton-dot", or "torch" (layers.py's)
 # "triton-dot": the same kernels with the window sum as a matrix product by a 0/1 band matrix (tensor
-# cores) instead of shifted loads (forward) and a scratch slot (backward); not yet timed on a GPU.
+# cores) instead of shifted loads (forward) and a scratch slot (backward); opt-in (see the docstring).
 KERNELS = ("torch", "triton", "triton-dot")
 DEFAULT_KERNEL = "triton" if AVAILABLE else "torch"
 _kernel = DEFAULT_KERNEL  # set from KERNEL_ENV below
