@@ -10,14 +10,15 @@ cores.
 
 The paper's network is timed with each CPU LRN kernel (--cpu-lrn: the eager torch code, the compiled
 kernels of repro/model/lrn_cpu.py and the native ones of repro/model/lrn_native.c; building either
-happens in an untimed first call, as it does once at the start of a run), and with conv1-conv5 computed
+happens in the untimed warm-up rounds, as it does once at the start of a run), and with conv1-conv5 computed
 as --cpu-conv says (default: by Winograd's minimal filtering, as CPU training runs do; direct: torch's own).
 
 As a CPU training run does, the process first asks glibc to keep freed memory for reuse
 (repro/host_memory.py), for every network alike; --no-keep-freed-memory leaves the allocator as it is.
 
-Repeats are interleaved in rounds (A B C, A B C, ...) so that load from other processes falls on every
-network alike: read the ratios to torchvision, not the absolute rates, on a shared machine. The ratio is
+Repeats are interleaved in rounds (A B C, A B C, ...), after untimed rounds until one faults in no fresh
+memory (at most 5; the header gives the count), so that load from other processes falls on every
+network alike and no timed round pays for the heap's growth: read the ratios to torchvision, not the absolute rates, on a shared machine. The ratio is
 the median over rounds of each round's ratio, beside the count of rounds the network was the faster
 (a sign test: see `against`). bf16 is in the
 default only where the CPU has native bf16 (AVX-512 BF16 or AMX); elsewhere oneDNN emulates it and
@@ -113,9 +114,41 @@ def make_runner(net: torch.nn.Module, size: int, mode: str, dtype: str, batch: i
     return step
 
 
-def time_interleaved(runners: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
-    for run in runners.values():  # untimed: compiles the LRN kernels, touches every buffer once
-        run()
+MAX_WARMUP_ROUNDS = 5
+FAULT_PAGES = 256  # a round that faults in more fresh pages than this (1 MB) is still growing the heap
+
+
+def minor_faults() -> int:
+    """Pages this process has faulted in so far (0 where the platform does not count them)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def warm_up(runners: dict[str, Callable[[], None]], faults: Callable[[], int] = minor_faults) -> int:
+    """Untimed interleaved rounds until one faults in no fresh memory (at most MAX_WARMUP_ROUNDS); returns
+    how many ran. The first compiles the LRN kernels and touches every buffer; later ones let the heap
+    reach its size: a round that has to grow it pays a page fault per 4 KB of new memory (torch's SGD
+    makes a new tensor the size of each weight, fc6's 144 MiB; docs/benchmarks.md, 2026-12-04), and
+    such rounds took twice as long as the rest."""
+    for rounds in range(1, MAX_WARMUP_ROUNDS + 1):
+        before = faults()
+        for run in runners.values():
+            run()
+        if faults() - before <= FAULT_PAGES:
+            break
+    return rounds
+
+
+def time_interleaved(runners: dict[str, Callable[[], None]], repeats: int,
+                     warmups: list[int] | None = None) -> dict[str, list[float]]:
+    """Each runner's seconds in `repeats` interleaved rounds, after `warm_up` (its count appended to
+    `warmups`)."""
+    rounds = warm_up(runners)
+    if warmups is not None:
+        warmups.append(rounds)
     seconds = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
@@ -148,7 +181,8 @@ def with_kernels(run: Callable[[], None], lrn_kernel: str, conv_kernel: str) -> 
     return run_with_kernels
 
 
-def measure(args) -> list[tuple]:
+def measure(args, warmups: list[int] | None = None) -> list[tuple]:
+    """The table's rows; each section's untimed warm-up rounds are appended to `warmups`."""
     rows = []
     torch.manual_seed(0)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -163,7 +197,7 @@ def measure(args) -> list[tuple]:
                 runners = {label: with_kernels(make_runner(*nets[n], mode, dtype, batch, args.channels_last,
                                                            args.num_classes, args.optimizer), kernel, conv)
                            for label, n, kernel, conv in row_names(args.networks, args.cpu_lrn, args.cpu_conv)}
-                seconds = time_interleaved(runners, args.repeats)
+                seconds = time_interleaved(runners, args.repeats, warmups)
                 rates = {n: [batch / s for s in ts] for n, ts in seconds.items()}
                 for n, r in rates.items():
                     ratio, ahead = against(r, rates.get("torchvision"))
@@ -185,7 +219,7 @@ def against(rates: list[float], base: list[float] | None) -> tuple[str, str]:
 
 def profile(args) -> None:
     """Where each network's training step spends its time: the operators with the most self CPU time
-    (one step after a warm-up, the first thread count and dtype, the last --cpu-lrn and --cpu-conv kernel)."""
+    (one step after `warm_up`, the first thread count and dtype, the last --cpu-lrn and --cpu-conv kernel)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -198,7 +232,7 @@ def profile(args) -> None:
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         step = make_runner(net.to(memory_format=fmt), size, "train", args.dtypes[0], args.train_batch,
                            args.channels_last, args.num_classes, args.optimizer)
-        step()
+        warm_up({n: step})
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
         label = row_names([n], args.cpu_lrn[-1:], args.cpu_conv[-1:])[0][0]
@@ -257,8 +291,7 @@ def stages(args) -> None:
         runs[n] = make_runner(net, size, "eval", args.dtypes[0], args.eval_batch, args.channels_last,
                               args.num_classes)
     times: dict[str, dict[str, list[float]]] = {n: {} for n in runs}
-    for n, run in runs.items():
-        run()  # untimed: builds the kernels, touches every buffer
+    warm_up(runs)
     for _ in range(args.repeats):
         for n, run in runs.items():
             for label, sec in clocks[n].stages(run).items():
@@ -339,14 +372,17 @@ def main(argv: list[str] | None = None) -> None:
         return profile(args)
     if args.stages:
         return stages(args)
-    rows = measure(args)
+    warmups: list[int] = []
+    rows = measure(args, warmups)
     print(f"CPU: {args.cpu}; flags: {' '.join(args.flags) or 'none of avx2/avx512/amx'}; "
           f"torch {torch.__version__}; capability {torch.backends.cpu.get_cpu_capability()}; "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     update = "torch.optim.SGD" if args.optimizer == "torch" else "the paper's update, repro.optim.PaperSGD"
     print(f"train = forward + backward + SGD step ({update} for every network); eval = no_grad forward; "
-          f"median of {args.repeats} interleaved rounds; x torchvision = median of the rounds' ratios; "
-          f"{'channels_last' if args.channels_last else 'NCHW'}; host memory: {memory}")
+          f"median of {args.repeats} interleaved rounds, after untimed ones until a round faults in no fresh "
+          f"memory (per section: {', '.join(map(str, warmups))}; at most {MAX_WARMUP_ROUNDS}); x torchvision = "
+          f"median of the rounds' ratios; {'channels_last' if args.channels_last else 'NCHW'}; "
+          f"host memory: {memory}")
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for row in rows:

@@ -3,7 +3,7 @@ asserted, only that the table has its shape and its numbers parse."""
 
 import pytest
 
-from scripts.benchmark_cpu import COLUMNS, NETWORKS, against, main, row_names
+from scripts.benchmark_cpu import COLUMNS, MAX_WARMUP_ROUNDS, NETWORKS, against, main, row_names, warm_up
 
 
 def test_table_has_a_row_per_case_and_numbers_parse(capsys):
@@ -24,6 +24,20 @@ def test_table_has_a_row_per_case_and_numbers_parse(capsys):
         assert 0 < low <= float(rate) <= high
         assert float(ratio) > 0 and (network != "torchvision" or ratio == "1.00")
         assert ahead in ("0/1", "1/1") and (network != "torchvision" or ahead == "0/1")
+
+
+def test_warm_up_runs_rounds_until_one_faults_in_no_fresh_memory():
+    """Every network runs in each warm-up round, and the rounds stop at the first that grew no memory
+    (here the third), or after MAX_WARMUP_ROUNDS when every round does."""
+    calls = []
+    counts = iter([0, 9000, 9000, 12000, 12000, 12100])  # fault counts read before and after each round
+    runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    assert warm_up(runners, faults=lambda: next(counts)) == 3
+    assert calls == ["a", "b"] * 3
+    growing = iter(range(0, 10**9, 10**4))
+    calls.clear()
+    assert warm_up(runners, faults=lambda: next(growing)) == MAX_WARMUP_ROUNDS
+    assert calls == ["a", "b"] * MAX_WARMUP_ROUNDS
 
 
 def test_ratios_are_paired_by_round():
