@@ -19,9 +19,9 @@ As a CPU training run does, the process first asks glibc to keep freed memory fo
 Repeats are interleaved in rounds (A B C, A B C, ...), after untimed rounds until one faults in no fresh
 memory (at most 5; the header gives the count), so that load from other processes falls on every
 network alike and no timed round pays for the heap's growth: read the ratios to torchvision, not the
-absolute rates, on a shared machine. The ratio is the median over rounds of each round's ratio, beside the count of rounds the network was the faster
-(a sign test: see `against`). bf16 is in the
-default only where the CPU has native bf16 (AVX-512 BF16 or AMX); elsewhere oneDNN emulates it and
+absolute rates, on a shared machine. The ratio is the median over rounds of each round's ratio, beside
+the count of rounds the network was the faster (a sign test: see `against`). bf16 is in the default
+only where the CPU has native bf16 (AVX-512 BF16 or AMX); elsewhere oneDNN emulates it and
 it runs many times slower than fp32 (see docs/benchmarks.md).
 """
 
