@@ -10,8 +10,9 @@ cores.
 
 The paper's network is timed with each CPU LRN kernel (--cpu-lrn: the eager torch code, the compiled
 kernels of repro/model/lrn_cpu.py and the native ones of repro/model/lrn_native.c; building either
-happens in the untimed warm-up rounds, as it does once at the start of a run), and with conv1-conv5 computed
-as --cpu-conv says (default: by Winograd's minimal filtering, as CPU training runs do; direct: torch's own).
+happens in the untimed warm-up rounds, as it does once at the start of a run), and with conv1-conv5
+computed as --cpu-conv says (default: by Winograd's minimal filtering, as CPU training runs do; direct:
+torch's own).
 
 As a CPU training run does, the process first asks glibc to keep freed memory for reuse
 (repro/host_memory.py), for every network alike; --no-keep-freed-memory leaves the allocator as it is.

@@ -209,7 +209,7 @@ case "$stage" in
     done
     ;;
   *)
-    echo "unknown stage '$stage': check, bench, bench128, train, recipes, profile, lrn or lrn-step" >&2
+    echo "unknown stage '$stage': one of $STAGES" >&2
     exit 2
     ;;
 esac
