@@ -25,9 +25,9 @@ REPRO_LRN_KERNEL=triton-dot selects a second pair of kernels (opt-in: on an H200
 with the ReLU folded in, 0.96 against 1.50 ms at conv1's shape but 1.04 against 0.84 at conv2's, and
 1% slower in the step; docs/benchmarks.md, 2026-12-04): a program holds a tile of pixels by one channel
 group, and the window sums, forward and backward, are one matrix product of the tile with a 0/1 band
-matrix on the tensor cores (three TF32 products for float32 storage, about float32's precision; one for bf16/fp16),
-so there are no shifted loads, no scratch slot and no barriers. Groups wider than 128 channels fall
-back to the kernels above.
+matrix on the tensor cores (three TF32 products for float32 storage, about float32's precision; one for
+bf16/fp16), so there are no shifted loads, no scratch slot and no barriers. Groups wider than 128
+channels fall back to the kernels above.
 
 The kernels are wrapped as custom ops (repro::lrn_forward, repro::lrn_backward) so torch.compile
 and CUDA graphs treat them as single opaque calls. On the CPU the same kernels run under Triton's
