@@ -142,3 +142,18 @@ def test_flags_declared_on_config_fields_reach_the_config_and_win_over_the_prese
         check_resume_flags(preset, build_config(parse_args(base + ["--variant", "cuda-convnet-2012"])), {"crop_chunk"})
     with pytest.raises(ValueError, match="--layer-lr-change takes LAYER EPOCH W B"):
         build_config(parse_args(base + ["--layer-lr-change", "conv1", "six", "0", "0"]))
+
+
+def test_gpu_session_refuses_bad_stages_and_missing_data_before_creating_anything(tmp_path):
+    """scripts/gpu_session.sh runs on a lent GPU machine, where a wrong call costs device time: its argument
+    checks answer at once, with what to pass, and leave no folder behind."""
+    out = tmp_path / "out"
+    r = run(["bash", "scripts/gpu_session.sh", "issue19", str(out)])
+    assert r.returncode == 2 and "unknown stage 'issue19'" in r.stderr and "issue18" in r.stderr
+    r = run(["bash", "scripts/gpu_session.sh", "issue18", str(out)])
+    assert r.returncode == 2 and "stage issue18 needs FMNIST_DIR" in r.stderr
+    r = run(["bash", "scripts/gpu_session.sh", "issue18"])
+    assert r.returncode == 2 and "needs OUT_DIR" in r.stderr
+    assert not out.exists()
+    r = run(["bash", "scripts/gpu_session.sh", "--help"])
+    assert r.returncode == 0 and "issue18 OUT_DIR FMNIST_DIR" in r.stdout
