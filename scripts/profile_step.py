@@ -22,12 +22,23 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from repro.bench import VARIANTS, Case, build, make_step  # noqa: E402
 
 
+def time_key(events) -> str:
+    """The profiler's name for a row's own GPU time (torch renamed it from the CUDA-only one)."""
+    return "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+
+
 def kernel_time(events) -> float:
     """Microseconds spent in GPU kernels. An op's row repeats the time of the kernels it launched, so
     only the kernels' own rows are summed (as torch's table does for its "Self CUDA time total")."""
-    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    key = time_key(events)
     return sum(getattr(e, key) for e in events
                if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+
+
+def report(label: str, events, steps: int, top: int) -> None:
+    """The kernel time per step, then the `top` rows by their own GPU time."""
+    print(f"\n== {label}: {kernel_time(events) / steps / 1e3:.2f} ms of kernel time per step")
+    print(events.table(sort_by=time_key(events), row_limit=top, max_name_column_width=90))
 
 
 def main() -> None:
@@ -56,10 +67,7 @@ def main() -> None:
             for _ in range(args.steps):
                 step()
             torch.cuda.synchronize()
-        events = prof.key_averages()
-        total = kernel_time(events) / args.steps / 1e3
-        print(f"\n== {case.label}: {total:.2f} ms of kernel time per step")
-        print(events.table(sort_by=key, row_limit=args.top, max_name_column_width=90))
+        report(case.label, prof.key_averages(), args.steps, args.top)
         del model, step
         torch.cuda.empty_cache()
 
