@@ -306,13 +306,14 @@ def test_grouped_and_towers_stay_equal_with_winograd():
 @needs_native
 @pytest.mark.parametrize("form", ["grouped", "towers"])
 def test_under_bfloat16_autocast_conv1_and_the_3x3_layers_run_by_winograd_and_train(form, monkeypatch, one_thread):
-    """`--amp bf16` on the CPU: conv1 (as its 48-channel blocks) and conv3-conv5 of each tower take the
-    Winograd path (conv2 stays torch's), the logits are bfloat16 like the direct network's, no further
+    """`--amp bf16` on the CPU: conv1 (as its 48-channel blocks, shared by the towers) and conv3-conv5 of
+    each tower take the Winograd path (conv2 stays torch's), the logits are bfloat16 like the direct network's, no further
     from the float32 network's than 3x theirs (measured about 1x), and every parameter gets a float32
     gradient."""
     sizes = []
-    real = winograd.conv
-    monkeypatch.setattr(winograd, "conv", lambda x, w, *a, **k: sizes.append(w.shape[2]) or real(x, w, *a, **k))
+    real = winograd.convs
+    monkeypatch.setattr(winograd, "convs", lambda x, ws, *a, **k: sizes.append([w.shape[2] for w in ws])
+                        or real(x, ws, *a, **k))
     torch.manual_seed(0)
     cfg = ModelConfig(num_classes=10)
     net = (AlexNet(config=cfg) if form == "grouped" else TwoTowerAlexNet(devices=("cpu", "cpu"), config=cfg)).eval()
@@ -324,7 +325,8 @@ def test_under_bfloat16_autocast_conv1_and_the_3x3_layers_run_by_winograd_and_tr
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits[kernel] = net(x)
         logits[kernel].float().square().sum().backward()
-    assert sizes == [3] * (4 if form == "grouped" else 8)
+    # towers on one CPU: both conv1s in one call on the image's blocks, then each tower's conv3-conv5
+    assert sizes == [[3]] * 4 if form == "grouped" else [[3, 3]] + [[3]] * 6
     assert logits["winograd"].dtype == logits["direct"].dtype == torch.bfloat16
     winograd.set_kernel("direct")
     with torch.no_grad():
@@ -510,6 +512,65 @@ def test_gradcheck_strided():
     shapes = [(2, 2, 9, 9), (3, 2, 5, 5), (3,)]
     x, w, b = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in shapes)
     assert torch.autograd.gradcheck(lambda *a: winograd.strided_conv(*a, 2), (x, w, b))
+
+
+@needs_native
+@pytest.mark.parametrize("r, groups, policy", [(3, 1, p) for p in POLICIES] + [(3, 2, "as chosen"), (5, 2, "as chosen"),
+                                                                             (5, 1, "by winograd, V kept")])
+def test_convs_of_one_input_are_each_convolution_alone(r, groups, policy, monkeypatch):
+    """`convs`: two sets of filters (4 and 6 wide) on one input, transformed once for both: float64 equal to
+    each set's own `conv` to 1e-12, outputs and every gradient, x's being the sum of both (by the adjoints
+    with V kept or made again, and by oneDNN's backward where conv2's policy picks it)."""
+    _set_policy(monkeypatch, policy)
+    x, w0, b0 = _inputs(2, 8, 4, groups, 9, torch.float64, r=r)
+    _, w1, b1 = _inputs(2, 8, 6, groups, 9, torch.float64, seed=1, r=r)
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(2, k, 9, 9, generator=g, dtype=torch.float64) for k in (4, 6)]
+    results = []
+    for joint in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w0, b0, w1, b1)]
+        ws, bs = leaves[1::2], leaves[2::2]
+        ys = winograd.convs(leaves[0], ws, bs, groups) if joint else \
+            [winograd.conv(leaves[0], w, b, groups) for w, b in zip(ws, bs)]
+        results.append((*ys, *torch.autograd.grad(ys, leaves, grads)))
+    assert [t.shape[1] for t in results[0][:2]] == [4, 6]
+    for a, ref in zip(*results):
+        torch.testing.assert_close(a, ref, rtol=0, atol=1e-12 * max(1.0, ref.abs().max().item()))
+
+
+@needs_native
+def test_towers_on_one_cpu_cut_and_transform_the_image_once(monkeypatch, one_thread):
+    """Both towers' conv1 read the same image: on one CPU they share its cut into blocks (one call of the C
+    cut, one `convs` of both towers' filters), and each tower's conv1 is still its own: float64 equal to
+    `strided_conv` of that tower's filters alone to 1e-12, output and filter and bias gradients."""
+    winograd.set_kernel("winograd")
+    cuts, real_cut = [], winograd.space_to_depth
+    monkeypatch.setattr(winograd, "space_to_depth", lambda *a: cuts.append(1) or real_cut(*a))
+    torch.manual_seed(0)
+    net = TwoTowerAlexNet(devices=("cpu", "cpu"), config=ModelConfig(num_classes=10)).double().eval()
+    x = torch.randn(2, 3, 227, 227, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    net(x).sum().backward()
+    assert cuts == [1]
+    layers = [t.conv1 for t in net.towers]
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(2, 48, 55, 55, generator=g, dtype=torch.float64) for _ in layers]
+    shared = winograd.shared_input(layers, x)
+    alone = [winograd.strided_conv(x, m.weight, m.bias, 4) for m in layers]
+    params = [p for m in layers for p in (m.weight, m.bias)]
+    for a, ref in zip([*shared, *torch.autograd.grad(shared, params, grads)],
+                      [*alone, *torch.autograd.grad(alone, params, grads)]):
+        torch.testing.assert_close(a, ref, rtol=0, atol=1e-12 * ref.abs().max().item())
+    other = winograd.Conv2d(3, 48, 11, stride=2).double()  # another stride: each layer on its own
+    assert winograd.shared_input([layers[0], other], x) is None
+    winograd.set_kernel("direct")
+    assert winograd.shared_input(layers, x) is None
+
+
+@needs_native
+def test_gradcheck_strided_convs():
+    shapes = [(2, 2, 9, 9), (3, 2, 5, 5), (3,), (2, 2, 5, 5), (2,)]
+    x, w0, b0, w1, b1 = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in shapes)
+    assert torch.autograd.gradcheck(lambda x, *p: winograd.strided_convs(x, p[0::2], p[1::2], 2), (x, w0, b0, w1, b1))
 
 
 @needs_native

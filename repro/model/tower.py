@@ -41,8 +41,12 @@ class Tower(nn.Module):
                         | ({"fc8": self.fc8} if self.fc8 is not None else {}), config)
 
     def conv1_to_pool2(self, image: Tensor) -> Tensor:
+        return self.relu1_to_pool2(self.conv1(pad_for_conv1(image, self.config)))
+
+    def relu1_to_pool2(self, conv1: Tensor) -> Tensor:
+        """The rest of conv1_to_pool2, from conv1's output (B, 48, 55, 55) before its ReLU."""
         cfg = self.config
-        x = lrn_then_pool(self.lrn1, self.pool, self.conv1(pad_for_conv1(image, cfg)))  # ReLU + LRN + pool: (B, 48, 27, 27)
+        x = lrn_then_pool(self.lrn1, self.pool, conv1)  # ReLU + LRN + pool: (B, 48, 27, 27)
         x = F.relu(x) if cfg.relu1_after_pool else x  # the 2012 order: LRN + pool + ReLU
         return lrn_then_pool(self.lrn2, self.pool, self.conv2(x), self.norm2)  # (B, 128, 13, 13) = pool2_local
 

@@ -10,7 +10,9 @@ from torch import Tensor, nn
 from repro.config import ModelConfig
 from repro.exchange import LocalExchange
 from repro.model.convert import grouped_to_towers, towers_to_grouped
+from repro.model import winograd
 from repro.model.grouped import AlexNet, resolve_config
+from repro.model.layers import pad_for_conv1
 from repro.model.tower import Tower
 
 
@@ -73,9 +75,18 @@ class TwoTowerAlexNet(nn.Module):
     def _to_fc6(self, image: Tensor) -> list[Tensor]:
         ex = self.exchange
         images = [image.to(d, non_blocking=True) for d in self.devices]  # both towers see the image
-        pool2_full = ex.all_gather("pool2->conv3", self._each("conv1_to_pool2", images))  # (B, 256, 13, 13)
+        pool2_full = ex.all_gather("pool2->conv3", self._conv1_to_pool2(images))  # (B, 256, 13, 13)
         pool5_full = ex.all_gather("pool5->fc6", self._each("conv3_to_pool5", pool2_full))  # (B, 9216)
         return ex.all_gather("fc6->fc7", self._each("fc6_local", pool5_full))  # (B, 4096)
+
+    def _conv1_to_pool2(self, images: list[Tensor]) -> list[Tensor]:
+        """Each tower's pool2. Towers on one CPU share conv1's reading of the image (its cut into blocks and
+        their transform: winograd.shared_input), the work each device does for itself when they are two."""
+        if self.devices[0] == self.devices[1]:
+            conv1 = winograd.shared_input([t.conv1 for t in self.towers], pad_for_conv1(images[0], self.config))
+            if conv1 is not None:
+                return self._each("relu1_to_pool2", conv1)
+        return self._each("conv1_to_pool2", images)
 
     def forward(self, image: Tensor) -> Tensor:
         fc6_full = self._to_fc6(image)

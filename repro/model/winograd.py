@@ -31,6 +31,10 @@ largest error (tests hold 2.5x). conv2 keeps oneDNN under autocast: F(2x2, 5x5) 
 Where it does not apply (a GPU, float16, other kernel sizes or strides, no C compiler) the direct
 convolution runs.
 
+Layers that read one input can share its transform (`convs`): the two towers' conv1 in one process on one
+CPU read the same image, so `shared_input` cuts and transforms it once for both towers' filters (on two
+devices each tower does this itself, as each GPU of the paper did).
+
 Which convolution runs is a process-wide choice, like the LRN's kernel: REPRO_CONV_CPU=winograd or
 =direct, else set_kernel (a training run's --cpu-conv, kept in its checkpoints).
 """
@@ -41,6 +45,7 @@ import ctypes
 import math
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -179,16 +184,27 @@ def conv(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int = 1, paddin
     KEEP_TRANSFORM, KEEP_TRANSFORM_BF16 in bfloat16). Under bfloat16 autocast x, the filters and the bias
     are first rounded to bfloat16, as autocast's conv2d rounds them (their gradients flow back through
     those casts, as through autocast's)."""
-    dtype = storage(x, weight)
+    return convs(x, [weight], [bias], groups, padding, keep)[0]
+
+
+def convs(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], groups: int = 1,
+          padding: int | None = None, keep: bool | None = None) -> list[Tensor]:
+    """[conv(x, w, b, ...) for w, b in zip(weights, biases)] with x transformed once for all of them, block
+    by block (and once more in the backward, where V is not kept): several layers that read one input,
+    as both towers' conv1 read the image when they share a CPU. The filters share a size; x's gradient,
+    where wanted, is the sum of theirs."""
+    dtype = storage(x, weights[0])
     if dtype == torch.bfloat16:
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    pad = weight.shape[2] // 2 if padding is None else padding
+        x, weights = x.to(dtype), [w.to(dtype) for w in weights]
+        biases = [b.to(dtype) if b is not None else None for b in biases]
+    r = weights[0].shape[2]
+    pad = r // 2 if padding is None else padding
     if keep is None:
-        keep = KEEP_TRANSFORM_BF16 if x.dtype == torch.bfloat16 else KEEP_TRANSFORM[weight.shape[2]]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _WinogradConv.apply(x, weight, bias, groups, pad, keep)
-    return _forward(_channels_last(x), transform_weight(weight, groups), bias, groups, pad)[0]
+        keep = KEEP_TRANSFORM_BF16 if x.dtype == torch.bfloat16 else KEEP_TRANSFORM[r]
+    params = [t for pair in zip(weights, biases) for t in pair]  # w0, b0, w1, b1, ...
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
+        return list(_WinogradConv.apply(x, groups, pad, keep, *params))
+    return _forward(_channels_last(x), [transform_weight(w, groups) for w in weights], biases, groups, pad)[0]
 
 
 def _to_depth(t: Tensor, f: int) -> Tensor:
@@ -224,15 +240,35 @@ def strided_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int) ->
     convolution is an unpadded stride-1 3x3 convolution of the blocks, by F(2x2, 3x3): conv1 becomes a
     48-channel 3x3 convolution on a 57x57 map, 1.19x the multiply-adds of the direct sum before the
     transforms divide them by 2.25. The filters' gradient flows back through the reshapes."""
-    k = weight.shape[2]
+    return strided_convs(x, [weight], [bias], stride)[0]
+
+
+def strided_convs(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], stride: int) -> list[Tensor]:
+    """[strided_conv(x, w, b, stride) for w, b in zip(weights, biases)], x cut into blocks and transformed
+    once for all of them (`convs`)."""
+    k = weights[0].shape[2]
     direct = [(n - k) // stride + 1 for n in x.shape[2:]]
     blocks = [-(-n // stride) - -(-k // stride) + 1 for n in x.shape[2:]]
     if direct != blocks:
         raise ValueError(f"strided_conv: a {k}x{k} filter at stride {stride} gives {direct[0]}x{direct[1]} outputs, "
                          f"its {stride}x{stride} blocks {blocks[0]}x{blocks[1]}; use torch's conv2d "
                          "(applies_strided is false)")
-    blocks = space_to_depth(x, stride, storage(x, weight))  # under autocast rounded to bfloat16, as autocast would
-    return conv(blocks, _to_depth(weight, stride), bias, 1, padding=0, keep=KEEP_STRIDED_TRANSFORM)
+    blocks = space_to_depth(x, stride, storage(x, weights[0]))  # under autocast rounded to bfloat16, as autocast would
+    return convs(blocks, [_to_depth(w, stride) for w in weights], biases, 1, padding=0, keep=KEEP_STRIDED_TRANSFORM)
+
+
+def shared_input(layers: Sequence[nn.Module], x: Tensor) -> list[Tensor] | None:
+    """[layer(x) for layer in layers], x cut and transformed once, where every layer would run as
+    `strided_conv` on x with the same stride and filter size: both towers' conv1 in one process on one CPU,
+    which read the same image (two devices each cut their own). None where any would not."""
+    first = layers[0]
+    if torch.compiler.is_compiling() or not all(
+            isinstance(m, Conv2d) and m.padding_mode == "zeros" and m.weight.device == x.device
+            and (m.stride, m.padding, m.dilation, m.groups, m.kernel_size)
+            == (first.stride, first.padding, first.dilation, first.groups, first.kernel_size)
+            and applies_strided(x, m.weight, m.stride, m.padding, m.dilation, m.groups) for m in layers):
+        return None
+    return strided_convs(x, [m.weight for m in layers], [m.bias for m in layers], first.stride[0])
 
 
 class Conv2d(nn.Conv2d):
@@ -370,61 +406,77 @@ class _Blocks:
             yield t0, min(self.tiles, t0 + self.step)
 
     def buffer(self, name: str, t0: int, t1: int, channels: int) -> Tensor:
-        """(groups, points, t1 - t0, channels / groups), contiguous, in the buffer kept under `name`."""
-        if name not in self.buffers:
-            self.buffers[name] = self.like.new_empty(self.groups * self.points * self.step * (channels // self.groups))
+        """(groups, points, t1 - t0, channels / groups), contiguous, in the buffer kept under `name` (made
+        larger where a later call asks for more channels)."""
+        size = self.groups * self.points * self.step * (channels // self.groups)
+        if name not in self.buffers or self.buffers[name].numel() < size:
+            self.buffers[name] = self.like.new_empty(size)
         n = self.groups * self.points * (t1 - t0) * (channels // self.groups)
         return self.buffers[name][:n].view(self.groups, self.points, t1 - t0, channels // self.groups)
 
 
-def _forward(x: Tensor, u: Tensor, bias: Tensor | None, groups: int, pad: int,
-             keep: bool = False) -> tuple[Tensor, Tensor | None]:
-    """(y, V): the convolution of channels_last x (padded by `pad`) with transformed filters u, block by
-    block of tiles, and where `keep`, x's whole transform V (computed as one block), else None."""
+def _forward(x: Tensor, us: Sequence[Tensor], biases: Sequence[Tensor | None], groups: int, pad: int,
+             keep: bool = False) -> tuple[list[Tensor], Tensor | None]:
+    """(ys, V): the convolutions of channels_last x (padded by `pad`) with each set of transformed filters
+    in us, block by block of tiles (each block's transform serving them all), and where `keep`, x's whole
+    transform V (computed as one block), else None."""
     b, c = x.shape[:2]
-    k = u.shape[3] * groups
-    size, points = _size(u), u.shape[1]
+    ks = [u.shape[3] * groups for u in us]
+    size, points = _size(us[0]), us[0].shape[1]
     out = _out_size(x, size, pad)
-    y = torch.empty((b, k, *out), dtype=x.dtype, memory_format=torch.channels_last)
+    ys = [torch.empty((b, k, *out), dtype=x.dtype, memory_format=torch.channels_last) for k in ks]
     zero = x.new_zeros(c)
-    bias = bias.to(_sums(x.dtype)).contiguous() if bias is not None else None  # the kernels add it in float
-    kernels, x_shape, y_shape = _Kernels(size, x.dtype), _shape(x, groups, out, pad), _shape(y, groups, out)
-    bias_ptr = bias.data_ptr() if bias is not None else None
-    blocks = _Blocks(x, _tiles(y_shape), groups, points, c, k, ALL if keep else BLOCK_BYTES)
+    biases = [bias.to(_sums(x.dtype)).contiguous() if bias is not None else None  # the kernels add it in float
+              for bias in biases]
+    kernels, x_shape = _Kernels(size, x.dtype), _shape(x, groups, out, pad)
+    y_shapes = [_shape(y, groups, out) for y in ys]
+    blocks = _Blocks(x, _tiles(y_shapes[0]), groups, points, c, sum(ks), ALL if keep else BLOCK_BYTES)
     for t0, t1 in blocks:
         v = blocks.buffer("v", t0, t1, c)
         kernels.block("input", c, t0, t1, x.data_ptr(), x_shape, v.data_ptr(), zero.data_ptr())
-        m = _products(v, u, blocks.buffer("m", t0, t1, k))
-        kernels.block("output", k, t0, t1, m.data_ptr(), bias_ptr, y_shape, y.data_ptr())
-    return y, v if keep else None
+        for u, bias, y, y_shape, k in zip(us, biases, ys, y_shapes, ks):
+            m = _products(v, u, blocks.buffer("m", t0, t1, k))
+            kernels.block("output", k, t0, t1, m.data_ptr(), bias.data_ptr() if bias is not None else None,
+                          y_shape, y.data_ptr())
+    return ys, v if keep else None
 
 
 class _WinogradConv(torch.autograd.Function):
+    """`convs`: x's convolutions with filters and biases w0, b0, w1, b1, ... (one set: `conv`)."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, pad: int, keep: bool) -> Tensor:
-        weight = _dense(weight)
-        u = transform_weight(weight, groups)
+    def forward(ctx, x: Tensor, groups: int, pad: int, keep: bool, *params: Tensor | None) -> tuple[Tensor, ...]:
+        weights, biases = [_dense(w) for w in params[0::2]], list(params[1::2])
+        us = [transform_weight(w, groups) for w in weights]
         x = _channels_last(x)
-        size = _size(u)
-        y, v = _forward(x, u, bias, groups, pad, keep=keep and ctx.needs_input_grad[1])
+        size = _size(us[0])
+        wants_w = [ctx.needs_input_grad[4 + 2 * i] for i in range(len(weights))]
+        ys, v = _forward(x, us, biases, groups, pad, keep=keep and any(wants_w))
         ctx.by_winograd = BACKWARD_BY_WINOGRAD[size]
-        ctx.save_for_backward(x, u if ctx.by_winograd else weight, v)
-        ctx.groups, ctx.pad, ctx.has_bias = groups, pad, bias is not None
-        ctx.weight_layout = weight.stride(), weight.shape  # the gradient is written in the filters' layout
-        return y
+        ctx.save_for_backward(x, v, *(us if ctx.by_winograd else weights))
+        ctx.groups, ctx.pad, ctx.has_bias = groups, pad, [b is not None for b in biases]
+        ctx.weight_layouts = [(w.stride(), w.shape) for w in weights]  # each gradient is written in its filters' layout
+        return tuple(ys)
 
     @staticmethod
     @once_differentiable  # the C transforms have no derivative of their own: a second derivative raises
-    def backward(ctx, grad_y: Tensor):
-        x, u_or_weight, v = ctx.saved_tensors
-        grad_y = _channels_last(grad_y.to(x.dtype))  # the kernels read it as x's dtype (autograd gives y's)
-        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-        if not ctx.by_winograd:
-            return (*_direct_backward(grad_y, x, u_or_weight, ctx.groups, ctx.pad, want), None, None, None)
-        grad_x, grad_weight = _backward(grad_y, x, u_or_weight, v, ctx.groups, ctx.pad, want[0], want[1],
-                                        ctx.weight_layout)
-        grad_bias = grad_y.sum((0, 2, 3)) if want[2] else None  # bfloat16: torch sums in float32, rounds once
-        return grad_x, grad_weight, grad_bias, None, None, None
+    def backward(ctx, *grad_ys: Tensor):
+        x, v, *us_or_weights = ctx.saved_tensors
+        grad_ys = [_channels_last(g.to(x.dtype)) for g in grad_ys]  # the kernels read them as x's dtype (autograd gives y's)
+        want_x = ctx.needs_input_grad[0]
+        wants = [(ctx.needs_input_grad[4 + 2 * i], has and ctx.needs_input_grad[5 + 2 * i])
+                 for i, has in enumerate(ctx.has_bias)]
+        if ctx.by_winograd:
+            grad_x, grad_ws = _backward(grad_ys, x, us_or_weights, v, ctx.groups, ctx.pad, want_x,
+                                        [w for w, _ in wants], ctx.weight_layouts)
+            grad_bs = [g.sum((0, 2, 3)) if want_b else None  # bfloat16: torch sums in float32, rounds once
+                       for g, (_, want_b) in zip(grad_ys, wants)]
+        else:
+            each = [_direct_backward(g, x, w, ctx.groups, ctx.pad, (want_x, *want))
+                    for g, w, want in zip(grad_ys, us_or_weights, wants)]
+            grad_x = sum(e[0] for e in each) if want_x else None
+            grad_ws, grad_bs = [e[1] for e in each], [e[2] for e in each]
+        return grad_x, None, None, None, *[t for pair in zip(grad_ws, grad_bs) for t in pair]
 
 
 def _direct_backward(grad_y: Tensor, x: Tensor, weight: Tensor, groups: int, pad: int, want: tuple[bool, bool, bool]):
@@ -433,43 +485,53 @@ def _direct_backward(grad_y: Tensor, x: Tensor, weight: Tensor, groups: int, pad
                                                [pad, pad], [1, 1], False, [0, 0], groups, list(want))
 
 
-def _backward(grad_y: Tensor, x: Tensor, u: Tensor, v: Tensor | None, groups: int, pad: int, want_x: bool,
-              want_w: bool, weight_layout) -> tuple[Tensor | None, Tensor | None]:
-    """(dx, dw) by the transforms' adjoints, in one pass over blocks of tiles: dM = A dY At feeds dV = dM Ut
-    (then dx, added patch by patch) and dU += V^T dM, to which every block adds, so blocks are larger where
-    dw is wanted. V is the forward's (v) or each block's again from x."""
-    c, k = x.shape[1], grad_y.shape[1]
-    size, points = _size(u), u.shape[1]
+def _backward(grad_ys: Sequence[Tensor], x: Tensor, us: Sequence[Tensor], v: Tensor | None, groups: int, pad: int,
+              want_x: bool, want_ws: Sequence[bool], weight_layouts) -> tuple[Tensor | None, list[Tensor | None]]:
+    """(dx, [dw...]) by the transforms' adjoints, in one pass over blocks of tiles: for each set of filters
+    dM = A dY At feeds dV += dM Ut (then dx, added patch by patch) and dU += V^T dM, to which every block adds,
+    so blocks are larger where a dw is wanted. V is the forward's (v) or each block's again from x, once
+    for all the sets."""
+    c, ks = x.shape[1], [g.shape[1] for g in grad_ys]
+    size, points = _size(us[0]), us[0].shape[1]
     sums = _sums(x.dtype)  # bfloat16: dx and dU are accumulated in float32, rounded once at the end
     grad_x = torch.zeros_like(x, dtype=sums, memory_format=torch.channels_last) if want_x else None
-    du = torch.zeros_like(u, dtype=sums) if want_w else None
-    zero_x, zero_y = x.new_zeros(c), x.new_zeros(k)
-    out = tuple(grad_y.shape[2:])
-    kernels, x_shape, y_shape = _Kernels(size, x.dtype), _shape(x, groups, out, pad), _shape(grad_y, groups, out)
-    ut = u.transpose(2, 3).contiguous() if want_x else None  # (groups, points, K / groups, C / groups)
-    budget = max(BLOCK_BYTES, WEIGHT_BLOCKS_PER_DU * du.numel() * du.element_size()) if want_w else BLOCK_BYTES
-    blocks = _Blocks(x, _tiles(y_shape), groups, points, c, k, budget)
+    dus = [torch.zeros_like(u, dtype=sums) if want else None for u, want in zip(us, want_ws)]
+    zero_x, zero_y = x.new_zeros(c), x.new_zeros(max(ks))
+    out = tuple(grad_ys[0].shape[2:])
+    kernels, x_shape = _Kernels(size, x.dtype), _shape(x, groups, out, pad)
+    y_shapes = [_shape(g, groups, out) for g in grad_ys]
+    uts = [u.transpose(2, 3).contiguous() for u in us] if want_x else [None] * len(us)  # (groups, points, K/g, C/g)
+    du_bytes = sum(du.numel() * du.element_size() for du in dus if du is not None)
+    budget = max(BLOCK_BYTES, WEIGHT_BLOCKS_PER_DU * du_bytes) if du_bytes else BLOCK_BYTES
+    blocks = _Blocks(x, _tiles(y_shapes[0]), groups, points, c, sum(ks), budget)
     for t0, t1 in blocks:
-        dm = blocks.buffer("dm", t0, t1, k)
-        kernels.block("grad_output", k, t0, t1, grad_y.data_ptr(), y_shape, dm.data_ptr(), zero_y.data_ptr())
+        v_block = v[:, :, t0:t1] if v is not None else None
+        dv = blocks.buffer("dv", t0, t1, c) if want_x else None
+        for i, (grad_y, y_shape, k, ut, du) in enumerate(zip(grad_ys, y_shapes, ks, uts, dus)):
+            dm = blocks.buffer("dm", t0, t1, k)
+            kernels.block("grad_output", k, t0, t1, grad_y.data_ptr(), y_shape, dm.data_ptr(), zero_y.data_ptr())
+            if want_x:
+                if i == 0:
+                    _products(dm, ut, dv)
+                else:
+                    dv.flatten(0, 1).baddbmm_(dm.flatten(0, 1), ut.flatten(0, 1))
+            if du is not None:
+                if v_block is None:
+                    v_block = blocks.buffer("v", t0, t1, c)
+                    kernels.block("input", c, t0, t1, x.data_ptr(), x_shape, v_block.data_ptr(), zero_x.data_ptr())
+                if du.dtype == dm.dtype:
+                    du.flatten(0, 1).baddbmm_(v_block.flatten(0, 1).transpose(1, 2), dm.flatten(0, 1))
+                else:  # bfloat16 products (no float32 output on the CPU): each block's rounded once, then added
+                    du.flatten(0, 1).add_(torch.bmm(v_block.flatten(0, 1).transpose(1, 2), dm.flatten(0, 1)))
         if want_x:
-            dv = _products(dm, ut, blocks.buffer("dv", t0, t1, c))
             kernels.block("grad_input", c, t0, t1, dv.data_ptr(), x_shape, grad_x.data_ptr())
-        if want_w:
-            if v is not None:
-                v_block = v[:, :, t0:t1]
-            else:
-                v_block = blocks.buffer("v", t0, t1, c)
-                kernels.block("input", c, t0, t1, x.data_ptr(), x_shape, v_block.data_ptr(), zero_x.data_ptr())
-            if du.dtype == dm.dtype:
-                du.flatten(0, 1).baddbmm_(v_block.flatten(0, 1).transpose(1, 2), dm.flatten(0, 1))
-            else:  # bfloat16 products (no float32 output on the CPU): each block's rounded once, then added
-                du.flatten(0, 1).add_(torch.bmm(v_block.flatten(0, 1).transpose(1, 2), dm.flatten(0, 1)))
-    grad_weight = None
-    if want_w:
-        stride, shape = weight_layout
+    grad_ws = []
+    for du, (stride, shape) in zip(dus, weight_layouts):
+        if du is None:
+            grad_ws.append(None)
+            continue
         grad_weight = torch.empty_strided(shape, stride, dtype=du.dtype)
         _run("grad_weight", size, du.dtype, shape[1], du.data_ptr(), _filters(grad_weight, groups),
              grad_weight.data_ptr())
-        grad_weight = grad_weight.to(x.dtype)
-    return grad_x.to(x.dtype) if want_x else None, grad_weight
+        grad_ws.append(grad_weight.to(x.dtype))
+    return grad_x.to(x.dtype) if want_x else None, grad_ws
