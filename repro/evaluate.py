@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from repro.data.augment import TEN_CROP_CENTRE, Augment
 from repro.data.loader import chunks, iterate
 from repro.data.skipped import SkippedFiles
+from repro.model.linear import bf16_weights_kept
 
 
 def batch_sums(probs: Tensor, labels: Tensor) -> Tensor:
@@ -131,23 +132,25 @@ def evaluate(forwards: Sequence[Callable[[Tensor], Tensor]], source, indices: Te
     counts = {c: RunningCounts() for c in spec.crops}
     skipped = 0
     batches = chunks(indices, spec.batch_size)
-    for i, batch in enumerate(iterate(source, batches, spec.workers, spec.pin, spec.decode_device)):
-        skipped += batch.skipped
-        if spec.skipped is not None:
-            spec.skipped.add(batch)
-        if len(batch.labels) == 0:
-            continue
-        prepared: dict[int, Tensor] = {}  # models that share preprocessing share the input
-        for aug in augments:
-            if id(aug) not in prepared:
-                prepared[id(aug)] = aug.eval_batch(batch.images.to(aug.device, non_blocking=True), patches)
-        probs = patch_softmax(forwards, [prepared[id(a)] for a in augments], patches, spec.amp)
-        if probs is not None:
-            labels = batch.labels.to(probs.device)
-            for c, running in counts.items():
-                running.add(probs.mean(dim=1) if c == patches else probs[:, TEN_CROP_CENTRE], labels)
-        if spec.progress:
-            spec.progress(i + 1, len(batches))
+    # the weights are fixed for the whole pass: the fc layers cast theirs to bf16 once (repro/model/linear.py)
+    with bf16_weights_kept(*[f for f in forwards if isinstance(f, nn.Module)]):
+        for i, batch in enumerate(iterate(source, batches, spec.workers, spec.pin, spec.decode_device)):
+            skipped += batch.skipped
+            if spec.skipped is not None:
+                spec.skipped.add(batch)
+            if len(batch.labels) == 0:
+                continue
+            prepared: dict[int, Tensor] = {}  # models that share preprocessing share the input
+            for aug in augments:
+                if id(aug) not in prepared:
+                    prepared[id(aug)] = aug.eval_batch(batch.images.to(aug.device, non_blocking=True), patches)
+            probs = patch_softmax(forwards, [prepared[id(a)] for a in augments], patches, spec.amp)
+            if probs is not None:
+                labels = batch.labels.to(probs.device)
+                for c, running in counts.items():
+                    running.add(probs.mean(dim=1) if c == patches else probs[:, TEN_CROP_CENTRE], labels)
+            if spec.progress:
+                spec.progress(i + 1, len(batches))
     for running in counts.values():
         running.skipped = skipped
     return {c: running.counts() for c, running in counts.items()}

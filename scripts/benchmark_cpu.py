@@ -29,6 +29,7 @@ it runs many times slower than fp32 (see docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -48,6 +49,7 @@ from repro.cores import available_cores  # noqa: E402
 from repro.host_memory import keep_freed_memory  # noqa: E402
 from repro.model import lrn_cpu, winograd  # noqa: E402
 from repro.model.grouped import AlexNet  # noqa: E402
+from repro.model.linear import bf16_weights_kept  # noqa: E402
 from repro.model.two_tower import TwoTowerAlexNet  # noqa: E402
 from repro.optim import PaperSGD  # noqa: E402
 
@@ -198,13 +200,22 @@ def measure(args, warmups: list[int] | None = None) -> list[tuple]:
                 runners = {label: with_kernels(make_runner(*nets[n], mode, dtype, batch, args.channels_last,
                                                            args.num_classes, args.optimizer), kernel, conv)
                            for label, n, kernel, conv in row_names(args.networks, args.cpu_lrn, args.cpu_conv)}
-                seconds = time_interleaved(runners, args.repeats, warmups)
+                with evaluation_pass(mode, [net for net, _ in nets.values()]):
+                    seconds = time_interleaved(runners, args.repeats, warmups)
                 rates = {n: [batch / s for s in ts] for n, ts in seconds.items()}
                 for n, r in rates.items():
                     ratio, ahead = against(r, rates.get("torchvision"))
                     rows.append((threads, dtype, mode, n, batch, f"{statistics.median(r):.2f}",
                                  f"{min(r):.2f}..{max(r):.2f}", ratio, ahead))
     return rows
+
+
+def evaluation_pass(mode: str, nets: list[torch.nn.Module]):
+    """Evaluation forwards run as within repro.evaluate's pass over a validation set, where the weights
+    are fixed: the paper's network's fc layers cast their weights to bf16 once (repro/model/linear.py;
+    the warm-up rounds make the casts, as the pass's first batch does). torchvision's nn.Linear layers
+    cast at every forward under autocast, as torch does."""
+    return bf16_weights_kept(*nets) if mode == "eval" else contextlib.nullcontext()
 
 
 def against(rates: list[float], base: list[float] | None) -> tuple[str, str]:
@@ -248,6 +259,7 @@ class StageClock:
     ..., conv5, what follows it, and the fully connected layers."""
 
     def __init__(self, net: torch.nn.Module):
+        self.net = net
         layers = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
         self.names = {id(m): (f"conv{i + 1}" if isinstance(m, torch.nn.Conv2d) else "fc")
                       for i, m in enumerate(layers)}
@@ -292,11 +304,12 @@ def stages(args) -> None:
         runs[n] = make_runner(net, size, "eval", args.dtypes[0], args.eval_batch, args.channels_last,
                               args.num_classes)
     times: dict[str, dict[str, list[float]]] = {n: {} for n in runs}
-    warm_up(runs)
-    for _ in range(args.repeats):
-        for n, run in runs.items():
-            for label, sec in clocks[n].stages(run).items():
-                times[n].setdefault(label, []).append(sec)
+    with evaluation_pass("eval", [clock.net for clock in clocks.values()]):
+        warm_up(runs)
+        for _ in range(args.repeats):
+            for n, run in runs.items():
+                for label, sec in clocks[n].stages(run).items():
+                    times[n].setdefault(label, []).append(sec)
     print(f"evaluation forward by stage: batch {args.eval_batch}, {args.dtypes[0]}, {args.threads[0]} thread(s), "
           f"{'channels_last' if args.channels_last else 'NCHW'}, {args.cpu_lrn[-1]} LRN, {args.cpu_conv[-1]} conv1-5; median ms of "
           f"{args.repeats} interleaved rounds")

@@ -3,7 +3,8 @@ asserted, only that the table has its shape and its numbers parse."""
 
 import pytest
 
-from scripts.benchmark_cpu import COLUMNS, MAX_WARMUP_ROUNDS, NETWORKS, against, main, row_names, warm_up
+from scripts.benchmark_cpu import (COLUMNS, MAX_WARMUP_ROUNDS, NETWORKS, against, evaluation_pass, main, row_names,
+                                   warm_up)
 
 
 def test_table_has_a_row_per_case_and_numbers_parse(capsys):
@@ -38,6 +39,22 @@ def test_warm_up_runs_rounds_until_one_faults_in_no_fresh_memory():
     calls.clear()
     assert warm_up(runners, faults=lambda: next(growing)) == MAX_WARMUP_ROUNDS
     assert calls == ["a", "b"] * MAX_WARMUP_ROUNDS
+
+
+def test_evaluation_rows_run_as_an_evaluation_pass_and_training_rows_do_not():
+    """The eval section keeps the paper's network's bf16 fc weights across forwards, as repro.evaluate's pass
+    does; a training step must not (its weights change every step)."""
+    from repro.config import ModelConfig
+    from repro.model.grouped import AlexNet
+    from repro.model.linear import Linear
+
+    fcs = [m for m in AlexNet(config=ModelConfig(num_classes=10)).modules() if isinstance(m, Linear)]
+    net = fcs[0]
+    with evaluation_pass("train", [net]):
+        assert not net.keep_bf16
+    with evaluation_pass("eval", [net]):
+        assert net.keep_bf16
+    assert not net.keep_bf16 and len(fcs) == 3
 
 
 def test_ratios_are_paired_by_round():

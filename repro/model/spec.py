@@ -15,6 +15,7 @@ from torch import nn
 
 from repro.config import ModelConfig
 from repro.model import winograd
+from repro.model.linear import Linear
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ def _unset(build: Callable[[], nn.Module]) -> nn.Module:
 def make_layer(spec: LayerSpec, towers: int) -> nn.Module:
     """The layer for all `towers` at once (the grouped form) or, with towers=1, for one tower (unset)."""
     if spec.kind == "fc":
-        return _unset(lambda: nn.Linear(spec.in_per_tower, towers * spec.out_per_tower))
+        # linear.Linear is nn.Linear that keeps its bf16 weight between CPU evaluation forwards under autocast
+        return _unset(lambda: Linear(spec.in_per_tower, towers * spec.out_per_tower))
     groups = towers if spec.reads == "own" else 1
     # winograd.Conv2d is nn.Conv2d with the CPU's Winograd path for the 3x3 layers (off unless chosen)
     return _unset(lambda: winograd.Conv2d(spec.in_per_tower * groups, towers * spec.out_per_tower, spec.kernel,
@@ -70,7 +72,7 @@ def make_layer(spec: LayerSpec, towers: int) -> nn.Module:
 
 def make_classifier(cfg: ModelConfig) -> nn.Linear:
     """fc8 (unset, as make_layer's)."""
-    return _unset(lambda: nn.Linear(classifier_inputs(cfg), cfg.num_classes))
+    return _unset(lambda: Linear(classifier_inputs(cfg), cfg.num_classes))
 
 
 @torch.no_grad()
