@@ -114,6 +114,7 @@ def make_runner(net: torch.nn.Module, size: int, mode: str, dtype: str, batch: i
             loss = F.cross_entropy(net(images).float(), labels)
         loss.backward()
         opt.step()
+    step.optimizer = opt  # for StageClock's split of the step
     return step
 
 
@@ -256,7 +257,9 @@ class StageClock:
     """Timestamps at the start and end of every convolution and linear layer of a network (forward hooks
     on those modules only: a hook on an LRN or pooling module would make the network run them unfused),
     so that a forward splits into conv1, what runs between conv1 and conv2 (ReLU, LRN, pooling), conv2,
-    ..., conv5, what follows it, and the fully connected layers."""
+    ..., conv5, what follows it, and the fully connected layers. In a training step also the start and
+    end of each of those layers' own backward node (hooks on the autograd node that made the layer's
+    output, before any in-place ReLU or LRN replaced it) and of the optimiser's step."""
 
     def __init__(self, net: torch.nn.Module):
         self.net = net
@@ -265,9 +268,26 @@ class StageClock:
                       for i, m in enumerate(layers)}
         self.events: list[tuple[str, float]] = []
         for m in layers:
-            m.register_forward_pre_hook(lambda mod, _: self.events.append((self.names[id(mod)], time.perf_counter())))
-            m.register_forward_hook(lambda mod, *_: self.events.append((self.names[id(mod)] + " end",
-                                                                         time.perf_counter())))
+            m.register_forward_pre_hook(lambda mod, _: self.mark(self.names[id(mod)]))
+            m.register_forward_hook(self._after_layer)
+        self.optimizers: set[int] = set()
+
+    def mark(self, name: str) -> None:
+        self.events.append((name, time.perf_counter()))
+
+    def _after_layer(self, module: torch.nn.Module, _inputs, output) -> None:
+        name = self.names[id(module)]
+        self.mark(name + " end")
+        node = output.grad_fn if isinstance(output, torch.Tensor) and output.requires_grad else None
+        if node is not None:
+            node.register_prehook(lambda _grads: self.mark(f"backward {name}"))
+            node.register_hook(lambda _grads_in, _grads_out: self.mark(f"backward {name} end"))
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        if id(optimizer) not in self.optimizers:
+            self.optimizers.add(id(optimizer))
+            optimizer.register_step_pre_hook(lambda *_: self.mark("update"))
+            optimizer.register_step_post_hook(lambda *_: self.mark("update end"))
 
     def stages(self, forward: Callable[[], None]) -> dict[str, float]:
         """Seconds per stage of one call of `forward`: each convolution, the gap after it (to the next
@@ -287,42 +307,86 @@ class StageClock:
             out[label] = out.get(label, 0.0) + (t1 - t0)
         return out
 
+    def training_stages(self, step: Callable[[], None]) -> dict[str, float]:
+        """Seconds per stage of one training step (make_runner's, whose optimiser is `step.optimizer`):
+        each layer's forward and the gap after it, as `stages`; the loss; each convolution's backward node
+        and the backward of what follows it in the forward (ReLU, LRN, pooling, dropout: "after convN
+        backward"), the fully connected layers' backward, the rest of the backward after conv1's node, and
+        the update. Whatever precedes conv1 (zero_grad) is "before conv1"."""
+        self.watch(step.optimizer)
+        self.events.clear()
+        self.mark("start")
+        step()
+        self.mark("end")
+        out: dict[str, float] = {}
+        for (name, t0), (after, t1) in zip(self.events, self.events[1:]):
+            out[_training_label(name, after)] = out.get(_training_label(name, after), 0.0) + (t1 - t0)
+        return out
 
-def stages(args) -> None:
-    """The evaluation forward of the grouped form and torchvision's AlexNet stage by stage, interleaved
-    rounds, medians (the first thread count, the last --cpu-lrn and --cpu-conv kernel)."""
-    torch.set_num_threads(args.threads[0])
-    lrn_cpu.set_kernel(args.cpu_lrn[-1])
-    winograd.set_kernel(args.cpu_conv[-1])
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    runs, clocks = {}, {}
-    for n in ("grouped", "torchvision"):
-        torch.manual_seed(0)
-        net, size = build(n, args.num_classes)
-        net = net.to(memory_format=fmt)
-        clocks[n] = StageClock(net)
-        runs[n] = make_runner(net, size, "eval", args.dtypes[0], args.eval_batch, args.channels_last,
-                              args.num_classes)
-    times: dict[str, dict[str, list[float]]] = {n: {} for n in runs}
-    with evaluation_pass("eval", [clock.net for clock in clocks.values()]):
-        warm_up(runs)
-        for _ in range(args.repeats):
-            for n, run in runs.items():
-                for label, sec in clocks[n].stages(run).items():
-                    times[n].setdefault(label, []).append(sec)
-    print(f"evaluation forward by stage: batch {args.eval_batch}, {args.dtypes[0]}, {args.threads[0]} thread(s), "
-          f"{'channels_last' if args.channels_last else 'NCHW'}, {args.cpu_lrn[-1]} LRN, {args.cpu_conv[-1]} conv1-5; median ms of "
-          f"{args.repeats} interleaved rounds")
+
+def _training_label(name: str, after: str) -> str:
+    """The stage of a training step between mark `name` and the next mark, `after`."""
+    if name == "start":
+        return "before conv1"
+    if name in ("update", "update end"):
+        return "update (optimizer step)" if name == "update" else "after the update"
+    if name.startswith("backward "):
+        layer = name.split()[1]
+        if layer == "fc":
+            return "fully connected backward" if not after.startswith("backward conv") else \
+                f"after {after.split()[1]} backward"
+        if not name.endswith(" end"):
+            return f"{layer} backward"
+        return f"after {after.split()[1]} backward" if after.startswith("backward conv") else "rest of the backward"
+    if name in ("fc", "fc end"):
+        return "loss, its gradient, fc8's cast" if after.startswith("backward") else "fully connected forward"
+    return f"after {name[:-4]} forward" if name.endswith(" end") else f"{name} forward"
+
+
+def _print_stage_table(title: str, times: dict[str, dict[str, list[float]]]) -> None:
+    print(title)
     print("| stage | grouped | torchvision | difference |")
     print("|---|---|---|---|")
-    total = {n: 0.0 for n in runs}
-    for label in times["grouped"]:
-        ms = {n: 1e3 * statistics.median(times[n].get(label, [0.0])) for n in runs}
-        for n in runs:
+    total = {n: 0.0 for n in times}
+    for label in times["grouped"] | {k: None for k in times["torchvision"] if k not in times["grouped"]}:
+        ms = {n: 1e3 * statistics.median(times[n].get(label, [0.0])) for n in times}
+        for n in times:
             total[n] += ms[n]
         print(f"| {label} | {ms['grouped']:.1f} | {ms['torchvision']:.1f} | {ms['grouped'] - ms['torchvision']:+.1f} |")
     print(f"| sum of the stages | {total['grouped']:.1f} | {total['torchvision']:.1f} | "
           f"{total['grouped'] - total['torchvision']:+.1f} |")
+
+
+def stages(args) -> None:
+    """The evaluation forward and the training step of the grouped form and torchvision's AlexNet stage by
+    stage, interleaved rounds, medians (the first thread count, the last --cpu-lrn and --cpu-conv kernel)."""
+    torch.set_num_threads(args.threads[0])
+    lrn_cpu.set_kernel(args.cpu_lrn[-1])
+    winograd.set_kernel(args.cpu_conv[-1])
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    nets, clocks = {}, {}
+    for n in ("grouped", "torchvision"):
+        torch.manual_seed(0)
+        net, size = build(n, args.num_classes)
+        nets[n] = (net.to(memory_format=fmt), size)
+        clocks[n] = StageClock(nets[n][0])
+    how = (f"{args.dtypes[0]}, {args.threads[0]} thread(s), {'channels_last' if args.channels_last else 'NCHW'}, "
+           f"{args.cpu_lrn[-1]} LRN, {args.cpu_conv[-1]} conv1-5; median ms of {args.repeats} interleaved rounds")
+    for mode, batch in (("eval", args.eval_batch), ("train", args.train_batch)):
+        runs = {n: make_runner(*nets[n], mode, args.dtypes[0], batch, args.channels_last, args.num_classes,
+                               args.optimizer) for n in nets}
+        split = (lambda n, run: clocks[n].stages(run)) if mode == "eval" else \
+            (lambda n, run: clocks[n].training_stages(run))
+        times: dict[str, dict[str, list[float]]] = {n: {} for n in runs}
+        with evaluation_pass(mode, [net for net, _ in nets.values()]):
+            warm_up(runs)
+            for _ in range(args.repeats):
+                for n, run in runs.items():
+                    for label, sec in split(n, run).items():
+                        times[n].setdefault(label, []).append(sec)
+        what = "evaluation forward" if mode == "eval" else \
+            f"training step ({'torch.optim.SGD' if args.optimizer == 'torch' else 'PaperSGD'})"
+        _print_stage_table(f"{'' if mode == 'eval' else chr(10)}{what} by stage: batch {batch}, {how}", times)
 
 
 def parse_args(argv: list[str] | None):
@@ -354,8 +418,8 @@ def parse_args(argv: list[str] | None):
                    help="the training step's update, the same for every network: torch.optim.SGD (default) or "
                         "the paper's rule as repro's training loop runs it (repro/optim.py; one native pass on the CPU)")
     p.add_argument("--stages", action="store_true",
-                   help="instead of the table: the evaluation forward of the grouped form and torchvision's "
-                        "AlexNet split at their convolutions, stage by stage (--repeats rounds)")
+                   help="instead of the table: the evaluation forward and the training step of the grouped form and "
+                        "torchvision's AlexNet split at their layers, stage by stage (--repeats rounds)")
     p.add_argument("--profile", type=at_least(1), default=None, metavar="N",
                    help="instead of the table: each network's N costliest operators in one training step")
     args = p.parse_args(argv)

@@ -120,16 +120,27 @@ def test_profile_names_each_network_and_its_operators(capsys):
 
 def test_stages_split_both_networks_at_their_convolutions(capsys):
     main(["--stages", "--threads", "1", "--dtypes", "fp32", "--repeats", "1", "--eval-batch", "1",
-          "--num-classes", "10", "--cpu-lrn", "eager"])
+          "--train-batch", "1", "--num-classes", "10", "--cpu-lrn", "eager"])
     lines = capsys.readouterr().out.splitlines()
-    header = lines.index("| stage | grouped | torchvision | difference |")
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[header + 2:]]
-    expected = [s for i in range(1, 6) for s in (f"conv{i}", f"after conv{i}")] + ["fully connected",
-                                                                                 "sum of the stages"]
-    assert [r[0] for r in rows] == expected
-    for stage, ours, theirs, diff in rows:
-        # a convolution takes measurable time; what runs between them (a ReLU at batch 1) may print 0.0 ms
-        assert float(ours) > 0 and float(theirs) > 0 if stage.startswith("conv") else min(float(ours), float(theirs)) >= 0
-        assert abs(float(ours) - float(theirs) - float(diff)) < 0.11
-    sums = [sum(float(r[i]) for r in rows[:-1]) for i in (1, 2)]
-    assert [float(rows[-1][1]), float(rows[-1][2])] == pytest.approx(sums, abs=0.1 * len(rows))
+    header = "| stage | grouped | torchvision | difference |"
+    starts = [i for i, line in enumerate(lines) if line == header]
+    assert len(starts) == 2 and lines[starts[0] - 1].startswith("evaluation forward by stage: batch 1, fp32") \
+        and lines[starts[1] - 1].startswith("training step (torch.optim.SGD) by stage: batch 1, fp32")
+    convs = range(1, 6)
+    expected = {
+        "eval": [s for i in convs for s in (f"conv{i}", f"after conv{i}")] + ["fully connected"],
+        "train": ["before conv1"] + [s for i in convs for s in (f"conv{i} forward", f"after conv{i} forward")]
+        + ["fully connected forward", "loss, its gradient, fc8's cast", "fully connected backward"]
+        + [s for i in reversed(convs) for s in (f"after conv{i} backward", f"conv{i} backward")]
+        + ["rest of the backward", "update (optimizer step)", "after the update"]}
+    for start, mode in zip(starts, ("eval", "train")):
+        end = next((i for i in range(start + 2, len(lines)) if not lines[i].startswith("|")), len(lines))
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[start + 2:end]]
+        assert [r[0] for r in rows] == expected[mode] + ["sum of the stages"]
+        for stage, ours, theirs, diff in rows:
+            # a layer's own work takes measurable time; what runs between layers (a ReLU at batch 1) may print 0.0 ms
+            timed = stage.startswith("conv") or stage in ("update (optimizer step)", "fully connected backward")
+            assert float(ours) > 0 and float(theirs) > 0 if timed else min(float(ours), float(theirs)) >= 0
+            assert abs(float(ours) - float(theirs) - float(diff)) < 0.11
+        sums = [sum(float(r[i]) for r in rows[:-1]) for i in (1, 2)]
+        assert [float(rows[-1][1]), float(rows[-1][2])] == pytest.approx(sums, abs=0.1 * len(rows))
