@@ -1,7 +1,7 @@
 """The paper's network against torchvision's AlexNet on the CPU, in one run with interleaved repeats:
 the grouped form, the two towers in one process, torchvision.models.alexnet (its 224 input, no weights);
-a training step (forward + backward + SGD step) and an evaluation forward (no_grad, eval mode); fp32 and
-bf16 autocast; one thread (as each torchrun rank runs: torchrun sets OMP_NUM_THREADS=1) and all usable
+a training step (forward + backward + SGD step) and an evaluation forward (no_grad, eval mode, as within
+repro.evaluate's pass: see `evaluation_pass`); fp32 and bf16 autocast; one thread (as each torchrun rank runs: torchrun sets OMP_NUM_THREADS=1) and all usable
 cores.
 
     python scripts/benchmark_cpu.py                        # defaults: about 5 minutes on 2 cores
@@ -456,7 +456,8 @@ def main(argv: list[str] | None = None) -> None:
           f"torch {torch.__version__}; capability {torch.backends.cpu.get_cpu_capability()}; "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     update = "torch.optim.SGD" if args.optimizer == "torch" else "the paper's update, repro.optim.PaperSGD"
-    print(f"train = forward + backward + SGD step ({update} for every network); eval = no_grad forward; "
+    print(f"train = forward + backward + SGD step ({update} for every network); eval = no_grad forward, as in an "
+          "evaluation pass (the paper's network casts its fc weights to bf16 once: repro/model/linear.py); "
           f"median of {args.repeats} interleaved rounds, after untimed ones until a round faults in no fresh "
           f"memory (per section: {', '.join(map(str, warmups))}; at most {MAX_WARMUP_ROUNDS}); x torchvision = "
           f"median of the rounds' ratios; {'channels_last' if args.channels_last else 'NCHW'}; "
