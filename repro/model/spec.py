@@ -62,7 +62,7 @@ def _unset(build: Callable[[], nn.Module]) -> nn.Module:
 def make_layer(spec: LayerSpec, towers: int) -> nn.Module:
     """The layer for all `towers` at once (the grouped form) or, with towers=1, for one tower (unset)."""
     if spec.kind == "fc":
-        # linear.Linear is nn.Linear that keeps its bf16 weight between CPU evaluation forwards under autocast
+        # linear.Linear is nn.Linear that casts its weight to bf16 once per CPU evaluation pass under autocast
         return _unset(lambda: Linear(spec.in_per_tower, towers * spec.out_per_tower))
     groups = towers if spec.reads == "own" else 1
     # winograd.Conv2d is nn.Conv2d with the CPU's Winograd path for the 3x3 layers (off unless chosen)

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from repro.config import ModelConfig
 from repro.exchange import LocalExchange
-from repro.model.convert import grouped_to_towers, towers_to_grouped
 from repro.model import winograd
+from repro.model.convert import grouped_to_towers, towers_to_grouped
 from repro.model.grouped import AlexNet, resolve_config
 from repro.model.layers import pad_for_conv1
 from repro.model.tower import Tower
