@@ -1,8 +1,8 @@
 """The paper's network against torchvision's AlexNet on the CPU, in one run with interleaved repeats:
 the grouped form, the two towers in one process, torchvision.models.alexnet (its 224 input, no weights);
 a training step (forward + backward + SGD step) and an evaluation forward (no_grad, eval mode, as within
-repro.evaluate's pass: see `evaluation_pass`); fp32 and bf16 autocast; one thread (as each torchrun rank runs: torchrun sets OMP_NUM_THREADS=1) and all usable
-cores.
+repro.evaluate's pass: see `evaluation_pass`); fp32 and bf16 autocast; one thread (as each torchrun rank
+runs: torchrun sets OMP_NUM_THREADS=1) and all usable cores.
 
     python scripts/benchmark_cpu.py                        # defaults: about 5 minutes on 2 cores
     python scripts/benchmark_cpu.py --threads 1 --cpu-lrn native --cpu-conv direct,winograd --repeats 41
@@ -270,7 +270,7 @@ class StageClock:
         for m in layers:
             m.register_forward_pre_hook(lambda mod, _: self.mark(self.names[id(mod)]))
             m.register_forward_hook(self._after_layer)
-        self.optimizers: set[int] = set()
+        self.optimizers: list[torch.optim.Optimizer] = []  # kept, so no later optimiser can take a watched one's id
 
     def mark(self, name: str) -> None:
         self.events.append((name, time.perf_counter()))
@@ -284,8 +284,8 @@ class StageClock:
             node.register_hook(lambda _grads_in, _grads_out: self.mark(f"backward {name} end"))
 
     def watch(self, optimizer: torch.optim.Optimizer) -> None:
-        if id(optimizer) not in self.optimizers:
-            self.optimizers.add(id(optimizer))
+        if not any(o is optimizer for o in self.optimizers):
+            self.optimizers.append(optimizer)
             optimizer.register_step_pre_hook(lambda *_: self.mark("update"))
             optimizer.register_step_post_hook(lambda *_: self.mark("update end"))
 
@@ -320,7 +320,8 @@ class StageClock:
         self.mark("end")
         out: dict[str, float] = {}
         for (name, t0), (after, t1) in zip(self.events, self.events[1:]):
-            out[_training_label(name, after)] = out.get(_training_label(name, after), 0.0) + (t1 - t0)
+            label = _training_label(name, after)
+            out[label] = out.get(label, 0.0) + (t1 - t0)
         return out
 
 
